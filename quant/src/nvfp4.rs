@@ -1,0 +1,245 @@
+//! NVFP4: E2M1 values in blocks of 16 along each row, one E4M3 scale per block, and one f32 global scale
+//! per tensor that stretches the block scales over E4M3's range.
+//!
+//! The arithmetic, in this order, each step an IEEE f32 operation rounding to nearest (a GPU kernel that
+//! must match uses `__fmul_rn` / `__fdiv_rn`, or plain `*` and `/` without fast-math, and no FMA):
+//! - global scale: `gs = 2688 / amax` (2688 = 448 * 6), computed by [`nvfp4_global_scale`];
+//! - block scale code: `sf = e4m3((gs * amax_block) / 6)`, `s = decode(sf)`;
+//! - value code: `q = e2m1((x * gs) / s)`, or code 0 when `s == 0` (the block is all zero, or so small
+//!   next to the tensor's amax that its scale underflows E4M3);
+//! - dequantized value: `(e2m1(q) * s) / gs` (the product is exact, so one rounding).
+//!
+//! `(x * gs) / s` rather than `x * (gs / s)`: with `gs` derived from this tensor, `|x * gs| <= 2688`,
+//! so no intermediate overflows however small `s` is. amax uses `f32::max`, which skips NaN; a NaN
+//! value then encodes as +6 (what `cvt.rn.satfinite.e2m1x2.f32` gives), and an infinite one as +-6
+//! with a saturated block scale of 448.
+
+use crate::act::amax;
+use crate::e2m1::{encode_pack_into, E2M1_MAX};
+use crate::rows::{for_each_row, for_each_row2};
+use crate::shape::{element_count, exact_div, expect_len};
+use crate::{e2m1_to_f32, e4m3_from_f32, e4m3_to_f32, QuantError, E4M3_MAX};
+
+/// Elements sharing one NVFP4 block scale.
+pub const NVFP4_BLOCK: usize = 16;
+
+/// An NVFP4 matrix: packed E2M1 codes, E4M3 block scales and the tensor's global scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nvfp4 {
+    /// `[rows, cols / 2]`, element 2i in the low nibble of byte i.
+    pub packed: Vec<u8>,
+    /// E4M3 block-scale codes, `[rows, cols / 16]` row-major (linear, not swizzled).
+    pub scales: Vec<u8>,
+    /// `gs`: values were multiplied by it before block scaling; dequantization divides by it.
+    pub global_scale: f32,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+/// The global scale `2688 / amax` for a tensor whose absolute maximum is `amax`, so that the largest
+/// block scale lands on E4M3's maximum, 448. `amax` must be finite and > 0, and the quotient finite.
+pub fn nvfp4_global_scale(amax: f32) -> Result<f32, QuantError> {
+    let invalid = QuantError::InvalidScale {
+        what: "NVFP4 tensor amax",
+        value: amax,
+    };
+    if !(amax.is_finite() && amax > 0.0) {
+        return Err(invalid);
+    }
+    let gs = (E4M3_MAX * E2M1_MAX) / amax;
+    if gs.is_finite() {
+        Ok(gs)
+    } else {
+        Err(invalid)
+    }
+}
+
+/// Fails unless `gs` is a usable global scale (finite, > 0).
+fn check_global_scale(gs: f32) -> Result<(), QuantError> {
+    if gs.is_finite() && gs > 0.0 {
+        Ok(())
+    } else {
+        Err(QuantError::InvalidScale {
+            what: "NVFP4 global scale",
+            value: gs,
+        })
+    }
+}
+
+/// Checks an NVFP4 shape; returns (element count, blocks per row).
+fn check_shape(rows: usize, cols: usize) -> Result<(usize, usize), QuantError> {
+    let blocks = exact_div("NVFP4 columns / block size", cols, NVFP4_BLOCK)?;
+    let len = element_count("NVFP4 [rows, cols]", &[rows, cols])?;
+    Ok((len, blocks))
+}
+
+/// Quantizes `x` (`[rows, cols]`, `cols` a multiple of 16) to NVFP4 with global scale `global_scale`
+/// (usually [`nvfp4_global_scale`] of the tensor's amax; a calibrated one works too).
+pub fn quantize_nvfp4(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    global_scale: f32,
+) -> Result<Nvfp4, QuantError> {
+    let (len, blocks) = check_shape(rows, cols)?;
+    expect_len("NVFP4 input [rows, cols]", len, x.len())?;
+    check_global_scale(global_scale)?;
+    let gs = global_scale;
+    let mut packed = vec![0u8; len / 2];
+    let mut scales = vec![0u8; rows * blocks];
+    for_each_row2(&mut packed, cols / 2, &mut scales, blocks, len, |r, p_row, s_row| {
+        let x_row = &x[r * cols..(r + 1) * cols];
+        for ((xb, pb), sf) in x_row
+            .chunks_exact(NVFP4_BLOCK)
+            .zip(p_row.chunks_exact_mut(NVFP4_BLOCK / 2))
+            .zip(s_row.iter_mut())
+        {
+            *sf = e4m3_from_f32((gs * amax(xb)) / E2M1_MAX);
+            let s = e4m3_to_f32(*sf);
+            if s == 0.0 {
+                pb.fill(0);
+            } else {
+                encode_pack_into(xb, |v| (v * gs) / s, pb);
+            }
+        }
+    });
+    Ok(Nvfp4 {
+        packed,
+        scales,
+        global_scale,
+        rows,
+        cols,
+    })
+}
+
+/// Dequantizes NVFP4 (`packed [rows, cols / 2]`, linear E4M3 `scales_linear [rows, cols / 16]`, global
+/// scale `global_scale`) into `out` (`[rows, cols]`): `(e2m1(q) * e4m3(sf)) / gs`.
+pub fn dequantize_nvfp4_into(
+    packed: &[u8],
+    scales_linear: &[u8],
+    rows: usize,
+    cols: usize,
+    global_scale: f32,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
+    let (len, blocks) = check_shape(rows, cols)?;
+    expect_len("NVFP4 packed [rows, cols / 2]", len / 2, packed.len())?;
+    expect_len("NVFP4 scales [rows, cols / 16]", rows * blocks, scales_linear.len())?;
+    expect_len("NVFP4 output [rows, cols]", len, out.len())?;
+    check_global_scale(global_scale)?;
+    dequantize_rows(packed, scales_linear, cols, global_scale, out);
+    Ok(())
+}
+
+/// The work of [`dequantize_nvfp4_into`] once the arguments are known to be valid.
+fn dequantize_rows(packed: &[u8], scales: &[u8], cols: usize, gs: f32, out: &mut [f32]) {
+    let blocks = cols / NVFP4_BLOCK;
+    let len = out.len();
+    for_each_row(out, cols, len, |r, out_row| {
+        let p_row = &packed[r * cols / 2..(r + 1) * cols / 2];
+        let s_row = &scales[r * blocks..(r + 1) * blocks];
+        for ((ob, pb), &sf) in out_row
+            .chunks_exact_mut(NVFP4_BLOCK)
+            .zip(p_row.chunks_exact(NVFP4_BLOCK / 2))
+            .zip(s_row)
+        {
+            let s = e4m3_to_f32(sf);
+            for (o, &byte) in ob.chunks_exact_mut(2).zip(pb) {
+                o[0] = (e2m1_to_f32(byte) * s) / gs;
+                o[1] = (e2m1_to_f32(byte >> 4) * s) / gs;
+            }
+        }
+    });
+}
+
+impl Nvfp4 {
+    /// Checks that the public fields describe a consistent matrix (they can be edited by hand).
+    pub fn validate(&self) -> Result<(), QuantError> {
+        let (len, blocks) = check_shape(self.rows, self.cols)?;
+        expect_len("NVFP4 packed [rows, cols / 2]", len / 2, self.packed.len())?;
+        expect_len("NVFP4 scales [rows, cols / 16]", self.rows * blocks, self.scales.len())?;
+        check_global_scale(self.global_scale)
+    }
+
+    /// The matrix dequantized, `[rows, cols]`. If the fields were edited into an inconsistent state
+    /// ([`Nvfp4::validate`] fails) the result is `2 * packed.len()` NaNs rather than a panic.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![f32::NAN; 2 * self.packed.len()];
+        if self.validate().is_ok() {
+            dequantize_rows(&self.packed, &self.scales, self.cols, self.global_scale, &mut out);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_scale() {
+        assert_eq!(nvfp4_global_scale(2688.0).unwrap(), 1.0);
+        assert_eq!(nvfp4_global_scale(6.0).unwrap(), 448.0);
+        for bad in [0.0, -1.0, f32::NAN, f32::INFINITY, f32::from_bits(1)] {
+            assert!(matches!(
+                nvfp4_global_scale(bad),
+                Err(QuantError::InvalidScale { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn largest_block_scale_is_448() {
+        let mut x = [0.0f32; 32];
+        x[0] = 12.0; // tensor amax: gs = 224
+        x[16] = -3.0; // second block: 224 * 3 / 6 = 112, exact in E4M3
+        x[17] = 1.0; // (1 * 224) / 112 = 2 -> code 4
+        x[1] = 2.0; // (2 * 224) / 448 = 1 -> code 2
+        let gs = nvfp4_global_scale(12.0).unwrap();
+        let q = quantize_nvfp4(&x, 1, 32, gs).unwrap();
+        assert_eq!(q.scales, vec![e4m3_from_f32(448.0), e4m3_from_f32(112.0)]);
+        assert_eq!(q.packed[0], 7 | (2 << 4));
+        assert_eq!(q.packed[8], 15 | (4 << 4));
+        assert_eq!(q.dequantize(), x);
+    }
+
+    #[test]
+    fn underflowing_block_scale_zeroes_the_block() {
+        let mut x = [0.0f32; 32];
+        x[0] = 1.0;
+        x[16] = 1e-6; // 2688 * 1e-6 / 6 = 4.5e-4 < 2^-10: scale code 0
+        let q = quantize_nvfp4(&x, 1, 32, nvfp4_global_scale(1.0).unwrap()).unwrap();
+        assert_eq!(q.scales[1], 0);
+        assert!(q.packed[8..].iter().all(|&b| b == 0));
+        assert_eq!(q.dequantize()[16], 0.0);
+    }
+
+    #[test]
+    fn errors_and_empty_shapes() {
+        assert!(matches!(
+            quantize_nvfp4(&[0.0; 24], 1, 24, 1.0),
+            Err(QuantError::NotDivisible { value: 24, divisor: 16, .. })
+        ));
+        assert!(matches!(
+            quantize_nvfp4(&[0.0; 16], 1, 16, 0.0),
+            Err(QuantError::InvalidScale { .. })
+        ));
+        assert!(matches!(
+            quantize_nvfp4(&[0.0; 16], 2, 16, 1.0),
+            Err(QuantError::Length { expected: 32, got: 16, .. })
+        ));
+        let mut out = [0.0; 16];
+        assert!(dequantize_nvfp4_into(&[0; 8], &[0x38], 1, 16, f32::NAN, &mut out).is_err());
+        assert!(dequantize_nvfp4_into(&[0; 8], &[], 1, 16, 1.0, &mut out).is_err());
+        assert!(dequantize_nvfp4_into(&[0; 7], &[0x38], 1, 16, 1.0, &mut out).is_err());
+        assert!(dequantize_nvfp4_into(&[0; 8], &[0x38], 1, 16, 1.0, &mut out[..15]).is_err());
+        for (r, c) in [(0, 16), (3, 0)] {
+            let q = quantize_nvfp4(&[], r, c, 1.0).unwrap();
+            assert!(q.packed.is_empty() && q.scales.is_empty() && q.dequantize().is_empty());
+        }
+        let mut q = quantize_nvfp4(&[1.0; 16], 1, 16, 1.0).unwrap();
+        q.global_scale = -1.0;
+        assert!(q.validate().is_err());
+        assert!(q.dequantize().iter().all(|v| v.is_nan()));
+    }
+}

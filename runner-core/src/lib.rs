@@ -1,0 +1,41 @@
+//! Core of the MoE runner: tensors and devices, the dispatch-output / combine-input / quant-info
+//! traits and their per-format types, the runner configuration, and the registries that backend
+//! crates fill with `inventory` so a new (format, runner) combination plugs in without editing
+//! this crate.
+
+pub mod activation;
+mod combine_input;
+mod config;
+mod device;
+mod dispatch_output;
+mod dtype;
+mod error;
+mod format;
+mod quant_info;
+mod quant_scheme;
+pub mod registry;
+mod runner;
+mod tensor;
+
+pub use activation::{ActivationKernel, ActivationOp};
+pub use combine_input::{downcast_combine, CombineInput, DeepEpLlCombineInput, StandardCombineInput};
+pub use config::{Activation, GateUpLayout, MoeRunnerConfig};
+pub use device::{CpuDevice, CudaDevice, Device, DeviceOps};
+pub use dispatch_output::{
+    downcast_dispatch, DeepEpLlDispatchOutput, DispatchOutput, StandardDispatchOutput, TopK,
+};
+pub use dtype::{DType, Element};
+pub use error::{MoeError, Result};
+pub use format::DispatchFormat;
+pub use quant_info::{
+    as_expert_weights, downcast_quant, DenseWeights, ExpertWeights, Fp8BlockWeights,
+    Fp8PerChannelWeights, Fp8PerTensorWeights, Mxfp4Weights, Nvfp4Weights, Proj, QuantInfo,
+    ScaleLayout, WeightDims, FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK,
+};
+pub use quant_scheme::{scheme_list, QuantScheme};
+pub use registry::{DeviceKind, PathInfo, PathKind};
+pub use runner::MoeRunner;
+pub use tensor::Tensor;
+
+/// Re-exported so backend crates register entries without naming `inventory` themselves.
+pub use inventory;
