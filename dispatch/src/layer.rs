@@ -5,17 +5,11 @@
 //! routed path's workspace is released before the shared experts allocate theirs and the two
 //! peaks never coincide.
 
-use moe_runner_core::{DispatchFormat, MoeError, MoeRunner, QuantInfo, Result, Tensor};
+use moe_runner_core::{DispatchFormat, MoeError, MoeRunner, QuantInfo, Result, SharedExperts, Tensor};
 use tracing::debug_span;
 
 use crate::dispatcher::Dispatcher;
 use crate::routing::Router;
-
-/// Experts every token passes through, outside the routed computation.
-pub trait SharedExperts: Send + Sync {
-    /// `hidden [M, H]` to `[M, H]`.
-    fn forward(&self, hidden: &Tensor) -> Result<Tensor>;
-}
 
 /// When the shared experts run relative to the routed ones.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]

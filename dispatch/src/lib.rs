@@ -9,7 +9,7 @@ mod routing;
 mod standard;
 
 pub use dispatcher::{a2a_backends, make_dispatcher, A2aBackend, Dispatcher, DispatcherConfig};
-pub use layer::{MoeLayer, SharedExpertOrder, SharedExperts};
+pub use layer::{MoeLayer, SharedExpertOrder};
 pub use masked::LocalMaskedDispatcher;
 pub use routing::{Router, RoutingMethod};
 pub use standard::{to_local_ids, StandardDispatcher};

@@ -102,7 +102,8 @@ pub fn quantize_fp8_groups(
 impl Fp8Groups {
     /// Checks that the public fields describe a consistent tensor (they can be edited by hand).
     pub fn validate(&self) -> Result<(), QuantError> {
-        let groups_per_row = exact_div("FP8 activation columns / group size", self.cols, self.group)?;
+        let groups_per_row =
+            exact_div("FP8 activation columns / group size", self.cols, self.group)?;
         let len = element_count("FP8 activation [rows, cols]", &[self.rows, self.cols])?;
         expect_len("FP8 activation data [rows, cols]", len, self.data.len())?;
         expect_len(
@@ -140,7 +141,10 @@ impl Fp8Groups {
     /// quantized with [`ScaleFormat::Ue8m0`]; for [`ScaleFormat::F32`] scales it rounds them up, which
     /// no longer matches the stored codes.
     pub fn ue8m0_scales(&self) -> Vec<u8> {
-        self.scales.iter().map(|&s| ue8m0_from_f32_ceil(s)).collect()
+        self.scales
+            .iter()
+            .map(|&s| ue8m0_from_f32_ceil(s))
+            .collect()
     }
 }
 
@@ -153,11 +157,19 @@ mod tests {
         let x = vec![0.0; 256];
         assert!(matches!(
             quantize_fp8_groups(&x, 2, 128, 96, ScaleFormat::F32),
-            Err(QuantError::NotDivisible { value: 128, divisor: 96, .. })
+            Err(QuantError::NotDivisible {
+                value: 128,
+                divisor: 96,
+                ..
+            })
         ));
         assert!(matches!(
             quantize_fp8_groups(&x, 3, 128, 128, ScaleFormat::F32),
-            Err(QuantError::Length { expected: 384, got: 256, .. })
+            Err(QuantError::Length {
+                expected: 384,
+                got: 256,
+                ..
+            })
         ));
         assert!(matches!(
             quantize_fp8_groups(&x, 2, 128, 0, ScaleFormat::F32),
@@ -223,11 +235,14 @@ mod tests {
     #[test]
     fn large_inputs_take_the_parallel_path_and_agree() {
         let (rows, cols) = (64, 1024);
-        let x: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 1000) as f32 - 500.0).collect();
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 1000) as f32 - 500.0)
+            .collect();
         let q = quantize_fp8_groups(&x, rows, cols, 128, ScaleFormat::F32).unwrap();
         for r in [0, 17, 63] {
-            let row = quantize_fp8_groups(&x[r * cols..(r + 1) * cols], 1, cols, 128, ScaleFormat::F32)
-                .unwrap();
+            let row =
+                quantize_fp8_groups(&x[r * cols..(r + 1) * cols], 1, cols, 128, ScaleFormat::F32)
+                    .unwrap();
             assert_eq!(row.data, q.data[r * cols..(r + 1) * cols]);
             assert_eq!(row.scales, q.scales[r * 8..(r + 1) * 8]);
         }

@@ -57,13 +57,20 @@ pub fn quantize_fp8_blocks(
     let mut scales = vec![0f32; batch * nb * kb];
     // One unit of work is a block-row: `bn` rows of one matrix (fewer at the bottom edge) and its `kb`
     // scales. Batches first, so that block-rows never straddle two matrices.
-    for_each_row2(&mut data, n * k, &mut scales, nb * kb, len, |b, q_mat, s_mat| {
-        let w_mat = &w[b * n * k..(b + 1) * n * k];
-        for_each_row2(q_mat, bn * k, s_mat, kb, n * k, |rb, q_rows, s_row| {
-            let w_rows = &w_mat[rb * bn * k..rb * bn * k + q_rows.len()];
-            quantize_block_row(w_rows, q_rows, s_row, k, bk);
-        });
-    });
+    for_each_row2(
+        &mut data,
+        n * k,
+        &mut scales,
+        nb * kb,
+        len,
+        |b, q_mat, s_mat| {
+            let w_mat = &w[b * n * k..(b + 1) * n * k];
+            for_each_row2(q_mat, bn * k, s_mat, kb, n * k, |rb, q_rows, s_row| {
+                let w_rows = &w_mat[rb * bn * k..rb * bn * k + q_rows.len()];
+                quantize_block_row(w_rows, q_rows, s_row, k, bk);
+            });
+        },
+    );
     Ok(Fp8Blocks {
         data,
         scales,
@@ -115,7 +122,13 @@ pub fn dequantize_fp8_blocks_into(
 }
 
 /// The work of [`dequantize_fp8_blocks_into`] once the shapes are known to agree.
-fn dequantize_matrix(data: &[u8], scales: &[f32], k: usize, block: (usize, usize), out: &mut [f32]) {
+fn dequantize_matrix(
+    data: &[u8],
+    scales: &[f32],
+    k: usize,
+    block: (usize, usize),
+    out: &mut [f32],
+) {
     let (bn, bk) = block;
     let kb = k.div_ceil(bk);
     let len = out.len();
@@ -219,7 +232,9 @@ mod tests {
 
     #[test]
     fn batches_are_independent() {
-        let w: Vec<f32> = (0..2 * 4 * 4).map(|i| if i < 16 { 1.0 } else { 100.0 }).collect();
+        let w: Vec<f32> = (0..2 * 4 * 4)
+            .map(|i| if i < 16 { 1.0 } else { 100.0 })
+            .collect();
         let q = quantize_fp8_blocks(&w, 2, 4, 4, (128, 128)).unwrap();
         assert_eq!(q.scales, vec![1.0 / 448.0, 100.0 / 448.0]);
         assert_eq!(q.dequantize(), w);
@@ -243,16 +258,28 @@ mod tests {
         ));
         assert!(matches!(
             quantize_fp8_blocks(&[0.0; 4], 2, 2, 2, (128, 128)),
-            Err(QuantError::Length { expected: 8, got: 4, .. })
+            Err(QuantError::Length {
+                expected: 8,
+                got: 4,
+                ..
+            })
         ));
         let mut out = [0.0; 4];
         assert!(matches!(
             dequantize_fp8_blocks_into(&[0; 4], &[1.0, 1.0], 2, 2, (128, 128), &mut out),
-            Err(QuantError::Length { expected: 1, got: 2, .. })
+            Err(QuantError::Length {
+                expected: 1,
+                got: 2,
+                ..
+            })
         ));
         assert!(matches!(
             dequantize_fp8_blocks_into(&[0; 4], &[1.0], 2, 2, (128, 128), &mut out[..3]),
-            Err(QuantError::Length { expected: 4, got: 3, .. })
+            Err(QuantError::Length {
+                expected: 4,
+                got: 3,
+                ..
+            })
         ));
         for (b, n, k) in [(0, 4, 4), (2, 0, 4), (2, 4, 0)] {
             let q = quantize_fp8_blocks(&[], b, n, k, (128, 128)).unwrap();
@@ -279,7 +306,11 @@ mod tests {
         assert_eq!(s, vec![WEIGHT_SCALE_FLOOR; 3]);
         assert!(matches!(
             quantize_fp8_per_channel(&w, 2, 2),
-            Err(QuantError::Length { expected: 4, got: 6, .. })
+            Err(QuantError::Length {
+                expected: 4,
+                got: 6,
+                ..
+            })
         ));
     }
 }

@@ -111,7 +111,11 @@ mod tests {
         assert!(unpack_e2m1(&[]).is_empty());
         assert!(matches!(
             pack_e2m1(&[1, 2, 3]),
-            Err(QuantError::NotDivisible { value: 3, divisor: 2, .. })
+            Err(QuantError::NotDivisible {
+                value: 3,
+                divisor: 2,
+                ..
+            })
         ));
         assert!(matches!(
             pack_e2m1(&[1, 16]),

@@ -40,18 +40,25 @@ pub fn quantize_mxfp4(x: &[f32], rows: usize, cols: usize) -> Result<Mxfp4, Quan
     expect_len("MXFP4 input [rows, cols]", len, x.len())?;
     let mut packed = vec![0u8; len / 2];
     let mut scales = vec![0u8; rows * blocks];
-    for_each_row2(&mut packed, cols / 2, &mut scales, blocks, len, |r, p_row, s_row| {
-        let x_row = &x[r * cols..(r + 1) * cols];
-        for ((xb, pb), s) in x_row
-            .chunks_exact(MXFP4_BLOCK)
-            .zip(p_row.chunks_exact_mut(MXFP4_BLOCK / 2))
-            .zip(s_row.iter_mut())
-        {
-            *s = ue8m0_from_f32_ceil(amax(xb).max(ACT_AMAX_FLOOR) / E2M1_MAX);
-            let scale = ue8m0_to_f32(*s);
-            encode_pack_into(xb, |v| v / scale, pb);
-        }
-    });
+    for_each_row2(
+        &mut packed,
+        cols / 2,
+        &mut scales,
+        blocks,
+        len,
+        |r, p_row, s_row| {
+            let x_row = &x[r * cols..(r + 1) * cols];
+            for ((xb, pb), s) in x_row
+                .chunks_exact(MXFP4_BLOCK)
+                .zip(p_row.chunks_exact_mut(MXFP4_BLOCK / 2))
+                .zip(s_row.iter_mut())
+            {
+                *s = ue8m0_from_f32_ceil(amax(xb).max(ACT_AMAX_FLOOR) / E2M1_MAX);
+                let scale = ue8m0_to_f32(*s);
+                encode_pack_into(xb, |v| v / scale, pb);
+            }
+        },
+    );
     Ok(Mxfp4 {
         packed,
         scales,
@@ -71,7 +78,11 @@ pub fn dequantize_mxfp4_into(
 ) -> Result<(), QuantError> {
     let (len, blocks) = check_shape(rows, cols)?;
     expect_len("MXFP4 packed [rows, cols / 2]", len / 2, packed.len())?;
-    expect_len("MXFP4 scales [rows, cols / 32]", rows * blocks, scales.len())?;
+    expect_len(
+        "MXFP4 scales [rows, cols / 32]",
+        rows * blocks,
+        scales.len(),
+    )?;
     expect_len("MXFP4 output [rows, cols]", len, out.len())?;
     dequantize_rows(packed, scales, cols, out);
     Ok(())
@@ -103,7 +114,11 @@ impl Mxfp4 {
     pub fn validate(&self) -> Result<(), QuantError> {
         let (len, blocks) = check_shape(self.rows, self.cols)?;
         expect_len("MXFP4 packed [rows, cols / 2]", len / 2, self.packed.len())?;
-        expect_len("MXFP4 scales [rows, cols / 32]", self.rows * blocks, self.scales.len())
+        expect_len(
+            "MXFP4 scales [rows, cols / 32]",
+            self.rows * blocks,
+            self.scales.len(),
+        )
     }
 
     /// The matrix dequantized, `[rows, cols]`. If the fields were edited into an inconsistent state
@@ -153,16 +168,28 @@ mod tests {
     fn errors_and_empty_shapes() {
         assert!(matches!(
             quantize_mxfp4(&[0.0; 48], 1, 48),
-            Err(QuantError::NotDivisible { value: 48, divisor: 32, .. })
+            Err(QuantError::NotDivisible {
+                value: 48,
+                divisor: 32,
+                ..
+            })
         ));
         assert!(matches!(
             quantize_mxfp4(&[0.0; 32], 2, 32),
-            Err(QuantError::Length { expected: 64, got: 32, .. })
+            Err(QuantError::Length {
+                expected: 64,
+                got: 32,
+                ..
+            })
         ));
         let mut out = [0.0; 32];
         assert!(matches!(
             dequantize_mxfp4_into(&[0; 16], &[], 1, 32, &mut out),
-            Err(QuantError::Length { expected: 1, got: 0, .. })
+            Err(QuantError::Length {
+                expected: 1,
+                got: 0,
+                ..
+            })
         ));
         assert!(dequantize_mxfp4_into(&[0; 15], &[127], 1, 32, &mut out).is_err());
         assert!(dequantize_mxfp4_into(&[0; 16], &[127], 1, 32, &mut out[..31]).is_err());

@@ -87,22 +87,29 @@ pub fn quantize_nvfp4(
     let gs = global_scale;
     let mut packed = vec![0u8; len / 2];
     let mut scales = vec![0u8; rows * blocks];
-    for_each_row2(&mut packed, cols / 2, &mut scales, blocks, len, |r, p_row, s_row| {
-        let x_row = &x[r * cols..(r + 1) * cols];
-        for ((xb, pb), sf) in x_row
-            .chunks_exact(NVFP4_BLOCK)
-            .zip(p_row.chunks_exact_mut(NVFP4_BLOCK / 2))
-            .zip(s_row.iter_mut())
-        {
-            *sf = e4m3_from_f32((gs * amax(xb)) / E2M1_MAX);
-            let s = e4m3_to_f32(*sf);
-            if s == 0.0 {
-                pb.fill(0);
-            } else {
-                encode_pack_into(xb, |v| (v * gs) / s, pb);
+    for_each_row2(
+        &mut packed,
+        cols / 2,
+        &mut scales,
+        blocks,
+        len,
+        |r, p_row, s_row| {
+            let x_row = &x[r * cols..(r + 1) * cols];
+            for ((xb, pb), sf) in x_row
+                .chunks_exact(NVFP4_BLOCK)
+                .zip(p_row.chunks_exact_mut(NVFP4_BLOCK / 2))
+                .zip(s_row.iter_mut())
+            {
+                *sf = e4m3_from_f32((gs * amax(xb)) / E2M1_MAX);
+                let s = e4m3_to_f32(*sf);
+                if s == 0.0 {
+                    pb.fill(0);
+                } else {
+                    encode_pack_into(xb, |v| (v * gs) / s, pb);
+                }
             }
-        }
-    });
+        },
+    );
     Ok(Nvfp4 {
         packed,
         scales,
@@ -124,7 +131,11 @@ pub fn dequantize_nvfp4_into(
 ) -> Result<(), QuantError> {
     let (len, blocks) = check_shape(rows, cols)?;
     expect_len("NVFP4 packed [rows, cols / 2]", len / 2, packed.len())?;
-    expect_len("NVFP4 scales [rows, cols / 16]", rows * blocks, scales_linear.len())?;
+    expect_len(
+        "NVFP4 scales [rows, cols / 16]",
+        rows * blocks,
+        scales_linear.len(),
+    )?;
     expect_len("NVFP4 output [rows, cols]", len, out.len())?;
     check_global_scale(global_scale)?;
     dequantize_rows(packed, scales_linear, cols, global_scale, out);
@@ -157,7 +168,11 @@ impl Nvfp4 {
     pub fn validate(&self) -> Result<(), QuantError> {
         let (len, blocks) = check_shape(self.rows, self.cols)?;
         expect_len("NVFP4 packed [rows, cols / 2]", len / 2, self.packed.len())?;
-        expect_len("NVFP4 scales [rows, cols / 16]", self.rows * blocks, self.scales.len())?;
+        expect_len(
+            "NVFP4 scales [rows, cols / 16]",
+            self.rows * blocks,
+            self.scales.len(),
+        )?;
         check_global_scale(self.global_scale)
     }
 
@@ -166,7 +181,13 @@ impl Nvfp4 {
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![f32::NAN; 2 * self.packed.len()];
         if self.validate().is_ok() {
-            dequantize_rows(&self.packed, &self.scales, self.cols, self.global_scale, &mut out);
+            dequantize_rows(
+                &self.packed,
+                &self.scales,
+                self.cols,
+                self.global_scale,
+                &mut out,
+            );
         }
         out
     }
@@ -218,7 +239,11 @@ mod tests {
     fn errors_and_empty_shapes() {
         assert!(matches!(
             quantize_nvfp4(&[0.0; 24], 1, 24, 1.0),
-            Err(QuantError::NotDivisible { value: 24, divisor: 16, .. })
+            Err(QuantError::NotDivisible {
+                value: 24,
+                divisor: 16,
+                ..
+            })
         ));
         assert!(matches!(
             quantize_nvfp4(&[0.0; 16], 1, 16, 0.0),
@@ -226,7 +251,11 @@ mod tests {
         ));
         assert!(matches!(
             quantize_nvfp4(&[0.0; 16], 2, 16, 1.0),
-            Err(QuantError::Length { expected: 32, got: 16, .. })
+            Err(QuantError::Length {
+                expected: 32,
+                got: 16,
+                ..
+            })
         ));
         let mut out = [0.0; 16];
         assert!(dequantize_nvfp4_into(&[0; 8], &[0x38], 1, 16, f32::NAN, &mut out).is_err());

@@ -23,7 +23,9 @@ where
         return;
     }
     if elems < PAR_MIN_ELEMS {
-        out.chunks_mut(row_len).enumerate().for_each(|(r, a)| f(r, a));
+        out.chunks_mut(row_len)
+            .enumerate()
+            .for_each(|(r, a)| f(r, a));
     } else {
         let per_task = min_rows_per_task(elems / (out.len() / row_len).max(1));
         out.par_chunks_mut(row_len)

@@ -10,7 +10,11 @@ pub(crate) fn element_count(what: &'static str, dims: &[usize]) -> Result<usize,
 }
 
 /// Fails with [`QuantError::Length`] unless `got == expected`.
-pub(crate) fn expect_len(what: &'static str, expected: usize, got: usize) -> Result<(), QuantError> {
+pub(crate) fn expect_len(
+    what: &'static str,
+    expected: usize,
+    got: usize,
+) -> Result<(), QuantError> {
     if expected == got {
         Ok(())
     } else {
@@ -23,7 +27,11 @@ pub(crate) fn expect_len(what: &'static str, expected: usize, got: usize) -> Res
 }
 
 /// `value / divisor` when `divisor` is non-zero and divides `value` exactly.
-pub(crate) fn exact_div(what: &'static str, value: usize, divisor: usize) -> Result<usize, QuantError> {
+pub(crate) fn exact_div(
+    what: &'static str,
+    value: usize,
+    divisor: usize,
+) -> Result<usize, QuantError> {
     if divisor == 0 {
         return Err(QuantError::ZeroSize { what });
     }

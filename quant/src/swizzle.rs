@@ -35,12 +35,20 @@ pub fn swizzled_len(rows: usize, k_sf: usize) -> usize {
 fn checked_swizzled_len(rows: usize, k_sf: usize) -> Result<usize, QuantError> {
     element_count(
         "swizzled scales [ceil(rows / 128) * 128, ceil(k_sf / 4) * 4]",
-        &[rows.div_ceil(TILE_ROWS), TILE_BYTES, k_sf.div_ceil(TILE_COLS)],
+        &[
+            rows.div_ceil(TILE_ROWS),
+            TILE_BYTES,
+            k_sf.div_ceil(TILE_COLS),
+        ],
     )
 }
 
 /// Rearranges row-major `[rows, k_sf]` scales into the 128x4 swizzled layout, zero-filling the padding.
-pub fn swizzle_scales_128x4(linear: &[u8], rows: usize, k_sf: usize) -> Result<Vec<u8>, QuantError> {
+pub fn swizzle_scales_128x4(
+    linear: &[u8],
+    rows: usize,
+    k_sf: usize,
+) -> Result<Vec<u8>, QuantError> {
     let len = element_count("linear scales [rows, k_sf]", &[rows, k_sf])?;
     expect_len("linear scales [rows, k_sf]", len, linear.len())?;
     let mut out = vec![0u8; checked_swizzled_len(rows, k_sf)?];
@@ -123,11 +131,19 @@ mod tests {
         assert_eq!(unswizzle_scales_128x4(&sw, 3, 5).unwrap(), linear);
         assert!(matches!(
             swizzle_scales_128x4(&linear, 3, 4),
-            Err(QuantError::Length { expected: 12, got: 15, .. })
+            Err(QuantError::Length {
+                expected: 12,
+                got: 15,
+                ..
+            })
         ));
         assert!(matches!(
             unswizzle_scales_128x4(&sw[1..], 3, 5),
-            Err(QuantError::Length { expected: 1024, got: 1023, .. })
+            Err(QuantError::Length {
+                expected: 1024,
+                got: 1023,
+                ..
+            })
         ));
         assert!(swizzle_scales_128x4(&[], 0, 5).unwrap().is_empty());
         assert!(unswizzle_scales_128x4(&[], 0, 5).unwrap().is_empty());

@@ -108,7 +108,12 @@ fn decoding_matches_the_definition() {
                 let v = f.value(code & 0x7F);
                 let v = if code & 0x80 != 0 { -v } else { v };
                 assert_eq!(f64::from(got), v, "{} {code:02x}", f.name);
-                assert_eq!(got.is_sign_negative(), code & 0x80 != 0, "{} {code:02x}", f.name);
+                assert_eq!(
+                    got.is_sign_negative(),
+                    code & 0x80 != 0,
+                    "{} {code:02x}",
+                    f.name
+                );
             }
         }
     }
@@ -139,10 +144,19 @@ fn midpoints_round_to_the_even_code() {
         let values = f.values();
         for lo in 0..values.len() - 1 {
             let mid = ((values[lo] + values[lo + 1]) / 2.0) as f32;
-            assert_eq!(f64::from(mid) * 2.0, values[lo] + values[lo + 1], "midpoint exact");
+            assert_eq!(
+                f64::from(mid) * 2.0,
+                values[lo] + values[lo + 1],
+                "midpoint exact"
+            );
             let even = if lo % 2 == 0 { lo } else { lo + 1 } as u8;
             assert_eq!((f.encode)(mid), even, "{} midpoint {mid:e}", f.name);
-            assert_eq!((f.encode)(-mid), even | 0x80, "{} midpoint -{mid:e}", f.name);
+            assert_eq!(
+                (f.encode)(-mid),
+                even | 0x80,
+                "{} midpoint -{mid:e}",
+                f.name
+            );
             // Just off the midpoint the nearer neighbour wins.
             let below = f32::from_bits(mid.to_bits() - 1);
             let above = f32::from_bits(mid.to_bits() + 1);

@@ -11,10 +11,13 @@ use moe_quant::{e2m1_from_f32, e4m3_from_f32, e5m2_from_f32};
 
 const TABLE: &str = include_str!("data/hw_cvt_table.txt");
 
+/// An encoder under test: f32 in, code out.
+type Encoder = fn(f32) -> u8;
+
 /// One measured conversion: the steps of each sign half and the NaN codes.
 struct Measured {
     name: &'static str,
-    encode: fn(f32) -> u8,
+    encode: Encoder,
     /// (first bit pattern, code) in increasing bit order; index 0 is positive, 1 negative.
     steps: [Vec<(u32, u8)>; 2],
     nan_codes: Vec<u8>,
@@ -26,7 +29,7 @@ fn parse_hex<T: TryFrom<u32>>(s: &str) -> T {
 }
 
 fn measured() -> Vec<Measured> {
-    let formats: [(&str, fn(f32) -> u8); 3] = [
+    let formats: [(&str, Encoder); 3] = [
         ("e4m3", e4m3_from_f32),
         ("e5m2", e5m2_from_f32),
         ("e2m1", e2m1_from_f32),
@@ -69,7 +72,12 @@ fn lookup(steps: &[(u32, u8)], bits: u32) -> u8 {
 fn table_is_complete() {
     for m in measured() {
         for (sign, half) in m.steps.iter().enumerate() {
-            assert_eq!(half.first().map(|s| s.0), Some((sign as u32) << 31), "{}", m.name);
+            assert_eq!(
+                half.first().map(|s| s.0),
+                Some((sign as u32) << 31),
+                "{}",
+                m.name
+            );
         }
         assert!(!m.nan_codes.is_empty(), "{}", m.name);
     }
@@ -97,7 +105,11 @@ fn nan_matches_the_gpu() {
         for bits in [0x7FC0_0000u32, 0x7F80_0001, 0x7FFF_FFFF, 0x7FA0_0000] {
             for b in [bits, bits | 0x8000_0000] {
                 let code = (m.encode)(f32::from_bits(b));
-                assert!(m.nan_codes.contains(&code), "{} NaN {b:08x} -> {code:02x}", m.name);
+                assert!(
+                    m.nan_codes.contains(&code),
+                    "{} NaN {b:08x} -> {code:02x}",
+                    m.name
+                );
             }
         }
     }

@@ -131,3 +131,21 @@ impl ActivationOp for GeluPlain {
         gelu(x)
     }
 }
+
+impl ActivationKernel {
+    /// Applies the activation to GEMM 1 rows `g [n, N1]`, writing `a [n, inter]`; `layout`
+    /// says where each channel's gate and up columns are when gated.
+    pub fn apply_rows(&self, layout: crate::GateUpLayout, g: &[f32], a: &mut [f32], inter: usize) {
+        let n1 = if self.is_gated() { 2 * inter } else { inter };
+        for (grow, arow) in g.chunks(n1).zip(a.chunks_mut(inter)) {
+            for (j, out) in arow.iter_mut().enumerate() {
+                *out = if self.is_gated() {
+                    let (gi, ui) = layout.columns(j, inter);
+                    self.apply(grow[gi], grow[ui])
+                } else {
+                    self.apply(grow[j], 0.0)
+                };
+            }
+        }
+    }
+}

@@ -15,6 +15,7 @@ mod quant_info;
 mod quant_scheme;
 pub mod registry;
 mod runner;
+mod shared_experts;
 mod tensor;
 
 pub use activation::{ActivationKernel, ActivationOp};
@@ -35,6 +36,7 @@ pub use quant_info::{
 pub use quant_scheme::{scheme_list, QuantScheme};
 pub use registry::{DeviceKind, PathInfo, PathKind};
 pub use runner::MoeRunner;
+pub use shared_experts::SharedExperts;
 pub use tensor::Tensor;
 
 /// Re-exported so backend crates register entries without naming `inventory` themselves.

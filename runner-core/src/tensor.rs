@@ -222,7 +222,8 @@ impl Tensor {
         })
     }
 
-    fn host_bytes(&self) -> Result<&[u8]> {
+    /// The raw bytes of a host tensor.
+    pub fn host_bytes(&self) -> Result<&[u8]> {
         let len = self.size_in_bytes();
         match &self.storage {
             Storage::Host(words) => Ok(&bytemuck::cast_slice::<u64, u8>(words)[..len]),
@@ -237,7 +238,8 @@ impl Tensor {
         }
     }
 
-    fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
+    /// The raw bytes of a host tensor, writable (copies a shared owned buffer first).
+    pub fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
         let len = self.size_in_bytes();
         match &mut self.storage {
             Storage::Host(words) => Ok(&mut bytemuck::cast_slice_mut::<u64, u8>(Arc::make_mut(words).as_mut_slice())[..len]),

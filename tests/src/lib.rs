@@ -1,1 +1,10 @@
+//! The shared conformance suite (run per backend, on the CPU and, where a GPU is present, on
+//! CUDA) and the seeded synthetic weights and inputs it, the benches and the `moe` command use.
 
+pub mod suite;
+pub mod synthetic;
+
+/// Keeps the reference backend's registrations linked into every binary using this crate.
+pub fn link_backends() {
+    moe_backend_reference::link();
+}

@@ -4,7 +4,7 @@
 
 use moe_runner_core::registry::{downcast_io, MoeRunnerCore, RunnerIo};
 use moe_runner_core::{
-    as_expert_weights, ActivationKernel, ActivationOp, Device, GateUpLayout, MoeRunnerConfig,
+    as_expert_weights, ActivationKernel, Device, MoeRunnerConfig,
     Proj, QuantInfo, QuantScheme, Result,
 };
 use rayon::prelude::*;
@@ -37,24 +37,6 @@ fn amax(x: &[f32]) -> f32 {
     x.par_iter().fold(|| 0f32, |m, v| m.max(v.abs())).reduce(|| 0f32, f32::max)
 }
 
-impl ReferenceCore {
-    /// One expert's activation: `g [n, N1]` into `a [n, I]`.
-    fn activate(&self, g: &[f32], a: &mut [f32]) {
-        let (n1, inter) = (self.cfg.gemm1_columns(), self.cfg.intermediate_size);
-        let layout: GateUpLayout = self.cfg.gate_up;
-        for (grow, arow) in g.chunks(n1).zip(a.chunks_mut(inter)) {
-            for (j, out) in arow.iter_mut().enumerate() {
-                *out = if self.act.is_gated() {
-                    let (gi, ui) = layout.columns(j, inter);
-                    self.act.apply(grow[gi], grow[ui])
-                } else {
-                    self.act.apply(grow[j], 0.0)
-                };
-            }
-        }
-    }
-}
-
 impl MoeRunnerCore for ReferenceCore {
     fn run(&self, input: RunnerIo, quant: &dyn QuantInfo) -> Result<RunnerIo> {
         let rows = downcast_io::<ExpertRows>(input, "reference core")?;
@@ -81,7 +63,7 @@ impl MoeRunnerCore for ReferenceCore {
                 weights.dequantize_expert(Proj::W13, e, &mut w)?;
                 let mut g = vec![0f32; n * n1];
                 matmul_nt(x, &w, &mut g, n, n1, h);
-                self.activate(&g, a);
+                self.act.apply_rows(self.cfg.gate_up, &g, a, inter);
                 Ok(())
             })?;
         drop(hidden);

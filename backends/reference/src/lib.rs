@@ -8,9 +8,11 @@ mod act_quant;
 mod core;
 mod gemm;
 mod permute;
+mod shared;
 
 pub use act_quant::{round_activations, GemmInput, FP8_ACT_GROUP};
 pub use gemm::matmul_nt;
+pub use shared::CpuSharedExperts;
 
 use moe_runner_core::inventory;
 use moe_runner_core::registry::{DeviceKind, PostPermute, PrePermute, RunnerCore};
