@@ -1,6 +1,8 @@
 //! The shared conformance suite (run per backend, on the CPU and, where a GPU is present, on
 //! CUDA) and the seeded synthetic weights and inputs it, the benches and the `moe` command use.
 
+pub mod cases;
+pub mod oracle;
 pub mod suite;
 pub mod synthetic;
 

@@ -10,7 +10,7 @@ mod gemm;
 mod permute;
 mod shared;
 
-pub use act_quant::{round_activations, GemmInput, FP8_ACT_GROUP};
+pub use act_quant::{per_tensor_scale, round_activations, GemmInput, FP8_ACT_GROUP};
 pub use gemm::matmul_nt;
 pub use shared::CpuSharedExperts;
 
