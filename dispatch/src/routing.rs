@@ -190,3 +190,120 @@ fn grouped_topk_row(
         weights[s] = w * scale.unwrap_or(1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sigmoid(x: f32) -> f32 {
+        1.0 / (1.0 + (-x).exp())
+    }
+
+    fn route(router: &Router, logits: &[f32], m: usize) -> (Vec<i32>, Vec<f32>) {
+        let t = Tensor::from_f32(logits, &[m, router.num_experts], DType::F32).unwrap();
+        let topk = router.route(&t).unwrap();
+        (topk.ids.as_slice::<i32>().unwrap().to_vec(), topk.weights.as_slice::<f32>().unwrap().to_vec())
+    }
+
+    #[test]
+    fn grouped_topk_hand_example() {
+        // 8 experts in 4 groups of 2. The bias makes expert 6 the best choice although its
+        // unbiased score is low; the weights still come from the unbiased scores.
+        let logits = [2.0, 1.5, -1.0, -2.0, 0.5, 0.4, -3.0, -3.0];
+        let mut bias = vec![0.0; 8];
+        bias[6] = 2.0;
+        let router = Router {
+            method: RoutingMethod::DeepSeekGrouped { n_group: 4, topk_group: 2, renormalize: true, correction_bias: Some(bias), routed_scaling_factor: None },
+            num_experts: 8,
+            top_k: 2,
+            fused_shared_experts: 0,
+            fused_shared_weight: 1.0,
+        };
+        // Group scores (sum of both biased scores): g0 = s(2)+s(1.5), g3 = s(-3)+2+s(-3) wins.
+        let (ids, w) = route(&router, &logits, 1);
+        assert_eq!(ids, vec![6, 0]);
+        let (s6, s0) = (sigmoid(-3.0), sigmoid(2.0));
+        assert!((w[0] - s6 / (s6 + s0)).abs() < 1e-6 && (w[1] - s0 / (s6 + s0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn fused_shared_experts_are_appended() {
+        let router = Router { method: RoutingMethod::Softmax { renormalize: true }, num_experts: 4, top_k: 2, fused_shared_experts: 1, fused_shared_weight: 0.4 };
+        let (ids, w) = route(&router, &[0.1, 3.0, 2.0, -1.0], 1);
+        assert_eq!(ids, vec![1, 2, 4]);
+        assert_eq!(w[2], 0.4);
+        assert!((w[0] + w[1] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn invalid_router_configs_are_errors() {
+        let bad = Router {
+            method: RoutingMethod::DeepSeekGrouped { n_group: 3, topk_group: 1, renormalize: true, correction_bias: None, routed_scaling_factor: None },
+            num_experts: 8,
+            top_k: 2,
+            fused_shared_experts: 0,
+            fused_shared_weight: 1.0,
+        };
+        assert!(matches!(bad.validate(), Err(MoeError::Config(_))));
+        let t = Tensor::from_f32(&[0.0; 6], &[1, 6], DType::F32).unwrap();
+        let ok = Router { method: RoutingMethod::Softmax { renormalize: true }, num_experts: 8, top_k: 2, fused_shared_experts: 0, fused_shared_weight: 1.0 };
+        assert!(matches!(ok.route(&t), Err(MoeError::Shape { .. })));
+    }
+
+    proptest! {
+        #[test]
+        fn softmax_topk_picks_the_largest(logits in proptest::collection::vec(-8f32..8.0, 16), renorm in any::<bool>()) {
+            let router = Router { method: RoutingMethod::Softmax { renormalize: renorm }, num_experts: 16, top_k: 4, fused_shared_experts: 0, fused_shared_weight: 1.0 };
+            let (ids, w) = route(&router, &logits, 1);
+            let min_picked = ids.iter().map(|&i| logits[i as usize]).fold(f32::INFINITY, f32::min);
+            for (e, &l) in logits.iter().enumerate() {
+                if !ids.contains(&(e as i32)) {
+                    prop_assert!(l <= min_picked);
+                }
+            }
+            let z: f32 = logits.iter().map(|l| l.exp()).sum();
+            let picked: f32 = ids.iter().map(|&i| logits[i as usize].exp()).sum();
+            for (s, &i) in ids.iter().enumerate() {
+                let p = logits[i as usize].exp();
+                let want = if renorm { p / picked } else { p / z };
+                prop_assert!((w[s] - want).abs() < 1e-5);
+            }
+        }
+
+        #[test]
+        fn grouped_topk_stays_in_the_best_groups(logits in proptest::collection::vec(-4f32..4.0, 32), bias in proptest::collection::vec(-0.5f32..0.5, 32), scale in 0.5f32..3.0) {
+            let router = Router {
+                method: RoutingMethod::DeepSeekGrouped { n_group: 8, topk_group: 3, renormalize: true, correction_bias: Some(bias.clone()), routed_scaling_factor: Some(scale) },
+                num_experts: 32,
+                top_k: 4,
+                fused_shared_experts: 0,
+                fused_shared_weight: 1.0,
+            };
+            let (ids, w) = route(&router, &logits, 1);
+            let choice: Vec<f32> = logits.iter().zip(&bias).map(|(l, b)| sigmoid(*l) + b).collect();
+            let mut group: Vec<(f32, usize)> = choice.chunks(4).enumerate().map(|(g, c)| {
+                let mut v = c.to_vec();
+                v.sort_by(|a, b| b.total_cmp(a));
+                (v[0] + v[1], g)
+            }).collect();
+            group.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            let kept: Vec<usize> = group[..3].iter().map(|g| g.1).collect();
+            let distinct: std::collections::HashSet<_> = ids.iter().collect();
+            prop_assert_eq!(distinct.len(), 4);
+            for &i in &ids {
+                prop_assert!(kept.contains(&(i as usize / 4)));
+            }
+            let min_picked = ids.iter().map(|&i| choice[i as usize]).fold(f32::INFINITY, f32::min);
+            for e in 0..32 {
+                if kept.contains(&(e / 4)) && !ids.contains(&(e as i32)) {
+                    prop_assert!(choice[e] <= min_picked);
+                }
+            }
+            let sum: f32 = ids.iter().map(|&i| sigmoid(logits[i as usize])).sum();
+            for (s, &i) in ids.iter().enumerate() {
+                prop_assert!((w[s] - scale * sigmoid(logits[i as usize]) / sum).abs() < 1e-5);
+            }
+        }
+    }
+}
