@@ -1,0 +1,68 @@
+//! Command-line arguments. Counts that must be positive are `NonZeroUsize`, so clap rejects a
+//! zero with its own message before anything runs.
+
+use clap::{Args, Parser, Subcommand};
+use std::num::NonZeroUsize;
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(name = "moe", version, about = "Mixture-of-Experts runner: list registered backends, run one MoE layer")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the registered a2a backends, dispatch formats, runners, paths and quant schemes.
+    List(ListArgs),
+    /// Run one MoE layer on seeded synthetic weights, time it and compare it with the reference.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Built-in model: tiny, qwen3-30b-a3b, mixtral-8x7b, deepseek-v3, deepseek-v4-flash.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// A Hugging Face config.json; overrides --preset.
+    #[arg(long, value_name = "config.json")]
+    pub config: Option<PathBuf>,
+    /// Tokens in the batch [default: 64 for tiny, 16 otherwise].
+    #[arg(long, value_name = "M")]
+    pub tokens: Option<usize>,
+    /// Quant scheme (see `moe list`) [default: the model's own, else bf16].
+    #[arg(long, value_name = "NAME")]
+    pub scheme: Option<String>,
+    /// A registered runner, or `auto` for the preferred one on the best device.
+    #[arg(long, value_name = "NAME|auto", default_value = "auto")]
+    pub runner: String,
+    /// The a2a backend (dispatcher); `local_masked` gives the DeepEP low-latency layout.
+    #[arg(long, value_name = "NAME", default_value = "standard")]
+    pub a2a: String,
+    /// Tensor parallelism: divides the intermediate sizes.
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub tp: NonZeroUsize,
+    /// Expert parallelism: rank 0 holds and runs the first E/N routed experts.
+    #[arg(long, value_name = "N", default_value = "1")]
+    pub ep: NonZeroUsize,
+    /// Seed of the synthetic weights, inputs and router bias.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Timed forward passes after one warm-up.
+    #[arg(long, value_name = "N", default_value = "3")]
+    pub iters: NonZeroUsize,
+    /// Print one JSON object instead of text (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
+    /// Run DeepSeek / GLM shared experts as a separate MLP instead of as extra routed experts.
+    #[arg(long)]
+    pub no_shared_fusion: bool,
+}
