@@ -42,7 +42,7 @@ pub struct LayerPlan {
 const CORRECTION_BIAS: f32 = 0.05;
 
 fn divide(option: &'static str, value: usize, what: &'static str, size: usize) -> Result<usize> {
-    if size % value == 0 {
+    if size.is_multiple_of(value) {
         Ok(size / value)
     } else {
         Err(CliError::NotDivisible { option, value, what, size })
@@ -128,7 +128,7 @@ impl LayerPlan {
             _ => return Ok(()),
         };
         for (what, v) in [("hidden_size", self.config.hidden_size), ("intermediate_size (after --tp)", self.config.intermediate_size)] {
-            if v % group != 0 {
+            if !v.is_multiple_of(group) {
                 return Err(MoeError::NotDivisible { what: format!("{what} for {scheme}"), value: v, divisor: group }.into());
             }
         }
@@ -191,6 +191,49 @@ mod tests {
         assert!(plan.check_scheme(QuantScheme::Bf16).is_ok());
         let err = plan.check_scheme(QuantScheme::Fp8Block128).unwrap_err().to_string();
         assert!(err.contains("intermediate_size") && err.contains("64") && err.contains("128"), "{err}");
+    }
+
+    /// A layer of `plan` on the reference runner in f32, with the given weights.
+    fn reference_layer(plan: &LayerPlan, weights: Box<dyn moe_runner_core::QuantInfo>, shared: Option<Box<dyn moe_runner_core::SharedExperts>>) -> moe_dispatch::MoeLayer {
+        use moe_runner_core::{DispatchFormat, MoeRunner};
+        let cfg = plan.config.clone();
+        let runner = MoeRunner::new(moe_backend_reference::RUNNER, DispatchFormat::Standard, QuantScheme::F32, cfg.clone()).unwrap();
+        let dcfg = moe_dispatch::DispatcherConfig::single(cfg.num_experts, cfg.hidden_size, 32);
+        let dispatcher = moe_dispatch::make_dispatcher("standard", &dcfg).unwrap();
+        moe_dispatch::MoeLayer::new(plan.router.clone(), dispatcher, runner, weights, shared).unwrap()
+    }
+
+    /// A fused shared expert (weight 1/scale, then the runner's scale) must add exactly what
+    /// the same expert adds as a separate MLP.
+    #[test]
+    fn fused_and_separate_shared_experts_agree() {
+        use moe_runner_core::{as_expert_weights, DType, Proj};
+        let spec = crate::hf_config::spec_from_json(
+            r#"{"architectures": ["DeepseekV3ForCausalLM"], "n_routed_experts": 16, "n_shared_experts": 1,
+                "num_experts_per_tok": 4, "hidden_size": 64, "moe_intermediate_size": 32, "n_group": 4,
+                "topk_group": 2, "routed_scaling_factor": 2.5}"#,
+            "test",
+        )
+        .unwrap();
+        let fused = LayerPlan::new(&spec, par(1, 1, true), 7).unwrap();
+        let separate = LayerPlan::new(&spec, par(1, 1, false), 7).unwrap();
+        let no_progress = |_| {};
+        // Expert weights are seeded per expert, so the first 16 of the fused set are the routed set.
+        let fused_w = synthetic::weights(fused.weight_dims(), QuantScheme::F32, 3, &no_progress).unwrap();
+        let routed_w = synthetic::weights(separate.weight_dims(), QuantScheme::F32, 3, &no_progress).unwrap();
+        let dims = fused.weight_dims();
+        let (mut w13, mut w2) = (vec![0f32; dims.n1 * dims.hidden], vec![0f32; dims.hidden * dims.inter]);
+        let experts = as_expert_weights(fused_w.as_ref()).unwrap();
+        experts.dequantize_expert(Proj::W13, 16, &mut w13).unwrap();
+        experts.dequantize_expert(Proj::W2, 16, &mut w2).unwrap();
+        let shared = moe_backend_reference::CpuSharedExperts::new(w13, w2, dims.inter, &separate.config).unwrap();
+
+        let hidden = synthetic::hidden(20, 64, DType::F32, 1).unwrap();
+        let logits = synthetic::logits(20, 16, 2).unwrap();
+        let a = reference_layer(&fused, fused_w, None).forward(&hidden, &logits).unwrap();
+        let b = reference_layer(&separate, routed_w, Some(Box::new(shared))).forward(&hidden, &logits).unwrap();
+        let c = moe_conformance::suite::compare(&a.to_f32_vec().unwrap(), &b.to_f32_vec().unwrap()).unwrap();
+        assert!(c.rel_l2 < 1e-5, "{c:?}");
     }
 
     #[test]

@@ -41,6 +41,14 @@ impl Device {
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }
+
+    /// The CUDA device, or a typed error naming what was expected.
+    pub fn as_cuda(&self) -> Result<&CudaDevice> {
+        match self {
+            Device::Cuda(d) => Ok(d),
+            Device::Cpu(_) => Err(MoeError::invalid("device", "expected a CUDA device, got the CPU")),
+        }
+    }
 }
 
 /// The host. Computation runs on rayon's thread pool.
@@ -86,6 +94,10 @@ mod cuda {
                 )));
             }
             let ctx = CudaContext::new(ordinal).map_err(|e| MoeError::NoCuda(e.to_string()))?;
+            // Kernels take raw device addresses and order their work on one stream, so
+            // cudarc's per-buffer event tracking would only add event records to every launch.
+            // SAFETY: called before any buffer of this context exists.
+            unsafe { ctx.disable_event_tracking() };
             let stream = ctx
                 .new_stream()
                 .map_err(|e| MoeError::Device(e.to_string()))?;

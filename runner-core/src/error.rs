@@ -71,6 +71,8 @@ pub enum MoeError {
         name: String,
         known: String,
     },
+    #[error("kernel `{name}` failed to build: {log}")]
+    Kernel { name: String, log: String },
     #[error("device error: {0}")]
     Device(String),
     #[error("no CUDA device available: {0}")]

@@ -6,6 +6,8 @@
 pub mod activation;
 mod combine_input;
 mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod dispatch_output;
 mod dtype;
@@ -29,7 +31,7 @@ pub use dtype::{DType, Element};
 pub use error::{MoeError, Result};
 pub use format::DispatchFormat;
 pub use quant_info::{
-    as_expert_weights, downcast_quant, DenseWeights, ExpertWeights, Fp8BlockWeights,
+    as_expert_weights, downcast_quant, quant_to_device, DenseWeights, ExpertWeights, Fp8BlockWeights,
     Fp8PerChannelWeights, Fp8PerTensorWeights, Mxfp4Weights, Nvfp4Weights, Proj, QuantInfo,
     ScaleLayout, WeightDims, FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK,
 };

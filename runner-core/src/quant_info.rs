@@ -2,7 +2,7 @@
 //! scheme needs. Every type here can dequantize one expert to f32, which is what the CPU
 //! reference computes with and what tests compare kernels against.
 
-use crate::{DType, MoeError, MoeRunnerConfig, QuantScheme, Result, Tensor};
+use crate::{DType, Device, MoeError, MoeRunnerConfig, QuantScheme, Result, Tensor};
 use std::any::Any;
 
 pub trait QuantInfo: Any + Send + Sync {
@@ -80,6 +80,18 @@ pub fn as_expert_weights(quant: &dyn QuantInfo) -> Result<&dyn ExpertWeights> {
     })
 }
 
+/// A copy of any weight set of this crate with its tensors on `device`.
+pub fn quant_to_device(quant: &dyn QuantInfo, device: &Device) -> Result<Box<dyn QuantInfo>> {
+    Ok(match quant.scheme() {
+        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => Box::new(downcast_quant::<DenseWeights>(quant)?.to_device(device)?),
+        QuantScheme::Fp8Block128 => Box::new(downcast_quant::<Fp8BlockWeights>(quant)?.to_device(device)?),
+        QuantScheme::Fp8PerTensor => Box::new(downcast_quant::<Fp8PerTensorWeights>(quant)?.to_device(device)?),
+        QuantScheme::Fp8PerChannel => Box::new(downcast_quant::<Fp8PerChannelWeights>(quant)?.to_device(device)?),
+        QuantScheme::Nvfp4 => Box::new(downcast_quant::<Nvfp4Weights>(quant)?.to_device(device)?),
+        QuantScheme::Mxfp4 => Box::new(downcast_quant::<Mxfp4Weights>(quant)?.to_device(device)?),
+    })
+}
+
 fn expert_slice<T: crate::Element>(t: &Tensor, e: usize, per: usize) -> Result<&[T]> {
     let all = t.as_slice::<T>()?;
     all.get(e * per..(e + 1) * per)
@@ -151,6 +163,13 @@ impl DenseWeights {
             Proj::W13 => &self.w13,
             Proj::W2 => &self.w2,
         }
+    }
+}
+
+impl DenseWeights {
+    /// A copy with every tensor on `device` (weights are uploaded once, at load).
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(self.w13.to_device(device)?, self.w2.to_device(device)?)
     }
 }
 
@@ -234,6 +253,12 @@ impl Fp8BlockWeights {
         let (w13, s13) = one(&dense.w13, d.n1, d.hidden)?;
         let (w2, s2) = one(&dense.w2, d.hidden, d.inter)?;
         Self::new(w13, s13, w2, s2)
+    }
+}
+
+impl Fp8BlockWeights {
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(self.w13.to_device(device)?, self.w13_scale.to_device(device)?, self.w2.to_device(device)?, self.w2_scale.to_device(device)?)
     }
 }
 
@@ -331,6 +356,19 @@ impl Fp8PerTensorWeights {
     }
 }
 
+impl Fp8PerTensorWeights {
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(
+            self.w13.to_device(device)?,
+            self.w13_scale.to_device(device)?,
+            self.w2.to_device(device)?,
+            self.w2_scale.to_device(device)?,
+            self.a13_scale,
+            self.a2_scale,
+        )
+    }
+}
+
 impl QuantInfo for Fp8PerTensorWeights {
     fn scheme(&self) -> QuantScheme {
         QuantScheme::Fp8PerTensor
@@ -391,6 +429,12 @@ impl Fp8PerChannelWeights {
         let (w13, s13) = one(&dense.w13, d.n1, d.hidden)?;
         let (w2, s2) = one(&dense.w2, d.hidden, d.inter)?;
         Self::new(w13, s13, w2, s2)
+    }
+}
+
+impl Fp8PerChannelWeights {
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(self.w13.to_device(device)?, self.w13_scale.to_device(device)?, self.w2.to_device(device)?, self.w2_scale.to_device(device)?)
     }
 }
 
@@ -545,6 +589,22 @@ impl Nvfp4Weights {
     }
 }
 
+impl Nvfp4Weights {
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(
+            self.w13.to_device(device)?,
+            self.w13_scale.to_device(device)?,
+            self.w13_global.clone(),
+            self.w2.to_device(device)?,
+            self.w2_scale.to_device(device)?,
+            self.w2_global.clone(),
+            self.a13_global.clone(),
+            self.a2_global.clone(),
+            self.scale_layout,
+        )
+    }
+}
+
 impl QuantInfo for Nvfp4Weights {
     fn scheme(&self) -> QuantScheme {
         QuantScheme::Nvfp4
@@ -624,6 +684,12 @@ impl Mxfp4Weights {
         let (w13, s13) = one(&dense.w13, d.n1, d.hidden)?;
         let (w2, s2) = one(&dense.w2, d.hidden, d.inter)?;
         Self::new(w13, s13, w2, s2)
+    }
+}
+
+impl Mxfp4Weights {
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Self::new(self.w13.to_device(device)?, self.w13_scale.to_device(device)?, self.w2.to_device(device)?, self.w2_scale.to_device(device)?)
     }
 }
 

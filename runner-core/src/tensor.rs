@@ -391,6 +391,43 @@ impl Tensor {
 }
 
 #[cfg(feature = "cuda")]
+impl Tensor {
+    /// A device tensor of `shape`, zero-filled (asynchronously, on the device's stream).
+    pub fn zeros_cuda(device: &crate::CudaDevice, shape: &[usize], dtype: DType) -> Result<Self> {
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let buf = device
+            .stream()
+            .alloc_zeros::<u8>(bytes.max(1))
+            .map_err(|e| MoeError::Device(format!("allocating {bytes} bytes: {e}")))?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Cuda { device: device.clone(), buf: CudaBuf::Owned(Arc::new(buf)) },
+        })
+    }
+
+    /// The device address of a GPU tensor, for kernel arguments.
+    pub fn cuda_ptr(&self) -> Result<cudarc::driver::sys::CUdeviceptr> {
+        use cudarc::driver::DevicePtr;
+        match &self.storage {
+            Storage::Cuda { device, buf } => Ok(match buf {
+                CudaBuf::Owned(s) => s.device_ptr(device.stream()).0,
+                CudaBuf::Borrowed(p) => *p,
+            }),
+            _ => Err(MoeError::Device("tensor is on the host; the GPU runner needs device memory (Tensor::to_device)".into())),
+        }
+    }
+
+    /// The GPU this tensor lives on.
+    pub fn cuda_device(&self) -> Option<&crate::CudaDevice> {
+        match &self.storage {
+            Storage::Cuda { device, .. } => Some(device),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
 mod cuda_io {
     use super::CudaBuf;
     use crate::{CudaDevice, MoeError, Result};

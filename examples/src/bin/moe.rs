@@ -1,1 +1,30 @@
-fn main() {}
+//! The `moe` command: `moe list` and `moe run`. Errors print one line on stderr and exit 1;
+//! clap's own usage errors exit 2.
+
+use clap::Parser;
+use moe_examples::cli::{Cli, Command};
+use moe_examples::{link_backends, list, run};
+use std::process::ExitCode;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    link_backends();
+    let cli = Cli::parse();
+    // RUST_LOG selects spans and events (e.g. RUST_LOG=moe_runner_core=info); warnings by default.
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_writer(std::io::stderr)
+        .init();
+    let mut out = std::io::stdout().lock();
+    let result = match &cli.command {
+        Command::List(args) => list::list(args, &mut out),
+        Command::Run(args) => run::run(args, &mut out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

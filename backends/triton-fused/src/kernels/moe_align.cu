@@ -1,0 +1,55 @@
+// Align: groups the (token, slot) pairs by expert, each expert's rows padded to BLOCK_M, so
+// every BLOCK_M block of `sorted_ids` belongs to one expert. One block of 1024 threads: the
+// counts live in shared memory, the prefix sum is a single pass over the experts.
+//
+// Outputs: sorted_ids [max_sorted] (pad = numel), expert_ids [max_blocks] (-1 past the end),
+// num_post_padded [1]. Ids outside 0..E (-1: not on this rank) are skipped.
+
+extern "C" __global__ void __launch_bounds__(1024) moe_align(
+    const int* __restrict__ topk_ids, int numel, int E, int block_m,
+    int* __restrict__ sorted_ids, int* __restrict__ expert_ids, int* __restrict__ num_post_padded,
+    int max_sorted, int max_blocks) {
+    extern __shared__ int sh[];
+    int* counts = sh;          // [E]
+    int* offsets = sh + E;     // [E + 1]
+    int* cursor = sh + 2 * E + 1; // [E]
+    const int tid = threadIdx.x, nt = blockDim.x;
+    for (int e = tid; e < E; e += nt) { counts[e] = 0; cursor[e] = 0; }
+    __syncthreads();
+    for (int i = tid; i < numel; i += nt) {
+        const int e = topk_ids[i];
+        if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
+    }
+    __syncthreads();
+    if (tid == 0) {
+        int acc = 0;
+        for (int e = 0; e < E; ++e) {
+            offsets[e] = acc;
+            acc += (counts[e] + block_m - 1) / block_m * block_m;
+        }
+        offsets[E] = acc;
+        *num_post_padded = acc;
+    }
+    __syncthreads();
+    for (int i = tid; i < max_sorted; i += nt) sorted_ids[i] = numel;
+    const int used_blocks = offsets[E] / block_m;
+    for (int b = tid; b < max_blocks; b += nt) {
+        int e = -1;
+        if (b < used_blocks) {
+            // Binary search for the expert whose padded range holds block b.
+            int lo = 0, hi = E - 1;
+            const int pos = b * block_m;
+            while (lo < hi) {
+                const int mid = (lo + hi + 1) >> 1;
+                if (offsets[mid] <= pos) lo = mid; else hi = mid - 1;
+            }
+            e = lo;
+        }
+        expert_ids[b] = e;
+    }
+    __syncthreads();
+    for (int i = tid; i < numel; i += nt) {
+        const int e = topk_ids[i];
+        if (e >= 0 && e < E) sorted_ids[offsets[e] + atomicAdd(&cursor[e], 1)] = i;
+    }
+}

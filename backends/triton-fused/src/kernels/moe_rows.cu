@@ -1,0 +1,134 @@
+// Row kernels around the GEMMs, one thread block per row:
+//  - moe_act: the activation of GEMM 1's output row (gate/up per GATE_UP), then the rounding
+//    GEMM 2's input needs (QUANT: 0 none, 1 e4m3 per 128, 2 e4m3 per row, 3 e4m3 with a
+//    per-tensor scale, 4 per-tensor amax only);
+//  - moe_quant_input: GEMM 1's input row (times its router weight when the weight goes on the
+//    input), with the same QUANT modes;
+//  - moe_sum: out[t] = scale * sum over slots of the weighted GEMM 2 rows.
+// Compile-time parameters: ACT (0 silu*up, 1 gelu*up, 2 swiglu_limit, 3 clamp after silu,
+// 4 gpt-oss, 5 silu, 6 gelu), GATE_UP (0 gate|up, 1 up|gate, 2 interleaved), QUANT, ACT_F16.
+
+#define ROW_THREADS 256
+
+__device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+__device__ __forceinline__ float activation(float gate, float up, float limit, float alpha) {
+#if ACT == 0
+    return gate * sigmoidf_(gate) * up;
+#elif ACT == 1
+    return 0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f)) * up;
+#elif ACT == 2
+    const float gt = fminf(gate, limit), u = fminf(fmaxf(up, -limit), limit);
+    return gt * sigmoidf_(gt) * u;
+#elif ACT == 3
+    return fminf(gate * sigmoidf_(gate), limit) * fminf(fmaxf(up, -limit), limit);
+#elif ACT == 4
+    const float gt = fminf(gate, limit), u = fminf(fmaxf(up, -limit), limit);
+    return gt * sigmoidf_(alpha * gt) * (u + 1.0f);
+#elif ACT == 5
+    return gate * sigmoidf_(gate);
+#else
+    return 0.5f * gate * (1.0f + erff(gate * 0.70710678118654752f));
+#endif
+}
+
+// Writes one row of `n` values produced by `value(j)`: as the activation dtype, or as e4m3
+// with scales per QUANT. `red` is block-reduction scratch.
+template <typename F>
+__device__ __forceinline__ void emit_row(F value, int n, long long row, void* out, float* scale_out,
+                                         float* amax_io, float* red) {
+#if QUANT == 0
+    u16* o = (u16*)out + row * n;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) o[j] = f32_to_act(value(j));
+#elif QUANT == 1
+    u8* o = (u8*)out + row * n;
+    const int groups = n / 128;
+    for (int gi = 0; gi < groups; ++gi) {
+        float v = 0.0f, amax = 0.0f;
+        if (threadIdx.x < 128) { v = value(gi * 128 + threadIdx.x); amax = fabsf(v); }
+        amax = block_max(amax, red);
+        const float s = fmaxf(amax, 1e-4f) / 448.0f;
+        if (threadIdx.x < 128) o[gi * 128 + threadIdx.x] = f32_to_e4m3(v / s);
+        if (threadIdx.x == 0) scale_out[row * groups + gi] = s;
+    }
+#elif QUANT == 2
+    u8* o = (u8*)out + row * n;
+    float amax = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) amax = fmaxf(amax, fabsf(value(j)));
+    amax = block_max(amax, red);
+    const float s = fmaxf(amax, 1e-4f) / 448.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) o[j] = f32_to_e4m3(value(j) / s);
+    if (threadIdx.x == 0) scale_out[row] = s;
+#elif QUANT == 3
+    u8* o = (u8*)out + row * n;
+    const float s = *scale_out;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) o[j] = f32_to_e4m3(value(j) / s);
+#else
+    float amax = 0.0f;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) amax = fmaxf(amax, fabsf(value(j)));
+    amax = block_max(amax, red);
+    if (threadIdx.x == 0) atomic_max_nonneg(amax_io, amax);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_act(
+    const u16* __restrict__ in,      // [numel, n1] GEMM 1 output
+    const int* __restrict__ topk_ids, // [numel]; rows with -1 were never computed
+    void* __restrict__ out, float* __restrict__ scale_out, float* __restrict__ amax_io,
+    int inter, float limit, float alpha) {
+    __shared__ float red[ROW_THREADS / 32];
+    const long long row = blockIdx.x;
+    if (topk_ids[row] < 0) return;
+#if ACT >= 5
+    const u16* x = in + row * inter;
+    auto value = [&](int j) { return activation(act_to_f32(x[j]), 0.0f, limit, alpha); };
+#else
+    const u16* x = in + row * 2 * inter;
+    auto value = [&](int j) {
+#if GATE_UP == 0
+        const float gate = act_to_f32(x[j]), up = act_to_f32(x[inter + j]);
+#elif GATE_UP == 1
+        const float up = act_to_f32(x[j]), gate = act_to_f32(x[inter + j]);
+#else
+        const float gate = act_to_f32(x[2 * j]), up = act_to_f32(x[2 * j + 1]);
+#endif
+        return activation(gate, up, limit, alpha);
+    };
+#endif
+    emit_row(value, inter, row, out, scale_out, amax_io, red);
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_quant_input(
+    const u16* __restrict__ in,        // [M, H]
+    const float* __restrict__ row_weight, // [M] or null: multiply each row first
+    void* __restrict__ out, float* __restrict__ scale_out, float* __restrict__ amax_io, int h) {
+    __shared__ float red[ROW_THREADS / 32];
+    const long long row = blockIdx.x;
+    const u16* x = in + row * h;
+    const float w = row_weight ? row_weight[row] : 1.0f;
+    auto value = [&](int j) { return act_to_f32(x[j]) * w; };
+    emit_row(value, h, row, out, scale_out, amax_io, red);
+}
+
+// amax -> per-tensor scale, in place.
+extern "C" __global__ void moe_amax_to_scale(float* amax_scale) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *amax_scale = fmaxf(*amax_scale, 1e-4f) / 448.0f;
+}
+
+extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_sum(
+    const u16* __restrict__ rows,     // [M * k, H], weighted
+    const int* __restrict__ topk_ids, // [M * k]
+    u16* __restrict__ out,            // [M, H]
+    int k, int h, float scale) {
+    const long long t = blockIdx.x;
+    for (int c = threadIdx.x * 2; c < h; c += blockDim.x * 2) {
+        float s0 = 0.0f, s1 = 0.0f;
+        for (int s = 0; s < k; ++s) {
+            if (topk_ids[t * k + s] < 0) continue;
+            const u32 v = *(const u32*)(rows + (t * k + s) * h + c);
+            s0 += act_to_f32((u16)(v & 0xffff));
+            s1 += act_to_f32((u16)(v >> 16));
+        }
+        *(u32*)(out + t * h + c) = (u32)f32_to_act(s0 * scale) | ((u32)f32_to_act(s1 * scale) << 16);
+    }
+}

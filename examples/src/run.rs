@@ -1,0 +1,209 @@
+//! `moe run`: one MoE layer on seeded synthetic weights. It builds the runner first (so a
+//! missing combination fails before any weight exists), checks host memory, generates the
+//! weights, compares the chosen path with the reference on the same routing, then times the
+//! whole layer forward (route, dispatch, run, combine, shared experts) after one warm-up.
+
+use crate::cli::RunArgs;
+use crate::error::{CliError, Result};
+use crate::hf_config;
+use crate::memory;
+use crate::model::ModelSpec;
+use crate::output::{write_json, Accuracy, RunReport, Shape};
+use crate::plan::{LayerPlan, Parallelism, SharedPlan};
+use crate::progress::weight_bar;
+use crate::timing::Latency;
+use moe_backend_reference::CpuSharedExperts;
+use moe_conformance::{suite, synthetic};
+use moe_dispatch::{a2a_backends, make_dispatcher, to_local_ids, DispatcherConfig, MoeLayer};
+use moe_runner_core::{
+    DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme,
+    SharedExperts, Tensor, TopK,
+};
+use std::io::Write;
+use std::time::Instant;
+
+/// Offsets of the seeds drawn from `--seed`, so weights, inputs and routing are independent.
+const SEED_HIDDEN: u64 = 1;
+const SEED_LOGITS: u64 = 2;
+const SEED_SHARED: u64 = 3;
+
+fn load_spec(args: &RunArgs) -> Result<ModelSpec> {
+    match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.clone(), source })?;
+            hf_config::spec_from_json(&text, &path.display().to_string())
+        }
+        None => ModelSpec::preset(&args.preset),
+    }
+}
+
+fn parse_scheme(name: &str) -> Result<QuantScheme> {
+    QuantScheme::from_name(name).ok_or_else(|| CliError::UnknownScheme {
+        name: name.into(),
+        known: QuantScheme::ALL.map(|s| s.name()).join(", "),
+    })
+}
+
+/// The dispatch format the named a2a backend emits.
+fn a2a_format(name: &str) -> Result<DispatchFormat> {
+    a2a_backends().find(|b| b.name == name).map(|b| b.format).ok_or_else(|| {
+        MoeError::Unknown {
+            kind: "a2a backend",
+            name: name.into(),
+            known: a2a_backends().map(|b| b.name).collect::<Vec<_>>().join(", "),
+        }
+        .into()
+    })
+}
+
+/// The named runner, or with `auto` the preferred path on the first GPU, falling back to the
+/// CPU when there is no GPU or no GPU path for this format and scheme. The note says why.
+fn build_runner(
+    name: &str,
+    format: DispatchFormat,
+    scheme: QuantScheme,
+    config: MoeRunnerConfig,
+) -> Result<(MoeRunner, Option<String>)> {
+    if name != "auto" {
+        return Ok((MoeRunner::new(name, format, scheme, config)?, None));
+    }
+    let gpu = match Device::cuda(0) {
+        Ok(gpu) => gpu,
+        Err(e) => {
+            let runner = MoeRunner::auto(&Device::cpu(), format, scheme, config)?;
+            return Ok((runner, Some(format!("using the CPU: {e}"))));
+        }
+    };
+    match MoeRunner::auto(&gpu, format, scheme, config.clone()) {
+        Err(MoeError::NoPath { .. }) => {
+            let runner = MoeRunner::auto(&Device::cpu(), format, scheme, config)?;
+            let note = format!("no GPU path for ({format}, {scheme}) is registered; using the CPU");
+            Ok((runner, Some(note)))
+        }
+        other => Ok((other?, None)),
+    }
+}
+
+/// Activations in the scheme's unquantized float type (quantized schemes read bf16).
+fn activation_dtype(scheme: QuantScheme) -> DType {
+    match scheme {
+        QuantScheme::F32 => DType::F32,
+        QuantScheme::F16 => DType::F16,
+        _ => DType::Bf16,
+    }
+}
+
+/// Separate shared experts as f32 CPU MLPs, or `None` when they are absent or fused.
+fn shared_experts(plan: &LayerPlan, seed: u64) -> Result<Option<Box<dyn SharedExperts>>> {
+    let SharedPlan::Separate { intermediate } = plan.shared else {
+        return Ok(None);
+    };
+    let h = plan.config.hidden_size;
+    let w13 = synthetic::uniform(2 * intermediate * h, (3.0 / h as f32).sqrt(), seed);
+    let w2 = synthetic::uniform(h * intermediate, (3.0 / intermediate as f32).sqrt(), seed ^ 0x5EED);
+    Ok(Some(Box::new(CpuSharedExperts::new(w13, w2, intermediate, &plan.config)?)))
+}
+
+/// The routed output of `runner` against the reference path on the same routing, when the
+/// path is not the reference path itself. Under EP the ids are mapped to rank 0's local ids,
+/// as the standard dispatcher does.
+fn compare_with_reference(
+    runner: &MoeRunner,
+    plan: &LayerPlan,
+    hidden: &Tensor,
+    logits: &Tensor,
+    weights: &dyn QuantInfo,
+) -> Result<Option<Accuracy>> {
+    if runner.runner() == moe_backend_reference::RUNNER && runner.format() == DispatchFormat::Standard {
+        return Ok(None);
+    }
+    let mut topk = plan.router.route(logits)?;
+    let cfg = runner.config();
+    if cfg.num_local_experts < cfg.num_experts {
+        let local = to_local_ids(topk.ids.as_slice::<i32>()?, 0, cfg.num_local_experts);
+        topk = TopK::new(Tensor::from_slice(&local, topk.ids.shape(), DType::I32)?, topk.weights)?;
+    }
+    let c = suite::check_against_reference(runner, hidden, &topk, weights)?;
+    Ok(Some(Accuracy { rel_l2: c.rel_l2, max_abs: c.max_abs }))
+}
+
+pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
+    let spec = load_spec(args)?;
+    let scheme = args.scheme.as_deref().map(parse_scheme).transpose()?.unwrap_or(spec.default_scheme);
+    let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
+    let (tp, ep) = (args.tp.get(), args.ep.get());
+    let plan = LayerPlan::new(&spec, Parallelism { tp, ep, fuse_shared: !args.no_shared_fusion }, args.seed)?;
+    plan.check_scheme(scheme)?;
+    let format = a2a_format(&args.a2a)?;
+    let (runner, device_note) = build_runner(&args.runner, format, scheme, plan.config.clone())?;
+    let dispatcher = make_dispatcher(
+        &args.a2a,
+        &DispatcherConfig {
+            num_experts: plan.config.num_experts,
+            num_local_experts: plan.config.num_local_experts,
+            rank: 0,
+            world_size: ep,
+            hidden_size: spec.hidden,
+            max_tokens_per_rank: tokens.max(1),
+            routed_scaling_factor: plan.config.routed_scaling_factor,
+        },
+    )?;
+    let weight_bytes = plan.host_bytes(scheme);
+    memory::check_fits(weight_bytes, memory::available_bytes())?;
+
+    let dims = plan.weight_dims();
+    let bar = weight_bar(2 * dims.experts as u64, args.json);
+    let weights = synthetic::weights(dims, scheme, args.seed, &|n| bar.inc(n))?;
+    bar.finish_and_clear();
+    let shared = shared_experts(&plan, args.seed.wrapping_add(SEED_SHARED))?;
+    let hidden = synthetic::hidden(tokens, spec.hidden, activation_dtype(scheme), args.seed.wrapping_add(SEED_HIDDEN))?;
+    let logits = synthetic::logits(tokens, spec.routed_experts, args.seed.wrapping_add(SEED_LOGITS))?;
+
+    let accuracy = compare_with_reference(&runner, &plan, &hidden, &logits, weights.as_ref())?;
+    let layer = MoeLayer::new(plan.router.clone(), dispatcher, runner, weights, shared)?;
+
+    layer.forward(&hidden, &logits)?;
+    let mut times = Vec::with_capacity(args.iters.get());
+    for _ in 0..args.iters.get() {
+        let start = Instant::now();
+        let output = layer.forward(&hidden, &logits)?;
+        layer.runner().device().synchronize()?;
+        times.push(start.elapsed());
+        drop(output);
+    }
+    let latency = Latency::of(&times).ok_or_else(|| MoeError::invalid("--iters", "at least one timed iteration"))?;
+
+    let runner = layer.runner();
+    let report = RunReport {
+        model: spec.name.clone(),
+        arch: spec.arch.clone(),
+        path: runner.describe(),
+        device: runner.device().name(),
+        runner: runner.runner().to_string(),
+        a2a: args.a2a.clone(),
+        shape: Shape {
+            experts: spec.routed_experts,
+            local_experts: plan.config.num_local_experts,
+            shared_experts: spec.shared_experts,
+            fused_shared_experts: plan.router.fused_shared_experts,
+            top_k: plan.config.top_k,
+            hidden: spec.hidden,
+            intermediate: plan.config.intermediate_size,
+            scheme: scheme.to_string(),
+            tp,
+            ep,
+        },
+        weight_bytes,
+        tokens,
+        iters: times.len(),
+        tokens_per_s: latency.tokens_per_s(tokens),
+        latency,
+        error_vs_reference: accuracy,
+        notes: device_note.into_iter().chain(plan.fusion_note.clone()).collect(),
+    };
+    if args.json {
+        write_json(out, &report)
+    } else {
+        report.write_text(out)
+    }
+}

@@ -1,0 +1,11 @@
+//! GPU foundation (feature `cuda`): the NVRTC kernel cache, device buffers that kernels write,
+//! and CUDA-event timing. Backends build their launches on these.
+
+mod kernel_cache;
+mod timing;
+
+pub use kernel_cache::{compile_module, kernel_cache_dir, target_arch};
+pub use timing::{time_graph_ms, EventTimer};
+
+/// cudarc re-exported so backends use the exact version this crate links.
+pub use cudarc;
