@@ -76,3 +76,15 @@ pub enum CliError {
     )]
     OutOfMemory { need_gb: f64, available_gb: f64 },
 }
+
+impl CliError {
+    /// Whether stdout was closed by its reader (`moe list | head`): not a failure of `moe`.
+    pub fn is_broken_pipe(&self) -> bool {
+        let pipe = Some(std::io::ErrorKind::BrokenPipe);
+        match self {
+            CliError::Write(e) => Some(e.kind()) == pipe,
+            CliError::Encode(e) => e.io_error_kind() == pipe,
+            _ => false,
+        }
+    }
+}

@@ -43,7 +43,7 @@ pub struct Shape {
     pub shared_experts: usize,
     /// Shared experts running as extra routed experts (0 when separate or absent).
     pub fused_shared_experts: usize,
-    /// Experts per token the runner sees (routed k plus fused shared experts).
+    /// Routed experts per token (the runner sees `top_k + fused_shared_experts`).
     pub top_k: usize,
     pub hidden: usize,
     /// Intermediate size per TP partition.
@@ -86,10 +86,15 @@ impl RunReport {
     pub fn write_text(&self, out: &mut dyn Write) -> Result<()> {
         let s = &self.shape;
         writeln!(out, "model      {} ({})", self.model, self.arch)?;
+        let shared = match (s.shared_experts, s.fused_shared_experts) {
+            (0, _) => "none".to_string(),
+            (n, 0) => format!("{n} separate"),
+            (n, _) => format!("{n} fused"),
+        };
         writeln!(
             out,
-            "shape      E={} local E={} shared={} (fused {}) k={} H={} I={} scheme={} tp={} ep={}",
-            s.experts, s.local_experts, s.shared_experts, s.fused_shared_experts, s.top_k, s.hidden, s.intermediate, s.scheme, s.tp, s.ep
+            "shape      E={} local_E={} k={} shared={shared} H={} I={} scheme={} tp={} ep={}",
+            s.experts, s.local_experts, s.top_k, s.hidden, s.intermediate, s.scheme, s.tp, s.ep
         )?;
         writeln!(out, "weights    {:.3} GB", self.weight_bytes as f64 / 1e9)?;
         writeln!(out, "device     {}", self.device)?;

@@ -1,7 +1,8 @@
 //! `moe run`: one MoE layer on seeded synthetic weights. It builds the runner first (so a
 //! missing combination fails before any weight exists), checks host memory, generates the
-//! weights, compares the chosen path with the reference on the same routing, then times the
-//! whole layer forward (route, dispatch, run, combine, shared experts) after one warm-up.
+//! weights (copied to the runner's device when it computes on a GPU), compares the chosen path
+//! with the CPU reference on the same routing, then times the whole layer forward (route,
+//! dispatch, run, combine, shared experts) after one warm-up.
 
 use crate::cli::RunArgs;
 use crate::error::{CliError, Result};
@@ -16,8 +17,8 @@ use moe_backend_reference::CpuSharedExperts;
 use moe_conformance::{suite, synthetic};
 use moe_dispatch::{a2a_backends, make_dispatcher, to_local_ids, DispatcherConfig, MoeLayer};
 use moe_runner_core::{
-    DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme,
-    SharedExperts, Tensor, TopK,
+    quant_to_device, DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo,
+    QuantScheme, SharedExperts, Tensor, TopK,
 };
 use std::io::Write;
 use std::time::Instant;
@@ -104,16 +105,11 @@ fn shared_experts(plan: &LayerPlan, seed: u64) -> Result<Option<Box<dyn SharedEx
     Ok(Some(Box::new(CpuSharedExperts::new(w13, w2, intermediate, &plan.config)?)))
 }
 
-/// The routed output of `runner` against the reference path on the same routing, when the
-/// path is not the reference path itself. Under EP the ids are mapped to rank 0's local ids,
-/// as the standard dispatcher does.
-fn compare_with_reference(
-    runner: &MoeRunner,
-    plan: &LayerPlan,
-    hidden: &Tensor,
-    logits: &Tensor,
-    weights: &dyn QuantInfo,
-) -> Result<Option<Accuracy>> {
+/// The routed output of `runner` against the reference path (standard format, CPU, host
+/// copies of the same weights and input) on the same routing, unless the path is the
+/// reference path itself. Under EP the ids are mapped to rank 0's local ids, as the standard
+/// dispatcher does.
+fn compare_with_reference(runner: &MoeRunner, plan: &LayerPlan, host: &Inputs, placed: &Inputs, logits: &Tensor) -> Result<Option<Accuracy>> {
     if runner.runner() == moe_backend_reference::RUNNER && runner.format() == DispatchFormat::Standard {
         return Ok(None);
     }
@@ -123,8 +119,26 @@ fn compare_with_reference(
         let local = to_local_ids(topk.ids.as_slice::<i32>()?, 0, cfg.num_local_experts);
         topk = TopK::new(Tensor::from_slice(&local, topk.ids.shape(), DType::I32)?, topk.weights)?;
     }
-    let c = suite::check_against_reference(runner, hidden, &topk, weights)?;
+    let copy = TopK::new(topk.ids.clone(), topk.weights.clone())?;
+    let got = suite::run_path(runner, &placed.hidden, copy, placed.weights.as_ref())?;
+    let reference = MoeRunner::new(moe_backend_reference::RUNNER, DispatchFormat::Standard, runner.scheme(), cfg.clone())?;
+    let want = suite::run_path(&reference, &host.hidden, topk, host.weights.as_ref())?;
+    let c = suite::compare(&got, &want)?;
     Ok(Some(Accuracy { rel_l2: c.rel_l2, max_abs: c.max_abs }))
+}
+
+/// The expert weights and the hidden batch, together because they move to a device together.
+struct Inputs {
+    weights: Box<dyn QuantInfo>,
+    hidden: Tensor,
+}
+
+/// Copies of `host` on the runner's device, or `None` when it computes on the host.
+fn place(host: &Inputs, device: &Device) -> Result<Option<Inputs>> {
+    if !device.is_cuda() {
+        return Ok(None);
+    }
+    Ok(Some(Inputs { weights: quant_to_device(host.weights.as_ref(), device)?, hidden: host.hidden.to_device(device)? }))
 }
 
 pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
@@ -157,9 +171,14 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     bar.finish_and_clear();
     let shared = shared_experts(&plan, args.seed.wrapping_add(SEED_SHARED))?;
     let hidden = synthetic::hidden(tokens, spec.hidden, activation_dtype(scheme), args.seed.wrapping_add(SEED_HIDDEN))?;
+    // The router runs on the host, so the logits stay there.
     let logits = synthetic::logits(tokens, spec.routed_experts, args.seed.wrapping_add(SEED_LOGITS))?;
 
-    let accuracy = compare_with_reference(&runner, &plan, &hidden, &logits, weights.as_ref())?;
+    let host = Inputs { weights, hidden };
+    let placed = place(&host, runner.device())?;
+    let accuracy = compare_with_reference(&runner, &plan, &host, placed.as_ref().unwrap_or(&host), &logits)?;
+    // The host copies were only needed by the reference; the layer takes the runner's.
+    let Inputs { weights, hidden } = placed.unwrap_or(host);
     let layer = MoeLayer::new(plan.router.clone(), dispatcher, runner, weights, shared)?;
 
     layer.forward(&hidden, &logits)?;
@@ -186,7 +205,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             local_experts: plan.config.num_local_experts,
             shared_experts: spec.shared_experts,
             fused_shared_experts: plan.router.fused_shared_experts,
-            top_k: plan.config.top_k,
+            top_k: spec.top_k,
             hidden: spec.hidden,
             intermediate: plan.config.intermediate_size,
             scheme: scheme.to_string(),

@@ -6,7 +6,8 @@ pub mod oracle;
 pub mod suite;
 pub mod synthetic;
 
-/// Keeps the reference backend's registrations linked into every binary using this crate.
+/// Keeps every backend's registrations linked into the binaries using this crate.
 pub fn link_backends() {
     moe_backend_reference::link();
+    moe_backend_triton::link();
 }

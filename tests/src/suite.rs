@@ -76,10 +76,21 @@ pub fn dispatcher_for(format: DispatchFormat, cfg: &MoeRunnerConfig, max_tokens:
 
 /// Dispatches `hidden` with `topk`, runs `runner`, combines: the layer output `[M, H]` (or
 /// `[M, k, H]` with `no_combine`) as f32.
+/// Inputs and weights are moved to the runner's device first when it is a GPU; the output
+/// comes back to the host.
 pub fn run_path(runner: &MoeRunner, hidden: &Tensor, topk: TopK, quant: &dyn QuantInfo) -> Result<Vec<f32>> {
     let m = topk.num_tokens();
     let dispatcher = dispatcher_for(runner.format(), runner.config(), m.max(1))?;
-    let dispatched = dispatcher.dispatch(hidden, topk)?;
+    let device = runner.device();
+    let moved;
+    let (hidden, topk, quant) = if device.is_cuda() {
+        moved = moe_runner_core::quant_to_device(quant, device)?;
+        let topk = TopK::new(topk.ids.to_device(device)?, topk.weights.to_device(device)?)?;
+        (hidden.to_device(device)?, topk, moved.as_ref())
+    } else {
+        (hidden.clone(), topk, quant)
+    };
+    let dispatched = dispatcher.dispatch(&hidden, topk)?;
     let out = runner.run(dispatched.as_ref(), quant)?;
     dispatcher.combine(out, dispatched.as_ref())?.to_host()?.to_f32_vec()
 }

@@ -1,5 +1,5 @@
 //! The `moe` command: `moe list` and `moe run`. Errors print one line on stderr and exit 1;
-//! clap's own usage errors exit 2.
+//! clap's own usage errors exit 2. A reader closing stdout early ends the output quietly.
 
 use clap::Parser;
 use moe_examples::cli::{Cli, Command};
@@ -22,6 +22,7 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.is_broken_pipe() => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

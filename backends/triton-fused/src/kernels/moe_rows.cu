@@ -132,3 +132,8 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_sum(
         *(u32*)(out + t * h + c) = (u32)f32_to_act(s0 * scale) | ((u32)f32_to_act(s1 * scale) << 16);
     }
 }
+
+// Writes one float (a static per-tensor scale) on the stream, so graphs capture it.
+extern "C" __global__ void moe_fill(float* dst, float v) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *dst = v;
+}

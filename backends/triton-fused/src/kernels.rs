@@ -1,0 +1,192 @@
+//! The kernel sources and their compile-time specializations: every variant is compiled once
+//! per process by NVRTC (and cached on disk) and its function handle kept here.
+
+use moe_runner_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
+use moe_runner_core::cuda::cudarc::driver::CudaFunction;
+use moe_runner_core::cuda::compile_module;
+use moe_runner_core::{CudaDevice, MoeError, QuantScheme, Result};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use crate::tile_config::TileConfig;
+
+const COMMON: &str = include_str!("kernels/common.cuh");
+const GEMM: &str = include_str!("kernels/moe_gemm.cu");
+const ALIGN: &str = include_str!("kernels/moe_align.cu");
+const ROWS: &str = include_str!("kernels/moe_rows.cu");
+
+/// Shared memory a block may use on Hopper (227 KB), less the GEMM's static arrays.
+const MAX_DYNAMIC_SMEM: usize = 227 * 1024 - 1024;
+
+fn with_common(src: &str) -> String {
+    format!("{COMMON}\n{src}")
+}
+
+/// How a scheme feeds the tensor cores and where its scales apply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmKind {
+    /// 0 bf16, 1 f16, 2 e4m3.
+    pub elem: u8,
+    /// 0 none, 1 scalar, 2 per row, 3 per row per 128.
+    pub a_scale: u8,
+    /// 0 none, 1 per expert, 2 per channel, 3 per 128x128 block.
+    pub b_scale: u8,
+    /// Output (activation) dtype f16 instead of bf16.
+    pub act_f16: bool,
+}
+
+impl GemmKind {
+    pub fn for_scheme(scheme: QuantScheme, act_f16: bool) -> Result<Self> {
+        let (elem, a_scale, b_scale) = match scheme {
+            QuantScheme::Bf16 => (0, 0, 0),
+            QuantScheme::F16 => (1, 0, 0),
+            QuantScheme::Fp8Block128 => (2, 3, 3),
+            QuantScheme::Fp8PerTensor => (2, 1, 1),
+            QuantScheme::Fp8PerChannel => (2, 2, 2),
+            other => return Err(MoeError::invalid("quant scheme", format!("the triton runner does not run {other}"))),
+        };
+        Ok(Self { elem, a_scale, b_scale, act_f16 })
+    }
+
+    pub fn elem_bytes(&self) -> usize {
+        if self.elem == 2 {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// A tile adapted to what the kernel supports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemmTile {
+    pub block_m: usize,
+    pub block_n: usize,
+    pub block_k_bytes: usize,
+    pub warps_m: usize,
+    pub warps_n: usize,
+    pub stages: usize,
+    pub group_m: usize,
+}
+
+impl GemmTile {
+    /// Maps a tuned-config entry onto the kernel's supported shapes: K tiles of 64 or 128
+    /// bytes (exactly 128 for block-scaled FP8), warps split so each holds whole 16x8 MMA tiles,
+    /// stages reduced until shared memory fits.
+    pub fn adapt(t: TileConfig, kind: GemmKind) -> Result<Self> {
+        let bad = |what: &str, v: usize| MoeError::invalid("tile config", format!("{what} = {v} is not supported"));
+        if ![16, 32, 64, 128].contains(&t.block_m) {
+            return Err(bad("BLOCK_SIZE_M", t.block_m));
+        }
+        if ![16, 32, 64, 128, 256].contains(&t.block_n) {
+            return Err(bad("BLOCK_SIZE_N", t.block_n));
+        }
+        if ![1, 2, 4, 8].contains(&t.num_warps) {
+            return Err(bad("num_warps", t.num_warps));
+        }
+        let block_n = if kind.b_scale == 3 { t.block_n.min(128) } else { t.block_n };
+        let block_k_bytes = if kind.a_scale == 3 { 128 } else { (t.block_k * kind.elem_bytes()).clamp(64, 128).next_power_of_two().min(128) };
+        let mut warps = t.num_warps;
+        let (warps_m, warps_n) = loop {
+            let wm = (1..=warps).rev().filter(|w| w.is_power_of_two()).find(|&w| t.block_m / w >= 16).unwrap_or(1);
+            let wn = warps / wm;
+            if block_n % (8 * wn) == 0 {
+                break (wm, wn);
+            }
+            warps /= 2;
+        };
+        let mut stages = t.num_stages.clamp(2, 6);
+        while stages > 2 && stages * (t.block_m + block_n) * (block_k_bytes + 16) > MAX_DYNAMIC_SMEM {
+            stages -= 1;
+        }
+        Ok(Self { block_m: t.block_m, block_n, block_k_bytes, warps_m, warps_n, stages, group_m: t.group_m.max(1) })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.warps_m * self.warps_n * 32
+    }
+
+    pub fn smem_bytes(&self) -> usize {
+        self.stages * (self.block_m + self.block_n) * (self.block_k_bytes + 16)
+    }
+}
+
+/// The row-kernel specialization: activation, gate/up layout, rounding of the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RowKind {
+    pub act: u8,
+    pub gate_up: u8,
+    pub quant: u8,
+    pub act_f16: bool,
+}
+
+/// Compiled kernels, by specialization.
+pub struct Kernels {
+    dev: CudaDevice,
+    align: CudaFunction,
+    gemm: Mutex<HashMap<(GemmTile, GemmKind), CudaFunction>>,
+    rows: Mutex<HashMap<(RowKind, &'static str), CudaFunction>>,
+}
+
+impl Kernels {
+    pub fn new(dev: &CudaDevice) -> Result<Self> {
+        let align = compile_module(dev, "moe_align", &with_common(ALIGN), &[])?
+            .load_function("moe_align")
+            .map_err(|e| MoeError::Kernel { name: "moe_align".into(), log: e.to_string() })?;
+        Ok(Self { dev: dev.clone(), align, gemm: Mutex::default(), rows: Mutex::default() })
+    }
+
+    pub fn align(&self) -> &CudaFunction {
+        &self.align
+    }
+
+    pub fn gemm(&self, tile: GemmTile, kind: GemmKind) -> Result<CudaFunction> {
+        let mut map = self.gemm.lock().map_err(|_| MoeError::Device("kernel map poisoned".into()))?;
+        if let Some(f) = map.get(&(tile, kind)) {
+            return Ok(f.clone());
+        }
+        let defines = [
+            ("BLOCK_M", tile.block_m.to_string()),
+            ("BLOCK_N", tile.block_n.to_string()),
+            ("BLOCK_K_BYTES", tile.block_k_bytes.to_string()),
+            ("WARPS_M", tile.warps_m.to_string()),
+            ("WARPS_N", tile.warps_n.to_string()),
+            ("NUM_STAGES", tile.stages.to_string()),
+            ("GROUP_M", tile.group_m.to_string()),
+            ("ELEM", kind.elem.to_string()),
+            ("A_SCALE", kind.a_scale.to_string()),
+            ("B_SCALE", kind.b_scale.to_string()),
+            ("ACT_F16", u8::from(kind.act_f16).to_string()),
+        ];
+        let f = compile_module(&self.dev, "moe_gemm", &with_common(GEMM), &defines)?
+            .load_function("moe_gemm")
+            .map_err(|e| MoeError::Kernel { name: "moe_gemm".into(), log: e.to_string() })?;
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            tile.smem_bytes() as i32,
+        )
+        .map_err(|e| MoeError::Kernel { name: "moe_gemm".into(), log: format!("shared memory {} B: {e}", tile.smem_bytes()) })?;
+        map.insert((tile, kind), f.clone());
+        Ok(f)
+    }
+
+    /// One of the row kernels (`moe_act`, `moe_quant_input`, `moe_sum`, `moe_amax_to_scale`,
+    /// `moe_fill`) of a specialization.
+    pub fn row(&self, kind: RowKind, name: &'static str) -> Result<CudaFunction> {
+        let mut map = self.rows.lock().map_err(|_| MoeError::Device("kernel map poisoned".into()))?;
+        if let Some(f) = map.get(&(kind, name)) {
+            return Ok(f.clone());
+        }
+        let defines = [
+            ("ACT", kind.act.to_string()),
+            ("GATE_UP", kind.gate_up.to_string()),
+            ("QUANT", kind.quant.to_string()),
+            ("ACT_F16", u8::from(kind.act_f16).to_string()),
+        ];
+        let f = compile_module(&self.dev, "moe_rows", &with_common(ROWS), &defines)?
+            .load_function(name)
+            .map_err(|e| MoeError::Kernel { name: name.into(), log: e.to_string() })?;
+        map.insert((kind, name), f.clone());
+        Ok(f)
+    }
+}

@@ -1,0 +1,165 @@
+//! Tile configurations in the JSON schema SGLang and vLLM use, so users can bring the files
+//! they already tuned: one file per (E, N, device[, dtype][, block shape]), keys are batch
+//! sizes M, values the tile sizes; the entry of the nearest M is used.
+
+use moe_runner_core::{MoeError, QuantScheme, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// One entry of a tuned-config file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TileConfig {
+    #[serde(rename = "BLOCK_SIZE_M")]
+    pub block_m: usize,
+    #[serde(rename = "BLOCK_SIZE_N")]
+    pub block_n: usize,
+    #[serde(rename = "BLOCK_SIZE_K")]
+    pub block_k: usize,
+    #[serde(rename = "GROUP_SIZE_M")]
+    pub group_m: usize,
+    pub num_warps: usize,
+    pub num_stages: usize,
+}
+
+/// Environment variable naming the directory of tuned-config files.
+pub const CONFIG_DIR_ENV: &str = "MOE_TUNED_CONFIG_DIR";
+
+/// The file name SGLang and vLLM use: `E={E},N={N},device_name={name}[,dtype=fp8_w8a8][,block_shape=[128,128]].json`
+/// with N the intermediate size per partition and spaces in the device name as underscores.
+pub fn config_file_name(experts: usize, n: usize, device_name: &str, scheme: QuantScheme) -> String {
+    let device = device_name.replace(' ', "_");
+    let dtype = match scheme {
+        QuantScheme::Fp8Block128 => ",dtype=fp8_w8a8,block_shape=[128,128]",
+        QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel => ",dtype=fp8_w8a8",
+        _ => "",
+    };
+    format!("E={experts},N={n},device_name={device}{dtype}.json")
+}
+
+/// A parsed tuned-config file: M -> tiles.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TunedConfigs {
+    pub path: PathBuf,
+    pub by_m: BTreeMap<usize, TileConfig>,
+}
+
+impl TunedConfigs {
+    /// Parses a file; errors name the file and the key that is wrong.
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let bad = |msg: String| MoeError::invalid(format!("tuned config {}", path.display()), msg);
+        let raw: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(text).map_err(|e| bad(format!("not a JSON object of batch sizes: {e}")))?;
+        let mut by_m = BTreeMap::new();
+        for (key, value) in raw {
+            let m: usize = key.parse().map_err(|_| bad(format!("key `{key}` is not a batch size")))?;
+            let tile: TileConfig =
+                serde_json::from_value(value).map_err(|e| bad(format!("entry `{key}`: {e}")))?;
+            by_m.insert(m, tile);
+        }
+        if by_m.is_empty() {
+            return Err(bad("no entries".into()));
+        }
+        Ok(Self { path: path.to_path_buf(), by_m })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| MoeError::invalid(format!("tuned config {}", path.display()), e.to_string()))?;
+        Self::parse(path, &text)
+    }
+
+    /// The entry whose M is nearest to `m` (ties to the smaller).
+    pub fn nearest(&self, m: usize) -> TileConfig {
+        *self
+            .by_m
+            .iter()
+            .min_by_key(|(k, _)| (k.abs_diff(m), **k))
+            .map(|(_, v)| v)
+            .expect("parse rejects empty files")
+    }
+
+    pub fn to_json(&self) -> String {
+        let map: BTreeMap<String, TileConfig> = self.by_m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        serde_json::to_string_pretty(&map).expect("tile configs serialize")
+    }
+}
+
+/// Directories searched for tuned configs: the explicit one, `$MOE_TUNED_CONFIG_DIR`, then the
+/// files shipped with this crate.
+pub fn search_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = explicit.map(Path::to_path_buf).into_iter().collect();
+    if let Some(d) = std::env::var_os(CONFIG_DIR_ENV) {
+        dirs.push(PathBuf::from(d));
+    }
+    dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs"));
+    dirs
+}
+
+/// Finds and loads the tuned file for this shape, or `None` (the caller logs and uses
+/// [`default_tile`]).
+pub fn find_tuned(dirs: &[PathBuf], file_name: &str) -> Result<Option<TunedConfigs>> {
+    for d in dirs {
+        let p = d.join(file_name);
+        if p.is_file() {
+            return TunedConfigs::load(&p).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// A sensible tile when no tuned file exists, by rows per expert: small blocks that stream the
+/// weights for decode, larger ones that reuse them for prefill.
+pub fn default_tile(numel: usize, experts: usize, scheme: QuantScheme) -> TileConfig {
+    let per_expert = numel / experts.max(1);
+    let fp8 = matches!(scheme, QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel);
+    let block_k = if fp8 { 128 } else { 64 };
+    let (block_m, block_n, num_warps, num_stages) = match per_expert {
+        0..=16 => (16, 64, 4, 4),
+        17..=64 => (32, 128, 4, 4),
+        65..=256 => (64, 128, 4, 3),
+        _ => (128, 128, 8, 3),
+    };
+    TileConfig { block_m, block_n, block_k, group_m: if per_expert > 16 { 8 } else { 1 }, num_warps, num_stages }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"{
+        "1": {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 1, "num_warps": 4, "num_stages": 4},
+        "64": {"BLOCK_SIZE_M": 32, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 128, "GROUP_SIZE_M": 8, "num_warps": 4, "num_stages": 3}
+    }"#;
+
+    #[test]
+    fn parses_the_sglang_schema_and_picks_the_nearest_m() {
+        let c = TunedConfigs::parse(Path::new("x.json"), SAMPLE).unwrap();
+        assert_eq!(c.nearest(1).block_m, 16);
+        assert_eq!(c.nearest(20).block_m, 16);
+        assert_eq!(c.nearest(40).block_m, 32);
+        assert_eq!(c.nearest(4096).block_n, 128);
+        let again = TunedConfigs::parse(Path::new("x.json"), &c.to_json()).unwrap();
+        assert_eq!(again.by_m, c.by_m);
+    }
+
+    #[test]
+    fn bad_files_name_the_file_and_key() {
+        let e = TunedConfigs::parse(Path::new("cfg.json"), "{not json").unwrap_err().to_string();
+        assert!(e.contains("cfg.json"), "{e}");
+        let e = TunedConfigs::parse(Path::new("cfg.json"), r#"{"8": {"BLOCK_SIZE_M": 16}}"#).unwrap_err().to_string();
+        assert!(e.contains("entry `8`") && e.contains("BLOCK_SIZE_N"), "{e}");
+        let e = TunedConfigs::parse(Path::new("cfg.json"), r#"{"eight": {}}"#).unwrap_err().to_string();
+        assert!(e.contains("`eight`"), "{e}");
+    }
+
+    #[test]
+    fn file_names_follow_sglang() {
+        assert_eq!(
+            config_file_name(257, 256, "NVIDIA H100 80GB HBM3", QuantScheme::Fp8Block128),
+            "E=257,N=256,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
+        );
+        assert_eq!(config_file_name(128, 768, "NVIDIA H200", QuantScheme::Bf16), "E=128,N=768,device_name=NVIDIA_H200.json");
+    }
+}
