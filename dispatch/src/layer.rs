@@ -126,13 +126,18 @@ impl MoeLayer {
             (shared.forward(hidden)?, r)
         };
         shared_out.expect_shape("shared experts output", routed_out.shape())?;
-        let mut sum = routed_out.to_f32_vec()?;
-        for (a, b) in sum.iter_mut().zip(shared_out.to_f32_vec()?) {
+        let mut sum = routed_out.to_host()?.to_f32_vec()?;
+        for (a, b) in sum.iter_mut().zip(shared_out.to_host()?.to_f32_vec()?) {
             *a += b;
         }
         drop(shared_out);
-        let mut out = routed_out;
+        let mut out = routed_out.to_host()?;
         out.write_f32(&sum)?;
+        // Back to the GPU when the routed output lives there.
+        #[cfg(feature = "cuda")]
+        if let Some(dev) = routed_out.cuda_device() {
+            return out.to_device(&moe_runner_core::Device::Cuda(dev.clone()));
+        }
         Ok(out)
     }
 

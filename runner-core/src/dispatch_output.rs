@@ -54,6 +54,11 @@ impl TopK {
         self.ids.shape()[0]
     }
 
+    /// A copy with both tensors on `device`.
+    pub fn to_device(&self, device: &crate::Device) -> Result<Self> {
+        Self::new(self.ids.to_device(device)?, self.weights.to_device(device)?)
+    }
+
     pub fn top_k(&self) -> usize {
         self.ids.shape()[1]
     }

@@ -442,8 +442,16 @@ mod cuda_io {
     }
 
     pub(super) fn download(dev: &CudaDevice, buf: &CudaBuf, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
         match buf {
-            CudaBuf::Owned(s) => dev.stream().clone_dtoh(s.as_ref()).map_err(dev_err),
+            CudaBuf::Owned(s) => {
+                // Allocations are at least one byte; a view may be shorter than its buffer.
+                let mut v = dev.stream().clone_dtoh(s.as_ref()).map_err(dev_err)?;
+                v.truncate(len);
+                Ok(v)
+            }
             CudaBuf::Borrowed(ptr) => {
                 let mut out = vec![0u8; len];
                 dev.stream().synchronize().map_err(dev_err)?;
