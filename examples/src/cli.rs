@@ -18,6 +18,61 @@ pub enum Command {
     List(ListArgs),
     /// Run one MoE layer on seeded synthetic weights, time it and compare it with the reference.
     Run(RunArgs),
+    /// Time the triton runner on the GPU against the floor and the PyTorch peers.
+    Bench(BenchArgs),
+    /// Search the triton runner's tiles per batch size on the GPU and write a tuned-config file.
+    Tune(TuneArgs),
+}
+
+fn parse_list(s: &str) -> Result<Vec<usize>, String> {
+    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect()
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Shapes as NAME:SCHEME (names: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b).
+    #[arg(long, value_delimiter = ',', default_value = "deepseek-v3:fp8-block-128x128,deepseek-v3:bf16,qwen3-30b-a3b:bf16,mixtral-8x7b:bf16")]
+    pub shapes: Vec<String>,
+    /// Batch sizes.
+    #[arg(long, value_parser = parse_list, default_value = "1,8,64,512,4096")]
+    pub tokens: Vec<usize>,
+    /// JSON written by scripts/bench_peers.py in the same session (tensor-core rates, peers).
+    #[arg(long, value_name = "peers.json")]
+    pub peers: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
+    /// Timed graph replays per batch size.
+    #[arg(long, default_value_t = 15)]
+    pub iters: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct TuneArgs {
+    /// Built-in model (see `moe run --help`).
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    /// A Hugging Face config.json; overrides --preset.
+    #[arg(long, value_name = "config.json")]
+    pub config: Option<PathBuf>,
+    /// Quant scheme [default: the model's own].
+    #[arg(long = "dtype", value_name = "SCHEME")]
+    pub scheme: Option<String>,
+    #[arg(long, default_value = "1")]
+    pub tp: NonZeroUsize,
+    #[arg(long, default_value = "1")]
+    pub ep: NonZeroUsize,
+    #[arg(long)]
+    pub no_shared_fusion: bool,
+    /// Batch sizes to tune.
+    #[arg(long, value_parser = parse_list, default_value = "1,8,64,512,4096")]
+    pub tokens: Vec<usize>,
+    /// Timed replays per candidate.
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Directory the JSON file is written to.
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

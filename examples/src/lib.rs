@@ -2,8 +2,12 @@
 //! parsing and output: `list` prints what the linked backends registered, `run` runs one MoE
 //! layer on seeded synthetic weights and compares it with the CPU reference.
 
+#[cfg(feature = "cuda")]
+pub mod bench;
 pub mod cli;
 pub mod error;
+#[cfg(feature = "cuda")]
+pub mod gpu_layer;
 pub mod hf_config;
 pub mod list;
 pub mod memory;
@@ -13,6 +17,8 @@ pub mod plan;
 pub mod progress;
 pub mod run;
 pub mod timing;
+#[cfg(feature = "cuda")]
+pub mod tune;
 
 pub use error::{CliError, Result};
 

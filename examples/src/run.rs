@@ -28,17 +28,18 @@ const SEED_HIDDEN: u64 = 1;
 const SEED_LOGITS: u64 = 2;
 const SEED_SHARED: u64 = 3;
 
-fn load_spec(args: &RunArgs) -> Result<ModelSpec> {
-    match &args.config {
+/// The model of `--config` when given, else of `--preset`.
+pub fn load_spec(config: Option<&std::path::Path>, preset: &str) -> Result<ModelSpec> {
+    match config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.clone(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.to_path_buf(), source })?;
             hf_config::spec_from_json(&text, &path.display().to_string())
         }
-        None => ModelSpec::preset(&args.preset),
+        None => ModelSpec::preset(preset),
     }
 }
 
-fn parse_scheme(name: &str) -> Result<QuantScheme> {
+pub fn parse_scheme(name: &str) -> Result<QuantScheme> {
     QuantScheme::from_name(name).ok_or_else(|| CliError::UnknownScheme {
         name: name.into(),
         known: QuantScheme::ALL.map(|s| s.name()).join(", "),
@@ -142,7 +143,7 @@ fn place(host: &Inputs, device: &Device) -> Result<Option<Inputs>> {
 }
 
 pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
-    let spec = load_spec(args)?;
+    let spec = load_spec(args.config.as_deref(), &args.preset)?;
     let scheme = args.scheme.as_deref().map(parse_scheme).transpose()?.unwrap_or(spec.default_scheme);
     let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
     let (tp, ep) = (args.tp.get(), args.ep.get());

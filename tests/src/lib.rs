@@ -5,6 +5,8 @@ pub mod cases;
 pub mod oracle;
 pub mod suite;
 pub mod synthetic;
+#[cfg(feature = "cuda")]
+pub mod synthetic_gpu;
 
 /// Keeps every backend's registrations linked into the binaries using this crate.
 pub fn link_backends() {

@@ -19,6 +19,12 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::List(args) => list::list(args, &mut out),
         Command::Run(args) => run::run(args, &mut out),
+        #[cfg(feature = "cuda")]
+        Command::Bench(args) => moe_examples::bench::bench(args, &mut out),
+        #[cfg(feature = "cuda")]
+        Command::Tune(args) => moe_examples::tune::tune(args, &mut out),
+        #[cfg(not(feature = "cuda"))]
+        Command::Bench(_) | Command::Tune(_) => Err(moe_runner_core::MoeError::NoCuda("this build has no `cuda` feature".into()).into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,10 +2,12 @@
 //! and CUDA-event timing. Backends build their launches on these.
 
 mod kernel_cache;
+mod random;
 mod timing;
 
 pub use kernel_cache::{compile_module, kernel_cache_dir, target_arch};
-pub use timing::{time_graph_ms, EventTimer};
+pub use random::fill_uniform;
+pub use timing::{copy_bandwidth_gbps, time_graph_ms, EventTimer};
 
 /// cudarc re-exported so backends use the exact version this crate links.
 pub use cudarc;

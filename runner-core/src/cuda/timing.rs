@@ -55,3 +55,25 @@ pub fn time_graph_ms(
     }
     Ok(times)
 }
+
+/// Device-to-device copy bandwidth in GB/s (bytes read plus bytes written, per second) over
+/// `bytes`-sized buffers: the memory ceiling the floors of the benchmarks use.
+pub fn copy_bandwidth_gbps(dev: &CudaDevice, bytes: usize, iters: usize) -> Result<f64> {
+    let src = crate::Tensor::zeros_cuda(dev, &[bytes], crate::DType::U8)?;
+    let dst = crate::Tensor::zeros_cuda(dev, &[bytes], crate::DType::U8)?;
+    let (s, d) = (src.cuda_ptr()?, dst.cuda_ptr()?);
+    let copy = || -> Result<()> {
+        // SAFETY: both buffers hold `bytes` bytes on this device.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, dev.stream().cu_stream()) }.map_err(dev_err)
+    };
+    copy()?;
+    let mut times = Vec::with_capacity(iters);
+    for _ in 0..iters.max(1) {
+        let t = EventTimer::start(dev)?;
+        copy()?;
+        times.push(t.stop(dev)?);
+    }
+    times.sort_by(f32::total_cmp);
+    let median_ms = times[times.len() / 2] as f64;
+    Ok(2.0 * bytes as f64 / (median_ms * 1e-3) / 1e9)
+}

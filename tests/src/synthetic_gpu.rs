@@ -1,0 +1,60 @@
+//! Random weights generated directly in GPU memory, for benchmarks and the tuner at model
+//! sizes (DeepSeek-V3's bf16 experts are 22 GB; the host would take minutes to make them).
+
+use moe_runner_core::cuda::fill_uniform;
+use moe_runner_core::{
+    CudaDevice, DType, DenseWeights, Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights, MoeError, QuantInfo,
+    QuantScheme, Result, Tensor, WeightDims, FP8_BLOCK,
+};
+
+/// Weights of `dims` in `scheme` on `dev`: values uniform with unit-variance products, scales
+/// positive and near 1 / sqrt(fan_in) so outputs stay O(1).
+pub fn device_weights(dev: &CudaDevice, dims: WeightDims, scheme: QuantScheme, seed: u64) -> Result<Box<dyn QuantInfo>> {
+    let e = dims.experts;
+    let mk = |shape: &[usize], dtype: DType, lo: f32, hi: f32, s: u64| -> Result<Tensor> {
+        let t = Tensor::zeros_cuda(dev, shape, dtype)?;
+        fill_uniform(dev, &t, lo, hi, seed.wrapping_mul(31).wrapping_add(s))?;
+        Ok(t)
+    };
+    let dense = |dtype: DType| -> Result<Box<dyn QuantInfo>> {
+        let a13 = (3.0 / dims.hidden as f32).sqrt();
+        let a2 = (3.0 / dims.inter as f32).sqrt();
+        Ok(Box::new(DenseWeights::new(
+            mk(&[e, dims.n1, dims.hidden], dtype, -a13, a13, 1)?,
+            mk(&[e, dims.hidden, dims.inter], dtype, -a2, a2, 2)?,
+        )?))
+    };
+    // e4m3 codes spread over [-256, 256]; scales bring the products back to O(1).
+    let fp8 = |shape: &[usize], s: u64| mk(shape, DType::F8E4M3, -256.0, 256.0, s);
+    let scale = |shape: &[usize], fan_in: usize, s: u64| {
+        let c = (3.0f32 / fan_in as f32).sqrt() / 256.0;
+        mk(shape, DType::F32, 0.5 * c, 1.5 * c, s)
+    };
+    let (n1, h, i) = (dims.n1, dims.hidden, dims.inter);
+    Ok(match scheme {
+        QuantScheme::Bf16 => dense(DType::Bf16)?,
+        QuantScheme::F16 => dense(DType::F16)?,
+        QuantScheme::F32 => dense(DType::F32)?,
+        QuantScheme::Fp8Block128 => Box::new(Fp8BlockWeights::new(
+            fp8(&[e, n1, h], 3)?,
+            scale(&[e, n1.div_ceil(FP8_BLOCK.0), h.div_ceil(FP8_BLOCK.1)], h, 4)?,
+            fp8(&[e, h, i], 5)?,
+            scale(&[e, h.div_ceil(FP8_BLOCK.0), i.div_ceil(FP8_BLOCK.1)], i, 6)?,
+        )?),
+        QuantScheme::Fp8PerTensor => Box::new(Fp8PerTensorWeights::new(
+            fp8(&[e, n1, h], 3)?,
+            scale(&[e], h, 4)?,
+            fp8(&[e, h, i], 5)?,
+            scale(&[e], i, 6)?,
+            None,
+            None,
+        )?),
+        QuantScheme::Fp8PerChannel => Box::new(Fp8PerChannelWeights::new(
+            fp8(&[e, n1, h], 3)?,
+            scale(&[e, n1], h, 4)?,
+            fp8(&[e, h, i], 5)?,
+            scale(&[e, h], i, 6)?,
+        )?),
+        other => return Err(MoeError::invalid("scheme", format!("no GPU generator for {other}"))),
+    })
+}
