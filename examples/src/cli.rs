@@ -24,17 +24,13 @@ pub enum Command {
     Tune(TuneArgs),
 }
 
-fn parse_list(s: &str) -> Result<Vec<usize>, String> {
-    s.split(',').map(|x| x.trim().parse::<usize>().map_err(|e| format!("`{x}`: {e}"))).collect()
-}
-
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Shapes as NAME:SCHEME (names: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b).
     #[arg(long, value_delimiter = ',', default_value = "deepseek-v3:fp8-block-128x128,deepseek-v3:bf16,qwen3-30b-a3b:bf16,mixtral-8x7b:bf16")]
     pub shapes: Vec<String>,
     /// Batch sizes.
-    #[arg(long, value_parser = parse_list, default_value = "1,8,64,512,4096")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512,4096")]
     pub tokens: Vec<usize>,
     /// JSON written by scripts/bench_peers.py in the same session (tensor-core rates, peers).
     #[arg(long, value_name = "peers.json")]
@@ -65,7 +61,7 @@ pub struct TuneArgs {
     #[arg(long)]
     pub no_shared_fusion: bool,
     /// Batch sizes to tune.
-    #[arg(long, value_parser = parse_list, default_value = "1,8,64,512,4096")]
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64,512,4096")]
     pub tokens: Vec<usize>,
     /// Timed replays per candidate.
     #[arg(long, default_value_t = 5)]
@@ -120,4 +116,24 @@ pub struct RunArgs {
     /// Run DeepSeek / GLM shared experts as a separate MLP instead of as extra routed experts.
     #[arg(long)]
     pub no_shared_fusion: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_of_batch_sizes_and_shapes_parse() {
+        let cli = Cli::try_parse_from(["moe", "bench", "--tokens", "1,64", "--shapes", "qwen3-30b-a3b:bf16"]).unwrap();
+        match cli.command {
+            Command::Bench(b) => {
+                assert_eq!(b.tokens, vec![1, 64]);
+                assert_eq!(b.shapes, vec!["qwen3-30b-a3b:bf16".to_string()]);
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let cli = Cli::try_parse_from(["moe", "tune", "--preset", "deepseek-v3", "--dtype", "fp8-block-128x128"]).unwrap();
+        assert!(matches!(cli.command, Command::Tune(t) if t.tokens == vec![1, 8, 64, 512, 4096] && t.scheme.as_deref() == Some("fp8-block-128x128")));
+        assert!(Cli::try_parse_from(["moe", "bench", "--tokens", "1,x"]).is_err());
+    }
 }

@@ -23,16 +23,15 @@ pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
             if scheme == QuantScheme::Fp8Block128 && bn > 128 {
                 continue;
             }
-            for bk in if fp8 { vec![128] } else { vec![32, 64] } {
-                for warps in [4, 8] {
-                    if bm * bn < warps * 16 * 8 * 2 {
-                        continue; // too little work per warp
-                    }
-                    for stages in [3, 4, 5] {
-                        for group in if bm >= 64 { vec![1, 8] } else { vec![1] } {
-                            out.push(TileConfig { block_m: bm, block_n: bn, block_k: bk, group_m: group, num_warps: warps, num_stages: stages });
-                        }
-                    }
+            // 128-byte K tiles: 128 e4m3 or 64 bf16 values.
+            let bk = if fp8 { 128 } else { 64 };
+            for warps in [4, 8] {
+                if warps == 8 && bm * bn < 64 * 128 {
+                    continue; // too little work per warp
+                }
+                for stages in [3, 4] {
+                    let group = if bm >= 64 { 8 } else { 1 };
+                    out.push(TileConfig { block_m: bm, block_n: bn, block_k: bk, group_m: group, num_warps: warps, num_stages: stages });
                 }
             }
         }

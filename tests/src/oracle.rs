@@ -5,13 +5,19 @@
 
 use moe_backend_reference::{per_tensor_scale, round_activations, GemmInput};
 use moe_runner_core::{
-    as_expert_weights, ActivationOp, MoeError, MoeRunnerConfig, Proj, QuantInfo, QuantScheme,
+    as_expert_weights, ActivationOp, DType, MoeError, MoeRunnerConfig, Proj, QuantInfo, QuantScheme,
     Result, TopK,
 };
 
 /// `x [M, H]` f32 with routing `topk` (local ids) through the experts of `quant`: `[M, H]`, or
-/// `[M, k, H]` with `no_combine`.
-pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerConfig) -> Result<Vec<f32>> {
+/// `[M, k, H]` with `no_combine`. Each GEMM's output is rounded to `act_dtype` (the dtype the
+/// activations are stored in between the stages), as every runner stores it.
+pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerConfig, act_dtype: DType) -> Result<Vec<f32>> {
+    let round = |v: f32| match act_dtype {
+        DType::Bf16 => half::bf16::from_f32(v).to_f32(),
+        DType::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    };
     let w = as_expert_weights(quant)?;
     w.dims().check(cfg)?;
     let scheme = quant.scheme();
@@ -53,7 +59,7 @@ pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerC
         let e = ids[f] as usize;
         round_activations(scheme, quant, GemmInput::One, e, xin, h, s1)?;
         let w13 = load(Proj::W13, e, n1 * h)?;
-        let g: Vec<f32> = (0..n1).map(|n| dot(xin, &w13[n * h..(n + 1) * h])).collect();
+        let g: Vec<f32> = (0..n1).map(|n| round(dot(xin, &w13[n * h..(n + 1) * h]))).collect();
         let a: Vec<f32> = (0..inter)
             .map(|j| {
                 if act.is_gated() {
@@ -74,7 +80,7 @@ pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerC
         round_activations(scheme, quant, GemmInput::Two, e, a, inter, s2)?;
         let w2 = load(Proj::W2, e, h * inter)?;
         for c in 0..h {
-            let y = dot(a, &w2[c * inter..(c + 1) * inter]) as f64;
+            let y = round(dot(a, &w2[c * inter..(c + 1) * inter])) as f64;
             if cfg.no_combine {
                 out[f * h + c] = y;
             } else {

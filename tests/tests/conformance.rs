@@ -28,7 +28,7 @@ fn every_cpu_path_matches_the_oracle() {
                 for &m in TOKENS {
                     let hidden = synthetic::hidden(m, cfg.hidden_size, hidden_dtype(scheme), seed + m as u64).unwrap();
                     let topk = synthetic::topk(m, cfg.top_k, cfg.num_experts, seed ^ 77, m > 8, m > 8).unwrap();
-                    let want = naive_moe(&hidden.to_f32_vec().unwrap(), &topk, quant.as_ref(), &cfg).unwrap();
+                    let want = naive_moe(&hidden.to_f32_vec().unwrap(), &topk, quant.as_ref(), &cfg, hidden.dtype()).unwrap();
                     let got = suite::run_path(&runner, &hidden, topk, quant.as_ref()).unwrap();
                     assert_eq!(got.len(), want.len(), "{path} {scheme} {}: output size", variant.name);
                     let c = suite::compare(&got, &want).unwrap();
@@ -57,7 +57,7 @@ fn the_suite_detects_a_wrong_result() {
         let mut wrong = cfg.clone();
         wrong.gate_up = moe_runner_core::GateUpLayout::UpGate;
         let runner = MoeRunner::on_device(&Device::cpu(), "reference", DispatchFormat::Standard, scheme, wrong).unwrap();
-        let want = naive_moe(&hidden.to_f32_vec().unwrap(), &topk, quant.as_ref(), &cfg).unwrap();
+        let want = naive_moe(&hidden.to_f32_vec().unwrap(), &topk, quant.as_ref(), &cfg, hidden.dtype()).unwrap();
         let got = suite::run_path(&runner, &hidden, topk, quant.as_ref()).unwrap();
         let c = suite::compare(&got, &want).unwrap();
         assert!(!c.within(suite::tolerance(scheme)), "{scheme}: a swapped gate/up passed: {c:?}");

@@ -22,7 +22,7 @@ impl FusedRunner for NaiveFused {
     fn run(&self, input: &dyn DispatchOutput, quant: &dyn QuantInfo) -> Result<Box<dyn CombineInput>> {
         let d = downcast_dispatch::<StandardDispatchOutput>(input, PLUGIN, DispatchFormat::Standard)?;
         let m = d.num_tokens();
-        let out = naive_moe(&d.hidden.to_f32_vec()?, &d.topk, quant, &self.cfg)?;
+        let out = naive_moe(&d.hidden.to_f32_vec()?, &d.topk, quant, &self.cfg, d.hidden.dtype())?;
         let shape = if self.cfg.no_combine { vec![m, self.cfg.top_k, self.cfg.hidden_size] } else { vec![m, self.cfg.hidden_size] };
         Ok(Box::new(StandardCombineInput { hidden: Tensor::from_f32(&out, &shape, d.hidden.dtype())? }))
     }

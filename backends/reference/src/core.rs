@@ -4,7 +4,7 @@
 
 use moe_runner_core::registry::{downcast_io, MoeRunnerCore, RunnerIo};
 use moe_runner_core::{
-    as_expert_weights, ActivationKernel, Device, MoeRunnerConfig,
+    as_expert_weights, ActivationKernel, DType, Device, MoeRunnerConfig,
     Proj, QuantInfo, QuantScheme, Result,
 };
 use rayon::prelude::*;
@@ -31,6 +31,16 @@ fn split_experts<'a>(mut buf: &'a mut [f32], offsets: &[usize], width: usize) ->
         buf = tail;
     }
     parts
+}
+
+/// GEMM outputs are stored in the activation dtype between the stages (as the GPU kernels
+/// store their intermediate caches), so the reference rounds them the same way.
+fn round_to(dtype: DType, v: &mut [f32]) {
+    match dtype {
+        DType::Bf16 => v.iter_mut().for_each(|x| *x = half::bf16::from_f32(*x).to_f32()),
+        DType::F16 => v.iter_mut().for_each(|x| *x = half::f16::from_f32(*x).to_f32()),
+        _ => {}
+    }
 }
 
 fn amax(x: &[f32]) -> f32 {
@@ -63,6 +73,7 @@ impl MoeRunnerCore for ReferenceCore {
                 weights.dequantize_expert(Proj::W13, e, &mut w)?;
                 let mut g = vec![0f32; n * n1];
                 matmul_nt(x, &w, &mut g, n, n1, h);
+                round_to(out_dtype, &mut g);
                 self.act.apply_rows(self.cfg.gate_up, &g, a, inter);
                 Ok(())
             })?;
@@ -82,6 +93,7 @@ impl MoeRunnerCore for ReferenceCore {
                 let mut w = vec![0f32; h * inter];
                 weights.dequantize_expert(Proj::W2, e, &mut w)?;
                 matmul_nt(a, &w, y, n, h, inter);
+                round_to(out_dtype, y);
                 Ok(())
             })?;
         Ok(Box::new(ExpertRowsOut { out, dest, out_dtype }))

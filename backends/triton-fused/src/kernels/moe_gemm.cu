@@ -153,6 +153,16 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
         const u8* as = As + (kt % NUM_STAGES) * BLOCK_M * ROW_BYTES;
         const u8* bs = Bs + (kt % NUM_STAGES) * BLOCK_N * ROW_BYTES;
 #if A_SCALE == 3
+        // Scales of this K group, requested before the MMAs so their latency hides under them.
+        float sa[MT][2];
+        {
+            const float sb = b_scale[((long long)expert * n_groups + n0 / 128) * k_groups + kt];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                sa[i][0] = my_rows[i][0] >= 0 ? a_scale[(long long)my_rows[i][0] * k_groups + kt] * sb : 0.0f;
+                sa[i][1] = my_rows[i][1] >= 0 ? a_scale[(long long)my_rows[i][1] * k_groups + kt] * sb : 0.0f;
+            }
+        }
         float part[MT][NT][4];
 #pragma unroll
         for (int i = 0; i < MT; ++i)
@@ -188,21 +198,16 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
         }
 #undef ACC
 #if A_SCALE == 3
-        {
-            // One 128-wide K group per tile (BLOCK_K_BYTES == 128 for e4m3): fold it in with
-            // its activation scale per row and the weight block's scale.
-            const float sb = b_scale[((long long)expert * n_groups + n0 / 128) * k_groups + kt];
+        // One 128-wide K group per tile (BLOCK_K_BYTES == 128 for e4m3): fold it in with its
+        // activation scale per row and the weight block's scale, loaded before the MMAs above.
 #pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                const float sa0 = my_rows[i][0] >= 0 ? a_scale[(long long)my_rows[i][0] * k_groups + kt] * sb : 0.0f;
-                const float sa1 = my_rows[i][1] >= 0 ? a_scale[(long long)my_rows[i][1] * k_groups + kt] * sb : 0.0f;
+        for (int i = 0; i < MT; ++i) {
 #pragma unroll
-                for (int j = 0; j < NT; ++j) {
-                    acc[i][j][0] += part[i][j][0] * sa0;
-                    acc[i][j][1] += part[i][j][1] * sa0;
-                    acc[i][j][2] += part[i][j][2] * sa1;
-                    acc[i][j][3] += part[i][j][3] * sa1;
-                }
+            for (int j = 0; j < NT; ++j) {
+                acc[i][j][0] += part[i][j][0] * sa[i][0];
+                acc[i][j][1] += part[i][j][1] * sa[i][0];
+                acc[i][j][2] += part[i][j][2] * sa[i][1];
+                acc[i][j][3] += part[i][j][3] * sa[i][1];
             }
         }
 #endif
