@@ -73,7 +73,7 @@ impl GemmTile {
     /// Maps a tuned-config entry onto the kernel's supported shapes: K tiles of 64 or 128
     /// bytes (exactly 128 for block-scaled FP8), warps split so each holds whole 16x8 MMA tiles,
     /// stages reduced until shared memory fits.
-    pub fn adapt(t: TileConfig, kind: GemmKind) -> Result<Self> {
+    pub fn adapt(t: TileConfig, kind: GemmKind, max_k: usize) -> Result<Self> {
         let bad = |what: &str, v: usize| MoeError::invalid("tile config", format!("{what} = {v} is not supported"));
         if ![16, 32, 64, 128].contains(&t.block_m) {
             return Err(bad("BLOCK_SIZE_M", t.block_m));
@@ -95,19 +95,26 @@ impl GemmTile {
             }
             warps /= 2;
         };
-        let mut stages = t.num_stages.clamp(2, 6);
-        while stages > 2 && stages * (t.block_m + block_n) * (block_k_bytes + 16) > MAX_DYNAMIC_SMEM {
-            stages -= 1;
+        let mut tile = Self { block_m: t.block_m, block_n, block_k_bytes, warps_m, warps_n, stages: t.num_stages.clamp(2, 6), group_m: t.group_m.max(1) };
+        while tile.stages > 2 && tile.smem_bytes(kind, max_k) > MAX_DYNAMIC_SMEM {
+            tile.stages -= 1;
         }
-        Ok(Self { block_m: t.block_m, block_n, block_k_bytes, warps_m, warps_n, stages, group_m: t.group_m.max(1) })
+        if tile.smem_bytes(kind, max_k) > MAX_DYNAMIC_SMEM {
+            return Err(MoeError::invalid("tile config", format!("{t:?} needs {} B of shared memory for K = {max_k}", tile.smem_bytes(kind, max_k))));
+        }
+        Ok(tile)
     }
 
     pub fn threads(&self) -> usize {
         self.warps_m * self.warps_n * 32
     }
 
-    pub fn smem_bytes(&self) -> usize {
-        self.stages * (self.block_m + self.block_n) * (self.block_k_bytes + 16)
+    /// Dynamic shared memory of a launch with reduction length `k`: the tile stages, plus the
+    /// staged scales of block-scaled FP8.
+    pub fn smem_bytes(&self, kind: GemmKind, k: usize) -> usize {
+        let stages = self.stages * (self.block_m + self.block_n) * (self.block_k_bytes + 16);
+        let scales = if kind.a_scale == 3 { (self.block_m + 1) * k.div_ceil(128) * 4 } else { 0 };
+        stages + scales
     }
 }
 
@@ -161,11 +168,9 @@ impl Kernels {
         let f = compile_module(&self.dev, "moe_gemm", &with_common(GEMM), &defines)?
             .load_function("moe_gemm")
             .map_err(|e| MoeError::Kernel { name: "moe_gemm".into(), log: e.to_string() })?;
-        f.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            tile.smem_bytes() as i32,
-        )
-        .map_err(|e| MoeError::Kernel { name: "moe_gemm".into(), log: format!("shared memory {} B: {e}", tile.smem_bytes()) })?;
+        // Launches pass their own size (it depends on K); allow the most `adapt` admits.
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, MAX_DYNAMIC_SMEM as i32)
+            .map_err(|e| MoeError::Kernel { name: "moe_gemm".into(), log: format!("shared memory {MAX_DYNAMIC_SMEM} B: {e}") })?;
         map.insert((tile, kind), f.clone());
         Ok(f)
     }

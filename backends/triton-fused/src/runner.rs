@@ -236,7 +236,7 @@ impl TritonRunner {
         let act_f16 = hidden_dtype == DType::F16;
         let kind = GemmKind::for_scheme(scheme, act_f16)?;
         let w = self.weights(quant)?;
-        let tile = GemmTile::adapt(self.tile_for(m, scheme)?, kind)?;
+        let tile = GemmTile::adapt(self.tile_for(m, scheme)?, kind, cfg.hidden_size.max(cfg.intermediate_size))?;
         let ws_guard = self.workspace(m, kind)?;
         let ws = ws_guard.as_ref().expect("workspace was just sized");
         let (k, h, i, n1, e) = (cfg.top_k, cfg.hidden_size, cfg.intermediate_size, cfg.gemm1_columns(), cfg.num_local_experts);
@@ -359,7 +359,7 @@ impl TritonRunner {
             &a, &b, &c, &a_scale, &b_scale, &weights, &sorted, &eids, &npp,
             &(n as i32), &(k as i32), &(numel as i32), &(a_row_div as i32), &i32::from(mul_weight), &(m_blocks as i32),
         ];
-        self.launch(&f, m_blocks * n_blocks, tile.threads(), tile.smem_bytes(), &args)
+        self.launch(&f, m_blocks * n_blocks, tile.threads(), tile.smem_bytes(kind, k), &args)
     }
 }
 

@@ -21,14 +21,26 @@ extern "C" __global__ void __launch_bounds__(1024) moe_align(
         if (e >= 0 && e < E) atomicAdd(&counts[e], 1);
     }
     __syncthreads();
-    if (tid == 0) {
-        int acc = 0;
-        for (int e = 0; e < E; ++e) {
+    if (tid < 32) {
+        // Padded exclusive prefix sum by one warp: each lane sums a run of experts, a shuffle
+        // scan joins the runs, then each lane writes its run's offsets.
+        const int per = (E + 31) / 32, first = tid * per, last = min(first + per, E);
+        int run = 0;
+        for (int e = first; e < last; ++e) run += (counts[e] + block_m - 1) / block_m * block_m;
+        int incl = run;
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, incl, o);
+            if (tid >= o) incl += v;
+        }
+        int acc = incl - run;
+        for (int e = first; e < last; ++e) {
             offsets[e] = acc;
             acc += (counts[e] + block_m - 1) / block_m * block_m;
         }
-        offsets[E] = acc;
-        *num_post_padded = acc;
+        if (tid == 31) {
+            offsets[E] = incl;
+            *num_post_padded = incl;
+        }
     }
     __syncthreads();
     for (int i = tid; i < max_sorted; i += nt) sorted_ids[i] = numel;

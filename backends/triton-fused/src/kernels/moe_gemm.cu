@@ -125,15 +125,19 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
             for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
 #if A_SCALE == 3
-    // Token rows of this thread's accumulators, for the per-128 activation scales.
-    int my_rows[MT][2];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        my_rows[i][0] = s_row[warp_m * WM + i * 16 + g];
-        my_rows[i][1] = s_row[warp_m * WM + i * 16 + g + 8];
-    }
+    // Every scale this block needs, staged once in shared memory behind the tile stages:
+    // activations [BLOCK_M][k_groups] (0 for padding rows), weights [k_groups] of this n-block.
     const int k_groups = (K + 127) / 128;
     const int n_groups = (N + 127) / 128;
+    float* s_ascale = (float*)(Bs + NUM_STAGES * BLOCK_N * ROW_BYTES);
+    float* s_bscale = s_ascale + BLOCK_M * k_groups;
+    for (int x = tid; x < BLOCK_M * k_groups; x += NUM_THREADS) {
+        const int row = s_row[x / k_groups];
+        s_ascale[x] = row >= 0 ? a_scale[(long long)row * k_groups + x % k_groups] : 0.0f;
+    }
+    for (int x = tid; x < k_groups; x += NUM_THREADS)
+        s_bscale[x] = b_scale[((long long)expert * n_groups + n0 / 128) * k_groups + x];
+    // Made visible by the barrier at the top of the first K iteration.
 #endif
 
 #pragma unroll
@@ -153,14 +157,14 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
         const u8* as = As + (kt % NUM_STAGES) * BLOCK_M * ROW_BYTES;
         const u8* bs = Bs + (kt % NUM_STAGES) * BLOCK_N * ROW_BYTES;
 #if A_SCALE == 3
-        // Scales of this K group, requested before the MMAs so their latency hides under them.
+        // Scales of this K group, read from shared memory before the MMAs.
         float sa[MT][2];
         {
-            const float sb = b_scale[((long long)expert * n_groups + n0 / 128) * k_groups + kt];
+            const float sb = s_bscale[kt];
 #pragma unroll
             for (int i = 0; i < MT; ++i) {
-                sa[i][0] = my_rows[i][0] >= 0 ? a_scale[(long long)my_rows[i][0] * k_groups + kt] * sb : 0.0f;
-                sa[i][1] = my_rows[i][1] >= 0 ? a_scale[(long long)my_rows[i][1] * k_groups + kt] * sb : 0.0f;
+                sa[i][0] = s_ascale[(warp_m * WM + i * 16 + g) * k_groups + kt] * sb;
+                sa[i][1] = s_ascale[(warp_m * WM + i * 16 + g + 8) * k_groups + kt] * sb;
             }
         }
         float part[MT][NT][4];
@@ -199,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
 #undef ACC
 #if A_SCALE == 3
         // One 128-wide K group per tile (BLOCK_K_BYTES == 128 for e4m3): fold it in with its
-        // activation scale per row and the weight block's scale, loaded before the MMAs above.
+        // activation scale per row and the weight block's scale.
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
 #pragma unroll
