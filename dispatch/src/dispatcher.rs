@@ -1,7 +1,9 @@
 //! The token dispatcher interface and the a2a registry. A dispatcher emits one
 //! [`DispatchFormat`]; a runner registered for that format consumes it.
 
-use moe_runner_core::{CombineInput, DispatchFormat, DispatchOutput, MoeError, Result, Tensor, TopK};
+use moe_runner_core::{
+    CombineInput, DispatchFormat, DispatchOutput, MoeError, Result, Tensor, TopK,
+};
 use serde::{Deserialize, Serialize};
 
 /// What a dispatcher is sized for.
@@ -27,13 +29,24 @@ pub struct DispatcherConfig {
 impl DispatcherConfig {
     /// One rank holding every expert.
     pub fn single(num_experts: usize, hidden_size: usize, max_tokens_per_rank: usize) -> Self {
-        Self { num_experts, num_local_experts: num_experts, rank: 0, world_size: 1, hidden_size, max_tokens_per_rank, routed_scaling_factor: None }
+        Self {
+            num_experts,
+            num_local_experts: num_experts,
+            rank: 0,
+            world_size: 1,
+            hidden_size,
+            max_tokens_per_rank,
+            routed_scaling_factor: None,
+        }
     }
 
     pub fn validate(&self) -> Result<()> {
         let err = |m: String| Err(MoeError::Config(m));
         if self.world_size == 0 || self.rank >= self.world_size {
-            return err(format!("rank {} is outside a world of {}", self.rank, self.world_size));
+            return err(format!(
+                "rank {} is outside a world of {}",
+                self.rank, self.world_size
+            ));
         }
         if self.num_local_experts * self.world_size != self.num_experts {
             return err(format!(
@@ -56,13 +69,25 @@ impl DispatcherConfig {
     pub fn check_batch(&self, what: &str, hidden: &Tensor, topk: &TopK) -> Result<usize> {
         let [m, h] = hidden.dims::<2>("hidden")?;
         if h != self.hidden_size {
-            return Err(MoeError::Shape { what: "hidden".into(), expected: vec![m, self.hidden_size], got: vec![m, h] });
+            return Err(MoeError::Shape {
+                what: "hidden".into(),
+                expected: vec![m, self.hidden_size],
+                got: vec![m, h],
+            });
         }
         if m > self.max_tokens_per_rank {
-            return Err(MoeError::TooManyTokens { what: what.to_string(), max: self.max_tokens_per_rank, got: m });
+            return Err(MoeError::TooManyTokens {
+                what: what.to_string(),
+                max: self.max_tokens_per_rank,
+                got: m,
+            });
         }
         if topk.num_tokens() != m {
-            return Err(MoeError::Shape { what: "topk_ids".into(), expected: vec![m, topk.top_k()], got: topk.ids.shape().to_vec() });
+            return Err(MoeError::Shape {
+                what: "topk_ids".into(),
+                expected: vec![m, topk.top_k()],
+                got: topk.ids.shape().to_vec(),
+            });
         }
         topk.check_ids(self.num_experts)?;
         Ok(m)
@@ -76,7 +101,11 @@ pub trait Dispatcher: Send + Sync {
     /// Sends each token to its experts. `topk` holds global expert ids.
     fn dispatch(&self, hidden: &Tensor, topk: TopK) -> Result<Box<dyn DispatchOutput>>;
     /// Brings the experts' results back to each token: `[M, H]` for this rank's tokens.
-    fn combine(&self, output: Box<dyn CombineInput>, dispatched: &dyn DispatchOutput) -> Result<Tensor>;
+    fn combine(
+        &self,
+        output: Box<dyn CombineInput>,
+        dispatched: &dyn DispatchOutput,
+    ) -> Result<Tensor>;
 }
 
 /// A registered all-to-all backend.
@@ -95,10 +124,15 @@ pub fn a2a_backends() -> impl Iterator<Item = &'static A2aBackend> {
 /// Builds a registered dispatcher by name, or lists the known ones.
 pub fn make_dispatcher(name: &str, cfg: &DispatcherConfig) -> Result<Box<dyn Dispatcher>> {
     cfg.validate()?;
-    let backend = a2a_backends().find(|b| b.name == name).ok_or_else(|| MoeError::Unknown {
-        kind: "a2a backend",
-        name: name.to_string(),
-        known: a2a_backends().map(|b| b.name).collect::<Vec<_>>().join(", "),
-    })?;
+    let backend = a2a_backends()
+        .find(|b| b.name == name)
+        .ok_or_else(|| MoeError::Unknown {
+            kind: "a2a backend",
+            name: name.to_string(),
+            known: a2a_backends()
+                .map(|b| b.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
     (backend.make)(cfg)
 }

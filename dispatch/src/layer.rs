@@ -5,7 +5,9 @@
 //! routed path's workspace is released before the shared experts allocate theirs and the two
 //! peaks never coincide.
 
-use moe_runner_core::{DispatchFormat, MoeError, MoeRunner, QuantInfo, Result, SharedExperts, Tensor};
+use moe_runner_core::{
+    DispatchFormat, MoeError, MoeRunner, QuantInfo, Result, SharedExperts, Tensor,
+};
 use tracing::debug_span;
 
 use crate::dispatcher::Dispatcher;
@@ -43,10 +45,17 @@ impl MoeLayer {
         router.validate()?;
         let cfg = runner.config();
         if dispatcher.format() != runner.format() {
-            return Err(MoeError::FormatMismatch { runner: runner.runner().to_string(), expected: runner.format(), got: dispatcher.format() });
+            return Err(MoeError::FormatMismatch {
+                runner: runner.runner().to_string(),
+                expected: runner.format(),
+                got: dispatcher.format(),
+            });
         }
         if quant.scheme() != runner.scheme() {
-            return Err(MoeError::QuantMismatch { expected: runner.scheme().to_string(), got: quant.scheme().to_string() });
+            return Err(MoeError::QuantMismatch {
+                expected: runner.scheme().to_string(),
+                got: quant.scheme().to_string(),
+            });
         }
         let routed_total = router.num_experts + router.fused_shared_experts;
         if routed_total != cfg.num_experts || router.output_k() != cfg.top_k {
@@ -58,10 +67,16 @@ impl MoeLayer {
                 cfg.top_k
             )));
         }
-        if dispatcher.config().num_experts != cfg.num_experts || dispatcher.config().num_local_experts != cfg.num_local_experts {
-            return Err(MoeError::Config("dispatcher and runner disagree on the expert counts".into()));
+        if dispatcher.config().num_experts != cfg.num_experts
+            || dispatcher.config().num_local_experts != cfg.num_local_experts
+        {
+            return Err(MoeError::Config(
+                "dispatcher and runner disagree on the expert counts".into(),
+            ));
         }
-        if dispatcher.format() != DispatchFormat::Standard && dispatcher.config().routed_scaling_factor != cfg.routed_scaling_factor {
+        if dispatcher.format() != DispatchFormat::Standard
+            && dispatcher.config().routed_scaling_factor != cfg.routed_scaling_factor
+        {
             return Err(MoeError::Config(
                 "this format sums the top-k in its combine: give the dispatcher the runner's routed_scaling_factor".into(),
             ));
@@ -74,9 +89,18 @@ impl MoeLayer {
             }
         }
         if shared.is_some() && cfg.no_combine {
-            return Err(MoeError::Config("no_combine returns [M, k, H]; shared experts cannot be added to it".into()));
+            return Err(MoeError::Config(
+                "no_combine returns [M, k, H]; shared experts cannot be added to it".into(),
+            ));
         }
-        Ok(Self { router, dispatcher, runner, quant, shared, order: SharedExpertOrder::Auto })
+        Ok(Self {
+            router,
+            dispatcher,
+            runner,
+            quant,
+            shared,
+            order: SharedExpertOrder::Auto,
+        })
     }
 
     /// Overrides the shared-expert order (for measurements; `Auto` is right for serving).
@@ -114,7 +138,11 @@ impl MoeLayer {
     }
 
     fn compute(&self, hidden: &Tensor, router_logits: &Tensor) -> Result<Tensor> {
-        let _span = debug_span!("moe_layer.forward", tokens = hidden.shape().first().copied().unwrap_or(0)).entered();
+        let _span = debug_span!(
+            "moe_layer.forward",
+            tokens = hidden.shape().first().copied().unwrap_or(0)
+        )
+        .entered();
         let Some(shared) = &self.shared else {
             return self.routed(hidden, router_logits);
         };
@@ -145,7 +173,9 @@ impl MoeLayer {
     /// `[M, k, H]` with `no_combine`). For an in-place runner use [`Self::forward_inplace`].
     pub fn forward(&self, hidden: &Tensor, router_logits: &Tensor) -> Result<Tensor> {
         if self.runner.config().inplace {
-            return Err(MoeError::Config("the runner is configured inplace; call forward_inplace".into()));
+            return Err(MoeError::Config(
+                "the runner is configured inplace; call forward_inplace".into(),
+            ));
         }
         self.compute(hidden, router_logits)
     }
@@ -153,7 +183,9 @@ impl MoeLayer {
     /// Writes the layer output over `hidden` (which must be writable).
     pub fn forward_inplace(&self, hidden: &mut Tensor, router_logits: &Tensor) -> Result<()> {
         if !self.runner.config().inplace {
-            return Err(MoeError::Config("forward_inplace needs a runner configured with inplace".into()));
+            return Err(MoeError::Config(
+                "forward_inplace needs a runner configured with inplace".into(),
+            ));
         }
         let out = self.compute(hidden, router_logits)?;
         hidden.write_f32(&out.to_f32_vec()?)

@@ -40,8 +40,14 @@ impl Dispatcher for LocalMaskedDispatcher {
 
     fn dispatch(&self, hidden: &Tensor, topk: TopK) -> Result<Box<dyn DispatchOutput>> {
         let _span = tracing::debug_span!("dispatch.local_masked").entered();
-        let m = self.cfg.check_batch("local masked dispatcher", hidden, &topk)?;
-        let (e_local, t, h) = (self.cfg.num_local_experts, self.cfg.max_tokens_per_rank, self.cfg.hidden_size);
+        let m = self
+            .cfg
+            .check_batch("local masked dispatcher", hidden, &topk)?;
+        let (e_local, t, h) = (
+            self.cfg.num_local_experts,
+            self.cfg.max_tokens_per_rank,
+            self.cfg.hidden_size,
+        );
         let x = hidden.to_f32_vec()?;
         let ids = topk.ids.as_slice::<i32>()?;
         let k = topk.top_k();
@@ -55,7 +61,8 @@ impl Dispatcher for LocalMaskedDispatcher {
                 }
                 let e = id as usize;
                 let row = counts[e] as usize;
-                packed[(e * t + row) * h..(e * t + row + 1) * h].copy_from_slice(&x[tok * h..(tok + 1) * h]);
+                packed[(e * t + row) * h..(e * t + row + 1) * h]
+                    .copy_from_slice(&x[tok * h..(tok + 1) * h]);
                 src_info[e * t + row] = tok as i32;
                 counts[e] += 1;
             }
@@ -72,11 +79,24 @@ impl Dispatcher for LocalMaskedDispatcher {
         }))
     }
 
-    fn combine(&self, output: Box<dyn CombineInput>, dispatched: &dyn DispatchOutput) -> Result<Tensor> {
+    fn combine(
+        &self,
+        output: Box<dyn CombineInput>,
+        dispatched: &dyn DispatchOutput,
+    ) -> Result<Tensor> {
         let _span = tracing::debug_span!("combine.local_masked").entered();
-        let y = downcast_combine::<DeepEpLlCombineInput>(output, DispatchFormat::DeepEpLowLatency)?.hidden;
-        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(dispatched, self.name(), DispatchFormat::DeepEpLowLatency)?;
-        let (e_local, t, h) = (self.cfg.num_local_experts, self.cfg.max_tokens_per_rank, self.cfg.hidden_size);
+        let y = downcast_combine::<DeepEpLlCombineInput>(output, DispatchFormat::DeepEpLowLatency)?
+            .hidden;
+        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+            dispatched,
+            self.name(),
+            DispatchFormat::DeepEpLowLatency,
+        )?;
+        let (e_local, t, h) = (
+            self.cfg.num_local_experts,
+            self.cfg.max_tokens_per_rank,
+            self.cfg.hidden_size,
+        );
         y.expect_shape("expert outputs", &[e_local, t, h])?;
         let (m, k) = (d.topk.num_tokens(), d.topk.top_k());
         let ids = d.topk.ids.as_slice::<i32>()?;
@@ -88,19 +108,35 @@ impl Dispatcher for LocalMaskedDispatcher {
         for e in 0..e_local {
             let rows = counts[e];
             if rows < 0 || rows as usize > t {
-                return Err(MoeError::invalid("masked_m", format!("expert {e} has {rows} rows; the buffer holds 0..={t}")));
+                return Err(MoeError::invalid(
+                    "masked_m",
+                    format!("expert {e} has {rows} rows; the buffer holds 0..={t}"),
+                ));
             }
             for r in 0..rows as usize {
                 let tok = src[e * t + r];
                 if tok < 0 || tok as usize >= m {
-                    return Err(MoeError::invalid("src_info", format!("row {r} of expert {e} names token {tok} of {m}")));
+                    return Err(MoeError::invalid(
+                        "src_info",
+                        format!("row {r} of expert {e} names token {tok} of {m}"),
+                    ));
                 }
                 let tok = tok as usize;
-                let slot = (0..k).find(|&s| ids[tok * k + s] == e as i32).ok_or_else(|| {
-                    MoeError::invalid("src_info", format!("row {r} of expert {e} names token {tok}, which did not pick it"))
-                })?;
+                let slot = (0..k)
+                    .find(|&s| ids[tok * k + s] == e as i32)
+                    .ok_or_else(|| {
+                        MoeError::invalid(
+                            "src_info",
+                            format!(
+                                "row {r} of expert {e} names token {tok}, which did not pick it"
+                            ),
+                        )
+                    })?;
                 let wt = w[tok * k + slot];
-                for (o, v) in out[tok * h..(tok + 1) * h].iter_mut().zip(&yv[(e * t + r) * h..(e * t + r + 1) * h]) {
+                for (o, v) in out[tok * h..(tok + 1) * h]
+                    .iter_mut()
+                    .zip(&yv[(e * t + r) * h..(e * t + r + 1) * h])
+                {
                     *o += wt * v;
                 }
             }

@@ -63,36 +63,67 @@ impl Router {
 
     /// Whether the router itself multiplies the weights by a routed scaling factor.
     pub fn scales_weights(&self) -> bool {
-        matches!(self.method, RoutingMethod::DeepSeekGrouped { routed_scaling_factor: Some(_), .. })
+        matches!(
+            self.method,
+            RoutingMethod::DeepSeekGrouped {
+                routed_scaling_factor: Some(_),
+                ..
+            }
+        )
     }
 
     pub fn validate(&self) -> Result<()> {
         let cfg = |m: String| Err(MoeError::Config(m));
         if self.top_k == 0 || self.top_k > self.num_experts {
-            return cfg(format!("router top_k {} must be in 1..={}", self.top_k, self.num_experts));
+            return cfg(format!(
+                "router top_k {} must be in 1..={}",
+                self.top_k, self.num_experts
+            ));
         }
-        if let RoutingMethod::DeepSeekGrouped { n_group, topk_group, correction_bias, routed_scaling_factor, .. } = &self.method {
+        if let RoutingMethod::DeepSeekGrouped {
+            n_group,
+            topk_group,
+            correction_bias,
+            routed_scaling_factor,
+            ..
+        } = &self.method
+        {
             if *n_group == 0 || self.num_experts % n_group != 0 {
-                return cfg(format!("n_group {n_group} must divide the {} experts", self.num_experts));
+                return cfg(format!(
+                    "n_group {n_group} must divide the {} experts",
+                    self.num_experts
+                ));
             }
             if *topk_group == 0 || topk_group > n_group {
                 return cfg(format!("topk_group {topk_group} must be in 1..={n_group}"));
             }
             let per_group = self.num_experts / n_group;
             if per_group < 2 {
-                return cfg(format!("groups need at least 2 experts to score by their top 2, got {per_group}"));
+                return cfg(format!(
+                    "groups need at least 2 experts to score by their top 2, got {per_group}"
+                ));
             }
             if self.top_k > topk_group * per_group {
-                return cfg(format!("top_k {} exceeds the {} experts of {topk_group} kept groups", self.top_k, topk_group * per_group));
+                return cfg(format!(
+                    "top_k {} exceeds the {} experts of {topk_group} kept groups",
+                    self.top_k,
+                    topk_group * per_group
+                ));
             }
             if let Some(b) = correction_bias {
                 if b.len() != self.num_experts {
-                    return cfg(format!("e_score_correction_bias has {} entries, expected {}", b.len(), self.num_experts));
+                    return cfg(format!(
+                        "e_score_correction_bias has {} entries, expected {}",
+                        b.len(),
+                        self.num_experts
+                    ));
                 }
             }
             if let Some(s) = routed_scaling_factor {
                 if !(s.is_finite() && *s > 0.0) {
-                    return cfg(format!("routed_scaling_factor must be finite and positive, got {s}"));
+                    return cfg(format!(
+                        "routed_scaling_factor must be finite and positive, got {s}"
+                    ));
                 }
             }
         }
@@ -107,7 +138,11 @@ impl Router {
         self.validate()?;
         let [m, e] = logits.dims::<2>("router logits")?;
         if e != self.num_experts {
-            return Err(MoeError::Shape { what: "router logits".into(), expected: vec![m, self.num_experts], got: vec![m, e] });
+            return Err(MoeError::Shape {
+                what: "router logits".into(),
+                expected: vec![m, self.num_experts],
+                got: vec![m, e],
+            });
         }
         let x = logits.to_f32_vec()?;
         let k_out = self.output_k();
@@ -118,17 +153,36 @@ impl Router {
             .zip(x.par_chunks(e.max(1)))
             .for_each(|((id, w), row)| {
                 match &self.method {
-                    RoutingMethod::Softmax { renormalize } => softmax_topk_row(row, self.top_k, *renormalize, id, w),
-                    RoutingMethod::DeepSeekGrouped { n_group, topk_group, renormalize, correction_bias, routed_scaling_factor } => {
-                        grouped_topk_row(row, correction_bias.as_deref(), self.top_k, *n_group, *topk_group, *renormalize, *routed_scaling_factor, id, w)
+                    RoutingMethod::Softmax { renormalize } => {
+                        softmax_topk_row(row, self.top_k, *renormalize, id, w)
                     }
+                    RoutingMethod::DeepSeekGrouped {
+                        n_group,
+                        topk_group,
+                        renormalize,
+                        correction_bias,
+                        routed_scaling_factor,
+                    } => grouped_topk_row(
+                        row,
+                        correction_bias.as_deref(),
+                        self.top_k,
+                        *n_group,
+                        *topk_group,
+                        *renormalize,
+                        *routed_scaling_factor,
+                        id,
+                        w,
+                    ),
                 }
                 for s in 0..self.fused_shared_experts {
                     id[self.top_k + s] = (self.num_experts + s) as i32;
                     w[self.top_k + s] = self.fused_shared_weight;
                 }
             });
-        TopK::new(Tensor::from_slice(&ids, &[m, k_out], DType::I32)?, Tensor::from_slice(&weights, &[m, k_out], DType::F32)?)
+        TopK::new(
+            Tensor::from_slice(&ids, &[m, k_out], DType::I32)?,
+            Tensor::from_slice(&weights, &[m, k_out], DType::F32)?,
+        )
     }
 }
 
@@ -136,13 +190,25 @@ impl Router {
 /// scores sort last so they are never preferred over a number.
 fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    let key = |i: usize| if values[i].is_nan() { f32::NEG_INFINITY } else { values[i] };
+    let key = |i: usize| {
+        if values[i].is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            values[i]
+        }
+    };
     idx.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     idx.truncate(k);
     idx
 }
 
-fn softmax_topk_row(logits: &[f32], k: usize, renormalize: bool, ids: &mut [i32], weights: &mut [f32]) {
+fn softmax_topk_row(
+    logits: &[f32],
+    k: usize,
+    renormalize: bool,
+    ids: &mut [i32],
+    weights: &mut [f32],
+) {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let exp: Vec<f32> = logits.iter().map(|&l| (l - max).exp()).collect();
     let sum: f32 = exp.iter().sum();
@@ -150,7 +216,11 @@ fn softmax_topk_row(logits: &[f32], k: usize, renormalize: bool, ids: &mut [i32]
     let picked: f32 = top.iter().map(|&i| exp[i]).sum();
     for (s, &i) in top.iter().enumerate() {
         ids[s] = i as i32;
-        weights[s] = if renormalize { exp[i] / picked } else { exp[i] / sum };
+        weights[s] = if renormalize {
+            exp[i] / picked
+        } else {
+            exp[i] / sum
+        };
     }
 }
 
@@ -180,12 +250,22 @@ fn grouped_topk_row(
     let masked: Vec<f32> = choice
         .iter()
         .enumerate()
-        .map(|(i, &c)| if kept.contains(&(i / per_group)) { c } else { f32::NEG_INFINITY })
+        .map(|(i, &c)| {
+            if kept.contains(&(i / per_group)) {
+                c
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
         .collect();
     let top = top_indices(&masked, k);
     let picked: f32 = top.iter().map(|&i| scores[i]).sum();
     for (s, &i) in top.iter().enumerate() {
-        let w = if renormalize { scores[i] / picked } else { scores[i] };
+        let w = if renormalize {
+            scores[i] / picked
+        } else {
+            scores[i]
+        };
         ids[s] = i as i32;
         weights[s] = w * scale.unwrap_or(1.0);
     }
@@ -203,7 +283,10 @@ mod tests {
     fn route(router: &Router, logits: &[f32], m: usize) -> (Vec<i32>, Vec<f32>) {
         let t = Tensor::from_f32(logits, &[m, router.num_experts], DType::F32).unwrap();
         let topk = router.route(&t).unwrap();
-        (topk.ids.as_slice::<i32>().unwrap().to_vec(), topk.weights.as_slice::<f32>().unwrap().to_vec())
+        (
+            topk.ids.as_slice::<i32>().unwrap().to_vec(),
+            topk.weights.as_slice::<f32>().unwrap().to_vec(),
+        )
     }
 
     #[test]
@@ -214,7 +297,13 @@ mod tests {
         let mut bias = vec![0.0; 8];
         bias[6] = 2.0;
         let router = Router {
-            method: RoutingMethod::DeepSeekGrouped { n_group: 4, topk_group: 2, renormalize: true, correction_bias: Some(bias), routed_scaling_factor: None },
+            method: RoutingMethod::DeepSeekGrouped {
+                n_group: 4,
+                topk_group: 2,
+                renormalize: true,
+                correction_bias: Some(bias),
+                routed_scaling_factor: None,
+            },
             num_experts: 8,
             top_k: 2,
             fused_shared_experts: 0,
@@ -229,7 +318,13 @@ mod tests {
 
     #[test]
     fn fused_shared_experts_are_appended() {
-        let router = Router { method: RoutingMethod::Softmax { renormalize: true }, num_experts: 4, top_k: 2, fused_shared_experts: 1, fused_shared_weight: 0.4 };
+        let router = Router {
+            method: RoutingMethod::Softmax { renormalize: true },
+            num_experts: 4,
+            top_k: 2,
+            fused_shared_experts: 1,
+            fused_shared_weight: 0.4,
+        };
         let (ids, w) = route(&router, &[0.1, 3.0, 2.0, -1.0], 1);
         assert_eq!(ids, vec![1, 2, 4]);
         assert_eq!(w[2], 0.4);
@@ -239,7 +334,13 @@ mod tests {
     #[test]
     fn invalid_router_configs_are_errors() {
         let bad = Router {
-            method: RoutingMethod::DeepSeekGrouped { n_group: 3, topk_group: 1, renormalize: true, correction_bias: None, routed_scaling_factor: None },
+            method: RoutingMethod::DeepSeekGrouped {
+                n_group: 3,
+                topk_group: 1,
+                renormalize: true,
+                correction_bias: None,
+                routed_scaling_factor: None,
+            },
             num_experts: 8,
             top_k: 2,
             fused_shared_experts: 0,
@@ -247,7 +348,13 @@ mod tests {
         };
         assert!(matches!(bad.validate(), Err(MoeError::Config(_))));
         let t = Tensor::from_f32(&[0.0; 6], &[1, 6], DType::F32).unwrap();
-        let ok = Router { method: RoutingMethod::Softmax { renormalize: true }, num_experts: 8, top_k: 2, fused_shared_experts: 0, fused_shared_weight: 1.0 };
+        let ok = Router {
+            method: RoutingMethod::Softmax { renormalize: true },
+            num_experts: 8,
+            top_k: 2,
+            fused_shared_experts: 0,
+            fused_shared_weight: 1.0,
+        };
         assert!(matches!(ok.route(&t), Err(MoeError::Shape { .. })));
     }
 

@@ -52,19 +52,36 @@ impl Dispatcher for StandardDispatcher {
         let topk = if self.cfg.world_size == 1 {
             topk
         } else {
-            let local = to_local_ids(topk.ids.as_slice::<i32>()?, self.cfg.first_local_expert(), self.cfg.num_local_experts);
-            TopK::new(Tensor::from_slice(&local, &[m, k], DType::I32)?, topk.weights)?
+            let local = to_local_ids(
+                topk.ids.as_slice::<i32>()?,
+                self.cfg.first_local_expert(),
+                self.cfg.num_local_experts,
+            );
+            TopK::new(
+                Tensor::from_slice(&local, &[m, k], DType::I32)?,
+                topk.weights,
+            )?
         };
         // Routing computed on the host follows the activations to their GPU.
         #[cfg(feature = "cuda")]
         let topk = match hidden.cuda_device() {
-            Some(dev) if topk.ids.is_host() => topk.to_device(&moe_runner_core::Device::Cuda(dev.clone()))?,
+            Some(dev) if topk.ids.is_host() => {
+                topk.to_device(&moe_runner_core::Device::Cuda(dev.clone()))?
+            }
             _ => topk,
         };
-        Ok(Box::new(StandardDispatchOutput { hidden: hidden.clone(), hidden_scale: None, topk }))
+        Ok(Box::new(StandardDispatchOutput {
+            hidden: hidden.clone(),
+            hidden_scale: None,
+            topk,
+        }))
     }
 
-    fn combine(&self, output: Box<dyn CombineInput>, _dispatched: &dyn DispatchOutput) -> Result<Tensor> {
+    fn combine(
+        &self,
+        output: Box<dyn CombineInput>,
+        _dispatched: &dyn DispatchOutput,
+    ) -> Result<Tensor> {
         Ok(downcast_combine::<StandardCombineInput>(output, DispatchFormat::Standard)?.hidden)
     }
 }

@@ -20,10 +20,20 @@ pub fn bench_shape(name: &str, scheme: QuantScheme) -> Result<LayerShape> {
         "qwen3-30b-a3b" => (128, 8, 2048, 768),
         "mixtral-8x7b" => (8, 2, 4096, 14336),
         other => {
-            return Err(CliError::UnknownPreset { name: other.into(), known: "deepseek-v3, qwen3-30b-a3b, mixtral-8x7b".into() })
+            return Err(CliError::UnknownPreset {
+                name: other.into(),
+                known: "deepseek-v3, qwen3-30b-a3b, mixtral-8x7b".into(),
+            })
         }
     };
-    Ok(LayerShape { name: name.into(), experts, top_k, hidden, inter, scheme })
+    Ok(LayerShape {
+        name: name.into(),
+        experts,
+        top_k,
+        hidden,
+        inter,
+        scheme,
+    })
 }
 
 /// What `scripts/bench_peers.py` measured.
@@ -73,27 +83,46 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     let dev = device.as_cuda()?.clone();
     let peers: Option<PeersFile> = match &args.peers {
         Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| CliError::Read { path: p.clone(), source })?;
-            Some(serde_json::from_str(&text).map_err(|source| CliError::Json { origin: p.display().to_string(), source })?)
+            let text = std::fs::read_to_string(p).map_err(|source| CliError::Read {
+                path: p.clone(),
+                source,
+            })?;
+            Some(
+                serde_json::from_str(&text).map_err(|source| CliError::Json {
+                    origin: p.display().to_string(),
+                    source,
+                })?,
+            )
         }
         None => None,
     };
     let copy_gbps = copy_bandwidth_gbps(&dev, 2 << 30, 10)?;
     let mut rows = Vec::new();
     for spec in &args.shapes {
-        let (name, scheme) = spec.split_once(':').ok_or_else(|| MoeError::invalid("--shapes", format!("`{spec}` is not NAME:SCHEME")))?;
+        let (name, scheme) = spec
+            .split_once(':')
+            .ok_or_else(|| MoeError::invalid("--shapes", format!("`{spec}` is not NAME:SCHEME")))?;
         let shape = bench_shape(name, parse_scheme(scheme)?)?;
         let layer = GpuLayer::new(shape.clone(), &device, 7)?;
         for &m in &args.tokens {
             let routings = if m <= 512 { 8 } else { 2 };
             let batch = layer.batch(m, routings, 100 + m as u64)?;
             let ms = layer.time_ms(&batch, 3, args.iters)?;
-            let bytes = batch.distinct_experts * shape.expert_bytes() + (m * shape.hidden * 2 * 2) as f64;
+            let bytes =
+                batch.distinct_experts * shape.expert_bytes() + (m * shape.hidden * 2 * 2) as f64;
             let flops = 6.0 * (m * shape.top_k * shape.hidden * shape.inter) as f64;
             let mem_us = bytes / (copy_gbps * 1e9) * 1e6;
-            let rate = peers.as_ref().map(|p| if shape.is_fp8() { p.fp8_tflops } else { p.bf16_tflops });
+            let rate = peers.as_ref().map(|p| {
+                if shape.is_fp8() {
+                    p.fp8_tflops
+                } else {
+                    p.bf16_tflops
+                }
+            });
             let compute_us = rate.map(|r| flops / (r * 1e12) * 1e6).unwrap_or(0.0);
-            let peer = peers.as_ref().and_then(|p| p.rows.iter().find(|r| r.shape == shape.name && r.m == m));
+            let peer = peers
+                .as_ref()
+                .and_then(|p| p.rows.iter().find(|r| r.shape == shape.name && r.m == m));
             let ours_us = ms * 1e3;
             rows.push(BenchRow {
                 shape: shape.name.clone(),
@@ -101,7 +130,11 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
                 m,
                 ours_us,
                 floor_us: mem_us.max(compute_us),
-                bound: if mem_us >= compute_us { "memory" } else { "compute" },
+                bound: if mem_us >= compute_us {
+                    "memory"
+                } else {
+                    "compute"
+                },
                 fraction_of_floor: mem_us.max(compute_us) / ours_us,
                 distinct_experts: batch.distinct_experts,
                 grouped_mm_us: peer.and_then(|p| p.grouped_mm_ms).map(|v| v * 1e3),
@@ -147,7 +180,16 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             opt(report.bf16_tflops),
             opt(report.fp8_tflops)
         ),
-        &["shape", "scheme", "M", "ours us", "floor us", "of floor", "torch grouped_mm us", "naive loop us"],
+        &[
+            "shape",
+            "scheme",
+            "M",
+            "ours us",
+            "floor us",
+            "of floor",
+            "torch grouped_mm us",
+            "naive loop us",
+        ],
         &table,
     )
 }

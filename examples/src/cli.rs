@@ -6,7 +6,11 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 
 #[derive(Debug, Parser)]
-#[command(name = "moe", version, about = "Mixture-of-Experts runner: list registered backends, run one MoE layer")]
+#[command(
+    name = "moe",
+    version,
+    about = "Mixture-of-Experts runner: list registered backends, run one MoE layer"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -27,7 +31,11 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Shapes as NAME:SCHEME (names: deepseek-v3, qwen3-30b-a3b, mixtral-8x7b).
-    #[arg(long, value_delimiter = ',', default_value = "deepseek-v3:fp8-block-128x128,deepseek-v3:bf16,qwen3-30b-a3b:bf16,mixtral-8x7b:bf16")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "deepseek-v3:fp8-block-128x128,deepseek-v3:bf16,qwen3-30b-a3b:bf16,mixtral-8x7b:bf16"
+    )]
     pub shapes: Vec<String>,
     /// Batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,8,64,512,4096")]
@@ -124,7 +132,15 @@ mod tests {
 
     #[test]
     fn lists_of_batch_sizes_and_shapes_parse() {
-        let cli = Cli::try_parse_from(["moe", "bench", "--tokens", "1,64", "--shapes", "qwen3-30b-a3b:bf16"]).unwrap();
+        let cli = Cli::try_parse_from([
+            "moe",
+            "bench",
+            "--tokens",
+            "1,64",
+            "--shapes",
+            "qwen3-30b-a3b:bf16",
+        ])
+        .unwrap();
         match cli.command {
             Command::Bench(b) => {
                 assert_eq!(b.tokens, vec![1, 64]);
@@ -132,8 +148,18 @@ mod tests {
             }
             other => panic!("parsed as {other:?}"),
         }
-        let cli = Cli::try_parse_from(["moe", "tune", "--preset", "deepseek-v3", "--dtype", "fp8-block-128x128"]).unwrap();
-        assert!(matches!(cli.command, Command::Tune(t) if t.tokens == vec![1, 8, 64, 512, 4096] && t.scheme.as_deref() == Some("fp8-block-128x128")));
+        let cli = Cli::try_parse_from([
+            "moe",
+            "tune",
+            "--preset",
+            "deepseek-v3",
+            "--dtype",
+            "fp8-block-128x128",
+        ])
+        .unwrap();
+        assert!(
+            matches!(cli.command, Command::Tune(t) if t.tokens == vec![1, 8, 64, 512, 4096] && t.scheme.as_deref() == Some("fp8-block-128x128"))
+        );
         assert!(Cli::try_parse_from(["moe", "bench", "--tokens", "1,x"]).is_err());
     }
 }

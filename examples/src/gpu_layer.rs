@@ -7,7 +7,8 @@ use moe_backend_triton::TritonRunner;
 use moe_conformance::{synthetic, synthetic_gpu};
 use moe_runner_core::cuda::{fill_uniform, time_graph_ms};
 use moe_runner_core::{
-    CudaDevice, DType, Device, MoeRunnerConfig, QuantInfo, QuantScheme, StandardDispatchOutput, Tensor, TopK, WeightDims,
+    CudaDevice, DType, Device, MoeRunnerConfig, QuantInfo, QuantScheme, StandardDispatchOutput,
+    Tensor, TopK, WeightDims,
 };
 
 /// One layer shape to time.
@@ -27,7 +28,12 @@ impl LayerShape {
     }
 
     pub fn dims(&self) -> WeightDims {
-        WeightDims { experts: self.experts, n1: 2 * self.inter, hidden: self.hidden, inter: self.inter }
+        WeightDims {
+            experts: self.experts,
+            n1: 2 * self.inter,
+            hidden: self.hidden,
+            inter: self.inter,
+        }
     }
 
     /// Bytes of one expert's weights (both projections, with their scales).
@@ -35,7 +41,12 @@ impl LayerShape {
         let (n1, h, i) = (2 * self.inter, self.hidden, self.inter);
         let elems = (n1 * h + h * i) as f64;
         match self.scheme {
-            QuantScheme::Fp8Block128 => elems + 4.0 * ((n1.div_ceil(128) * h.div_ceil(128) + h.div_ceil(128) * i.div_ceil(128)) as f64),
+            QuantScheme::Fp8Block128 => {
+                elems
+                    + 4.0
+                        * ((n1.div_ceil(128) * h.div_ceil(128) + h.div_ceil(128) * i.div_ceil(128))
+                            as f64)
+            }
             QuantScheme::Fp8PerTensor => elems + 8.0,
             QuantScheme::Fp8PerChannel => elems + 4.0 * (n1 + h) as f64,
             QuantScheme::F32 => 4.0 * elems,
@@ -44,7 +55,10 @@ impl LayerShape {
     }
 
     pub fn is_fp8(&self) -> bool {
-        matches!(self.scheme, QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel)
+        matches!(
+            self.scheme,
+            QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel
+        )
     }
 }
 
@@ -71,7 +85,12 @@ impl GpuLayer {
         let dev = device.as_cuda()?.clone();
         let quant = synthetic_gpu::device_weights(&dev, shape.dims(), shape.scheme, seed)?;
         let runner = TritonRunner::new(&shape.config(), device)?;
-        Ok(Self { shape, dev, runner, quant })
+        Ok(Self {
+            shape,
+            dev,
+            runner,
+            quant,
+        })
     }
 
     pub fn batch(&self, m: usize, routings: usize, seed: u64) -> Result<Batch> {
@@ -81,7 +100,14 @@ impl GpuLayer {
         let mut distinct = 0usize;
         let mut list = Vec::with_capacity(routings);
         for r in 0..routings {
-            let t = synthetic::topk(m, self.shape.top_k, self.shape.experts, seed + 1 + r as u64, false, false)?;
+            let t = synthetic::topk(
+                m,
+                self.shape.top_k,
+                self.shape.experts,
+                seed + 1 + r as u64,
+                false,
+                false,
+            )?;
             let mut seen = vec![false; self.shape.experts];
             for &id in t.ids.as_slice::<i32>()? {
                 seen[id as usize] = true;
@@ -90,7 +116,13 @@ impl GpuLayer {
             list.push(t.to_device(&device)?);
         }
         let out = Tensor::zeros_cuda(&self.dev, &[m, self.shape.hidden], DType::Bf16)?;
-        Ok(Batch { m, hidden, routings: list, out, distinct_experts: distinct as f64 / routings.max(1) as f64 })
+        Ok(Batch {
+            m,
+            hidden,
+            routings: list,
+            out,
+            distinct_experts: distinct as f64 / routings.max(1) as f64,
+        })
     }
 
     /// Median milliseconds of one layer over graph replays of every routing of `batch`.
@@ -108,11 +140,13 @@ impl GpuLayer {
             .collect::<Result<_>>()?;
         // Eager pass first: compiles the kernels and sizes the workspace outside the capture.
         for input in &inputs {
-            self.runner.run_into(input, self.quant.as_ref(), &batch.out)?;
+            self.runner
+                .run_into(input, self.quant.as_ref(), &batch.out)?;
         }
         let mut times = time_graph_ms(&self.dev, warmup, iters, || {
             for input in &inputs {
-                self.runner.run_into(input, self.quant.as_ref(), &batch.out)?;
+                self.runner
+                    .run_into(input, self.quant.as_ref(), &batch.out)?;
             }
             Ok(())
         })?;

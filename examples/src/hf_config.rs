@@ -44,7 +44,12 @@ fn shown(v: &Value) -> String {
 
 impl Fields<'_> {
     fn wrong(&self, field: &'static str, expected: &'static str, got: &Value) -> CliError {
-        CliError::FieldType { origin: self.origin.into(), field, expected, got: shown(got) }
+        CliError::FieldType {
+            origin: self.origin.into(),
+            field,
+            expected,
+            got: shown(got),
+        }
     }
 
     /// The value of `field`, `None` when absent or null.
@@ -67,25 +72,36 @@ impl Fields<'_> {
     fn count_or(&self, field: &'static str, default: usize) -> Result<usize> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_u64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| self.wrong(field, "a non-negative integer", v)),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| self.wrong(field, "a non-negative integer", v)),
         }
     }
 
     fn float(&self, field: &'static str) -> Result<Option<f32>> {
         self.get(field)
-            .map(|v| v.as_f64().map(|x| x as f32).ok_or_else(|| self.wrong(field, "a number", v)))
+            .map(|v| {
+                v.as_f64()
+                    .map(|x| x as f32)
+                    .ok_or_else(|| self.wrong(field, "a number", v))
+            })
             .transpose()
     }
 
     fn flag_or(&self, field: &'static str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.wrong(field, "true or false", v)),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.wrong(field, "true or false", v)),
         }
     }
 
     fn text(&self, field: &'static str) -> Result<Option<&str>> {
-        self.get(field).map(|v| v.as_str().ok_or_else(|| self.wrong(field, "a string", v))).transpose()
+        self.get(field)
+            .map(|v| v.as_str().ok_or_else(|| self.wrong(field, "a string", v)))
+            .transpose()
     }
 
     /// `architectures[0]`.
@@ -106,9 +122,14 @@ impl Fields<'_> {
     /// FP8 with 128x128 weight blocks when `quantization_config` says so, bf16 otherwise.
     fn shipped_scheme(&self) -> QuantScheme {
         let q = self.get("quantization_config");
-        let method = q.and_then(|q| q.get("quant_method")).and_then(Value::as_str);
-        let block = q.and_then(|q| q.get("weight_block_size")).and_then(Value::as_array);
-        let is_128 = block.is_some_and(|b| b.len() == 2 && b.iter().all(|x| x.as_u64() == Some(128)));
+        let method = q
+            .and_then(|q| q.get("quant_method"))
+            .and_then(Value::as_str);
+        let block = q
+            .and_then(|q| q.get("weight_block_size"))
+            .and_then(Value::as_array);
+        let is_128 =
+            block.is_some_and(|b| b.len() == 2 && b.iter().all(|x| x.as_u64() == Some(128)));
         if method == Some("fp8") && is_128 {
             QuantScheme::Fp8Block128
         } else {
@@ -119,22 +140,46 @@ impl Fields<'_> {
 
 /// Parses `text` (the contents of a config.json; `origin` names it in errors) into a spec.
 pub fn spec_from_json(text: &str, origin: &str) -> Result<ModelSpec> {
-    let value: Value = serde_json::from_str(text).map_err(|source| CliError::Json { origin: origin.into(), source })?;
+    let value: Value = serde_json::from_str(text).map_err(|source| CliError::Json {
+        origin: origin.into(),
+        source,
+    })?;
     let obj = value.as_object().ok_or_else(|| CliError::FieldType {
         origin: origin.into(),
         field: "(top level)",
         expected: "a JSON object",
         got: shown(&value),
     })?;
-    let arch = Fields { obj, origin, arch: "" }.architecture()?;
-    let f = Fields { obj, origin, arch: &arch };
+    let arch = Fields {
+        obj,
+        origin,
+        arch: "",
+    }
+    .architecture()?;
+    let f = Fields {
+        obj,
+        origin,
+        arch: &arch,
+    };
     match arch.as_str() {
-        "DeepseekV2ForCausalLM" | "DeepseekV3ForCausalLM" | "DeepseekV32ForCausalLM" | "DeepseekV4ForCausalLM" => deepseek(&f),
+        "DeepseekV2ForCausalLM"
+        | "DeepseekV3ForCausalLM"
+        | "DeepseekV32ForCausalLM"
+        | "DeepseekV4ForCausalLM" => deepseek(&f),
         "Glm4MoeForCausalLM" => grouped(&f, "n_routed_experts", true, None),
         "Qwen2MoeForCausalLM" => qwen2(&f),
-        "Qwen3MoeForCausalLM" => softmax(&f, "num_experts", "moe_intermediate_size", f.flag_or("norm_topk_prob", false)?),
+        "Qwen3MoeForCausalLM" => softmax(
+            &f,
+            "num_experts",
+            "moe_intermediate_size",
+            f.flag_or("norm_topk_prob", false)?,
+        ),
         "MixtralForCausalLM" => softmax(&f, "num_local_experts", "intermediate_size", true),
-        _ => Err(CliError::UnknownArchitecture { origin: origin.into(), name: arch.clone(), known: ARCHITECTURES.join(", ") }),
+        _ => Err(CliError::UnknownArchitecture {
+            origin: origin.into(),
+            name: arch.clone(),
+            known: ARCHITECTURES.join(", "),
+        }),
     }
 }
 
@@ -148,19 +193,31 @@ fn deepseek(f: &Fields) -> Result<ModelSpec> {
     } else {
         None
     };
-    let scoring = f.text("scoring_func")?.unwrap_or(if is_v2 { "softmax" } else { "sigmoid" });
+    let scoring = f
+        .text("scoring_func")?
+        .unwrap_or(if is_v2 { "softmax" } else { "sigmoid" });
     let mut spec = grouped(f, "n_routed_experts", !is_v2, limit)?;
     if scoring == "softmax" {
-        spec.routing = Routing::Softmax { renormalize: f.flag_or("norm_topk_prob", !is_v2)? };
+        spec.routing = Routing::Softmax {
+            renormalize: f.flag_or("norm_topk_prob", !is_v2)?,
+        };
     } else if scoring != "sigmoid" {
-        tracing::warn!("{}: scoring_func `{scoring}` is routed with sigmoid scores", f.origin);
+        tracing::warn!(
+            "{}: scoring_func `{scoring}` is routed with sigmoid scores",
+            f.origin
+        );
     }
     Ok(spec)
 }
 
 /// Grouped sigmoid routing with fusable shared experts of the routed size (GLM-4-MoE and,
 /// through [`deepseek`], DeepSeek).
-fn grouped(f: &Fields, experts: &'static str, norm_default: bool, swiglu_limit: Option<f32>) -> Result<ModelSpec> {
+fn grouped(
+    f: &Fields,
+    experts: &'static str,
+    norm_default: bool,
+    swiglu_limit: Option<f32>,
+) -> Result<ModelSpec> {
     let moe_intermediate = f.count("moe_intermediate_size")?;
     let shared_experts = f.count_or("n_shared_experts", 0)?;
     Ok(ModelSpec {
@@ -185,7 +242,12 @@ fn grouped(f: &Fields, experts: &'static str, norm_default: bool, swiglu_limit: 
 }
 
 /// Softmax-routed models without shared experts (Qwen3-MoE, Mixtral).
-fn softmax(f: &Fields, experts: &'static str, inter: &'static str, renormalize: bool) -> Result<ModelSpec> {
+fn softmax(
+    f: &Fields,
+    experts: &'static str,
+    inter: &'static str,
+    renormalize: bool,
+) -> Result<ModelSpec> {
     Ok(ModelSpec {
         name: f.origin.into(),
         arch: f.arch.into(),
@@ -206,7 +268,12 @@ fn softmax(f: &Fields, experts: &'static str, inter: &'static str, renormalize: 
 /// Qwen2-MoE: one shared expert of its own intermediate size, run beside the routed experts
 /// (its per-token sigmoid gate is not modelled: the shared output is added with weight 1).
 fn qwen2(f: &Fields) -> Result<ModelSpec> {
-    let mut spec = softmax(f, "num_experts", "moe_intermediate_size", f.flag_or("norm_topk_prob", false)?)?;
+    let mut spec = softmax(
+        f,
+        "num_experts",
+        "moe_intermediate_size",
+        f.flag_or("norm_topk_prob", false)?,
+    )?;
     spec.shared_intermediate = f.count_or("shared_expert_intermediate_size", 0)?;
     spec.shared_experts = usize::from(spec.shared_intermediate > 0);
     Ok(spec)
@@ -231,10 +298,26 @@ mod tests {
     #[test]
     fn deepseek_v3() {
         let s = parse(V3).unwrap();
-        assert_eq!((s.routed_experts, s.shared_experts, s.top_k, s.hidden, s.moe_intermediate), (256, 1, 8, 7168, 2048));
+        assert_eq!(
+            (
+                s.routed_experts,
+                s.shared_experts,
+                s.top_k,
+                s.hidden,
+                s.moe_intermediate
+            ),
+            (256, 1, 8, 7168, 2048)
+        );
         assert_eq!(s.shared_intermediate, 2048);
         assert!(s.fusable_shared);
-        assert_eq!(s.routing, Routing::Grouped { n_group: 8, topk_group: 4, renormalize: true });
+        assert_eq!(
+            s.routing,
+            Routing::Grouped {
+                n_group: 8,
+                topk_group: 4,
+                renormalize: true
+            }
+        );
         assert_eq!(s.routed_scaling_factor, Some(2.5));
         assert_eq!(s.swiglu_limit, None);
         assert_eq!(s.default_scheme, QuantScheme::Fp8Block128);
@@ -266,8 +349,18 @@ mod tests {
             "moe_intermediate_size": 1536, "n_group": 1, "topk_group": 1,
             "routed_scaling_factor": 2.5, "norm_topk_prob": true}"#;
         let s = parse(glm).unwrap();
-        assert_eq!((s.routed_experts, s.top_k, s.hidden, s.moe_intermediate), (160, 8, 5120, 1536));
-        assert_eq!(s.routing, Routing::Grouped { n_group: 1, topk_group: 1, renormalize: true });
+        assert_eq!(
+            (s.routed_experts, s.top_k, s.hidden, s.moe_intermediate),
+            (160, 8, 5120, 1536)
+        );
+        assert_eq!(
+            s.routing,
+            Routing::Grouped {
+                n_group: 1,
+                topk_group: 1,
+                renormalize: true
+            }
+        );
         assert!(s.fusable_shared);
     }
 
@@ -277,7 +370,10 @@ mod tests {
             "num_experts_per_tok": 4, "hidden_size": 2048, "moe_intermediate_size": 1408,
             "shared_expert_intermediate_size": 5632, "norm_topk_prob": false}"#;
         let s = parse(q).unwrap();
-        assert_eq!((s.routed_experts, s.shared_experts, s.shared_intermediate), (60, 1, 5632));
+        assert_eq!(
+            (s.routed_experts, s.shared_experts, s.shared_intermediate),
+            (60, 1, 5632)
+        );
         assert!(!s.fusable_shared);
         assert_eq!(s.routing, Routing::Softmax { renormalize: false });
     }
@@ -288,43 +384,89 @@ mod tests {
             "num_experts_per_tok": 8, "hidden_size": 2048, "moe_intermediate_size": 768,
             "norm_topk_prob": true, "intermediate_size": 6144}"#;
         let s = parse(q).unwrap();
-        assert_eq!((s.routed_experts, s.top_k, s.moe_intermediate, s.shared_experts), (128, 8, 768, 0));
+        assert_eq!(
+            (
+                s.routed_experts,
+                s.top_k,
+                s.moe_intermediate,
+                s.shared_experts
+            ),
+            (128, 8, 768, 0)
+        );
         assert_eq!(s.routing, Routing::Softmax { renormalize: true });
         let m = r#"{"architectures": ["MixtralForCausalLM"], "num_local_experts": 8,
             "num_experts_per_tok": 2, "hidden_size": 4096, "intermediate_size": 14336}"#;
         let s = parse(m).unwrap();
-        assert_eq!((s.routed_experts, s.top_k, s.hidden, s.moe_intermediate), (8, 2, 4096, 14336));
+        assert_eq!(
+            (s.routed_experts, s.top_k, s.hidden, s.moe_intermediate),
+            (8, 2, 4096, 14336)
+        );
     }
 
     #[test]
     fn not_json_is_a_json_error() {
         let err = parse("{\"architectures\": [").unwrap_err();
         assert!(matches!(err, CliError::Json { .. }), "{err}");
-        assert!(err.to_string().contains("config.json is not valid JSON"), "{err}");
+        assert!(
+            err.to_string().contains("config.json is not valid JSON"),
+            "{err}"
+        );
     }
 
     #[test]
     fn a_top_level_array_is_rejected() {
         let err = parse("[1, 2]").unwrap_err().to_string();
-        assert!(err.contains("a JSON object") && err.contains("[1,2]"), "{err}");
+        assert!(
+            err.contains("a JSON object") && err.contains("[1,2]"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_field_is_named() {
         let err = parse(&V3.replace("\"hidden_size\": 7168,", "")).unwrap_err();
-        assert!(matches!(err, CliError::MissingField { field: "hidden_size", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CliError::MissingField {
+                    field: "hidden_size",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(err.to_string().contains("DeepseekV3ForCausalLM"), "{err}");
         let err = parse("{}").unwrap_err();
-        assert!(matches!(err, CliError::MissingField { field: "architectures", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                CliError::MissingField {
+                    field: "architectures",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_types_say_what_was_expected() {
-        let err = parse(&V3.replace("\"hidden_size\": 7168", "\"hidden_size\": \"big\"")).unwrap_err().to_string();
-        assert!(err.contains("hidden_size") && err.contains("positive integer") && err.contains("\"big\""), "{err}");
-        let err = parse(&V3.replace("\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 0")).unwrap_err().to_string();
+        let err = parse(&V3.replace("\"hidden_size\": 7168", "\"hidden_size\": \"big\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("hidden_size")
+                && err.contains("positive integer")
+                && err.contains("\"big\""),
+            "{err}"
+        );
+        let err = parse(&V3.replace("\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 0"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("num_experts_per_tok"), "{err}");
-        let err = parse(&V3.replace("\"norm_topk_prob\": true", "\"norm_topk_prob\": 1")).unwrap_err().to_string();
+        let err = parse(&V3.replace("\"norm_topk_prob\": true", "\"norm_topk_prob\": 1"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("true or false"), "{err}");
         let err = parse(r#"{"architectures": []}"#).unwrap_err().to_string();
         assert!(err.contains("non-empty list"), "{err}");
@@ -332,7 +474,14 @@ mod tests {
 
     #[test]
     fn unknown_architecture_lists_the_known_ones() {
-        let err = parse(r#"{"architectures": ["LlamaForCausalLM"]}"#).unwrap_err().to_string();
-        assert!(err.contains("LlamaForCausalLM") && err.contains("Qwen3MoeForCausalLM") && err.contains("Glm4MoeForCausalLM"), "{err}");
+        let err = parse(r#"{"architectures": ["LlamaForCausalLM"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("LlamaForCausalLM")
+                && err.contains("Qwen3MoeForCausalLM")
+                && err.contains("Glm4MoeForCausalLM"),
+            "{err}"
+        );
     }
 }

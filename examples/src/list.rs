@@ -48,7 +48,11 @@ pub struct Listing {
 impl Listing {
     pub fn collect() -> Self {
         let mut a2a_backends: Vec<A2aEntry> = a2a_backends()
-            .map(|b| A2aEntry { name: b.name, format: b.format.to_string(), description: b.description })
+            .map(|b| A2aEntry {
+                name: b.name,
+                format: b.format.to_string(),
+                description: b.description,
+            })
             .collect();
         a2a_backends.sort_by_key(|b| b.name);
         let paths = registered_paths()
@@ -72,26 +76,64 @@ impl Listing {
             paths,
             quant_schemes: QuantScheme::ALL
                 .iter()
-                .map(|s| SchemeEntry { name: s.name(), weights: s.weight_format(), activations: s.activation_format() })
+                .map(|s| SchemeEntry {
+                    name: s.name(),
+                    weights: s.weight_format(),
+                    activations: s.activation_format(),
+                })
                 .collect(),
         }
     }
 
     pub fn write_text(&self, out: &mut dyn Write) -> Result<()> {
-        let a2a: Vec<Vec<String>> =
-            self.a2a_backends.iter().map(|b| vec![b.name.into(), b.format.clone(), b.description.into()]).collect();
-        write_table(out, "a2a backends", &["name", "format", "description"], &a2a)?;
-        writeln!(out, "dispatch formats: {}", self.dispatch_formats.join(", "))?;
+        let a2a: Vec<Vec<String>> = self
+            .a2a_backends
+            .iter()
+            .map(|b| vec![b.name.into(), b.format.clone(), b.description.into()])
+            .collect();
+        write_table(
+            out,
+            "a2a backends",
+            &["name", "format", "description"],
+            &a2a,
+        )?;
+        writeln!(
+            out,
+            "dispatch formats: {}",
+            self.dispatch_formats.join(", ")
+        )?;
         writeln!(out, "runners: {}\n", self.runners.join(", "))?;
         let paths: Vec<Vec<String>> = self
             .paths
             .iter()
-            .map(|p| vec![p.format.clone(), p.runner.into(), p.kind.into(), p.device.clone(), p.priority.to_string(), p.schemes.join(", ")])
+            .map(|p| {
+                vec![
+                    p.format.clone(),
+                    p.runner.into(),
+                    p.kind.into(),
+                    p.device.clone(),
+                    p.priority.to_string(),
+                    p.schemes.join(", "),
+                ]
+            })
             .collect();
-        write_table(out, "paths", &["format", "runner", "kind", "device", "priority", "schemes"], &paths)?;
-        let schemes: Vec<Vec<String>> =
-            self.quant_schemes.iter().map(|s| vec![s.name.into(), s.weights.into(), s.activations.into()]).collect();
-        write_table(out, "quant schemes", &["name", "weights", "activations"], &schemes)
+        write_table(
+            out,
+            "paths",
+            &["format", "runner", "kind", "device", "priority", "schemes"],
+            &paths,
+        )?;
+        let schemes: Vec<Vec<String>> = self
+            .quant_schemes
+            .iter()
+            .map(|s| vec![s.name.into(), s.weights.into(), s.activations.into()])
+            .collect();
+        write_table(
+            out,
+            "quant schemes",
+            &["name", "weights", "activations"],
+            &schemes,
+        )
     }
 }
 

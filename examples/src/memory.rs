@@ -24,7 +24,10 @@ fn parse_meminfo(text: &str) -> Option<u64> {
 /// Fails with [`CliError::OutOfMemory`] when `need` bytes exceed `available` (when known).
 pub fn check_fits(need: usize, available: Option<u64>) -> Result<()> {
     match available {
-        Some(avail) if need as u64 > avail => Err(CliError::OutOfMemory { need_gb: need as f64 / GB, available_gb: avail as f64 / GB }),
+        Some(avail) if need as u64 > avail => Err(CliError::OutOfMemory {
+            need_gb: need as f64 / GB,
+            available_gb: avail as f64 / GB,
+        }),
         _ => Ok(()),
     }
 }
@@ -45,7 +48,15 @@ mod tests {
     fn too_big_says_how_much_and_what_to_try() {
         assert!(check_fits(10, Some(20)).is_ok());
         assert!(check_fits(10, None).is_ok());
-        let err = check_fits(12_000_000_000, Some(8_000_000_000)).unwrap_err().to_string();
-        assert!(err.contains("12.0 GB") && err.contains("8.0 GB") && err.contains("--ep") && err.contains("--scheme"), "{err}");
+        let err = check_fits(12_000_000_000, Some(8_000_000_000))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("12.0 GB")
+                && err.contains("8.0 GB")
+                && err.contains("--ep")
+                && err.contains("--scheme"),
+            "{err}"
+        );
     }
 }

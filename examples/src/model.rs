@@ -46,7 +46,13 @@ pub struct ModelSpec {
 }
 
 /// Built-in presets, by name.
-pub const PRESETS: [&str; 5] = ["tiny", "qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3", "deepseek-v4-flash"];
+pub const PRESETS: [&str; 5] = [
+    "tiny",
+    "qwen3-30b-a3b",
+    "mixtral-8x7b",
+    "deepseek-v3",
+    "deepseek-v4-flash",
+];
 
 /// Fields every DeepSeek-style preset shares: grouped sigmoid routing, one fusable shared
 /// expert of the routed experts' size, FP8 block weights.
@@ -69,7 +75,11 @@ fn deepseek(
         moe_intermediate: 2048,
         shared_intermediate: 2048,
         fusable_shared: true,
-        routing: Routing::Grouped { n_group, topk_group, renormalize: true },
+        routing: Routing::Grouped {
+            n_group,
+            topk_group,
+            renormalize: true,
+        },
         routed_scaling_factor: Some(routed_scaling_factor),
         swiglu_limit,
         default_scheme: QuantScheme::Fp8Block128,
@@ -77,7 +87,14 @@ fn deepseek(
 }
 
 /// Softmax-routed models without shared experts.
-fn softmax(name: &str, arch: &str, experts: usize, top_k: usize, hidden: usize, inter: usize) -> ModelSpec {
+fn softmax(
+    name: &str,
+    arch: &str,
+    experts: usize,
+    top_k: usize,
+    hidden: usize,
+    inter: usize,
+) -> ModelSpec {
     ModelSpec {
         name: name.into(),
         arch: arch.into(),
@@ -105,9 +122,20 @@ impl ModelSpec {
             "qwen3-30b-a3b" => softmax(name, "Qwen3MoeForCausalLM", 128, 8, 2048, 768),
             "mixtral-8x7b" => softmax(name, "MixtralForCausalLM", 8, 2, 4096, 14336),
             "deepseek-v3" => deepseek(name, "DeepseekV3ForCausalLM", 8, 7168, (8, 4), 2.5, None),
-            "deepseek-v4-flash" => deepseek(name, "DeepseekV4ForCausalLM", 6, 4096, (1, 1), 1.5, Some(10.0)),
+            "deepseek-v4-flash" => deepseek(
+                name,
+                "DeepseekV4ForCausalLM",
+                6,
+                4096,
+                (1, 1),
+                1.5,
+                Some(10.0),
+            ),
             _ => {
-                return Err(CliError::UnknownPreset { name: name.into(), known: PRESETS.join(", ") });
+                return Err(CliError::UnknownPreset {
+                    name: name.into(),
+                    known: PRESETS.join(", "),
+                });
             }
         })
     }
@@ -139,6 +167,9 @@ mod tests {
     #[test]
     fn unknown_preset_lists_the_known_ones() {
         let err = ModelSpec::preset("gpt-5").unwrap_err().to_string();
-        assert!(err.contains("gpt-5") && err.contains("deepseek-v3") && err.contains("tiny"), "{err}");
+        assert!(
+            err.contains("gpt-5") && err.contains("deepseek-v3") && err.contains("tiny"),
+            "{err}"
+        );
     }
 }

@@ -13,7 +13,12 @@ pub fn write_json(out: &mut dyn Write, value: &impl Serialize) -> Result<()> {
 }
 
 /// Writes a table with a title, left-aligned columns padded to their widest cell.
-pub fn write_table(out: &mut dyn Write, title: &str, headers: &[&str], rows: &[Vec<String>]) -> Result<()> {
+pub fn write_table(
+    out: &mut dyn Write,
+    title: &str,
+    headers: &[&str],
+    rows: &[Vec<String>],
+) -> Result<()> {
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -21,7 +26,11 @@ pub fn write_table(out: &mut dyn Write, title: &str, headers: &[&str], rows: &[V
         }
     }
     let line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, &w)| format!("{c:<w$}")).collect();
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, &w)| format!("{c:<w$}"))
+            .collect();
         padded.join("  ").trim_end().to_string()
     };
     writeln!(out, "{title}")?;
@@ -110,7 +119,11 @@ impl RunReport {
         )?;
         writeln!(out, "throughput {:.0} tokens/s", self.tokens_per_s)?;
         match self.error_vs_reference {
-            Some(a) => writeln!(out, "vs ref     rel_l2 {:.3e}, max_abs {:.3e}", a.rel_l2, a.max_abs)?,
+            Some(a) => writeln!(
+                out,
+                "vs ref     rel_l2 {:.3e}, max_abs {:.3e}",
+                a.rel_l2, a.max_abs
+            )?,
             None => writeln!(out, "vs ref     (this is the reference path)")?,
         }
         Ok(())

@@ -12,9 +12,11 @@ pub fn weight_bar(total: u64, quiet: bool) -> ProgressBar {
     }
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     // The template is fixed, so this only falls back if indicatif changes its syntax.
-    let style = ProgressStyle::with_template("generating weights [{bar:40}] {pos}/{len} expert matrices, {elapsed}")
-        .map(|s| s.progress_chars("=> "))
-        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    let style = ProgressStyle::with_template(
+        "generating weights [{bar:40}] {pos}/{len} expert matrices, {elapsed}",
+    )
+    .map(|s| s.progress_chars("=> "))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar
 }

@@ -17,8 +17,8 @@ use moe_backend_reference::CpuSharedExperts;
 use moe_conformance::{suite, synthetic};
 use moe_dispatch::{a2a_backends, make_dispatcher, to_local_ids, DispatcherConfig, MoeLayer};
 use moe_runner_core::{
-    quant_to_device, DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo,
-    QuantScheme, SharedExperts, Tensor, TopK,
+    quant_to_device, DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner,
+    MoeRunnerConfig, QuantInfo, QuantScheme, SharedExperts, Tensor, TopK,
 };
 use std::io::Write;
 use std::time::Instant;
@@ -32,7 +32,10 @@ const SEED_SHARED: u64 = 3;
 pub fn load_spec(config: Option<&std::path::Path>, preset: &str) -> Result<ModelSpec> {
     match config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read { path: path.to_path_buf(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| CliError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?;
             hf_config::spec_from_json(&text, &path.display().to_string())
         }
         None => ModelSpec::preset(preset),
@@ -48,14 +51,20 @@ pub fn parse_scheme(name: &str) -> Result<QuantScheme> {
 
 /// The dispatch format the named a2a backend emits.
 fn a2a_format(name: &str) -> Result<DispatchFormat> {
-    a2a_backends().find(|b| b.name == name).map(|b| b.format).ok_or_else(|| {
-        MoeError::Unknown {
-            kind: "a2a backend",
-            name: name.into(),
-            known: a2a_backends().map(|b| b.name).collect::<Vec<_>>().join(", "),
-        }
-        .into()
-    })
+    a2a_backends()
+        .find(|b| b.name == name)
+        .map(|b| b.format)
+        .ok_or_else(|| {
+            MoeError::Unknown {
+                kind: "a2a backend",
+                name: name.into(),
+                known: a2a_backends()
+                    .map(|b| b.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into()
+        })
 }
 
 /// The named runner, or with `auto` the preferred path on the first GPU, falling back to the
@@ -102,30 +111,58 @@ fn shared_experts(plan: &LayerPlan, seed: u64) -> Result<Option<Box<dyn SharedEx
     };
     let h = plan.config.hidden_size;
     let w13 = synthetic::uniform(2 * intermediate * h, (3.0 / h as f32).sqrt(), seed);
-    let w2 = synthetic::uniform(h * intermediate, (3.0 / intermediate as f32).sqrt(), seed ^ 0x5EED);
-    Ok(Some(Box::new(CpuSharedExperts::new(w13, w2, intermediate, &plan.config)?)))
+    let w2 = synthetic::uniform(
+        h * intermediate,
+        (3.0 / intermediate as f32).sqrt(),
+        seed ^ 0x5EED,
+    );
+    Ok(Some(Box::new(CpuSharedExperts::new(
+        w13,
+        w2,
+        intermediate,
+        &plan.config,
+    )?)))
 }
 
 /// The routed output of `runner` against the reference path (standard format, CPU, host
 /// copies of the same weights and input) on the same routing, unless the path is the
 /// reference path itself. Under EP the ids are mapped to rank 0's local ids, as the standard
 /// dispatcher does.
-fn compare_with_reference(runner: &MoeRunner, plan: &LayerPlan, host: &Inputs, placed: &Inputs, logits: &Tensor) -> Result<Option<Accuracy>> {
-    if runner.runner() == moe_backend_reference::RUNNER && runner.format() == DispatchFormat::Standard {
+fn compare_with_reference(
+    runner: &MoeRunner,
+    plan: &LayerPlan,
+    host: &Inputs,
+    placed: &Inputs,
+    logits: &Tensor,
+) -> Result<Option<Accuracy>> {
+    if runner.runner() == moe_backend_reference::RUNNER
+        && runner.format() == DispatchFormat::Standard
+    {
         return Ok(None);
     }
     let mut topk = plan.router.route(logits)?;
     let cfg = runner.config();
     if cfg.num_local_experts < cfg.num_experts {
         let local = to_local_ids(topk.ids.as_slice::<i32>()?, 0, cfg.num_local_experts);
-        topk = TopK::new(Tensor::from_slice(&local, topk.ids.shape(), DType::I32)?, topk.weights)?;
+        topk = TopK::new(
+            Tensor::from_slice(&local, topk.ids.shape(), DType::I32)?,
+            topk.weights,
+        )?;
     }
     let copy = TopK::new(topk.ids.clone(), topk.weights.clone())?;
     let got = suite::run_path(runner, &placed.hidden, copy, placed.weights.as_ref())?;
-    let reference = MoeRunner::new(moe_backend_reference::RUNNER, DispatchFormat::Standard, runner.scheme(), cfg.clone())?;
+    let reference = MoeRunner::new(
+        moe_backend_reference::RUNNER,
+        DispatchFormat::Standard,
+        runner.scheme(),
+        cfg.clone(),
+    )?;
     let want = suite::run_path(&reference, &host.hidden, topk, host.weights.as_ref())?;
     let c = suite::compare(&got, &want)?;
-    Ok(Some(Accuracy { rel_l2: c.rel_l2, max_abs: c.max_abs }))
+    Ok(Some(Accuracy {
+        rel_l2: c.rel_l2,
+        max_abs: c.max_abs,
+    }))
 }
 
 /// The expert weights and the hidden batch, together because they move to a device together.
@@ -139,15 +176,31 @@ fn place(host: &Inputs, device: &Device) -> Result<Option<Inputs>> {
     if !device.is_cuda() {
         return Ok(None);
     }
-    Ok(Some(Inputs { weights: quant_to_device(host.weights.as_ref(), device)?, hidden: host.hidden.to_device(device)? }))
+    Ok(Some(Inputs {
+        weights: quant_to_device(host.weights.as_ref(), device)?,
+        hidden: host.hidden.to_device(device)?,
+    }))
 }
 
 pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     let spec = load_spec(args.config.as_deref(), &args.preset)?;
-    let scheme = args.scheme.as_deref().map(parse_scheme).transpose()?.unwrap_or(spec.default_scheme);
+    let scheme = args
+        .scheme
+        .as_deref()
+        .map(parse_scheme)
+        .transpose()?
+        .unwrap_or(spec.default_scheme);
     let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
     let (tp, ep) = (args.tp.get(), args.ep.get());
-    let plan = LayerPlan::new(&spec, Parallelism { tp, ep, fuse_shared: !args.no_shared_fusion }, args.seed)?;
+    let plan = LayerPlan::new(
+        &spec,
+        Parallelism {
+            tp,
+            ep,
+            fuse_shared: !args.no_shared_fusion,
+        },
+        args.seed,
+    )?;
     plan.check_scheme(scheme)?;
     let format = a2a_format(&args.a2a)?;
     let (runner, device_note) = build_runner(&args.runner, format, scheme, plan.config.clone())?;
@@ -171,13 +224,28 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     let weights = synthetic::weights(dims, scheme, args.seed, &|n| bar.inc(n))?;
     bar.finish_and_clear();
     let shared = shared_experts(&plan, args.seed.wrapping_add(SEED_SHARED))?;
-    let hidden = synthetic::hidden(tokens, spec.hidden, activation_dtype(scheme), args.seed.wrapping_add(SEED_HIDDEN))?;
+    let hidden = synthetic::hidden(
+        tokens,
+        spec.hidden,
+        activation_dtype(scheme),
+        args.seed.wrapping_add(SEED_HIDDEN),
+    )?;
     // The router runs on the host, so the logits stay there.
-    let logits = synthetic::logits(tokens, spec.routed_experts, args.seed.wrapping_add(SEED_LOGITS))?;
+    let logits = synthetic::logits(
+        tokens,
+        spec.routed_experts,
+        args.seed.wrapping_add(SEED_LOGITS),
+    )?;
 
     let host = Inputs { weights, hidden };
     let placed = place(&host, runner.device())?;
-    let accuracy = compare_with_reference(&runner, &plan, &host, placed.as_ref().unwrap_or(&host), &logits)?;
+    let accuracy = compare_with_reference(
+        &runner,
+        &plan,
+        &host,
+        placed.as_ref().unwrap_or(&host),
+        &logits,
+    )?;
     // The host copies were only needed by the reference; the layer takes the runner's.
     let Inputs { weights, hidden } = placed.unwrap_or(host);
     let layer = MoeLayer::new(plan.router.clone(), dispatcher, runner, weights, shared)?;
@@ -191,7 +259,8 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         times.push(start.elapsed());
         drop(output);
     }
-    let latency = Latency::of(&times).ok_or_else(|| MoeError::invalid("--iters", "at least one timed iteration"))?;
+    let latency = Latency::of(&times)
+        .ok_or_else(|| MoeError::invalid("--iters", "at least one timed iteration"))?;
 
     let runner = layer.runner();
     let report = RunReport {
@@ -219,7 +288,10 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         tokens_per_s: latency.tokens_per_s(tokens),
         latency,
         error_vs_reference: accuracy,
-        notes: device_note.into_iter().chain(plan.fusion_note.clone()).collect(),
+        notes: device_note
+            .into_iter()
+            .chain(plan.fusion_note.clone())
+            .collect(),
     };
     if args.json {
         write_json(out, &report)

@@ -21,7 +21,10 @@ impl Latency {
             _ if n % 2 == 1 => ms[n / 2],
             _ => (ms[n / 2 - 1] + ms[n / 2]) / 2.0,
         };
-        Some(Self { median_ms: median, min_ms: ms[0] })
+        Some(Self {
+            median_ms: median,
+            min_ms: ms[0],
+        })
     }
 
     /// Tokens per second at the median latency.
@@ -40,10 +43,33 @@ mod tests {
 
     #[test]
     fn median_and_min() {
-        let ms = |v: &[u64]| v.iter().map(|&x| Duration::from_millis(x)).collect::<Vec<_>>();
-        assert_eq!(Latency::of(&ms(&[5, 1, 3])), Some(Latency { median_ms: 3.0, min_ms: 1.0 }));
-        assert_eq!(Latency::of(&ms(&[4, 2])), Some(Latency { median_ms: 3.0, min_ms: 2.0 }));
+        let ms = |v: &[u64]| {
+            v.iter()
+                .map(|&x| Duration::from_millis(x))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            Latency::of(&ms(&[5, 1, 3])),
+            Some(Latency {
+                median_ms: 3.0,
+                min_ms: 1.0
+            })
+        );
+        assert_eq!(
+            Latency::of(&ms(&[4, 2])),
+            Some(Latency {
+                median_ms: 3.0,
+                min_ms: 2.0
+            })
+        );
         assert_eq!(Latency::of(&[]), None);
-        assert_eq!(Latency { median_ms: 2.0, min_ms: 1.0 }.tokens_per_s(64), 32000.0);
+        assert_eq!(
+            Latency {
+                median_ms: 2.0,
+                min_ms: 1.0
+            }
+            .tokens_per_s(64),
+            32000.0
+        );
     }
 }

@@ -15,7 +15,10 @@ use std::io::Write;
 /// Candidate tiles for `per_expert` rows per expert: block M near the rows an expert gets,
 /// the N, warps, stages and K widths the kernel supports.
 pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
-    let fp8 = matches!(scheme, QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel);
+    let fp8 = matches!(
+        scheme,
+        QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel
+    );
     let max_bm = (per_expert.next_power_of_two() * 2).clamp(16, 128);
     let mut out = Vec::new();
     for bm in [16, 32, 64, 128].into_iter().filter(|&b| b <= max_bm) {
@@ -31,7 +34,14 @@ pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
                 }
                 for stages in [3, 4] {
                     let group = if bm >= 64 { 8 } else { 1 };
-                    out.push(TileConfig { block_m: bm, block_n: bn, block_k: bk, group_m: group, num_warps: warps, num_stages: stages });
+                    out.push(TileConfig {
+                        block_m: bm,
+                        block_n: bn,
+                        block_k: bk,
+                        group_m: group,
+                        num_warps: warps,
+                        num_stages: stages,
+                    });
                 }
             }
         }
@@ -41,8 +51,21 @@ pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
 
 pub fn tune(args: &TuneArgs, out: &mut dyn Write) -> Result<()> {
     let spec = load_spec(args.config.as_deref(), &args.preset)?;
-    let scheme = args.scheme.as_deref().map(parse_scheme).transpose()?.unwrap_or(spec.default_scheme);
-    let plan = LayerPlan::new(&spec, Parallelism { tp: args.tp.get(), ep: args.ep.get(), fuse_shared: !args.no_shared_fusion }, 0)?;
+    let scheme = args
+        .scheme
+        .as_deref()
+        .map(parse_scheme)
+        .transpose()?
+        .unwrap_or(spec.default_scheme);
+    let plan = LayerPlan::new(
+        &spec,
+        Parallelism {
+            tp: args.tp.get(),
+            ep: args.ep.get(),
+            fuse_shared: !args.no_shared_fusion,
+        },
+        0,
+    )?;
     let cfg = &plan.config;
     let shape = LayerShape {
         name: spec.name.clone(),
@@ -73,15 +96,28 @@ pub fn tune(args: &TuneArgs, out: &mut dyn Write) -> Result<()> {
             bar.inc(1);
         }
         bar.finish_and_clear();
-        let (ms, tile) = found.ok_or_else(|| moe_runner_core::MoeError::Device(format!("no tile ran for M={m}")))?;
-        rows.push(vec![m.to_string(), format!("{:.1}", ms * 1e3), format!("{tile:?}")]);
+        let (ms, tile) = found
+            .ok_or_else(|| moe_runner_core::MoeError::Device(format!("no tile ran for M={m}")))?;
+        rows.push(vec![
+            m.to_string(),
+            format!("{:.1}", ms * 1e3),
+            format!("{tile:?}"),
+        ]);
         best.insert(m, tile);
     }
     layer.runner.force_tile(None)?;
     let name = config_file_name(shape.experts, shape.inter, &device.name(), scheme);
     std::fs::create_dir_all(&args.out).map_err(CliError::Write)?;
     let path = args.out.join(&name);
-    let file = TunedConfigs { path: path.clone(), by_m: best };
+    let file = TunedConfigs {
+        path: path.clone(),
+        by_m: best,
+    };
     std::fs::write(&path, file.to_json()).map_err(CliError::Write)?;
-    write_table(out, &format!("{} -> {}", spec.name, path.display()), &["M", "best us", "tile"], &rows)
+    write_table(
+        out,
+        &format!("{} -> {}", spec.name, path.display()),
+        &["M", "best us", "tile"],
+        &rows,
+    )
 }

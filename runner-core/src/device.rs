@@ -46,7 +46,10 @@ impl Device {
     pub fn as_cuda(&self) -> Result<&CudaDevice> {
         match self {
             Device::Cuda(d) => Ok(d),
-            Device::Cpu(_) => Err(MoeError::invalid("device", "expected a CUDA device, got the CPU")),
+            Device::Cpu(_) => Err(MoeError::invalid(
+                "device",
+                "expected a CUDA device, got the CPU",
+            )),
         }
     }
 }

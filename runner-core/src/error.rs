@@ -30,7 +30,9 @@ pub enum MoeError {
     Config(String),
     #[error("invalid argument {what}: {msg}")]
     Invalid { what: String, msg: String },
-    #[error("expert id {id} at row {row}, slot {slot} is out of range: expected -1 or 0..{num_experts}")]
+    #[error(
+        "expert id {id} at row {row}, slot {slot} is out of range: expected -1 or 0..{num_experts}"
+    )]
     ExpertIdOutOfRange {
         id: i32,
         row: usize,

@@ -21,7 +21,9 @@ mod shared_experts;
 mod tensor;
 
 pub use activation::{ActivationKernel, ActivationOp};
-pub use combine_input::{downcast_combine, CombineInput, DeepEpLlCombineInput, StandardCombineInput};
+pub use combine_input::{
+    downcast_combine, CombineInput, DeepEpLlCombineInput, StandardCombineInput,
+};
 pub use config::{Activation, GateUpLayout, MoeRunnerConfig};
 pub use device::{CpuDevice, CudaDevice, Device, DeviceOps};
 pub use dispatch_output::{
@@ -31,9 +33,9 @@ pub use dtype::{DType, Element};
 pub use error::{MoeError, Result};
 pub use format::DispatchFormat;
 pub use quant_info::{
-    as_expert_weights, downcast_quant, quant_to_device, DenseWeights, ExpertWeights, Fp8BlockWeights,
-    Fp8PerChannelWeights, Fp8PerTensorWeights, Mxfp4Weights, Nvfp4Weights, Proj, QuantInfo,
-    ScaleLayout, WeightDims, FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK,
+    as_expert_weights, downcast_quant, quant_to_device, DenseWeights, ExpertWeights,
+    Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights, Mxfp4Weights, Nvfp4Weights, Proj,
+    QuantInfo, ScaleLayout, WeightDims, FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK,
 };
 pub use quant_scheme::{scheme_list, QuantScheme};
 pub use registry::{DeviceKind, PathInfo, PathKind};

@@ -48,7 +48,12 @@ impl WeightDims {
 
     /// Checks these sizes against a runner config (local experts, gated width, H, I).
     pub fn check(&self, cfg: &MoeRunnerConfig) -> Result<()> {
-        let want = [cfg.num_local_experts, cfg.gemm1_columns(), cfg.hidden_size, cfg.intermediate_size];
+        let want = [
+            cfg.num_local_experts,
+            cfg.gemm1_columns(),
+            cfg.hidden_size,
+            cfg.intermediate_size,
+        ];
         let got = [self.experts, self.n1, self.hidden, self.inter];
         if want != got {
             return Err(MoeError::Shape {
@@ -71,7 +76,9 @@ pub trait ExpertWeights: QuantInfo {
 /// Views quant info as a dequantizable weight set, for every scheme this crate defines.
 pub fn as_expert_weights(quant: &dyn QuantInfo) -> Result<&dyn ExpertWeights> {
     Ok(match quant.scheme() {
-        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => downcast_quant::<DenseWeights>(quant)?,
+        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => {
+            downcast_quant::<DenseWeights>(quant)?
+        }
         QuantScheme::Fp8Block128 => downcast_quant::<Fp8BlockWeights>(quant)?,
         QuantScheme::Fp8PerTensor => downcast_quant::<Fp8PerTensorWeights>(quant)?,
         QuantScheme::Fp8PerChannel => downcast_quant::<Fp8PerChannelWeights>(quant)?,
@@ -83,10 +90,18 @@ pub fn as_expert_weights(quant: &dyn QuantInfo) -> Result<&dyn ExpertWeights> {
 /// A copy of any weight set of this crate with its tensors on `device`.
 pub fn quant_to_device(quant: &dyn QuantInfo, device: &Device) -> Result<Box<dyn QuantInfo>> {
     Ok(match quant.scheme() {
-        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => Box::new(downcast_quant::<DenseWeights>(quant)?.to_device(device)?),
-        QuantScheme::Fp8Block128 => Box::new(downcast_quant::<Fp8BlockWeights>(quant)?.to_device(device)?),
-        QuantScheme::Fp8PerTensor => Box::new(downcast_quant::<Fp8PerTensorWeights>(quant)?.to_device(device)?),
-        QuantScheme::Fp8PerChannel => Box::new(downcast_quant::<Fp8PerChannelWeights>(quant)?.to_device(device)?),
+        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => {
+            Box::new(downcast_quant::<DenseWeights>(quant)?.to_device(device)?)
+        }
+        QuantScheme::Fp8Block128 => {
+            Box::new(downcast_quant::<Fp8BlockWeights>(quant)?.to_device(device)?)
+        }
+        QuantScheme::Fp8PerTensor => {
+            Box::new(downcast_quant::<Fp8PerTensorWeights>(quant)?.to_device(device)?)
+        }
+        QuantScheme::Fp8PerChannel => {
+            Box::new(downcast_quant::<Fp8PerChannelWeights>(quant)?.to_device(device)?)
+        }
         QuantScheme::Nvfp4 => Box::new(downcast_quant::<Nvfp4Weights>(quant)?.to_device(device)?),
         QuantScheme::Mxfp4 => Box::new(downcast_quant::<Mxfp4Weights>(quant)?.to_device(device)?),
     })
@@ -100,7 +115,11 @@ fn expert_slice<T: crate::Element>(t: &Tensor, e: usize, per: usize) -> Result<&
 
 fn check_out(out: &[f32], rows: usize, cols: usize) -> Result<()> {
     if out.len() != rows * cols {
-        return Err(MoeError::shape("dequantized expert", &[rows, cols], &[out.len()]));
+        return Err(MoeError::shape(
+            "dequantized expert",
+            &[rows, cols],
+            &[out.len()],
+        ));
     }
     Ok(())
 }
@@ -121,7 +140,11 @@ fn weight_dims(w13: &Tensor, w2: &Tensor, pack: usize) -> Result<WeightDims> {
         inter: i_packed * pack,
     };
     if e2 != e || h != dims.hidden {
-        return Err(MoeError::shape("w2", &[e, dims.hidden, i_packed], w2.shape()));
+        return Err(MoeError::shape(
+            "w2",
+            &[e, dims.hidden, i_packed],
+            w2.shape(),
+        ));
     }
     if n1 != dims.inter && n1 != 2 * dims.inter {
         return Err(MoeError::Invalid {
@@ -237,7 +260,13 @@ impl Fp8BlockWeights {
         let d = weight_dims(&w13, &w2, 1)?;
         w13_scale.expect_shape("w13_scale", &block_scale_shape(d.experts, d.n1, d.hidden))?;
         w2_scale.expect_shape("w2_scale", &block_scale_shape(d.experts, d.hidden, d.inter))?;
-        Ok(Self { w13, w13_scale, w2, w2_scale, dims: d })
+        Ok(Self {
+            w13,
+            w13_scale,
+            w2,
+            w2_scale,
+            dims: d,
+        })
     }
 
     /// Quantizes dense weights block by block.
@@ -258,7 +287,12 @@ impl Fp8BlockWeights {
 
 impl Fp8BlockWeights {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Self::new(self.w13.to_device(device)?, self.w13_scale.to_device(device)?, self.w2.to_device(device)?, self.w2_scale.to_device(device)?)
+        Self::new(
+            self.w13.to_device(device)?,
+            self.w13_scale.to_device(device)?,
+            self.w2.to_device(device)?,
+            self.w2_scale.to_device(device)?,
+        )
     }
 }
 
@@ -326,11 +360,22 @@ impl Fp8PerTensorWeights {
         for (name, s) in [("a13_scale", a13_scale), ("a2_scale", a2_scale)] {
             if let Some(s) = s {
                 if !(s.is_finite() && s > 0.0) {
-                    return Err(MoeError::invalid(name, format!("must be finite and positive, got {s}")));
+                    return Err(MoeError::invalid(
+                        name,
+                        format!("must be finite and positive, got {s}"),
+                    ));
                 }
             }
         }
-        Ok(Self { w13, w13_scale, w2, w2_scale, a13_scale, a2_scale, dims: d })
+        Ok(Self {
+            w13,
+            w13_scale,
+            w2,
+            w2_scale,
+            a13_scale,
+            a2_scale,
+            dims: d,
+        })
     }
 
     /// Quantizes dense weights with one scale per expert matrix; dynamic activation scales.
@@ -414,7 +459,13 @@ impl Fp8PerChannelWeights {
         w2_scale.expect_dtype("w2_scale", &[DType::F32])?;
         w13_scale.expect_shape("w13_scale", &[d.experts, d.n1])?;
         w2_scale.expect_shape("w2_scale", &[d.experts, d.hidden])?;
-        Ok(Self { w13, w13_scale, w2, w2_scale, dims: d })
+        Ok(Self {
+            w13,
+            w13_scale,
+            w2,
+            w2_scale,
+            dims: d,
+        })
     }
 
     pub fn quantize(dense: &DenseWeights) -> Result<Self> {
@@ -434,7 +485,12 @@ impl Fp8PerChannelWeights {
 
 impl Fp8PerChannelWeights {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Self::new(self.w13.to_device(device)?, self.w13_scale.to_device(device)?, self.w2.to_device(device)?, self.w2_scale.to_device(device)?)
+        Self::new(
+            self.w13.to_device(device)?,
+            self.w13_scale.to_device(device)?,
+            self.w2.to_device(device)?,
+            self.w2_scale.to_device(device)?,
+        )
     }
 }
 
@@ -512,7 +568,10 @@ fn check_globals(name: &str, v: &[f32], experts: usize) -> Result<()> {
         return Err(MoeError::shape(name, &[experts], &[v.len()]));
     }
     if let Some(bad) = v.iter().find(|g| !(g.is_finite() && **g > 0.0)) {
-        return Err(MoeError::invalid(name, format!("global scales must be finite and positive, got {bad}")));
+        return Err(MoeError::invalid(
+            name,
+            format!("global scales must be finite and positive, got {bad}"),
+        ));
     }
     Ok(())
 }
@@ -535,17 +594,43 @@ impl Nvfp4Weights {
         let d = weight_dims(&w13, &w2, 2)?;
         for (name, v) in [("hidden_size", d.hidden), ("intermediate_size", d.inter)] {
             if v % NVFP4_BLOCK != 0 {
-                return Err(MoeError::NotDivisible { what: name.into(), value: v, divisor: NVFP4_BLOCK });
+                return Err(MoeError::NotDivisible {
+                    what: name.into(),
+                    value: v,
+                    divisor: NVFP4_BLOCK,
+                });
             }
         }
-        for (name, t, r, c) in [("w13_scale", &w13_scale, d.n1, d.hidden), ("w2_scale", &w2_scale, d.hidden, d.inter)] {
+        for (name, t, r, c) in [
+            ("w13_scale", &w13_scale, d.n1, d.hidden),
+            ("w2_scale", &w2_scale, d.hidden, d.inter),
+        ] {
             t.expect_dtype(name, &[DType::F8E4M3])?;
-            t.expect_shape(name, &[d.experts, fp4_scale_len(scale_layout, r, c, NVFP4_BLOCK)])?;
+            t.expect_shape(
+                name,
+                &[d.experts, fp4_scale_len(scale_layout, r, c, NVFP4_BLOCK)],
+            )?;
         }
-        for (name, v) in [("w13_global", &w13_global), ("w2_global", &w2_global), ("a13_global", &a13_global), ("a2_global", &a2_global)] {
+        for (name, v) in [
+            ("w13_global", &w13_global),
+            ("w2_global", &w2_global),
+            ("a13_global", &a13_global),
+            ("a2_global", &a2_global),
+        ] {
             check_globals(name, v, d.experts)?;
         }
-        Ok(Self { w13, w13_scale, w13_global, w2, w2_scale, w2_global, a13_global, a2_global, scale_layout, dims: d })
+        Ok(Self {
+            w13,
+            w13_scale,
+            w13_global,
+            w2,
+            w2_scale,
+            w2_global,
+            a13_global,
+            a2_global,
+            scale_layout,
+            dims: d,
+        })
     }
 
     /// Quantizes dense weights (global scale per expert from its amax), with the given input
@@ -557,35 +642,52 @@ impl Nvfp4Weights {
         scale_layout: ScaleLayout,
     ) -> Result<Self> {
         let d = dense.dims;
-        let one = |t: &Tensor, r: usize, c: usize| -> Result<(Tensor, Tensor, Vec<f32>)> {
-            let v = t.to_f32_vec()?;
-            let (mut packed, mut scales, mut globals) = (Vec::new(), Vec::new(), Vec::new());
-            for chunk in v.chunks(r * c) {
-                let amax = chunk.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let gs = moe_quant::nvfp4_global_scale(amax)?;
-                let q = moe_quant::quantize_nvfp4(chunk, r, c, gs)?;
-                packed.extend_from_slice(&q.packed);
-                match scale_layout {
-                    ScaleLayout::Linear => scales.extend_from_slice(&q.scales),
-                    ScaleLayout::Swizzled128x4 => scales.extend(moe_quant::swizzle_scales_128x4(&q.scales, r, c / NVFP4_BLOCK)?),
+        let one =
+            |t: &Tensor, r: usize, c: usize| -> Result<(Tensor, Tensor, Vec<f32>)> {
+                let v = t.to_f32_vec()?;
+                let (mut packed, mut scales, mut globals) = (Vec::new(), Vec::new(), Vec::new());
+                for chunk in v.chunks(r * c) {
+                    let amax = chunk.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let gs = moe_quant::nvfp4_global_scale(amax)?;
+                    let q = moe_quant::quantize_nvfp4(chunk, r, c, gs)?;
+                    packed.extend_from_slice(&q.packed);
+                    match scale_layout {
+                        ScaleLayout::Linear => scales.extend_from_slice(&q.scales),
+                        ScaleLayout::Swizzled128x4 => scales.extend(
+                            moe_quant::swizzle_scales_128x4(&q.scales, r, c / NVFP4_BLOCK)?,
+                        ),
+                    }
+                    globals.push(gs);
                 }
-                globals.push(gs);
-            }
-            let per = fp4_scale_len(scale_layout, r, c, NVFP4_BLOCK);
-            Ok((
-                Tensor::from_slice(&packed, &[d.experts, r, c / 2], DType::E2M1x2)?,
-                Tensor::from_slice(&scales, &[d.experts, per], DType::F8E4M3)?,
-                globals,
-            ))
-        };
+                let per = fp4_scale_len(scale_layout, r, c, NVFP4_BLOCK);
+                Ok((
+                    Tensor::from_slice(&packed, &[d.experts, r, c / 2], DType::E2M1x2)?,
+                    Tensor::from_slice(&scales, &[d.experts, per], DType::F8E4M3)?,
+                    globals,
+                ))
+            };
         for (name, v) in [("hidden_size", d.hidden), ("intermediate_size", d.inter)] {
             if v % NVFP4_BLOCK != 0 {
-                return Err(MoeError::NotDivisible { what: name.into(), value: v, divisor: NVFP4_BLOCK });
+                return Err(MoeError::NotDivisible {
+                    what: name.into(),
+                    value: v,
+                    divisor: NVFP4_BLOCK,
+                });
             }
         }
         let (w13, s13, g13) = one(&dense.w13, d.n1, d.hidden)?;
         let (w2, s2, g2) = one(&dense.w2, d.hidden, d.inter)?;
-        Self::new(w13, s13, g13, w2, s2, g2, a13_global, a2_global, scale_layout)
+        Self::new(
+            w13,
+            s13,
+            g13,
+            w2,
+            s2,
+            g2,
+            a13_global,
+            a2_global,
+            scale_layout,
+        )
     }
 }
 
@@ -632,7 +734,14 @@ impl ExpertWeights for Nvfp4Weights {
                 &linear
             }
         };
-        moe_quant::dequantize_nvfp4_into(expert_slice::<u8>(w, e, r * c / 2)?, scales, r, c, g[e], out)?;
+        moe_quant::dequantize_nvfp4_into(
+            expert_slice::<u8>(w, e, r * c / 2)?,
+            scales,
+            r,
+            c,
+            g[e],
+            out,
+        )?;
         Ok(())
     }
 }
@@ -657,21 +766,35 @@ impl Mxfp4Weights {
         let d = weight_dims(&w13, &w2, 2)?;
         for (name, v) in [("hidden_size", d.hidden), ("intermediate_size", d.inter)] {
             if v % MXFP4_BLOCK != 0 {
-                return Err(MoeError::NotDivisible { what: name.into(), value: v, divisor: MXFP4_BLOCK });
+                return Err(MoeError::NotDivisible {
+                    what: name.into(),
+                    value: v,
+                    divisor: MXFP4_BLOCK,
+                });
             }
         }
         w13_scale.expect_dtype("w13_scale", &[DType::Ue8m0])?;
         w2_scale.expect_dtype("w2_scale", &[DType::Ue8m0])?;
         w13_scale.expect_shape("w13_scale", &[d.experts, d.n1, d.hidden / MXFP4_BLOCK])?;
         w2_scale.expect_shape("w2_scale", &[d.experts, d.hidden, d.inter / MXFP4_BLOCK])?;
-        Ok(Self { w13, w13_scale, w2, w2_scale, dims: d })
+        Ok(Self {
+            w13,
+            w13_scale,
+            w2,
+            w2_scale,
+            dims: d,
+        })
     }
 
     pub fn quantize(dense: &DenseWeights) -> Result<Self> {
         let d = dense.dims;
         for (name, v) in [("hidden_size", d.hidden), ("intermediate_size", d.inter)] {
             if v % MXFP4_BLOCK != 0 {
-                return Err(MoeError::NotDivisible { what: name.into(), value: v, divisor: MXFP4_BLOCK });
+                return Err(MoeError::NotDivisible {
+                    what: name.into(),
+                    value: v,
+                    divisor: MXFP4_BLOCK,
+                });
             }
         }
         let one = |t: &Tensor, r: usize, c: usize| -> Result<(Tensor, Tensor)> {
@@ -689,7 +812,12 @@ impl Mxfp4Weights {
 
 impl Mxfp4Weights {
     pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Self::new(self.w13.to_device(device)?, self.w13_scale.to_device(device)?, self.w2.to_device(device)?, self.w2_scale.to_device(device)?)
+        Self::new(
+            self.w13.to_device(device)?,
+            self.w13_scale.to_device(device)?,
+            self.w2.to_device(device)?,
+            self.w2_scale.to_device(device)?,
+        )
     }
 }
 

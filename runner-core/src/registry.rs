@@ -170,10 +170,11 @@ pub fn registered_paths() -> Vec<PathInfo> {
         .collect();
     for core in runner_cores() {
         for pre in pre_permutes().filter(|p| p.runner == core.runner) {
-            let has_post = post_permutes().any(|p| p.runner == core.runner && p.format == pre.format);
-            let shadowed = paths
-                .iter()
-                .any(|p| p.kind == PathKind::Fused && p.runner == core.runner && p.format == pre.format);
+            let has_post =
+                post_permutes().any(|p| p.runner == core.runner && p.format == pre.format);
+            let shadowed = paths.iter().any(|p| {
+                p.kind == PathKind::Fused && p.runner == core.runner && p.format == pre.format
+            });
             if has_post && !shadowed {
                 paths.push(PathInfo {
                     format: pre.format,
@@ -214,9 +215,18 @@ pub fn duplicate_keys() -> Vec<String> {
         fused_funcs().map(|f| (f.format, f.runner)).collect(),
         "fused func",
     );
-    out.extend(dups(pre_permutes().map(|p| (p.format, p.runner)).collect(), "pre-permute"));
-    out.extend(dups(runner_cores().map(|c| c.runner).collect(), "runner core"));
-    out.extend(dups(post_permutes().map(|p| (p.runner, p.format)).collect(), "post-permute"));
+    out.extend(dups(
+        pre_permutes().map(|p| (p.format, p.runner)).collect(),
+        "pre-permute",
+    ));
+    out.extend(dups(
+        runner_cores().map(|c| c.runner).collect(),
+        "runner core",
+    ));
+    out.extend(dups(
+        post_permutes().map(|p| (p.runner, p.format)).collect(),
+        "post-permute",
+    ));
     out.dedup();
     out
 }

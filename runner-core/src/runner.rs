@@ -69,7 +69,11 @@ impl MoeRunner {
         if info.device != DeviceKind::of(device) {
             return Err(MoeError::invalid(
                 "device",
-                format!("runner `{runner}` computes on {}, not on {}", info.device, DeviceKind::of(device)),
+                format!(
+                    "runner `{runner}` computes on {}, not on {}",
+                    info.device,
+                    DeviceKind::of(device)
+                ),
             ));
         }
         let path = match info.kind {
@@ -200,7 +204,12 @@ impl MoeRunner {
         input: &dyn DispatchOutput,
         quant: &dyn QuantInfo,
     ) -> Result<Box<dyn CombineInput>> {
-        let _span = debug_span!("moe_runner.run", runner = self.runner, tokens = input.num_tokens()).entered();
+        let _span = debug_span!(
+            "moe_runner.run",
+            runner = self.runner,
+            tokens = input.num_tokens()
+        )
+        .entered();
         if input.format() != self.format {
             return Err(MoeError::FormatMismatch {
                 runner: self.runner.to_string(),

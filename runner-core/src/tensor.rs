@@ -45,7 +45,10 @@ impl Clone for Tensor {
     fn clone(&self) -> Self {
         let storage = match &self.storage {
             Storage::Host(words) => Storage::Host(words.clone()),
-            Storage::HostBorrowed { ptr, .. } => Storage::HostBorrowed { ptr: *ptr, writable: false },
+            Storage::HostBorrowed { ptr, .. } => Storage::HostBorrowed {
+                ptr: *ptr,
+                writable: false,
+            },
             #[cfg(feature = "cuda")]
             Storage::Cuda { device, buf } => Storage::Cuda {
                 device: device.clone(),
@@ -55,7 +58,11 @@ impl Clone for Tensor {
                 },
             },
         };
-        Self { shape: self.shape.clone(), dtype: self.dtype, storage }
+        Self {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            storage,
+        }
     }
 }
 
@@ -216,10 +223,13 @@ impl Tensor {
 
     /// The dimensions of a tensor that must have exactly `N` of them.
     pub fn dims<const N: usize>(&self, what: &str) -> Result<[usize; N]> {
-        self.shape.as_slice().try_into().map_err(|_| MoeError::Invalid {
-            what: what.to_string(),
-            msg: format!("expected {N} dimensions, got shape {:?}", self.shape),
-        })
+        self.shape
+            .as_slice()
+            .try_into()
+            .map_err(|_| MoeError::Invalid {
+                what: what.to_string(),
+                msg: format!("expected {N} dimensions, got shape {:?}", self.shape),
+            })
     }
 
     /// The raw bytes of a host tensor.
@@ -242,7 +252,9 @@ impl Tensor {
     pub fn host_bytes_mut(&mut self) -> Result<&mut [u8]> {
         let len = self.size_in_bytes();
         match &mut self.storage {
-            Storage::Host(words) => Ok(&mut bytemuck::cast_slice_mut::<u64, u8>(Arc::make_mut(words).as_mut_slice())[..len]),
+            Storage::Host(words) => Ok(&mut bytemuck::cast_slice_mut::<u64, u8>(
+                Arc::make_mut(words).as_mut_slice(),
+            )[..len]),
             // SAFETY: guaranteed by `borrow_host`'s contract, which granted write access.
             Storage::HostBorrowed {
                 ptr,
@@ -277,7 +289,11 @@ impl Tensor {
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         match self.dtype {
             DType::F32 => Ok(self.as_slice::<f32>()?.to_vec()),
-            DType::Bf16 => Ok(self.as_slice::<bf16>()?.iter().map(|x| x.to_f32()).collect()),
+            DType::Bf16 => Ok(self
+                .as_slice::<bf16>()?
+                .iter()
+                .map(|x| x.to_f32())
+                .collect()),
             DType::F16 => Ok(self.as_slice::<f16>()?.iter().map(|x| x.to_f32()).collect()),
             other => Err(MoeError::DType {
                 what: "float tensor".into(),
@@ -402,7 +418,10 @@ impl Tensor {
         Ok(Tensor {
             shape: shape.to_vec(),
             dtype,
-            storage: Storage::Cuda { device: device.clone(), buf: CudaBuf::Owned(Arc::new(buf)) },
+            storage: Storage::Cuda {
+                device: device.clone(),
+                buf: CudaBuf::Owned(Arc::new(buf)),
+            },
         })
     }
 
@@ -414,7 +433,10 @@ impl Tensor {
                 CudaBuf::Owned(s) => s.device_ptr(device.stream()).0,
                 CudaBuf::Borrowed(p) => *p,
             }),
-            _ => Err(MoeError::Device("tensor is on the host; the GPU runner needs device memory (Tensor::to_device)".into())),
+            _ => Err(MoeError::Device(
+                "tensor is on the host; the GPU runner needs device memory (Tensor::to_device)"
+                    .into(),
+            )),
         }
     }
 

@@ -1,8 +1,6 @@
 //! Config semantics, activation formulas, and tensor ownership rules.
 
-use moe_runner_core::{
-    ActivationOp, DType, GateUpLayout, MoeError, MoeRunnerConfig, Tensor,
-};
+use moe_runner_core::{ActivationOp, DType, GateUpLayout, MoeError, MoeRunnerConfig, Tensor};
 
 fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
@@ -15,7 +13,8 @@ fn config_round_trips_through_json_with_defaults() {
     assert!(cfg.is_gated && !cfg.inplace && !cfg.no_combine && cfg.gemm1_alpha.is_none());
     assert_eq!(cfg.swiglu_limit, Some(10.0));
     cfg.validate().unwrap();
-    let back: MoeRunnerConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+    let back: MoeRunnerConfig =
+        serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
     assert_eq!(back, cfg);
     assert!(serde_json::from_str::<MoeRunnerConfig>(r#"{"num_experts": 1, "bogus": 1}"#).is_err());
 }
@@ -79,8 +78,14 @@ fn gate_up_layouts_pick_the_right_columns() {
 
 #[test]
 fn tensors_check_sizes_and_copy_on_write() {
-    assert!(matches!(Tensor::from_slice(&[1f32, 2.0], &[3], DType::F32), Err(MoeError::Invalid { .. })));
-    assert!(matches!(Tensor::from_slice(&[1f32], &[1], DType::Bf16), Err(MoeError::DType { .. })));
+    assert!(matches!(
+        Tensor::from_slice(&[1f32, 2.0], &[3], DType::F32),
+        Err(MoeError::Invalid { .. })
+    ));
+    assert!(matches!(
+        Tensor::from_slice(&[1f32], &[1], DType::Bf16),
+        Err(MoeError::DType { .. })
+    ));
     let a = Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0], &[2, 2], DType::Bf16).unwrap();
     let mut b = a.clone();
     b.write_f32(&[5.0, 6.0, 7.0, 8.0]).unwrap();
@@ -94,13 +99,17 @@ fn tensors_check_sizes_and_copy_on_write() {
 fn borrowed_host_memory_is_read_and_written_in_place() {
     let mut buf = vec![1.5f32, 2.5, 3.5];
     // SAFETY: `buf` outlives `t` and is not touched while `t` lives.
-    let mut t = unsafe { Tensor::borrow_host(buf.as_mut_ptr().cast(), &[3], DType::F32, true).unwrap() };
+    let mut t =
+        unsafe { Tensor::borrow_host(buf.as_mut_ptr().cast(), &[3], DType::F32, true).unwrap() };
     assert!(t.is_borrowed());
     t.as_mut_slice::<f32>().unwrap()[1] = 9.0;
     let read_only = t.clone();
     assert_eq!(read_only.as_slice::<f32>().unwrap(), &[1.5, 9.0, 3.5]);
     let mut ro = read_only;
-    assert!(ro.as_mut_slice::<f32>().is_err(), "a clone never gains write access");
+    assert!(
+        ro.as_mut_slice::<f32>().is_err(),
+        "a clone never gains write access"
+    );
     drop((t, ro));
     assert_eq!(buf[1], 9.0);
     let null = unsafe { Tensor::borrow_host(std::ptr::null_mut(), &[1], DType::F32, false) };
@@ -110,5 +119,8 @@ fn borrowed_host_memory_is_read_and_written_in_place() {
 #[test]
 fn no_gpu_is_a_typed_error() {
     // On machines without a driver (CI) this is NoCuda; with one, ordinal 4096 does not exist.
-    assert!(matches!(moe_runner_core::Device::cuda(4096), Err(MoeError::NoCuda(_))));
+    assert!(matches!(
+        moe_runner_core::Device::cuda(4096),
+        Err(MoeError::NoCuda(_))
+    ));
 }

@@ -3,7 +3,9 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use moe_conformance::{suite, synthetic};
-use moe_runner_core::{DType, DispatchFormat, MoeRunner, MoeRunnerConfig, QuantScheme, TopK, WeightDims};
+use moe_runner_core::{
+    DType, DispatchFormat, MoeRunner, MoeRunnerConfig, QuantScheme, TopK, WeightDims,
+};
 
 fn bench(c: &mut Criterion) {
     moe_conformance::link_backends();
@@ -11,8 +13,25 @@ fn bench(c: &mut Criterion) {
     group.sample_size(10);
     for (name, e, h, i, k) in [("tiny", 8, 256, 128, 2), ("qwen3_e16", 16, 2048, 768, 8)] {
         let cfg = MoeRunnerConfig::new(e, h, i, k);
-        let quant = synthetic::weights(WeightDims { experts: e, n1: 2 * i, hidden: h, inter: i }, QuantScheme::Bf16, 1, &|_| {}).unwrap();
-        let runner = MoeRunner::new("reference", DispatchFormat::Standard, QuantScheme::Bf16, cfg).unwrap();
+        let quant = synthetic::weights(
+            WeightDims {
+                experts: e,
+                n1: 2 * i,
+                hidden: h,
+                inter: i,
+            },
+            QuantScheme::Bf16,
+            1,
+            &|_| {},
+        )
+        .unwrap();
+        let runner = MoeRunner::new(
+            "reference",
+            DispatchFormat::Standard,
+            QuantScheme::Bf16,
+            cfg,
+        )
+        .unwrap();
         for m in [1usize, 64] {
             let hidden = synthetic::hidden(m, h, DType::Bf16, 2).unwrap();
             let topk = synthetic::topk(m, k, e, 3, false, false).unwrap();

@@ -12,8 +12,16 @@ pub struct Variant {
 }
 
 pub const VARIANTS: &[Variant] = &[
-    Variant { name: "silu", apply: |_| {}, masked_ok: true },
-    Variant { name: "swiglu_limit", apply: |c| c.swiglu_limit = Some(0.75), masked_ok: true },
+    Variant {
+        name: "silu",
+        apply: |_| {},
+        masked_ok: true,
+    },
+    Variant {
+        name: "swiglu_limit",
+        apply: |c| c.swiglu_limit = Some(0.75),
+        masked_ok: true,
+    },
     Variant {
         name: "gpt_oss",
         apply: |c| {
@@ -23,11 +31,31 @@ pub const VARIANTS: &[Variant] = &[
         },
         masked_ok: true,
     },
-    Variant { name: "clamp_after_silu", apply: |c| c.gemm1_clamp_limit = Some(0.2), masked_ok: true },
-    Variant { name: "gelu", apply: |c| c.activation = Activation::Gelu, masked_ok: true },
-    Variant { name: "up_gate", apply: |c| c.gate_up = GateUpLayout::UpGate, masked_ok: true },
-    Variant { name: "not_gated", apply: |c| c.is_gated = false, masked_ok: true },
-    Variant { name: "routed_scaling", apply: |c| c.routed_scaling_factor = Some(2.5), masked_ok: true },
+    Variant {
+        name: "clamp_after_silu",
+        apply: |c| c.gemm1_clamp_limit = Some(0.2),
+        masked_ok: true,
+    },
+    Variant {
+        name: "gelu",
+        apply: |c| c.activation = Activation::Gelu,
+        masked_ok: true,
+    },
+    Variant {
+        name: "up_gate",
+        apply: |c| c.gate_up = GateUpLayout::UpGate,
+        masked_ok: true,
+    },
+    Variant {
+        name: "not_gated",
+        apply: |c| c.is_gated = false,
+        masked_ok: true,
+    },
+    Variant {
+        name: "routed_scaling",
+        apply: |c| c.routed_scaling_factor = Some(2.5),
+        masked_ok: true,
+    },
     Variant {
         name: "weight_on_input",
         apply: |c| {
@@ -36,7 +64,11 @@ pub const VARIANTS: &[Variant] = &[
         },
         masked_ok: false,
     },
-    Variant { name: "no_combine", apply: |c| c.no_combine = true, masked_ok: false },
+    Variant {
+        name: "no_combine",
+        apply: |c| c.no_combine = true,
+        masked_ok: false,
+    },
 ];
 
 /// Batch sizes: zero tokens, one, and an odd count that leaves some experts empty.

@@ -5,14 +5,20 @@
 
 use moe_backend_reference::{per_tensor_scale, round_activations, GemmInput};
 use moe_runner_core::{
-    as_expert_weights, ActivationOp, DType, MoeError, MoeRunnerConfig, Proj, QuantInfo, QuantScheme,
-    Result, TopK,
+    as_expert_weights, ActivationOp, DType, MoeError, MoeRunnerConfig, Proj, QuantInfo,
+    QuantScheme, Result, TopK,
 };
 
 /// `x [M, H]` f32 with routing `topk` (local ids) through the experts of `quant`: `[M, H]`, or
 /// `[M, k, H]` with `no_combine`. Each GEMM's output is rounded to `act_dtype` (the dtype the
 /// activations are stored in between the stages), as every runner stores it.
-pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerConfig, act_dtype: DType) -> Result<Vec<f32>> {
+pub fn naive_moe(
+    x: &[f32],
+    topk: &TopK,
+    quant: &dyn QuantInfo,
+    cfg: &MoeRunnerConfig,
+    act_dtype: DType,
+) -> Result<Vec<f32>> {
     let round = |v: f32| match act_dtype {
         DType::Bf16 => half::bf16::from_f32(v).to_f32(),
         DType::F16 => half::f16::from_f32(v).to_f32(),
@@ -21,7 +27,12 @@ pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerC
     let w = as_expert_weights(quant)?;
     w.dims().check(cfg)?;
     let scheme = quant.scheme();
-    let (h, n1, inter, k) = (cfg.hidden_size, cfg.gemm1_columns(), cfg.intermediate_size, cfg.top_k);
+    let (h, n1, inter, k) = (
+        cfg.hidden_size,
+        cfg.gemm1_columns(),
+        cfg.intermediate_size,
+        cfg.top_k,
+    );
     let m = topk.num_tokens();
     if x.len() != m * h {
         return Err(MoeError::invalid("oracle input", "length is not M * H"));
@@ -35,14 +46,26 @@ pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerC
         w.dequantize_expert(proj, e, &mut v)?;
         Ok(v)
     };
-    let dot = |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum::<f64>() as f32 };
+    let dot = |a: &[f32], b: &[f32]| -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(&p, &q)| p as f64 * q as f64)
+            .sum::<f64>() as f32
+    };
 
     // GEMM 1 inputs of every (token, slot) pair that reaches an expert.
-    let pairs: Vec<(usize, usize)> = (0..m * k).filter(|&f| ids[f] >= 0).map(|f| (f / k, f)).collect();
+    let pairs: Vec<(usize, usize)> = (0..m * k)
+        .filter(|&f| ids[f] >= 0)
+        .map(|f| (f / k, f))
+        .collect();
     let mut inputs: Vec<Vec<f32>> = pairs
         .iter()
         .map(|&(t, f)| {
-            let scale = if cfg.apply_router_weight_on_input { tw[f] } else { 1.0 };
+            let scale = if cfg.apply_router_weight_on_input {
+                tw[f]
+            } else {
+                1.0
+            };
             x[t * h..(t + 1) * h].iter().map(|v| v * scale).collect()
         })
         .collect();
@@ -59,7 +82,9 @@ pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerC
         let e = ids[f] as usize;
         round_activations(scheme, quant, GemmInput::One, e, xin, h, s1)?;
         let w13 = load(Proj::W13, e, n1 * h)?;
-        let g: Vec<f32> = (0..n1).map(|n| round(dot(xin, &w13[n * h..(n + 1) * h]))).collect();
+        let g: Vec<f32> = (0..n1)
+            .map(|n| round(dot(xin, &w13[n * h..(n + 1) * h])))
+            .collect();
         let a: Vec<f32> = (0..inter)
             .map(|j| {
                 if act.is_gated() {
@@ -84,11 +109,19 @@ pub fn naive_moe(x: &[f32], topk: &TopK, quant: &dyn QuantInfo, cfg: &MoeRunnerC
             if cfg.no_combine {
                 out[f * h + c] = y;
             } else {
-                let wt = if cfg.apply_router_weight_on_input { 1.0 } else { tw[f] as f64 };
+                let wt = if cfg.apply_router_weight_on_input {
+                    1.0
+                } else {
+                    tw[f] as f64
+                };
                 out[t * h + c] += wt * y;
             }
         }
     }
-    let scale = if cfg.no_combine { 1.0 } else { cfg.output_scale() as f64 };
+    let scale = if cfg.no_combine {
+        1.0
+    } else {
+        cfg.output_scale() as f64
+    };
     Ok(out.into_iter().map(|v| (v * scale) as f32).collect())
 }

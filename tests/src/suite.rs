@@ -24,16 +24,23 @@ pub struct Comparison {
 
 impl Comparison {
     pub fn within(&self, tol: f64) -> bool {
-        self.nan_mismatch == 0 && self.rel_l2 <= tol && self.max_abs <= 8.0 * tol * self.ref_max.max(1e-6)
+        self.nan_mismatch == 0
+            && self.rel_l2 <= tol
+            && self.max_abs <= 8.0 * tol * self.ref_max.max(1e-6)
     }
 }
 
 /// Compares element-wise; NaN positions must agree and are otherwise skipped.
 pub fn compare(got: &[f32], want: &[f32]) -> Result<Comparison> {
     if got.len() != want.len() {
-        return Err(MoeError::Shape { what: "compared outputs".into(), expected: vec![want.len()], got: vec![got.len()] });
+        return Err(MoeError::Shape {
+            what: "compared outputs".into(),
+            expected: vec![want.len()],
+            got: vec![got.len()],
+        });
     }
-    let (mut diff2, mut ref2, mut max_abs, mut ref_max, mut nan_mismatch) = (0f64, 0f64, 0f64, 0f64, 0usize);
+    let (mut diff2, mut ref2, mut max_abs, mut ref_max, mut nan_mismatch) =
+        (0f64, 0f64, 0f64, 0f64, 0usize);
     for (&g, &w) in got.iter().zip(want) {
         if g.is_nan() || w.is_nan() {
             nan_mismatch += usize::from(g.is_nan() != w.is_nan());
@@ -45,8 +52,17 @@ pub fn compare(got: &[f32], want: &[f32]) -> Result<Comparison> {
         max_abs = max_abs.max(d);
         ref_max = ref_max.max((w as f64).abs());
     }
-    let rel_l2 = if ref2 > 0.0 { (diff2 / ref2).sqrt() } else { diff2.sqrt() };
-    Ok(Comparison { rel_l2, max_abs, ref_max, nan_mismatch })
+    let rel_l2 = if ref2 > 0.0 {
+        (diff2 / ref2).sqrt()
+    } else {
+        diff2.sqrt()
+    };
+    Ok(Comparison {
+        rel_l2,
+        max_abs,
+        ref_max,
+        nan_mismatch,
+    })
 }
 
 /// Relative L2 tolerance of a path against the reference, per scheme.
@@ -61,7 +77,11 @@ pub fn tolerance(scheme: QuantScheme) -> f64 {
 }
 
 /// The first registered single-rank dispatcher emitting `format`.
-pub fn dispatcher_for(format: DispatchFormat, cfg: &MoeRunnerConfig, max_tokens: usize) -> Result<Box<dyn moe_dispatch::Dispatcher>> {
+pub fn dispatcher_for(
+    format: DispatchFormat,
+    cfg: &MoeRunnerConfig,
+    max_tokens: usize,
+) -> Result<Box<dyn moe_dispatch::Dispatcher>> {
     let mut dcfg = DispatcherConfig::single(cfg.num_experts, cfg.hidden_size, max_tokens);
     dcfg.routed_scaling_factor = cfg.routed_scaling_factor;
     a2a_backends()
@@ -70,7 +90,10 @@ pub fn dispatcher_for(format: DispatchFormat, cfg: &MoeRunnerConfig, max_tokens:
         .ok_or_else(|| MoeError::Unknown {
             kind: "single-rank dispatcher for format",
             name: format.to_string(),
-            known: a2a_backends().map(|b| format!("{} ({})", b.name, b.format)).collect::<Vec<_>>().join(", "),
+            known: a2a_backends()
+                .map(|b| format!("{} ({})", b.name, b.format))
+                .collect::<Vec<_>>()
+                .join(", "),
         })
 }
 
@@ -78,7 +101,12 @@ pub fn dispatcher_for(format: DispatchFormat, cfg: &MoeRunnerConfig, max_tokens:
 /// `[M, k, H]` with `no_combine`) as f32.
 /// Inputs and weights are moved to the runner's device first when it is a GPU; the output
 /// comes back to the host.
-pub fn run_path(runner: &MoeRunner, hidden: &Tensor, topk: TopK, quant: &dyn QuantInfo) -> Result<Vec<f32>> {
+pub fn run_path(
+    runner: &MoeRunner,
+    hidden: &Tensor,
+    topk: TopK,
+    quant: &dyn QuantInfo,
+) -> Result<Vec<f32>> {
     let m = topk.num_tokens();
     let dispatcher = dispatcher_for(runner.format(), runner.config(), m.max(1))?;
     let device = runner.device();
@@ -92,7 +120,10 @@ pub fn run_path(runner: &MoeRunner, hidden: &Tensor, topk: TopK, quant: &dyn Qua
     };
     let dispatched = dispatcher.dispatch(&hidden, topk)?;
     let out = runner.run(dispatched.as_ref(), quant)?;
-    dispatcher.combine(out, dispatched.as_ref())?.to_host()?.to_f32_vec()
+    dispatcher
+        .combine(out, dispatched.as_ref())?
+        .to_host()?
+        .to_f32_vec()
 }
 
 /// Runs `runner` and the reference (standard format) on the same inputs and compares.

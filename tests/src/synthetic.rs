@@ -39,9 +39,20 @@ pub fn logits(m: usize, e: usize, seed: u64) -> Result<Tensor> {
 /// Random routing: `k` distinct experts per token with softmax-like positive weights. With
 /// `skew`, tokens favour the first quarter of the experts and the last quarter gets none, so
 /// some experts have many rows and some none. A few slots are -1 (dropped) when `drops`.
-pub fn topk(m: usize, k: usize, experts: usize, seed: u64, skew: bool, drops: bool) -> Result<TopK> {
+pub fn topk(
+    m: usize,
+    k: usize,
+    experts: usize,
+    seed: u64,
+    skew: bool,
+    drops: bool,
+) -> Result<TopK> {
     let mut rng = StdRng::seed_from_u64(seed);
-    let reachable = if skew { (experts * 3 / 4).max(k) } else { experts };
+    let reachable = if skew {
+        (experts * 3 / 4).max(k)
+    } else {
+        experts
+    };
     let mut ids = Vec::with_capacity(m * k);
     let mut weights = Vec::with_capacity(m * k);
     for _ in 0..m {
@@ -78,23 +89,49 @@ fn to_bytes<T: bytemuck::Pod>(v: &[T]) -> Vec<u8> {
     bytemuck::cast_slice(v).to_vec()
 }
 
-fn quantize_matrix(scheme: QuantScheme, x: &[f32], r: usize, c: usize, layout: ScaleLayout) -> Result<Quantized> {
-    let plain = |data: Vec<u8>| Quantized { data, scales: Vec::new(), global: 1.0 };
+fn quantize_matrix(
+    scheme: QuantScheme,
+    x: &[f32],
+    r: usize,
+    c: usize,
+    layout: ScaleLayout,
+) -> Result<Quantized> {
+    let plain = |data: Vec<u8>| Quantized {
+        data,
+        scales: Vec::new(),
+        global: 1.0,
+    };
     Ok(match scheme {
         QuantScheme::F32 => plain(to_bytes(x)),
-        QuantScheme::Bf16 => plain(to_bytes(&x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>())),
-        QuantScheme::F16 => plain(to_bytes(&x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>())),
+        QuantScheme::Bf16 => plain(to_bytes(
+            &x.iter().map(|&v| bf16::from_f32(v)).collect::<Vec<_>>(),
+        )),
+        QuantScheme::F16 => plain(to_bytes(
+            &x.iter().map(|&v| f16::from_f32(v)).collect::<Vec<_>>(),
+        )),
         QuantScheme::Fp8Block128 => {
             let q = moe_quant::quantize_fp8_blocks(x, 1, r, c, FP8_BLOCK)?;
-            Quantized { data: q.data, scales: to_bytes(&q.scales), global: 1.0 }
+            Quantized {
+                data: q.data,
+                scales: to_bytes(&q.scales),
+                global: 1.0,
+            }
         }
         QuantScheme::Fp8PerTensor => {
             let (data, s) = moe_quant::quantize_fp8_per_tensor(x);
-            Quantized { data, scales: to_bytes(&[s]), global: 1.0 }
+            Quantized {
+                data,
+                scales: to_bytes(&[s]),
+                global: 1.0,
+            }
         }
         QuantScheme::Fp8PerChannel => {
             let (data, s) = moe_quant::quantize_fp8_per_channel(x, r, c)?;
-            Quantized { data, scales: to_bytes(&s), global: 1.0 }
+            Quantized {
+                data,
+                scales: to_bytes(&s),
+                global: 1.0,
+            }
         }
         QuantScheme::Nvfp4 => {
             let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -102,25 +139,45 @@ fn quantize_matrix(scheme: QuantScheme, x: &[f32], r: usize, c: usize, layout: S
             let q = moe_quant::quantize_nvfp4(x, r, c, gs)?;
             let scales = match layout {
                 ScaleLayout::Linear => q.scales,
-                ScaleLayout::Swizzled128x4 => moe_quant::swizzle_scales_128x4(&q.scales, r, c / NVFP4_BLOCK)?,
+                ScaleLayout::Swizzled128x4 => {
+                    moe_quant::swizzle_scales_128x4(&q.scales, r, c / NVFP4_BLOCK)?
+                }
             };
-            Quantized { data: q.packed, scales, global: gs }
+            Quantized {
+                data: q.packed,
+                scales,
+                global: gs,
+            }
         }
         QuantScheme::Mxfp4 => {
             let q = moe_quant::quantize_mxfp4(x, r, c)?;
-            Quantized { data: q.packed, scales: q.scales, global: 1.0 }
+            Quantized {
+                data: q.packed,
+                scales: q.scales,
+                global: 1.0,
+            }
         }
     })
 }
 
 /// (dtype, values per stored element) of a scheme's weights, and its scale dtype and count per
 /// expert matrix.
-fn storage(scheme: QuantScheme, r: usize, c: usize, layout: ScaleLayout) -> (DType, usize, DType, usize) {
+fn storage(
+    scheme: QuantScheme,
+    r: usize,
+    c: usize,
+    layout: ScaleLayout,
+) -> (DType, usize, DType, usize) {
     match scheme {
         QuantScheme::F32 => (DType::F32, 1, DType::F32, 0),
         QuantScheme::Bf16 => (DType::Bf16, 1, DType::F32, 0),
         QuantScheme::F16 => (DType::F16, 1, DType::F32, 0),
-        QuantScheme::Fp8Block128 => (DType::F8E4M3, 1, DType::F32, r.div_ceil(FP8_BLOCK.0) * c.div_ceil(FP8_BLOCK.1)),
+        QuantScheme::Fp8Block128 => (
+            DType::F8E4M3,
+            1,
+            DType::F32,
+            r.div_ceil(FP8_BLOCK.0) * c.div_ceil(FP8_BLOCK.1),
+        ),
         QuantScheme::Fp8PerTensor => (DType::F8E4M3, 1, DType::F32, 1),
         QuantScheme::Fp8PerChannel => (DType::F8E4M3, 1, DType::F32, r),
         QuantScheme::Nvfp4 => (
@@ -154,7 +211,11 @@ fn projection(
 ) -> Result<Projection> {
     let (dtype, pack, sdtype, per_scale) = storage(scheme, r, c, layout);
     if c % pack != 0 {
-        return Err(MoeError::NotDivisible { what: "weight columns".into(), value: c, divisor: pack });
+        return Err(MoeError::NotDivisible {
+            what: "weight columns".into(),
+            value: c,
+            divisor: pack,
+        });
     }
     let mut data = Tensor::zeros(&[experts, r, c / pack], dtype);
     // Schemes without scales get one unused slot per expert so every expert has a chunk.
@@ -176,24 +237,53 @@ fn projection(
             Ok(q.global)
         })
         .collect::<Result<_>>()?;
-    Ok(Projection { data, scales, globals })
+    Ok(Projection {
+        data,
+        scales,
+        globals,
+    })
 }
 
 /// Random expert weights of `dims` in `scheme`, generated per expert from `seed`. Values are
 /// uniform with unit-variance products (bound sqrt(3 / fan_in)). `progress` is called once per
 /// expert matrix (2 * experts calls).
-pub fn weights(dims: WeightDims, scheme: QuantScheme, seed: u64, progress: &(dyn Fn(u64) + Sync)) -> Result<Box<dyn QuantInfo>> {
+pub fn weights(
+    dims: WeightDims,
+    scheme: QuantScheme,
+    seed: u64,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn QuantInfo>> {
     let layout = ScaleLayout::Linear;
-    let w13 = projection(scheme, dims.experts, dims.n1, dims.hidden, layout, seed, progress)?;
-    let w2 = projection(scheme, dims.experts, dims.hidden, dims.inter, layout, seed ^ 0x5EED, progress)?;
+    let w13 = projection(
+        scheme,
+        dims.experts,
+        dims.n1,
+        dims.hidden,
+        layout,
+        seed,
+        progress,
+    )?;
+    let w2 = projection(
+        scheme,
+        dims.experts,
+        dims.hidden,
+        dims.inter,
+        layout,
+        seed ^ 0x5EED,
+        progress,
+    )?;
     let e = dims.experts;
     Ok(match scheme {
-        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => Box::new(DenseWeights::new(w13.data, w2.data)?),
+        QuantScheme::F32 | QuantScheme::Bf16 | QuantScheme::F16 => {
+            Box::new(DenseWeights::new(w13.data, w2.data)?)
+        }
         QuantScheme::Fp8Block128 => Box::new(Fp8BlockWeights::new(
             w13.data,
-            w13.scales.reshape(&[e, dims.n1.div_ceil(128), dims.hidden.div_ceil(128)])?,
+            w13.scales
+                .reshape(&[e, dims.n1.div_ceil(128), dims.hidden.div_ceil(128)])?,
             w2.data,
-            w2.scales.reshape(&[e, dims.hidden.div_ceil(128), dims.inter.div_ceil(128)])?,
+            w2.scales
+                .reshape(&[e, dims.hidden.div_ceil(128), dims.inter.div_ceil(128)])?,
         )?),
         QuantScheme::Fp8PerTensor => Box::new(Fp8PerTensorWeights::new(
             w13.data,
@@ -203,7 +293,9 @@ pub fn weights(dims: WeightDims, scheme: QuantScheme, seed: u64, progress: &(dyn
             None,
             None,
         )?),
-        QuantScheme::Fp8PerChannel => Box::new(Fp8PerChannelWeights::new(w13.data, w13.scales, w2.data, w2.scales)?),
+        QuantScheme::Fp8PerChannel => Box::new(Fp8PerChannelWeights::new(
+            w13.data, w13.scales, w2.data, w2.scales,
+        )?),
         QuantScheme::Nvfp4 => {
             // Activations are unit variance: an amax of 4 sigma plus margin for GEMM 1's input.
             let a13 = moe_quant::nvfp4_global_scale(6.0)?;
@@ -222,9 +314,11 @@ pub fn weights(dims: WeightDims, scheme: QuantScheme, seed: u64, progress: &(dyn
         }
         QuantScheme::Mxfp4 => Box::new(Mxfp4Weights::new(
             w13.data,
-            w13.scales.reshape(&[e, dims.n1, dims.hidden / MXFP4_BLOCK])?,
+            w13.scales
+                .reshape(&[e, dims.n1, dims.hidden / MXFP4_BLOCK])?,
             w2.data,
-            w2.scales.reshape(&[e, dims.hidden, dims.inter / MXFP4_BLOCK])?,
+            w2.scales
+                .reshape(&[e, dims.hidden, dims.inter / MXFP4_BLOCK])?,
         )?),
     })
 }

@@ -3,13 +3,18 @@
 
 use moe_runner_core::cuda::fill_uniform;
 use moe_runner_core::{
-    CudaDevice, DType, DenseWeights, Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights, MoeError, QuantInfo,
-    QuantScheme, Result, Tensor, WeightDims, FP8_BLOCK,
+    CudaDevice, DType, DenseWeights, Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights,
+    MoeError, QuantInfo, QuantScheme, Result, Tensor, WeightDims, FP8_BLOCK,
 };
 
 /// Weights of `dims` in `scheme` on `dev`: values uniform with unit-variance products, scales
 /// positive and near 1 / sqrt(fan_in) so outputs stay O(1).
-pub fn device_weights(dev: &CudaDevice, dims: WeightDims, scheme: QuantScheme, seed: u64) -> Result<Box<dyn QuantInfo>> {
+pub fn device_weights(
+    dev: &CudaDevice,
+    dims: WeightDims,
+    scheme: QuantScheme,
+    seed: u64,
+) -> Result<Box<dyn QuantInfo>> {
     let e = dims.experts;
     let mk = |shape: &[usize], dtype: DType, lo: f32, hi: f32, s: u64| -> Result<Tensor> {
         let t = Tensor::zeros_cuda(dev, shape, dtype)?;
@@ -37,7 +42,11 @@ pub fn device_weights(dev: &CudaDevice, dims: WeightDims, scheme: QuantScheme, s
         QuantScheme::F32 => dense(DType::F32)?,
         QuantScheme::Fp8Block128 => Box::new(Fp8BlockWeights::new(
             fp8(&[e, n1, h], 3)?,
-            scale(&[e, n1.div_ceil(FP8_BLOCK.0), h.div_ceil(FP8_BLOCK.1)], h, 4)?,
+            scale(
+                &[e, n1.div_ceil(FP8_BLOCK.0), h.div_ceil(FP8_BLOCK.1)],
+                h,
+                4,
+            )?,
             fp8(&[e, h, i], 5)?,
             scale(&[e, h.div_ceil(FP8_BLOCK.0), i.div_ceil(FP8_BLOCK.1)], i, 6)?,
         )?),
@@ -55,6 +64,11 @@ pub fn device_weights(dev: &CudaDevice, dims: WeightDims, scheme: QuantScheme, s
             fp8(&[e, h, i], 5)?,
             scale(&[e, h], i, 6)?,
         )?),
-        other => return Err(MoeError::invalid("scheme", format!("no GPU generator for {other}"))),
+        other => {
+            return Err(MoeError::invalid(
+                "scheme",
+                format!("no GPU generator for {other}"),
+            ))
+        }
     })
 }

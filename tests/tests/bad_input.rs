@@ -13,7 +13,12 @@ fn cfg() -> MoeRunnerConfig {
 }
 
 fn dims(c: &MoeRunnerConfig) -> WeightDims {
-    WeightDims { experts: c.num_local_experts, n1: c.gemm1_columns(), hidden: c.hidden_size, inter: c.intermediate_size }
+    WeightDims {
+        experts: c.num_local_experts,
+        n1: c.gemm1_columns(),
+        hidden: c.hidden_size,
+        inter: c.intermediate_size,
+    }
 }
 
 fn runner(format: DispatchFormat, scheme: QuantScheme) -> MoeRunner {
@@ -26,7 +31,13 @@ fn zero_tokens_give_an_empty_result() {
     let r = runner(DispatchFormat::Standard, QuantScheme::Bf16);
     let quant = synthetic::weights(dims(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
     let hidden = synthetic::hidden(0, 256, DType::Bf16, 2).unwrap();
-    let out = suite::run_path(&r, &hidden, synthetic::topk(0, 2, 8, 3, false, false).unwrap(), quant.as_ref()).unwrap();
+    let out = suite::run_path(
+        &r,
+        &hidden,
+        synthetic::topk(0, 2, 8, 3, false, false).unwrap(),
+        quant.as_ref(),
+    )
+    .unwrap();
     assert!(out.is_empty());
 }
 
@@ -34,7 +45,10 @@ fn zero_tokens_give_an_empty_result() {
 fn wrong_hidden_size_is_a_shape_error() {
     let d = make_dispatcher("standard", &DispatcherConfig::single(8, 256, 16)).unwrap();
     let hidden = synthetic::hidden(4, 128, DType::Bf16, 2).unwrap();
-    let err = d.dispatch(&hidden, synthetic::topk(4, 2, 8, 3, false, false).unwrap()).err().unwrap();
+    let err = d
+        .dispatch(&hidden, synthetic::topk(4, 2, 8, 3, false, false).unwrap())
+        .err()
+        .unwrap();
     assert!(matches!(err, MoeError::Shape { .. }), "{err}");
 }
 
@@ -44,11 +58,19 @@ fn expert_ids_out_of_range_are_rejected() {
     let hidden = synthetic::hidden(2, 256, DType::Bf16, 2).unwrap();
     let topk = TopK::from_vecs(&[0, 1, 8, -1], &[0.5; 4], 2, 2).unwrap();
     match d.dispatch(&hidden, topk).err().unwrap() {
-        MoeError::ExpertIdOutOfRange { id, row, slot, num_experts } => assert_eq!((id, row, slot, num_experts), (8, 1, 0, 8)),
+        MoeError::ExpertIdOutOfRange {
+            id,
+            row,
+            slot,
+            num_experts,
+        } => assert_eq!((id, row, slot, num_experts), (8, 1, 0, 8)),
         other => panic!("expected ExpertIdOutOfRange, got {other}"),
     }
     let topk = TopK::from_vecs(&[0, -2, 1, 2], &[0.5; 4], 2, 2).unwrap();
-    assert!(matches!(d.dispatch(&hidden, topk), Err(MoeError::ExpertIdOutOfRange { id: -2, .. })));
+    assert!(matches!(
+        d.dispatch(&hidden, topk),
+        Err(MoeError::ExpertIdOutOfRange { id: -2, .. })
+    ));
 }
 
 #[test]
@@ -56,8 +78,14 @@ fn more_tokens_than_the_dispatcher_maximum_are_rejected() {
     for a2a in ["standard", "local_masked"] {
         let d = make_dispatcher(a2a, &DispatcherConfig::single(8, 256, 4)).unwrap();
         let hidden = synthetic::hidden(5, 256, DType::Bf16, 2).unwrap();
-        let err = d.dispatch(&hidden, synthetic::topk(5, 2, 8, 3, false, false).unwrap()).err().unwrap();
-        assert!(matches!(err, MoeError::TooManyTokens { max: 4, got: 5, .. }), "{a2a}: {err}");
+        let err = d
+            .dispatch(&hidden, synthetic::topk(5, 2, 8, 3, false, false).unwrap())
+            .err()
+            .unwrap();
+        assert!(
+            matches!(err, MoeError::TooManyTokens { max: 4, got: 5, .. }),
+            "{a2a}: {err}"
+        );
     }
 }
 
@@ -74,7 +102,10 @@ fn wrong_dtypes_are_rejected() {
         hidden_scale: None,
         topk: synthetic::topk(2, 2, 8, 3, false, false).unwrap(),
     };
-    assert!(matches!(r.run(&out, quant.as_ref()), Err(MoeError::DType { .. })));
+    assert!(matches!(
+        r.run(&out, quant.as_ref()),
+        Err(MoeError::DType { .. })
+    ));
 }
 
 #[test]
@@ -86,11 +117,17 @@ fn quant_scheme_and_format_mismatches_are_rejected() {
         hidden_scale: None,
         topk: synthetic::topk(2, 2, 8, 3, false, false).unwrap(),
     };
-    assert!(matches!(r.run(&out, fp8.as_ref()), Err(MoeError::QuantMismatch { .. })));
+    assert!(matches!(
+        r.run(&out, fp8.as_ref()),
+        Err(MoeError::QuantMismatch { .. })
+    ));
 
     let masked = runner(DispatchFormat::DeepEpLowLatency, QuantScheme::Bf16);
     let bf16 = synthetic::weights(dims(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
-    assert!(matches!(masked.run(&out, bf16.as_ref()), Err(MoeError::FormatMismatch { .. })));
+    assert!(matches!(
+        masked.run(&out, bf16.as_ref()),
+        Err(MoeError::FormatMismatch { .. })
+    ));
 }
 
 #[test]
@@ -104,18 +141,43 @@ fn weights_that_do_not_match_the_config_are_rejected() {
         hidden_scale: None,
         topk: synthetic::topk(2, 2, 8, 3, false, false).unwrap(),
     };
-    assert!(matches!(r.run(&out, quant.as_ref()), Err(MoeError::Shape { .. })));
+    assert!(matches!(
+        r.run(&out, quant.as_ref()),
+        Err(MoeError::Shape { .. })
+    ));
 }
 
 #[test]
 fn fp8_block_needs_hidden_divisible_by_128() {
     moe_conformance::link_backends();
     let c = MoeRunnerConfig::new(4, 192, 128, 2);
-    let r = MoeRunner::new("reference", DispatchFormat::Standard, QuantScheme::Fp8Block128, c.clone()).unwrap();
+    let r = MoeRunner::new(
+        "reference",
+        DispatchFormat::Standard,
+        QuantScheme::Fp8Block128,
+        c.clone(),
+    )
+    .unwrap();
     let quant = synthetic::weights(dims(&c), QuantScheme::Fp8Block128, 1, &|_| {}).unwrap();
     let hidden = synthetic::hidden(3, 192, DType::Bf16, 2).unwrap();
-    let err = suite::run_path(&r, &hidden, synthetic::topk(3, 2, 4, 3, false, false).unwrap(), quant.as_ref()).unwrap_err();
-    assert!(matches!(err, MoeError::NotDivisible { value: 192, divisor: 128, .. }), "{err}");
+    let err = suite::run_path(
+        &r,
+        &hidden,
+        synthetic::topk(3, 2, 4, 3, false, false).unwrap(),
+        quant.as_ref(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MoeError::NotDivisible {
+                value: 192,
+                divisor: 128,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -141,10 +203,19 @@ fn masked_m_beyond_the_buffer_is_rejected() {
 fn nan_propagates_to_its_token_only() {
     let r = runner(DispatchFormat::Standard, QuantScheme::F32);
     let quant = synthetic::weights(dims(&cfg()), QuantScheme::F32, 1, &|_| {}).unwrap();
-    let mut x = synthetic::hidden(4, 256, DType::F32, 2).unwrap().to_f32_vec().unwrap();
+    let mut x = synthetic::hidden(4, 256, DType::F32, 2)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
     x[256 + 7] = f32::NAN; // token 1
     let hidden = Tensor::from_f32(&x, &[4, 256], DType::F32).unwrap();
-    let out = suite::run_path(&r, &hidden, synthetic::topk(4, 2, 8, 3, false, false).unwrap(), quant.as_ref()).unwrap();
+    let out = suite::run_path(
+        &r,
+        &hidden,
+        synthetic::topk(4, 2, 8, 3, false, false).unwrap(),
+        quant.as_ref(),
+    )
+    .unwrap();
     assert!(out[256..512].iter().all(|v| v.is_nan()));
     assert!(out[..256].iter().chain(&out[512..]).all(|v| v.is_finite()));
 }

@@ -8,8 +8,8 @@ use moe_conformance::cases::{base_config, hidden_dtype, TOKENS, VARIANTS};
 use moe_conformance::{suite, synthetic};
 use moe_runner_core::registry::{registered_paths, DeviceKind, FusedRunner};
 use moe_runner_core::{
-    quant_to_device, Device, DispatchFormat, MoeRunner, MoeRunnerConfig, QuantScheme, StandardDispatchOutput, Tensor, TopK,
-    WeightDims,
+    quant_to_device, Device, DispatchFormat, MoeRunner, MoeRunnerConfig, QuantScheme,
+    StandardDispatchOutput, Tensor, TopK, WeightDims,
 };
 
 fn gpu() -> Device {
@@ -17,7 +17,12 @@ fn gpu() -> Device {
 }
 
 fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
-    WeightDims { experts: cfg.num_local_experts, n1: cfg.gemm1_columns(), hidden: cfg.hidden_size, inter: cfg.intermediate_size }
+    WeightDims {
+        experts: cfg.num_local_experts,
+        n1: cfg.gemm1_columns(),
+        hidden: cfg.hidden_size,
+        inter: cfg.intermediate_size,
+    }
 }
 
 #[test]
@@ -25,7 +30,10 @@ fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
 fn every_cuda_path_matches_the_reference() {
     moe_conformance::link_backends();
     let device = gpu();
-    let paths: Vec<_> = registered_paths().into_iter().filter(|p| p.device == DeviceKind::Cuda).collect();
+    let paths: Vec<_> = registered_paths()
+        .into_iter()
+        .filter(|p| p.device == DeviceKind::Cuda)
+        .collect();
     assert!(!paths.is_empty(), "no CUDA paths registered");
     let mut failures = Vec::new();
     let mut checked = 0;
@@ -36,11 +44,22 @@ fn every_cuda_path_matches_the_reference() {
                 (variant.apply)(&mut cfg);
                 let seed = 9000 + vi as u64 * 13 + scheme as u64;
                 let quant = synthetic::weights(dims(&cfg), scheme, seed, &|_| {}).unwrap();
-                let runner = MoeRunner::on_device(&device, path.runner, path.format, scheme, cfg.clone()).unwrap();
+                let runner =
+                    MoeRunner::on_device(&device, path.runner, path.format, scheme, cfg.clone())
+                        .unwrap();
                 for &m in TOKENS.iter().chain(&[200]) {
-                    let hidden = synthetic::hidden(m, cfg.hidden_size, hidden_dtype(scheme), seed + m as u64).unwrap();
-                    let topk = synthetic::topk(m, cfg.top_k, cfg.num_experts, seed ^ 5, m > 8, m > 8).unwrap();
-                    let c = suite::check_against_reference(&runner, &hidden, &topk, quant.as_ref()).unwrap();
+                    let hidden = synthetic::hidden(
+                        m,
+                        cfg.hidden_size,
+                        hidden_dtype(scheme),
+                        seed + m as u64,
+                    )
+                    .unwrap();
+                    let topk =
+                        synthetic::topk(m, cfg.top_k, cfg.num_experts, seed ^ 5, m > 8, m > 8)
+                            .unwrap();
+                    let c = suite::check_against_reference(&runner, &hidden, &topk, quant.as_ref())
+                        .unwrap();
                     if !c.within(suite::tolerance(scheme)) {
                         failures.push(format!("{path} {scheme} {} M={m}: {c:?}", variant.name));
                     }
@@ -49,31 +68,58 @@ fn every_cuda_path_matches_the_reference() {
             }
         }
     }
-    assert!(failures.is_empty(), "{} of {checked} out of tolerance:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} out of tolerance:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
-/// A larger shape with skewed routing through every tile shape the kernel supports: all
-/// must agree with the reference (a wrong tile path shows up here, not only in timings).
+/// A larger shape with skewed routing through every tile shape the kernel supports, on the
+/// mma.sync and (for blocks of 64+ rows) the wgmma path: all must agree with the reference.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn triton_tiles_agree_with_the_reference() {
     moe_conformance::link_backends();
     let device = gpu();
     let mut failures = Vec::new();
-    for scheme in [QuantScheme::Bf16, QuantScheme::Fp8Block128, QuantScheme::Fp8PerChannel] {
+    for scheme in [
+        QuantScheme::Bf16,
+        QuantScheme::Fp8Block128,
+        QuantScheme::Fp8PerChannel,
+    ] {
         let cfg = MoeRunnerConfig::new(16, 512, 256, 4);
         let quant = synthetic::weights(dims(&cfg), scheme, 77, &|_| {}).unwrap();
-        let runner = MoeRunner::on_device(&device, "triton", DispatchFormat::Standard, scheme, cfg.clone()).unwrap();
+        let runner = MoeRunner::on_device(
+            &device,
+            "triton",
+            DispatchFormat::Standard,
+            scheme,
+            cfg.clone(),
+        )
+        .unwrap();
         let triton = TritonRunner::new(&cfg, &device).unwrap();
         let hidden = synthetic::hidden(300, 512, hidden_dtype(scheme), 78).unwrap();
         let topk = synthetic::topk(300, 4, 16, 79, true, true).unwrap();
-        let reference = MoeRunner::new("reference", DispatchFormat::Standard, scheme, cfg.clone()).unwrap();
-        let want = suite::run_path(&reference, &hidden, TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap(), quant.as_ref()).unwrap();
+        let reference =
+            MoeRunner::new("reference", DispatchFormat::Standard, scheme, cfg.clone()).unwrap();
+        let want = suite::run_path(
+            &reference,
+            &hidden,
+            TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap(),
+            quant.as_ref(),
+        )
+        .unwrap();
         let dq = quant_to_device(quant.as_ref(), &device).unwrap();
         let input = StandardDispatchOutput {
             hidden: hidden.to_device(&device).unwrap(),
             hidden_scale: None,
-            topk: TopK::new(topk.ids.to_device(&device).unwrap(), topk.weights.to_device(&device).unwrap()).unwrap(),
+            topk: TopK::new(
+                topk.ids.to_device(&device).unwrap(),
+                topk.weights.to_device(&device).unwrap(),
+            )
+            .unwrap(),
         };
         drop(runner);
         for (bm, bn, bk, warps, stages, group) in [
@@ -86,19 +132,33 @@ fn triton_tiles_agree_with_the_reference() {
             (128, 128, 128, 8, 3, 8),
             (128, 64, 128, 4, 2, 16),
         ] {
-            let tile = TileConfig { block_m: bm, block_n: bn, block_k: bk, group_m: group, num_warps: warps, num_stages: stages };
-            triton.force_tile(Some(tile)).unwrap();
-            let out = triton.run(&input, dq.as_ref()).unwrap();
-            let got = moe_runner_core::downcast_combine::<moe_runner_core::StandardCombineInput>(out, DispatchFormat::Standard)
-                .unwrap()
-                .hidden
-                .to_host()
-                .unwrap()
-                .to_f32_vec()
-                .unwrap();
-            let c = suite::compare(&got, &want).unwrap();
-            if !c.within(suite::tolerance(scheme)) {
-                failures.push(format!("{scheme} {tile:?}: {c:?}"));
+            for wgmma in [false, true] {
+                let tile = TileConfig {
+                    block_m: bm,
+                    block_n: bn,
+                    block_k: bk,
+                    group_m: group,
+                    num_warps: warps,
+                    num_stages: stages,
+                };
+                triton.force_tile(Some(tile)).unwrap();
+                triton.set_wgmma(wgmma).unwrap();
+                let out = triton.run(&input, dq.as_ref()).unwrap();
+                let got =
+                    moe_runner_core::downcast_combine::<moe_runner_core::StandardCombineInput>(
+                        out,
+                        DispatchFormat::Standard,
+                    )
+                    .unwrap()
+                    .hidden
+                    .to_host()
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap();
+                let c = suite::compare(&got, &want).unwrap();
+                if !c.within(suite::tolerance(scheme)) {
+                    failures.push(format!("{scheme} {tile:?} wgmma={wgmma}: {c:?}"));
+                }
             }
         }
     }
@@ -115,7 +175,11 @@ fn graph_replay_matches_eager() {
     let dev = device.as_cuda().unwrap();
     let mut cfg = MoeRunnerConfig::new(8, 256, 128, 2);
     cfg.routed_scaling_factor = Some(2.5);
-    for scheme in [QuantScheme::Bf16, QuantScheme::Fp8Block128, QuantScheme::Fp8PerTensor] {
+    for scheme in [
+        QuantScheme::Bf16,
+        QuantScheme::Fp8Block128,
+        QuantScheme::Fp8PerTensor,
+    ] {
         let quant = synthetic::weights(dims(&cfg), scheme, 3, &|_| {}).unwrap();
         let dq = quant_to_device(quant.as_ref(), &device).unwrap();
         let runner = TritonRunner::new(&cfg, &device).unwrap();
@@ -124,18 +188,31 @@ fn graph_replay_matches_eager() {
         let input = StandardDispatchOutput {
             hidden: hidden.to_device(&device).unwrap(),
             hidden_scale: None,
-            topk: TopK::new(topk.ids.to_device(&device).unwrap(), topk.weights.to_device(&device).unwrap()).unwrap(),
+            topk: TopK::new(
+                topk.ids.to_device(&device).unwrap(),
+                topk.weights.to_device(&device).unwrap(),
+            )
+            .unwrap(),
         };
         let out = Tensor::zeros_cuda(dev, &[33, 256], moe_runner_core::DType::Bf16).unwrap();
         runner.run_into(&input, dq.as_ref(), &out).unwrap();
         let eager = out.to_host().unwrap().to_f32_vec().unwrap();
         // A fresh output that only the graph's replays write (capturing executes nothing).
         let replay_out = Tensor::zeros_cuda(dev, &[33, 256], moe_runner_core::DType::Bf16).unwrap();
-        let times = moe_runner_core::cuda::time_graph_ms(dev, 1, 3, || runner.run_into(&input, dq.as_ref(), &replay_out)).unwrap();
+        let times = moe_runner_core::cuda::time_graph_ms(dev, 1, 3, || {
+            runner.run_into(&input, dq.as_ref(), &replay_out)
+        })
+        .unwrap();
         assert_eq!(times.len(), 3);
         let replayed = replay_out.to_host().unwrap().to_f32_vec().unwrap();
         assert_eq!(eager.len(), replayed.len());
-        assert!(eager.iter().zip(&replayed).all(|(a, b)| a.to_bits() == b.to_bits()), "{scheme}: replay differs from eager");
+        assert!(
+            eager
+                .iter()
+                .zip(&replayed)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{scheme}: replay differs from eager"
+        );
         assert!(eager.iter().all(|v| v.is_finite()));
     }
 }

@@ -4,8 +4,10 @@
 
 use moe_backend_reference::CpuSharedExperts;
 use moe_conformance::synthetic;
-use moe_dispatch::{make_dispatcher, DispatcherConfig, MoeLayer, Router, RoutingMethod, SharedExpertOrder};
-use moe_runner_core::{DispatchFormat, DType, MoeRunner, MoeRunnerConfig, QuantScheme, WeightDims};
+use moe_dispatch::{
+    make_dispatcher, DispatcherConfig, MoeLayer, Router, RoutingMethod, SharedExpertOrder,
+};
+use moe_runner_core::{DType, DispatchFormat, MoeRunner, MoeRunnerConfig, QuantScheme, WeightDims};
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
@@ -34,12 +36,43 @@ static ALLOC: Tracking = Tracking;
 fn layer(order: SharedExpertOrder) -> MoeLayer {
     let (e, h, i, k, is) = (16, 512, 256, 4, 256);
     let cfg = MoeRunnerConfig::new(e, h, i, k);
-    let router = Router { method: RoutingMethod::Softmax { renormalize: true }, num_experts: e, top_k: k, fused_shared_experts: 0, fused_shared_weight: 1.0 };
+    let router = Router {
+        method: RoutingMethod::Softmax { renormalize: true },
+        num_experts: e,
+        top_k: k,
+        fused_shared_experts: 0,
+        fused_shared_weight: 1.0,
+    };
     let dispatcher = make_dispatcher("standard", &DispatcherConfig::single(e, h, 4096)).unwrap();
-    let runner = MoeRunner::new("reference", DispatchFormat::Standard, QuantScheme::F32, cfg.clone()).unwrap();
-    let quant = synthetic::weights(WeightDims { experts: e, n1: 2 * i, hidden: h, inter: i }, QuantScheme::F32, 1, &|_| {}).unwrap();
-    let shared = CpuSharedExperts::new(synthetic::uniform(2 * is * h, 0.05, 2), synthetic::uniform(h * is, 0.05, 3), is, &cfg).unwrap();
-    MoeLayer::new(router, dispatcher, runner, quant, Some(Box::new(shared))).unwrap().with_shared_order(order)
+    let runner = MoeRunner::new(
+        "reference",
+        DispatchFormat::Standard,
+        QuantScheme::F32,
+        cfg.clone(),
+    )
+    .unwrap();
+    let quant = synthetic::weights(
+        WeightDims {
+            experts: e,
+            n1: 2 * i,
+            hidden: h,
+            inter: i,
+        },
+        QuantScheme::F32,
+        1,
+        &|_| {},
+    )
+    .unwrap();
+    let shared = CpuSharedExperts::new(
+        synthetic::uniform(2 * is * h, 0.05, 2),
+        synthetic::uniform(h * is, 0.05, 3),
+        is,
+        &cfg,
+    )
+    .unwrap();
+    MoeLayer::new(router, dispatcher, runner, quant, Some(Box::new(shared)))
+        .unwrap()
+        .with_shared_order(order)
 }
 
 /// Peak bytes above the live bytes at the start of one forward pass.
@@ -56,7 +89,10 @@ fn forward_peak(layer: &MoeLayer, m: usize) -> (usize, Vec<f32>) {
 fn deferred_shared_experts_lower_the_peak() {
     moe_conformance::link_backends();
     // One rayon thread keeps the measurement free of concurrent per-thread buffers.
-    rayon::ThreadPoolBuilder::new().num_threads(1).build_global().unwrap();
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build_global()
+        .unwrap();
     let m = 512;
     let before = layer(SharedExpertOrder::Before);
     let after = layer(SharedExpertOrder::After);
@@ -64,10 +100,19 @@ fn deferred_shared_experts_lower_the_peak() {
     let (peak_before, out_before) = forward_peak(&before, m);
     let (peak_after, out_after) = forward_peak(&after, m);
     let (peak_auto, _) = forward_peak(&auto, m);
-    assert_eq!(out_before, out_after, "the order must not change the result");
+    assert_eq!(
+        out_before, out_after,
+        "the order must not change the result"
+    );
     eprintln!("peak bytes: shared before {peak_before}, after {peak_after}, auto {peak_auto}");
     // The shared output [M, H] f32 alive through the routed pass is the difference.
     let shared_out = m * 512 * 4;
-    assert!(peak_after + shared_out / 2 < peak_before, "after {peak_after} B, before {peak_before} B");
-    assert_eq!(peak_auto, peak_after, "not in place: Auto defers the shared experts");
+    assert!(
+        peak_after + shared_out / 2 < peak_before,
+        "after {peak_after} B, before {peak_before} B"
+    );
+    assert_eq!(
+        peak_auto, peak_after,
+        "not in place: Auto defers the shared experts"
+    );
 }

@@ -28,7 +28,11 @@ pub fn check_widths(scheme: QuantScheme, hidden: usize, inter: usize) -> Result<
     };
     for (what, v) in [("hidden_size", hidden), ("intermediate_size", inter)] {
         if v % group != 0 {
-            return Err(MoeError::NotDivisible { what: format!("{what} for {scheme}"), value: v, divisor: group });
+            return Err(MoeError::NotDivisible {
+                what: format!("{what} for {scheme}"),
+                value: v,
+                divisor: group,
+            });
         }
     }
     Ok(())
@@ -63,7 +67,9 @@ pub fn round_activations(
     let rows = x.len() / cols;
     match scheme {
         QuantScheme::F32 => {}
-        QuantScheme::Bf16 | QuantScheme::Mxfp4 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        QuantScheme::Bf16 | QuantScheme::Mxfp4 => {
+            x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32())
+        }
         QuantScheme::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
         QuantScheme::Fp8Block128 => {
             let q = quantize_fp8_groups(x, rows, cols, FP8_ACT_GROUP, ScaleFormat::F32)?;
@@ -75,7 +81,8 @@ pub fn round_activations(
         }
         QuantScheme::Fp8PerTensor => {
             for v in x.iter_mut() {
-                *v = moe_quant::e4m3_to_f32(moe_quant::e4m3_from_f32(*v / tensor_scale)) * tensor_scale;
+                *v = moe_quant::e4m3_to_f32(moe_quant::e4m3_from_f32(*v / tensor_scale))
+                    * tensor_scale;
             }
         }
         QuantScheme::Nvfp4 => {

@@ -5,7 +5,10 @@ use gemm::Parallelism;
 /// `c[m, n] = a[m, k] * b[n, k]^T`, all row-major (`b` holds one output channel per row, the
 /// layout of expert weights).
 pub fn matmul_nt(a: &[f32], b: &[f32], c: &mut [f32], m: usize, n: usize, k: usize) {
-    assert!(a.len() == m * k && b.len() == n * k && c.len() == m * n, "matmul_nt: caller passed inconsistent sizes");
+    assert!(
+        a.len() == m * k && b.len() == n * k && c.len() == m * n,
+        "matmul_nt: caller passed inconsistent sizes"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -51,8 +54,12 @@ mod tests {
     #[test]
     fn matches_triple_loop() {
         let (m, n, k) = (5, 7, 33);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.0).collect();
-        let b: Vec<f32> = (0..n * k).map(|i| ((i * 53 % 19) as f32 - 9.0) / 5.0).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 7.0)
+            .collect();
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 53 % 19) as f32 - 9.0) / 5.0)
+            .collect();
         let mut c = vec![f32::NAN; m * n];
         matmul_nt(&a, &b, &mut c, m, n, k);
         for i in 0..m {

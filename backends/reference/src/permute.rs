@@ -32,17 +32,30 @@ pub struct ExpertRowsOut {
 
 /// The values of an activation tensor as f32: float dtypes converted, FP8 dequantized with its
 /// per-128-channel scales.
-fn activations_f32(hidden: &Tensor, scale: Option<&Tensor>, rows: usize, h: usize) -> Result<Vec<f32>> {
+fn activations_f32(
+    hidden: &Tensor,
+    scale: Option<&Tensor>,
+    rows: usize,
+    h: usize,
+) -> Result<Vec<f32>> {
     match (hidden.dtype(), scale) {
         (d, None) if d.is_float() => hidden.to_f32_vec(),
         (DType::F8E4M3, Some(s)) => {
             if h % 128 != 0 {
-                return Err(MoeError::NotDivisible { what: "hidden size of FP8 activations".into(), value: h, divisor: 128 });
+                return Err(MoeError::NotDivisible {
+                    what: "hidden size of FP8 activations".into(),
+                    value: h,
+                    divisor: 128,
+                });
             }
             s.expect_dtype("hidden_scale", &[DType::F32])?;
             let groups = h / 128;
             if s.numel() != rows * groups {
-                return Err(MoeError::Shape { what: "hidden_scale".into(), expected: vec![rows, groups], got: s.shape().to_vec() });
+                return Err(MoeError::Shape {
+                    what: "hidden_scale".into(),
+                    expected: vec![rows, groups],
+                    got: s.shape().to_vec(),
+                });
             }
             let scales = s.as_slice::<f32>()?;
             Ok(hidden
@@ -52,7 +65,10 @@ fn activations_f32(hidden: &Tensor, scale: Option<&Tensor>, rows: usize, h: usiz
                 .map(|(i, &b)| moe_quant::e4m3_to_f32(b) * scales[i / 128])
                 .collect())
         }
-        (DType::F8E4M3, None) => Err(MoeError::invalid("hidden_scale", "FP8 activations need their scales")),
+        (DType::F8E4M3, None) => Err(MoeError::invalid(
+            "hidden_scale",
+            "FP8 activations need their scales",
+        )),
         (got, _) => Err(MoeError::DType {
             what: "hidden".into(),
             expected: vec![DType::F32, DType::Bf16, DType::F16, DType::F8E4M3],
@@ -70,7 +86,11 @@ fn out_dtype(hidden: DType) -> DType {
     }
 }
 
-pub fn standard_pre(input: &dyn DispatchOutput, _quant: &dyn QuantInfo, cfg: &MoeRunnerConfig) -> Result<RunnerIo> {
+pub fn standard_pre(
+    input: &dyn DispatchOutput,
+    _quant: &dyn QuantInfo,
+    cfg: &MoeRunnerConfig,
+) -> Result<RunnerIo> {
     let d = downcast_dispatch::<StandardDispatchOutput>(input, RUNNER, DispatchFormat::Standard)?;
     let [m, h] = d.hidden.dims::<2>("hidden")?;
     d.hidden.expect_shape("hidden", &[m, cfg.hidden_size])?;
@@ -106,10 +126,19 @@ pub fn standard_pre(input: &dyn DispatchOutput, _quant: &dyn QuantInfo, cfg: &Mo
         }
         dest[r] = flat;
     }
-    Ok(Box::new(ExpertRows { hidden, offsets, dest, out_dtype: out_dtype(d.hidden.dtype()) }))
+    Ok(Box::new(ExpertRows {
+        hidden,
+        offsets,
+        dest,
+        out_dtype: out_dtype(d.hidden.dtype()),
+    }))
 }
 
-pub fn standard_post(output: RunnerIo, input: &dyn DispatchOutput, cfg: &MoeRunnerConfig) -> Result<Box<dyn CombineInput>> {
+pub fn standard_post(
+    output: RunnerIo,
+    input: &dyn DispatchOutput,
+    cfg: &MoeRunnerConfig,
+) -> Result<Box<dyn CombineInput>> {
     let y = downcast_io::<ExpertRowsOut>(output, "reference post-permute")?;
     let d = downcast_dispatch::<StandardDispatchOutput>(input, RUNNER, DispatchFormat::Standard)?;
     let (m, k, h) = (d.num_tokens(), cfg.top_k, cfg.hidden_size);
@@ -123,9 +152,16 @@ pub fn standard_post(output: RunnerIo, input: &dyn DispatchOutput, cfg: &MoeRunn
         let weights = d.topk.weights.as_slice::<f32>()?;
         let mut out = vec![0f32; m * h];
         for (r, &flat) in y.dest.iter().enumerate() {
-            let w = if cfg.apply_router_weight_on_input { 1.0 } else { weights[flat] };
+            let w = if cfg.apply_router_weight_on_input {
+                1.0
+            } else {
+                weights[flat]
+            };
             let t = flat / k;
-            for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y.out[r * h..(r + 1) * h]) {
+            for (o, v) in out[t * h..(t + 1) * h]
+                .iter_mut()
+                .zip(&y.out[r * h..(r + 1) * h])
+            {
                 *o += w * v;
             }
         }
@@ -142,7 +178,11 @@ pub fn standard_post(output: RunnerIo, input: &dyn DispatchOutput, cfg: &MoeRunn
 pub fn masked_counts(d: &DeepEpLlDispatchOutput, e_local: usize) -> Result<Vec<usize>> {
     let [e, rt, _] = d.dims()?;
     if e != e_local {
-        return Err(MoeError::Shape { what: "masked hidden experts".into(), expected: vec![e_local], got: vec![e] });
+        return Err(MoeError::Shape {
+            what: "masked hidden experts".into(),
+            expected: vec![e_local],
+            got: vec![e],
+        });
     }
     d.masked_m.expect_dtype("masked_m", &[DType::I32])?;
     d.masked_m.expect_shape("masked_m", &[e_local])?;
@@ -152,7 +192,10 @@ pub fn masked_counts(d: &DeepEpLlDispatchOutput, e_local: usize) -> Result<Vec<u
         .enumerate()
         .map(|(i, &c)| {
             if c < 0 || c as usize > rt {
-                Err(MoeError::invalid("masked_m", format!("expert {i} has {c} rows; the buffer holds 0..={rt}")))
+                Err(MoeError::invalid(
+                    "masked_m",
+                    format!("expert {i} has {c} rows; the buffer holds 0..={rt}"),
+                ))
             } else {
                 Ok(c as usize)
             }
@@ -160,15 +203,26 @@ pub fn masked_counts(d: &DeepEpLlDispatchOutput, e_local: usize) -> Result<Vec<u
         .collect()
 }
 
-pub fn masked_pre(input: &dyn DispatchOutput, _quant: &dyn QuantInfo, cfg: &MoeRunnerConfig) -> Result<RunnerIo> {
-    let d = downcast_dispatch::<DeepEpLlDispatchOutput>(input, RUNNER, DispatchFormat::DeepEpLowLatency)?;
+pub fn masked_pre(
+    input: &dyn DispatchOutput,
+    _quant: &dyn QuantInfo,
+    cfg: &MoeRunnerConfig,
+) -> Result<RunnerIo> {
+    let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+        input,
+        RUNNER,
+        DispatchFormat::DeepEpLowLatency,
+    )?;
     if cfg.apply_router_weight_on_input || cfg.no_combine {
         return Err(MoeError::Config(
             "the masked format applies router weights in its combine; apply_router_weight_on_input and no_combine do not apply".into(),
         ));
     }
     let [e_local, rt, h] = d.dims()?;
-    d.hidden.expect_shape("masked hidden", &[cfg.num_local_experts, rt, cfg.hidden_size])?;
+    d.hidden.expect_shape(
+        "masked hidden",
+        &[cfg.num_local_experts, rt, cfg.hidden_size],
+    )?;
     let counts = masked_counts(d, e_local)?;
     let x = activations_f32(&d.hidden, d.hidden_scale.as_ref(), e_local * rt, h)?;
     let mut offsets = vec![0usize; e_local + 1];
@@ -179,17 +233,32 @@ pub fn masked_pre(input: &dyn DispatchOutput, _quant: &dyn QuantInfo, cfg: &MoeR
         dest.extend((0..c).map(|r| e * rt + r));
         offsets[e + 1] = offsets[e] + c;
     }
-    Ok(Box::new(ExpertRows { hidden, offsets, dest, out_dtype: out_dtype(d.hidden.dtype()) }))
+    Ok(Box::new(ExpertRows {
+        hidden,
+        offsets,
+        dest,
+        out_dtype: out_dtype(d.hidden.dtype()),
+    }))
 }
 
-pub fn masked_post(output: RunnerIo, input: &dyn DispatchOutput, cfg: &MoeRunnerConfig) -> Result<Box<dyn CombineInput>> {
+pub fn masked_post(
+    output: RunnerIo,
+    input: &dyn DispatchOutput,
+    cfg: &MoeRunnerConfig,
+) -> Result<Box<dyn CombineInput>> {
     let y = downcast_io::<ExpertRowsOut>(output, "reference post-permute")?;
-    let d = downcast_dispatch::<DeepEpLlDispatchOutput>(input, RUNNER, DispatchFormat::DeepEpLowLatency)?;
+    let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+        input,
+        RUNNER,
+        DispatchFormat::DeepEpLowLatency,
+    )?;
     let [e_local, rt, _] = d.dims()?;
     let h = cfg.hidden_size;
     let mut out = vec![0f32; e_local * rt * h];
     for (r, &slot) in y.dest.iter().enumerate() {
         out[slot * h..(slot + 1) * h].copy_from_slice(&y.out[r * h..(r + 1) * h]);
     }
-    Ok(Box::new(DeepEpLlCombineInput { hidden: Tensor::from_f32(&out, &[e_local, rt, h], y.out_dtype)? }))
+    Ok(Box::new(DeepEpLlCombineInput {
+        hidden: Tensor::from_f32(&out, &[e_local, rt, h], y.out_dtype)?,
+    }))
 }

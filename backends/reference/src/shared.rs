@@ -2,7 +2,8 @@
 //! are concatenated along `I_s`, which computes their sum).
 
 use moe_runner_core::{
-    ActivationKernel, ActivationOp, GateUpLayout, MoeError, MoeRunnerConfig, Result, SharedExperts, Tensor,
+    ActivationKernel, ActivationOp, GateUpLayout, MoeError, MoeRunnerConfig, Result, SharedExperts,
+    Tensor,
 };
 
 use crate::gemm::matmul_nt;
@@ -26,12 +27,27 @@ impl CpuSharedExperts {
         let hidden = cfg.hidden_size;
         let n1 = if act.is_gated() { 2 * inter } else { inter };
         if w13.len() != n1 * hidden {
-            return Err(MoeError::Shape { what: "shared w13".into(), expected: vec![n1, hidden], got: vec![w13.len()] });
+            return Err(MoeError::Shape {
+                what: "shared w13".into(),
+                expected: vec![n1, hidden],
+                got: vec![w13.len()],
+            });
         }
         if w2.len() != hidden * inter {
-            return Err(MoeError::Shape { what: "shared w2".into(), expected: vec![hidden, inter], got: vec![w2.len()] });
+            return Err(MoeError::Shape {
+                what: "shared w2".into(),
+                expected: vec![hidden, inter],
+                got: vec![w2.len()],
+            });
         }
-        Ok(Self { w13, w2, hidden, inter, act, gate_up: cfg.gate_up })
+        Ok(Self {
+            w13,
+            w2,
+            hidden,
+            inter,
+            act,
+            gate_up: cfg.gate_up,
+        })
     }
 }
 
@@ -39,7 +55,11 @@ impl SharedExperts for CpuSharedExperts {
     fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
         let [m, h] = hidden.dims::<2>("hidden")?;
         if h != self.hidden {
-            return Err(MoeError::Shape { what: "hidden".into(), expected: vec![m, self.hidden], got: vec![m, h] });
+            return Err(MoeError::Shape {
+                what: "hidden".into(),
+                expected: vec![m, self.hidden],
+                got: vec![m, h],
+            });
         }
         let x = hidden.to_f32_vec()?;
         let n1 = self.w13.len() / h;

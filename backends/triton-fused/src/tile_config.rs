@@ -28,7 +28,12 @@ pub const CONFIG_DIR_ENV: &str = "MOE_TUNED_CONFIG_DIR";
 
 /// The file name SGLang and vLLM use: `E={E},N={N},device_name={name}[,dtype=fp8_w8a8][,block_shape=[128,128]].json`
 /// with N the intermediate size per partition and spaces in the device name as underscores.
-pub fn config_file_name(experts: usize, n: usize, device_name: &str, scheme: QuantScheme) -> String {
+pub fn config_file_name(
+    experts: usize,
+    n: usize,
+    device_name: &str,
+    scheme: QuantScheme,
+) -> String {
     let device = device_name.replace(' ', "_");
     let dtype = match scheme {
         QuantScheme::Fp8Block128 => ",dtype=fp8_w8a8,block_shape=[128,128]",
@@ -49,11 +54,13 @@ impl TunedConfigs {
     /// Parses a file; errors name the file and the key that is wrong.
     pub fn parse(path: &Path, text: &str) -> Result<Self> {
         let bad = |msg: String| MoeError::invalid(format!("tuned config {}", path.display()), msg);
-        let raw: BTreeMap<String, serde_json::Value> =
-            serde_json::from_str(text).map_err(|e| bad(format!("not a JSON object of batch sizes: {e}")))?;
+        let raw: BTreeMap<String, serde_json::Value> = serde_json::from_str(text)
+            .map_err(|e| bad(format!("not a JSON object of batch sizes: {e}")))?;
         let mut by_m = BTreeMap::new();
         for (key, value) in raw {
-            let m: usize = key.parse().map_err(|_| bad(format!("key `{key}` is not a batch size")))?;
+            let m: usize = key
+                .parse()
+                .map_err(|_| bad(format!("key `{key}` is not a batch size")))?;
             let tile: TileConfig =
                 serde_json::from_value(value).map_err(|e| bad(format!("entry `{key}`: {e}")))?;
             by_m.insert(m, tile);
@@ -61,12 +68,16 @@ impl TunedConfigs {
         if by_m.is_empty() {
             return Err(bad("no entries".into()));
         }
-        Ok(Self { path: path.to_path_buf(), by_m })
+        Ok(Self {
+            path: path.to_path_buf(),
+            by_m,
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| MoeError::invalid(format!("tuned config {}", path.display()), e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            MoeError::invalid(format!("tuned config {}", path.display()), e.to_string())
+        })?;
         Self::parse(path, &text)
     }
 
@@ -81,7 +92,8 @@ impl TunedConfigs {
     }
 
     pub fn to_json(&self) -> String {
-        let map: BTreeMap<String, TileConfig> = self.by_m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let map: BTreeMap<String, TileConfig> =
+            self.by_m.iter().map(|(k, v)| (k.to_string(), *v)).collect();
         serde_json::to_string_pretty(&map).expect("tile configs serialize")
     }
 }
@@ -113,7 +125,10 @@ pub fn find_tuned(dirs: &[PathBuf], file_name: &str) -> Result<Option<TunedConfi
 /// weights for decode, larger ones that reuse them for prefill.
 pub fn default_tile(numel: usize, experts: usize, scheme: QuantScheme) -> TileConfig {
     let per_expert = numel / experts.max(1);
-    let fp8 = matches!(scheme, QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel);
+    let fp8 = matches!(
+        scheme,
+        QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel
+    );
     let block_k = if fp8 { 128 } else { 64 };
     let (block_m, block_n, num_warps, num_stages) = match per_expert {
         0..=16 => (16, 64, 4, 4),
@@ -121,7 +136,14 @@ pub fn default_tile(numel: usize, experts: usize, scheme: QuantScheme) -> TileCo
         65..=256 => (64, 128, 4, 3),
         _ => (128, 128, 8, 3),
     };
-    TileConfig { block_m, block_n, block_k, group_m: if per_expert > 16 { 8 } else { 1 }, num_warps, num_stages }
+    TileConfig {
+        block_m,
+        block_n,
+        block_k,
+        group_m: if per_expert > 16 { 8 } else { 1 },
+        num_warps,
+        num_stages,
+    }
 }
 
 #[cfg(test)]
@@ -146,11 +168,17 @@ mod tests {
 
     #[test]
     fn bad_files_name_the_file_and_key() {
-        let e = TunedConfigs::parse(Path::new("cfg.json"), "{not json").unwrap_err().to_string();
+        let e = TunedConfigs::parse(Path::new("cfg.json"), "{not json")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cfg.json"), "{e}");
-        let e = TunedConfigs::parse(Path::new("cfg.json"), r#"{"8": {"BLOCK_SIZE_M": 16}}"#).unwrap_err().to_string();
+        let e = TunedConfigs::parse(Path::new("cfg.json"), r#"{"8": {"BLOCK_SIZE_M": 16}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("entry `8`") && e.contains("BLOCK_SIZE_N"), "{e}");
-        let e = TunedConfigs::parse(Path::new("cfg.json"), r#"{"eight": {}}"#).unwrap_err().to_string();
+        let e = TunedConfigs::parse(Path::new("cfg.json"), r#"{"eight": {}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("`eight`"), "{e}");
     }
 
@@ -160,6 +188,9 @@ mod tests {
             config_file_name(257, 256, "NVIDIA H100 80GB HBM3", QuantScheme::Fp8Block128),
             "E=257,N=256,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json"
         );
-        assert_eq!(config_file_name(128, 768, "NVIDIA H200", QuantScheme::Bf16), "E=128,N=768,device_name=NVIDIA_H200.json");
+        assert_eq!(
+            config_file_name(128, 768, "NVIDIA H200", QuantScheme::Bf16),
+            "E=128,N=768,device_name=NVIDIA_H200.json"
+        );
     }
 }

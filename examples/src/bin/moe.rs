@@ -12,7 +12,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // RUST_LOG selects spans and events (e.g. RUST_LOG=moe_runner_core=info); warnings by default.
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")))
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
         .with_writer(std::io::stderr)
         .init();
     let mut out = std::io::stdout().lock();
@@ -24,7 +26,9 @@ fn main() -> ExitCode {
         #[cfg(feature = "cuda")]
         Command::Tune(args) => moe_examples::tune::tune(args, &mut out),
         #[cfg(not(feature = "cuda"))]
-        Command::Bench(_) | Command::Tune(_) => Err(moe_runner_core::MoeError::NoCuda("this build has no `cuda` feature".into()).into()),
+        Command::Bench(_) | Command::Tune(_) => {
+            Err(moe_runner_core::MoeError::NoCuda("this build has no `cuda` feature".into()).into())
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

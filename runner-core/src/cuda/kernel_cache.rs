@@ -61,14 +61,19 @@ pub fn compile_module(
     defines: &[(&str, String)],
 ) -> Result<Arc<CudaModule>> {
     let arch = target_arch(dev)?;
-    let mut options = vec![format!("--gpu-architecture={arch}"), "-std=c++17".to_string()];
+    let mut options = vec![
+        format!("--gpu-architecture={arch}"),
+        "-std=c++17".to_string(),
+    ];
     let mut defs: Vec<String> = defines.iter().map(|(k, v)| format!("-D{k}={v}")).collect();
     defs.sort();
     options.extend(defs);
     let joined = options.join(" ");
     let key = fnv1a(&[source.as_bytes(), joined.as_bytes(), arch.as_bytes()]);
     let ordinal = dev.context().ordinal();
-    let mut map = loaded().lock().map_err(|_| MoeError::Device("kernel cache lock poisoned".into()))?;
+    let mut map = loaded()
+        .lock()
+        .map_err(|_| MoeError::Device("kernel cache lock poisoned".into()))?;
     if let Some(m) = map.get(&(key, ordinal)) {
         return Ok(m.clone());
     }

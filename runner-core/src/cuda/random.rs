@@ -28,14 +28,23 @@ pub fn fill_uniform(dev: &CudaDevice, t: &Tensor, lo: f32, hi: f32, seed: u64) -
     }
     let f = compile_module(dev, "fill_uniform", SOURCE, &[])?
         .load_function("fill_uniform")
-        .map_err(|e| MoeError::Kernel { name: "fill_uniform".into(), log: e.to_string() })?;
+        .map_err(|e| MoeError::Kernel {
+            name: "fill_uniform".into(),
+            log: e.to_string(),
+        })?;
     let ptr = t.cuda_ptr()?;
     let blocks = (n as u64).div_ceil(256).min(65_536) as u32;
     let stream = dev.stream();
     let mut b = stream.launch_builder(&f);
     b.arg(&ptr).arg(&n).arg(&kind).arg(&lo).arg(&hi).arg(&seed);
     // SAFETY: `ptr` addresses `n` elements of the dtype matching `kind`.
-    unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }
-        .map(|_| ())
-        .map_err(|e| MoeError::Device(e.to_string()))
+    unsafe {
+        b.launch(LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+    .map(|_| ())
+    .map_err(|e| MoeError::Device(e.to_string()))
 }

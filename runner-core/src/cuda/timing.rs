@@ -16,13 +16,19 @@ pub struct EventTimer {
 impl EventTimer {
     pub fn start(dev: &CudaDevice) -> Result<Self> {
         Ok(Self {
-            start: dev.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(dev_err)?,
+            start: dev
+                .stream()
+                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(dev_err)?,
         })
     }
 
     /// Records the end, waits for it, returns the elapsed device time.
     pub fn stop(self, dev: &CudaDevice) -> Result<f32> {
-        let end = dev.stream().record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(dev_err)?;
+        let end = dev
+            .stream()
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(dev_err)?;
         end.synchronize().map_err(dev_err)?;
         self.start.elapsed_ms(&end).map_err(dev_err)
     }
@@ -41,7 +47,9 @@ pub fn time_graph_ms(
         .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
         .map_err(dev_err)?;
     let captured = work();
-    let graph = stream.end_capture(CUgraphInstantiate_flags(0)).map_err(dev_err)?;
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags(0))
+        .map_err(dev_err)?;
     captured?;
     let graph = graph.ok_or_else(|| MoeError::Device("the captured graph is empty".into()))?;
     for _ in 0..warmup {
@@ -64,7 +72,8 @@ pub fn copy_bandwidth_gbps(dev: &CudaDevice, bytes: usize, iters: usize) -> Resu
     let (s, d) = (src.cuda_ptr()?, dst.cuda_ptr()?);
     let copy = || -> Result<()> {
         // SAFETY: both buffers hold `bytes` bytes on this device.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, dev.stream().cu_stream()) }.map_err(dev_err)
+        unsafe { cudarc::driver::result::memcpy_dtod_async(d, s, bytes, dev.stream().cu_stream()) }
+            .map_err(dev_err)
     };
     copy()?;
     let mut times = Vec::with_capacity(iters);

@@ -41,15 +41,24 @@ __device__ __forceinline__ void emit_row(F value, int n, long long row, void* ou
     u16* o = (u16*)out + row * n;
     for (int j = threadIdx.x; j < n; j += blockDim.x) o[j] = f32_to_act(value(j));
 #elif QUANT == 1
+    // One warp per 128-wide group, four values a lane: the group's amax is a warp reduction,
+    // so groups proceed in parallel with no block barrier.
     u8* o = (u8*)out + row * n;
-    const int groups = n / 128;
-    for (int gi = 0; gi < groups; ++gi) {
-        float v = 0.0f, amax = 0.0f;
-        if (threadIdx.x < 128) { v = value(gi * 128 + threadIdx.x); amax = fabsf(v); }
-        amax = block_max(amax, red);
+    const int groups = n / 128, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nw = blockDim.x >> 5;
+    for (int gi = warp; gi < groups; gi += nw) {
+        float v[4], amax = 0.0f;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            v[q] = value(gi * 128 + lane * 4 + q);
+            amax = fmaxf(amax, fabsf(v[q]));
+        }
+        amax = warp_max(amax);
         const float s = fmaxf(amax, 1e-4f) / 448.0f;
-        if (threadIdx.x < 128) o[gi * 128 + threadIdx.x] = f32_to_e4m3(v / s);
-        if (threadIdx.x == 0) scale_out[row * groups + gi] = s;
+        u32 packed = 0;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) packed |= (u32)f32_to_e4m3(v[q] / s) << (8 * q);
+        *(u32*)(o + gi * 128 + lane * 4) = packed;
+        if (lane == 0) scale_out[row * groups + gi] = s;
     }
 #elif QUANT == 2
     u8* o = (u8*)out + row * n;
