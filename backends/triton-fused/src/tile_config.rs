@@ -98,19 +98,26 @@ impl TunedConfigs {
     }
 }
 
-/// Directories searched for tuned configs: the explicit one, `$MOE_TUNED_CONFIG_DIR`, then the
-/// files shipped with this crate.
+/// Tuned files shipped in the binary (`configs/` of this crate, written by `moe tune`).
+const SHIPPED: &[(&str, &str)] = &[
+    ("E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json", include_str!("../configs/E=128,N=768,device_name=NVIDIA_H100_80GB_HBM3.json")),
+    ("E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json", include_str!("../configs/E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json")),
+    ("E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json", include_str!("../configs/E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json")),
+    ("E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json", include_str!("../configs/E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json")),
+];
+
+/// Directories searched for tuned configs before the shipped ones: the explicit one, then
+/// `$MOE_TUNED_CONFIG_DIR`.
 pub fn search_dirs(explicit: Option<&Path>) -> Vec<PathBuf> {
     let mut dirs: Vec<PathBuf> = explicit.map(Path::to_path_buf).into_iter().collect();
     if let Some(d) = std::env::var_os(CONFIG_DIR_ENV) {
         dirs.push(PathBuf::from(d));
     }
-    dirs.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("configs"));
     dirs
 }
 
-/// Finds and loads the tuned file for this shape, or `None` (the caller logs and uses
-/// [`default_tile`]).
+/// Finds and loads the tuned file for this shape from `dirs`, then from the shipped files, or
+/// `None` (the caller logs and uses [`default_tile`]).
 pub fn find_tuned(dirs: &[PathBuf], file_name: &str) -> Result<Option<TunedConfigs>> {
     for d in dirs {
         let p = d.join(file_name);
@@ -118,7 +125,11 @@ pub fn find_tuned(dirs: &[PathBuf], file_name: &str) -> Result<Option<TunedConfi
             return TunedConfigs::load(&p).map(Some);
         }
     }
-    Ok(None)
+    SHIPPED
+        .iter()
+        .find(|(name, _)| *name == file_name)
+        .map(|(name, text)| TunedConfigs::parse(Path::new(&format!("shipped:{name}")), text))
+        .transpose()
 }
 
 /// A sensible tile when no tuned file exists, by rows per expert: small blocks that stream the
@@ -180,6 +191,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("`eight`"), "{e}");
+    }
+
+    #[test]
+    fn shipped_files_parse_and_are_found() {
+        assert!(!SHIPPED.is_empty());
+        for (name, _) in SHIPPED {
+            let c = find_tuned(&[], name).unwrap().expect("shipped file is found");
+            assert!(c.by_m.contains_key(&1) && c.by_m.contains_key(&4096), "{name}");
+        }
+        assert!(find_tuned(&[], "E=3,N=5,device_name=nothing.json").unwrap().is_none());
     }
 
     #[test]

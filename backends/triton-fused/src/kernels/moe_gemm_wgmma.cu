@@ -114,6 +114,9 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
     }
 
     const int r0 = wg * 64 + wi * 16 + g;  // this thread's accumulator rows: r0 and r0 + 8
+#if A_SCALE == 3
+    // Block-scaled FP8: each tile's products are folded with their scales as soon as they
+    // complete, so a tile waits for its own wgmma before the next one is issued.
     for (int kt = 0; kt < KT; ++kt) {
         cp_async_wait<NUM_STAGES - 2>();
         // cp.async wrote through the generic proxy; wgmma reads through the async proxy.
@@ -128,30 +131,44 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
         const u64 da = make_desc(stage + wg * 64 * 128);
         const u64 db = make_desc(stage + TILE_A);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#if A_SCALE == 3
 #pragma unroll
         for (int s = 0; s < 4; ++s) wgmma_tile(part, da + 2 * s, db + 2 * s, s > 0);
-#else
-#pragma unroll
-        for (int s = 0; s < 4; ++s) wgmma_tile(acc, da + 2 * s, db + 2 * s, 1);
-#endif
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#if A_SCALE == 3
-        {
-            const float sb = s_bscale[kt];
-            const float sa0 = s_ascale[r0 * k_groups + kt] * sb;
-            const float sa1 = s_ascale[(r0 + 8) * k_groups + kt] * sb;
+        const float sb = s_bscale[kt];
+        const float sa0 = s_ascale[r0 * k_groups + kt] * sb;
+        const float sa1 = s_ascale[(r0 + 8) * k_groups + kt] * sb;
 #pragma unroll
-            for (int j = 0; j < BLOCK_N / 8; ++j) {
-                acc[4 * j + 0] += part[4 * j + 0] * sa0;
-                acc[4 * j + 1] += part[4 * j + 1] * sa0;
-                acc[4 * j + 2] += part[4 * j + 2] * sa1;
-                acc[4 * j + 3] += part[4 * j + 3] * sa1;
-            }
+        for (int j = 0; j < BLOCK_N / 8; ++j) {
+            acc[4 * j + 0] += part[4 * j + 0] * sa0;
+            acc[4 * j + 1] += part[4 * j + 1] * sa0;
+            acc[4 * j + 2] += part[4 * j + 2] * sa1;
+            acc[4 * j + 3] += part[4 * j + 3] * sa1;
         }
-#endif
     }
+#else
+    // One tile's wgmma stays in flight while the next tile's loads are issued: after waiting
+    // for all but the newest group, the previous tile's slot is free once every warpgroup has
+    // passed the barrier, and it is refilled with the tile NUM_STAGES - 1 ahead.
+    for (int kt = 0; kt < KT; ++kt) {
+        cp_async_wait<NUM_STAGES - 2>();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        const u32 stage = sbase + (kt % NUM_STAGES) * STAGE_BYTES;
+        const u64 da = make_desc(stage + wg * 64 * 128);
+        const u64 db = make_desc(stage + TILE_A);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int s = 0; s < 4; ++s) wgmma_tile(acc, da + 2 * s, db + 2 * s, 1);
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+        __syncthreads();
+        const int nk = kt + NUM_STAGES - 1;
+        if (nk < KT) load_stage(nk % NUM_STAGES, nk);
+        cp_async_commit();
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#endif
     cp_async_wait<0>();
 
 #pragma unroll
