@@ -26,22 +26,30 @@ pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
             if scheme == QuantScheme::Fp8Block128 && bn > 128 {
                 continue;
             }
-            // 128-byte K tiles: 128 e4m3 or 64 bf16 values.
-            let bk = if fp8 { 128 } else { 64 };
-            for warps in [4, 8] {
-                if warps == 8 && bm * bn < 64 * 128 {
-                    continue; // too little work per warp
-                }
-                for stages in [3, 4] {
-                    let group = if bm >= 64 { 8 } else { 1 };
-                    out.push(TileConfig {
-                        block_m: bm,
-                        block_n: bn,
-                        block_k: bk,
-                        group_m: group,
-                        num_warps: warps,
-                        num_stages: stages,
-                    });
+            // 128-byte K tiles (128 e4m3 or 64 bf16 values); decode-sized blocks also try
+            // 256-byte tiles, which read longer runs of each weight row.
+            let bks: &[usize] = match (fp8, bm) {
+                (true, 16) => &[128, 256],
+                (false, 16) => &[64, 128],
+                (true, _) => &[128],
+                (false, _) => &[64],
+            };
+            for &bk in bks {
+                for warps in [4, 8] {
+                    if warps == 8 && bm * bn < 64 * 128 {
+                        continue; // too little work per warp
+                    }
+                    for stages in [3, 4] {
+                        let group = if bm >= 64 { 8 } else { 1 };
+                        out.push(TileConfig {
+                            block_m: bm,
+                            block_n: bn,
+                            block_k: bk,
+                            group_m: group,
+                            num_warps: warps,
+                            num_stages: stages,
+                        });
+                    }
                 }
             }
         }

@@ -201,10 +201,17 @@ mod tests {
     fn shipped_files_parse_and_are_found() {
         assert!(!SHIPPED.is_empty());
         for (name, _) in SHIPPED {
-            let c = find_tuned(&[], name).unwrap().expect("shipped file is found");
-            assert!(c.by_m.contains_key(&1) && c.by_m.contains_key(&4096), "{name}");
+            let c = find_tuned(&[], name)
+                .unwrap()
+                .expect("shipped file is found");
+            assert!(
+                c.by_m.contains_key(&1) && c.by_m.contains_key(&4096),
+                "{name}"
+            );
         }
-        assert!(find_tuned(&[], "E=3,N=5,device_name=nothing.json").unwrap().is_none());
+        assert!(find_tuned(&[], "E=3,N=5,device_name=nothing.json")
+            .unwrap()
+            .is_none());
     }
 
     #[test]

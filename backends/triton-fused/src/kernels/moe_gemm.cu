@@ -4,7 +4,8 @@
 // (mma.sync m16n8k16 for bf16/f16, m16n8k32 for e4m3). A multi-stage cp.async pipeline feeds
 // shared memory; padded rows keep fragment loads free of bank conflicts.
 //
-// Compile-time parameters (-D): BLOCK_M, BLOCK_N, BLOCK_K_BYTES (64 or 128), WARPS_M, WARPS_N,
+// Compile-time parameters (-D): BLOCK_M, BLOCK_N, BLOCK_K_BYTES (64, 128 or 256; a multiple
+// of 128 for per-128 scales), WARPS_M, WARPS_N,
 // NUM_STAGES, GROUP_M, ELEM (0 bf16, 1 f16, 2 e4m3), A_SCALE (0 none, 1 scalar, 2 per row,
 // 3 per row per 128 of K), B_SCALE (0 none, 1 per expert, 2 per channel, 3 per 128x128 block),
 // ACT_F16 (output dtype f16 instead of bf16).
@@ -143,16 +144,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
         const u8* as = As + (kt % NUM_STAGES) * BLOCK_M * ROW_BYTES;
         const u8* bs = Bs + (kt % NUM_STAGES) * BLOCK_N * ROW_BYTES;
 #if A_SCALE == 3
-        // Scales of this K group, read from shared memory before the MMAs.
-        float sa[MT][2];
-        {
-            const float sb = s_bscale[kt];
-#pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                sa[i][0] = s_ascale[(warp_m * WM + i * 16 + g) * k_groups + kt] * sb;
-                sa[i][1] = s_ascale[(warp_m * WM + i * 16 + g + 8) * k_groups + kt] * sb;
-            }
-        }
+        // Products of each 128-wide K group collect here, then fold into `acc` with the group's
+        // activation scale per row and the weight block's scale.
         float part[MT][NT][4];
 #pragma unroll
         for (int i = 0; i < MT; ++i)
@@ -185,22 +178,29 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
             for (int i = 0; i < MT; ++i)
 #pragma unroll
                 for (int j = 0; j < NT; ++j) mma(ACC[i][j], af[i], bf[j]);
+#if A_SCALE == 3
+            if ((kk & 127) == 96) {
+                const int grp = kt * (BLOCK_K_BYTES / 128) + (kk >> 7);
+                // A tile past the last group (K tail) holds zero-filled products only.
+                const float sb = grp < k_groups ? s_bscale[grp] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+                    const float sa0 = grp < k_groups ? s_ascale[(warp_m * WM + i * 16 + g) * k_groups + grp] * sb : 0.0f;
+                    const float sa1 = grp < k_groups ? s_ascale[(warp_m * WM + i * 16 + g + 8) * k_groups + grp] * sb : 0.0f;
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        acc[i][j][0] += part[i][j][0] * sa0;
+                        acc[i][j][1] += part[i][j][1] * sa0;
+                        acc[i][j][2] += part[i][j][2] * sa1;
+                        acc[i][j][3] += part[i][j][3] * sa1;
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) part[i][j][q] = 0.0f;
+                    }
+                }
+            }
+#endif
         }
 #undef ACC
-#if A_SCALE == 3
-        // One 128-wide K group per tile (BLOCK_K_BYTES == 128 for e4m3): fold it in with its
-        // activation scale per row and the weight block's scale.
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-                acc[i][j][0] += part[i][j][0] * sa[i][0];
-                acc[i][j][1] += part[i][j][1] * sa[i][0];
-                acc[i][j][2] += part[i][j][2] * sa[i][1];
-                acc[i][j][3] += part[i][j][3] * sa[i][1];
-            }
-        }
-#endif
     }
     cp_async_wait<0>();
 
