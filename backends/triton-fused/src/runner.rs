@@ -70,9 +70,19 @@ pub struct TritonRunner {
     wgmma: AtomicBool,
 }
 
-/// Maximum rows of `sorted_ids` for `numel` pairs over `experts` with the largest BLOCK_M.
-fn max_sorted(numel: usize, experts: usize) -> usize {
-    numel + experts * 127
+/// Most BLOCK_M blocks the align can produce: each expert that gets rows adds at most one
+/// partly filled block, and at most min(E, numel) experts get rows. This bounds the GEMM grids,
+/// so a decode batch launches a handful of row blocks, not one per expert.
+fn max_blocks(numel: usize, experts: usize, block_m: usize) -> usize {
+    numel.div_ceil(block_m) + numel.min(experts)
+}
+
+/// Workspace sizes covering every BLOCK_M the kernels support: (sorted ids, expert ids).
+fn align_capacity(numel: usize, experts: usize) -> (usize, usize) {
+    [16, 32, 64, 128].iter().fold((0, 0), |(s, b), &bm| {
+        let blocks = max_blocks(numel, experts, bm);
+        (s.max(blocks * bm), b.max(blocks))
+    })
 }
 
 impl TritonRunner {
@@ -288,8 +298,8 @@ impl TritonRunner {
             let q = if kind.elem == 2 { 1 } else { act };
             *ws = Some(Workspace {
                 tokens: m,
-                sorted_ids: z(&[max_sorted(numel, e)], DType::I32)?,
-                expert_ids: z(&[max_sorted(numel, e).div_ceil(16)], DType::I32)?,
+                sorted_ids: z(&[align_capacity(numel, e).0], DType::I32)?,
+                expert_ids: z(&[align_capacity(numel, e).1], DType::I32)?,
                 num_post_padded: z(&[1], DType::I32)?,
                 a1: z(&[m * h * q], DType::U8)?,
                 a1_scale: z(&[m * h.div_ceil(128).max(1)], DType::F32)?,
@@ -386,8 +396,8 @@ impl TritonRunner {
         );
         let scalars = ws.scalars.cuda_ptr()?;
         let bm = tile.block_m;
-        let max_sorted_rows = numel + e * (bm - 1);
-        let max_blocks = max_sorted_rows.div_ceil(bm);
+        let max_blocks = max_blocks(numel, e, bm);
+        let max_sorted_rows = max_blocks * bm;
 
         // 1. Align.
         self.launch(

@@ -124,22 +124,25 @@ extern "C" __global__ void moe_amax_to_scale(float* amax_scale) {
     if (threadIdx.x == 0 && blockIdx.x == 0) *amax_scale = fmaxf(*amax_scale, 1e-4f) / 448.0f;
 }
 
+// Grid: tokens x column chunks of 2 * ROW_THREADS, so a small batch still spreads over many
+// blocks; a token's slot ids are read once and its k row loads are independent.
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_sum(
     const u16* __restrict__ rows,     // [M * k, H], weighted
     const int* __restrict__ topk_ids, // [M * k]
     u16* __restrict__ out,            // [M, H]
-    int k, int h, float scale) {
-    const long long t = blockIdx.x;
-    for (int c = threadIdx.x * 2; c < h; c += blockDim.x * 2) {
-        float s0 = 0.0f, s1 = 0.0f;
-        for (int s = 0; s < k; ++s) {
-            if (topk_ids[t * k + s] < 0) continue;
-            const u32 v = *(const u32*)(rows + (t * k + s) * h + c);
-            s0 += act_to_f32((u16)(v & 0xffff));
-            s1 += act_to_f32((u16)(v >> 16));
-        }
-        *(u32*)(out + t * h + c) = (u32)f32_to_act(s0 * scale) | ((u32)f32_to_act(s1 * scale) << 16);
+    int k, int h, float scale, int chunks) {
+    const long long t = blockIdx.x / chunks;
+    const int c = (blockIdx.x % chunks) * (2 * ROW_THREADS) + threadIdx.x * 2;
+    if (c >= h) return;
+    float s0 = 0.0f, s1 = 0.0f;
+#pragma unroll 4
+    for (int s = 0; s < k; ++s) {
+        const int id = topk_ids[t * k + s];
+        const u32 v = id >= 0 ? *(const u32*)(rows + (t * k + s) * h + c) : 0u;
+        s0 += act_to_f32((u16)(v & 0xffff));
+        s1 += act_to_f32((u16)(v >> 16));
     }
+    *(u32*)(out + t * h + c) = (u32)f32_to_act(s0 * scale) | ((u32)f32_to_act(s1 * scale) << 16);
 }
 
 // Writes one float (a static per-tensor scale) on the stream, so graphs capture it.
