@@ -550,9 +550,11 @@ impl TritonRunner {
         // 6. Top-k sum with the routed scaling factor, its one owner on this path.
         if !cfg.no_combine {
             let f = self.kernels.row(rows(0), "moe_sum")?;
+            // Column chunks of 512 (two per thread), so a decode batch fills many blocks.
+            let chunks = h.div_ceil(512);
             self.launch(
                 &f,
-                m,
+                m * chunks,
                 256,
                 0,
                 &[
@@ -562,6 +564,7 @@ impl TritonRunner {
                     &(k as i32),
                     &(h as i32),
                     &cfg.output_scale(),
+                    &(chunks as i32),
                 ],
             )?;
         }
