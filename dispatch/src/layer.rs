@@ -81,12 +81,10 @@ impl MoeLayer {
                 "this format sums the top-k in its combine: give the dispatcher the runner's routed_scaling_factor".into(),
             ));
         }
-        if router.scales_weights() {
-            if cfg.routed_scaling_factor.is_some() {
-                return Err(MoeError::Config(
+        if router.scales_weights() && cfg.routed_scaling_factor.is_some() {
+            return Err(MoeError::Config(
                     "routed_scaling_factor is set in both the router and the runner; it must apply once (leave it to the runner)".into(),
                 ));
-            }
         }
         if shared.is_some() && cfg.no_combine {
             return Err(MoeError::Config(

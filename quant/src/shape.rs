@@ -35,7 +35,7 @@ pub(crate) fn exact_div(
     if divisor == 0 {
         return Err(QuantError::ZeroSize { what });
     }
-    if value % divisor != 0 {
+    if !value.is_multiple_of(divisor) {
         return Err(QuantError::NotDivisible {
             what,
             value,

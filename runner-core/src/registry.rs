@@ -69,11 +69,18 @@ pub fn downcast_io<T: Any>(io: RunnerIo, stage: &str) -> Result<Box<T>> {
     })
 }
 
+/// A pre-permute: one format's dispatch output to a runner's input.
+pub type PrePermuteFn =
+    fn(&dyn DispatchOutput, &dyn QuantInfo, &MoeRunnerConfig) -> Result<RunnerIo>;
+/// A post-permute: a runner's output to one format's combine input.
+pub type PostPermuteFn =
+    fn(RunnerIo, &dyn DispatchOutput, &MoeRunnerConfig) -> Result<Box<dyn CombineInput>>;
+
 /// Turns one format's dispatch output into a runner's input.
 pub struct PrePermute {
     pub format: DispatchFormat,
     pub runner: &'static str,
-    pub f: fn(&dyn DispatchOutput, &dyn QuantInfo, &MoeRunnerConfig) -> Result<RunnerIo>,
+    pub f: PrePermuteFn,
 }
 inventory::collect!(PrePermute);
 
@@ -95,7 +102,7 @@ inventory::collect!(RunnerCore);
 pub struct PostPermute {
     pub runner: &'static str,
     pub format: DispatchFormat,
-    pub f: fn(RunnerIo, &dyn DispatchOutput, &MoeRunnerConfig) -> Result<Box<dyn CombineInput>>,
+    pub f: PostPermuteFn,
 }
 inventory::collect!(PostPermute);
 

@@ -4,7 +4,7 @@
 
 use crate::registry::{
     describe_paths, fused_funcs, post_permutes, pre_permutes, registered_paths, runner_cores,
-    DeviceKind, FusedRunner, MoeRunnerCore, PathInfo, PathKind, RunnerIo,
+    DeviceKind, FusedRunner, MoeRunnerCore, PathInfo, PathKind, PostPermuteFn, PrePermuteFn,
 };
 use crate::{
     CombineInput, Device, DispatchFormat, DispatchOutput, MoeError, MoeRunnerConfig, QuantInfo,
@@ -12,15 +12,12 @@ use crate::{
 };
 use tracing::{debug_span, info};
 
-type PreFn = fn(&dyn DispatchOutput, &dyn QuantInfo, &MoeRunnerConfig) -> Result<RunnerIo>;
-type PostFn = fn(RunnerIo, &dyn DispatchOutput, &MoeRunnerConfig) -> Result<Box<dyn CombineInput>>;
-
 enum ResolvedPath {
     Fused(Box<dyn FusedRunner>),
     Composed {
-        pre: PreFn,
+        pre: PrePermuteFn,
         core: Box<dyn MoeRunnerCore>,
-        post: PostFn,
+        post: PostPermuteFn,
     },
 }
 

@@ -147,7 +147,7 @@ impl Tensor {
         writable: bool,
     ) -> Result<Self> {
         let ptr = NonNull::new(ptr).ok_or_else(|| MoeError::invalid("host pointer", "is null"))?;
-        if (ptr.as_ptr() as usize) % dtype.size() != 0 {
+        if !(ptr.as_ptr() as usize).is_multiple_of(dtype.size()) {
             return Err(MoeError::invalid(
                 "host pointer",
                 format!("not aligned to {} bytes for {dtype}", dtype.size()),

@@ -35,32 +35,32 @@ fn activation_formulas_follow_the_design() {
 
     let mut clamp = MoeRunnerConfig::new(4, 32, 16, 2);
     clamp.gemm1_clamp_limit = Some(1.0);
-    let want = silu(g).min(1.0) * -1.0; // the clamp after the SiLU
+    let want = -silu(g).min(1.0); // the clamp after the SiLU
     assert!((clamp.activation_kernel().unwrap().apply(g, u) - want).abs() < 1e-6);
 }
 
 #[test]
 fn inconsistent_options_are_config_errors() {
     let base = MoeRunnerConfig::new(4, 32, 16, 2);
-    let cases: Vec<Box<dyn Fn(&mut MoeRunnerConfig)>> = vec![
-        Box::new(|c| c.gemm1_alpha = Some(1.0)),
-        Box::new(|c| {
+    let cases: [fn(&mut MoeRunnerConfig); 9] = [
+        |c| c.gemm1_alpha = Some(1.0),
+        |c| {
             c.swiglu_limit = Some(1.0);
             c.gemm1_clamp_limit = Some(1.0)
-        }),
-        Box::new(|c| c.apply_router_weight_on_input = true),
-        Box::new(|c| {
+        },
+        |c| c.apply_router_weight_on_input = true,
+        |c| {
             c.inplace = true;
             c.no_combine = true
-        }),
-        Box::new(|c| c.swiglu_limit = Some(f32::NAN)),
-        Box::new(|c| c.top_k = 5),
-        Box::new(|c| c.num_local_experts = 8),
-        Box::new(|c| c.hidden_size = 0),
-        Box::new(|c| {
+        },
+        |c| c.swiglu_limit = Some(f32::NAN),
+        |c| c.top_k = 5,
+        |c| c.num_local_experts = 8,
+        |c| c.hidden_size = 0,
+        |c| {
             c.is_gated = false;
             c.swiglu_limit = Some(1.0)
-        }),
+        },
     ];
     for (i, f) in cases.iter().enumerate() {
         let mut c = base.clone();

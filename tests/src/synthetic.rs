@@ -210,7 +210,7 @@ fn projection(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Projection> {
     let (dtype, pack, sdtype, per_scale) = storage(scheme, r, c, layout);
-    if c % pack != 0 {
+    if !c.is_multiple_of(pack) {
         return Err(MoeError::NotDivisible {
             what: "weight columns".into(),
             value: c,

@@ -41,7 +41,7 @@ fn activations_f32(
     match (hidden.dtype(), scale) {
         (d, None) if d.is_float() => hidden.to_f32_vec(),
         (DType::F8E4M3, Some(s)) => {
-            if h % 128 != 0 {
+            if !h.is_multiple_of(128) {
                 return Err(MoeError::NotDivisible {
                     what: "hidden size of FP8 activations".into(),
                     value: h,
