@@ -33,6 +33,7 @@ pub fn bench_shape(name: &str, scheme: QuantScheme) -> Result<LayerShape> {
         hidden,
         inter,
         scheme,
+        swiglu_limit: None,
     })
 }
 
@@ -76,6 +77,40 @@ pub struct BenchReport {
     pub bf16_tflops: Option<f64>,
     pub fp8_tflops: Option<f64>,
     pub rows: Vec<BenchRow>,
+}
+
+/// The report as a markdown table, with the speedup over the grouped-GEMM peer.
+pub fn markdown(report: &BenchReport) -> String {
+    let opt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
+    let mut s = format!(
+        "{}: copy {:.0} GB/s, bf16 {} TFLOP/s, FP8 {} TFLOP/s\n\n\
+         | shape | scheme | M | ours (us) | floor (us) | of floor | torch `_grouped_mm` (us) | naive loop (us) | vs grouped_mm |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+        report.device,
+        report.copy_gbps,
+        opt(report.bf16_tflops),
+        opt(report.fp8_tflops)
+    );
+    for r in &report.rows {
+        let speedup = r
+            .grouped_mm_us
+            .map(|g| format!("{:.2}x", g / r.ours_us))
+            .unwrap_or_else(|| "-".into());
+        s += &format!(
+            "| {} | {} | {} | {:.1} | {:.1} ({}) | {:.0}% | {} | {} | {} |\n",
+            r.shape,
+            r.scheme,
+            r.m,
+            r.ours_us,
+            r.floor_us,
+            r.bound,
+            100.0 * r.fraction_of_floor,
+            opt(r.grouped_mm_us),
+            opt(r.naive_loop_us),
+            speedup
+        );
+    }
+    s
 }
 
 pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
@@ -153,6 +188,9 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
     if let Some(path) = &args.json_out {
         let mut f = std::fs::File::create(path).map_err(CliError::Write)?;
         write_json(&mut f, &report)?;
+    }
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, markdown(&report)).map_err(CliError::Write)?;
     }
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     let table: Vec<Vec<String>> = report

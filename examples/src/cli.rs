@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// Also write the report as JSON here.
     #[arg(long, value_name = "FILE")]
     pub json_out: Option<PathBuf>,
+    /// Also write the table as markdown here (the form BENCHMARKS.md uses).
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
     /// Timed graph replays per batch size.
     #[arg(long, default_value_t = 15)]
     pub iters: usize,

@@ -20,11 +20,17 @@ pub struct LayerShape {
     pub hidden: usize,
     pub inter: usize,
     pub scheme: QuantScheme,
+    /// The activation clamp of the model (DeepSeek-V4: 10), part of what is timed.
+    pub swiglu_limit: Option<f32>,
 }
 
 impl LayerShape {
     pub fn config(&self) -> MoeRunnerConfig {
-        MoeRunnerConfig::new(self.experts, self.hidden, self.inter, self.top_k)
+        {
+            let mut cfg = MoeRunnerConfig::new(self.experts, self.hidden, self.inter, self.top_k);
+            cfg.swiglu_limit = self.swiglu_limit;
+            cfg
+        }
     }
 
     pub fn dims(&self) -> WeightDims {

@@ -82,6 +82,7 @@ pub fn tune(args: &TuneArgs, out: &mut dyn Write) -> Result<()> {
         hidden: cfg.hidden_size,
         inter: cfg.intermediate_size,
         scheme,
+        swiglu_limit: cfg.swiglu_limit,
     };
     let device = Device::cuda(0)?;
     let layer = GpuLayer::new(shape.clone(), &device, 11)?;

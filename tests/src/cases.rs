@@ -69,6 +69,11 @@ pub const VARIANTS: &[Variant] = &[
         apply: |c| c.no_combine = true,
         masked_ok: false,
     },
+    Variant {
+        name: "inplace",
+        apply: |c| c.inplace = true,
+        masked_ok: false,
+    },
 ];
 
 /// Batch sizes: zero tokens, one, and an odd count that leaves some experts empty.

@@ -699,7 +699,13 @@ impl FusedRunner for TritonRunner {
         } else {
             vec![m, self.cfg.hidden_size]
         };
-        let out = Tensor::zeros_cuda(&self.dev, &shape, d.hidden.dtype())?;
+        // In place: the sum, the last stage, writes over the hidden buffer, which every earlier
+        // stage has finished reading by then (one stream orders them).
+        let out = if self.cfg.inplace {
+            d.hidden.clone()
+        } else {
+            Tensor::zeros_cuda(&self.dev, &shape, d.hidden.dtype())?
+        };
         self.run_into(input, quant, &out)?;
         Ok(Box::new(StandardCombineInput { hidden: out }))
     }
