@@ -12,6 +12,7 @@ use crate::tile_config::TileConfig;
 
 const COMMON: &str = include_str!("kernels/common.cuh");
 const GEMM: &str = include_str!("kernels/moe_gemm.cu");
+const EPILOGUE: &str = include_str!("kernels/epilogue.cuh");
 const GEMM_WGMMA: &str = include_str!("kernels/moe_gemm_wgmma.cu");
 const ALIGN: &str = include_str!("kernels/moe_align.cu");
 const ROWS: &str = include_str!("kernels/moe_rows.cu");

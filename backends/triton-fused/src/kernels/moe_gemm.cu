@@ -204,7 +204,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
     }
     cp_async_wait<0>();
 
-    // Epilogue: scales, router weight, store the pair of adjacent columns as one 32-bit word.
+    // Epilogue: scales, router weight, adjacent column pairs stored as one 32-bit word.
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
@@ -212,27 +212,11 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
             const int r = warp_m * WM + i * 16 + g + h * 8;
             const int id = s_id[r];
             if (id < 0) continue;
-            float rs = 1.0f;
-#if A_SCALE == 1
-            rs *= a_scale[0];
-#elif A_SCALE == 2
-            rs *= a_scale[s_row[r]];
-#endif
-#if B_SCALE == 1
-            rs *= b_scale[expert];
-#endif
-            if (mul_weight) rs *= topk_weights[id];
+            const float rs = row_scale(a_scale, b_scale, topk_weights, s_row[r], id, expert, mul_weight);
 #pragma unroll
             for (int j = 0; j < NT; ++j) {
                 const int n = n0 + warp_n * WN + j * 8 + t4 * 2;
-                if (n >= N) continue;
-                float v0 = acc[i][j][h * 2] * rs, v1 = acc[i][j][h * 2 + 1] * rs;
-#if B_SCALE == 2
-                v0 *= b_scale[(long long)expert * N + n];
-                v1 *= b_scale[(long long)expert * N + n + 1];
-#endif
-                const u32 packed = (u32)f32_to_act(v0) | ((u32)f32_to_act(v1) << 16);
-                *(u32*)(C + (long long)id * N + n) = packed;
+                if (n < N) store_pair(C, b_scale, id, n, N, expert, acc[i][j][h * 2] * rs, acc[i][j][h * 2 + 1] * rs);
             }
         }
     }
