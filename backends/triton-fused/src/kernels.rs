@@ -268,12 +268,12 @@ impl Kernels {
             (
                 "moe_gemm_wgmma",
                 format!(
-                    "{COMMON}\n{}\n{GEMM_WGMMA}",
+                    "{COMMON}\n{EPILOGUE}\n{}\n{GEMM_WGMMA}",
                     wgmma_tile_source(tile.block_n, kind.elem)
                 ),
             )
         } else {
-            ("moe_gemm", with_common(GEMM))
+            ("moe_gemm", format!("{COMMON}\n{EPILOGUE}\n{GEMM}"))
         };
         let f = compile_module(&self.dev, name, &source, &defines)?
             .load_function("moe_gemm")
