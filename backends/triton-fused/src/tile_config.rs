@@ -106,6 +106,8 @@ const SHIPPED: &[(&str, &str)] = &[
     ("E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json", include_str!("../configs/E=256,N=2048,device_name=NVIDIA_H100_80GB_HBM3.json")),
     ("E=256,N=2048,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json", include_str!("../configs/E=256,N=2048,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json")),
     ("E=256,N=2048,device_name=NVIDIA_H200.json", include_str!("../configs/E=256,N=2048,device_name=NVIDIA_H200.json")),
+    ("E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json", include_str!("../configs/E=257,N=2048,device_name=NVIDIA_H100_80GB_HBM3,dtype=fp8_w8a8,block_shape=[128,128].json")),
+    ("E=257,N=2048,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json", include_str!("../configs/E=257,N=2048,device_name=NVIDIA_H200,dtype=fp8_w8a8,block_shape=[128,128].json")),
     ("E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json", include_str!("../configs/E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3.json")),
     ("E=8,N=14336,device_name=NVIDIA_H200.json", include_str!("../configs/E=8,N=14336,device_name=NVIDIA_H200.json")),
 ];
