@@ -19,6 +19,46 @@ pub fn downcast_quant<T: QuantInfo>(quant: &dyn QuantInfo) -> Result<&T> {
         })
 }
 
+/// `QuantInfo` for a weight type of one scheme.
+macro_rules! quant_info {
+    ($ty:ty, $scheme:expr) => {
+        impl QuantInfo for $ty {
+            fn scheme(&self) -> QuantScheme {
+                $scheme
+            }
+        }
+    };
+}
+
+/// The (weights, scales) of one projection, for weight types with fields `w13`, `w13_scale`,
+/// `w2`, `w2_scale`; with `new`, also `to_device` through the type's four-tensor constructor.
+macro_rules! scaled_projections {
+    ($ty:ident) => {
+        impl $ty {
+            fn tensors(&self, proj: Proj) -> (&Tensor, &Tensor) {
+                match proj {
+                    Proj::W13 => (&self.w13, &self.w13_scale),
+                    Proj::W2 => (&self.w2, &self.w2_scale),
+                }
+            }
+        }
+    };
+    ($ty:ident, new) => {
+        scaled_projections!($ty);
+        impl $ty {
+            /// A copy with every tensor on `device` (weights are uploaded once, at load).
+            pub fn to_device(&self, device: &Device) -> Result<Self> {
+                Self::new(
+                    self.w13.to_device(device)?,
+                    self.w13_scale.to_device(device)?,
+                    self.w2.to_device(device)?,
+                    self.w2_scale.to_device(device)?,
+                )
+            }
+        }
+    };
+}
+
 /// The two expert projections.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Proj {
@@ -285,22 +325,8 @@ impl Fp8BlockWeights {
     }
 }
 
-impl Fp8BlockWeights {
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Self::new(
-            self.w13.to_device(device)?,
-            self.w13_scale.to_device(device)?,
-            self.w2.to_device(device)?,
-            self.w2_scale.to_device(device)?,
-        )
-    }
-}
-
-impl QuantInfo for Fp8BlockWeights {
-    fn scheme(&self) -> QuantScheme {
-        QuantScheme::Fp8Block128
-    }
-}
+scaled_projections!(Fp8BlockWeights, new);
+quant_info!(Fp8BlockWeights, QuantScheme::Fp8Block128);
 
 impl ExpertWeights for Fp8BlockWeights {
     fn dims(&self) -> WeightDims {
@@ -309,10 +335,7 @@ impl ExpertWeights for Fp8BlockWeights {
     fn dequantize_expert(&self, proj: Proj, e: usize, out: &mut [f32]) -> Result<()> {
         let (r, c) = self.dims.matrix(proj);
         check_out(out, r, c)?;
-        let (w, s) = match proj {
-            Proj::W13 => (&self.w13, &self.w13_scale),
-            Proj::W2 => (&self.w2, &self.w2_scale),
-        };
+        let (w, s) = self.tensors(proj);
         let sb = r.div_ceil(FP8_BLOCK.0) * c.div_ceil(FP8_BLOCK.1);
         moe_quant::dequantize_fp8_blocks_into(
             expert_slice::<u8>(w, e, r * c)?,
@@ -414,11 +437,8 @@ impl Fp8PerTensorWeights {
     }
 }
 
-impl QuantInfo for Fp8PerTensorWeights {
-    fn scheme(&self) -> QuantScheme {
-        QuantScheme::Fp8PerTensor
-    }
-}
+scaled_projections!(Fp8PerTensorWeights);
+quant_info!(Fp8PerTensorWeights, QuantScheme::Fp8PerTensor);
 
 impl ExpertWeights for Fp8PerTensorWeights {
     fn dims(&self) -> WeightDims {
@@ -427,10 +447,7 @@ impl ExpertWeights for Fp8PerTensorWeights {
     fn dequantize_expert(&self, proj: Proj, e: usize, out: &mut [f32]) -> Result<()> {
         let (r, c) = self.dims.matrix(proj);
         check_out(out, r, c)?;
-        let (w, s) = match proj {
-            Proj::W13 => (&self.w13, &self.w13_scale),
-            Proj::W2 => (&self.w2, &self.w2_scale),
-        };
+        let (w, s) = self.tensors(proj);
         let scale = expert_slice::<f32>(s, e, 1)?[0];
         for (o, &b) in out.iter_mut().zip(expert_slice::<u8>(w, e, r * c)?) {
             *o = moe_quant::e4m3_to_f32(b) * scale;
@@ -483,22 +500,8 @@ impl Fp8PerChannelWeights {
     }
 }
 
-impl Fp8PerChannelWeights {
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Self::new(
-            self.w13.to_device(device)?,
-            self.w13_scale.to_device(device)?,
-            self.w2.to_device(device)?,
-            self.w2_scale.to_device(device)?,
-        )
-    }
-}
-
-impl QuantInfo for Fp8PerChannelWeights {
-    fn scheme(&self) -> QuantScheme {
-        QuantScheme::Fp8PerChannel
-    }
-}
+scaled_projections!(Fp8PerChannelWeights, new);
+quant_info!(Fp8PerChannelWeights, QuantScheme::Fp8PerChannel);
 
 impl ExpertWeights for Fp8PerChannelWeights {
     fn dims(&self) -> WeightDims {
@@ -507,10 +510,7 @@ impl ExpertWeights for Fp8PerChannelWeights {
     fn dequantize_expert(&self, proj: Proj, e: usize, out: &mut [f32]) -> Result<()> {
         let (r, c) = self.dims.matrix(proj);
         check_out(out, r, c)?;
-        let (w, s) = match proj {
-            Proj::W13 => (&self.w13, &self.w13_scale),
-            Proj::W2 => (&self.w2, &self.w2_scale),
-        };
+        let (w, s) = self.tensors(proj);
         let scales = expert_slice::<f32>(s, e, r)?;
         let data = expert_slice::<u8>(w, e, r * c)?;
         for ((orow, drow), &sc) in out.chunks_mut(c).zip(data.chunks(c)).zip(scales) {
@@ -707,11 +707,7 @@ impl Nvfp4Weights {
     }
 }
 
-impl QuantInfo for Nvfp4Weights {
-    fn scheme(&self) -> QuantScheme {
-        QuantScheme::Nvfp4
-    }
-}
+quant_info!(Nvfp4Weights, QuantScheme::Nvfp4);
 
 impl ExpertWeights for Nvfp4Weights {
     fn dims(&self) -> WeightDims {
@@ -810,22 +806,8 @@ impl Mxfp4Weights {
     }
 }
 
-impl Mxfp4Weights {
-    pub fn to_device(&self, device: &Device) -> Result<Self> {
-        Self::new(
-            self.w13.to_device(device)?,
-            self.w13_scale.to_device(device)?,
-            self.w2.to_device(device)?,
-            self.w2_scale.to_device(device)?,
-        )
-    }
-}
-
-impl QuantInfo for Mxfp4Weights {
-    fn scheme(&self) -> QuantScheme {
-        QuantScheme::Mxfp4
-    }
-}
+scaled_projections!(Mxfp4Weights, new);
+quant_info!(Mxfp4Weights, QuantScheme::Mxfp4);
 
 impl ExpertWeights for Mxfp4Weights {
     fn dims(&self) -> WeightDims {
@@ -834,10 +816,7 @@ impl ExpertWeights for Mxfp4Weights {
     fn dequantize_expert(&self, proj: Proj, e: usize, out: &mut [f32]) -> Result<()> {
         let (r, c) = self.dims.matrix(proj);
         check_out(out, r, c)?;
-        let (w, s) = match proj {
-            Proj::W13 => (&self.w13, &self.w13_scale),
-            Proj::W2 => (&self.w2, &self.w2_scale),
-        };
+        let (w, s) = self.tensors(proj);
         moe_quant::dequantize_mxfp4_into(
             expert_slice::<u8>(w, e, r * c / 2)?,
             expert_slice::<u8>(s, e, r * c / MXFP4_BLOCK)?,
