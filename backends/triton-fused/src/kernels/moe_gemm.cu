@@ -62,29 +62,22 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
     const int group_size = min(num_m_blocks - first_m, GROUP_M);
     const int pid_m = first_m + ((pid % in_group) % group_size);
     const int pid_n = (pid % in_group) / group_size;
-    if (pid_m * BLOCK_M >= *num_post_padded) return;
+    // Two independent loads: whether this block holds rows, and its expert.
+    const int post_padded = *num_post_padded;
     const int expert = expert_ids[pid_m];
-    if (expert < 0) return;
+    if (pid_m * BLOCK_M >= post_padded || expert < 0) return;
     const int m0 = pid_m * BLOCK_M, n0 = pid_n * BLOCK_N;
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int warp_m = warp / WARPS_N, warp_n = warp % WARPS_N;
     const int g = lane >> 2, t4 = lane & 3;
 
-    for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
-        const int id = sorted_ids[m0 + r];
-        s_id[r] = id < numel ? id : -1;
-        s_row[r] = id < numel ? id / a_row_div : -1;
-    }
-    __syncthreads();
-
     const long long k_bytes = (long long)K * ELEM_BYTES;
     const int KT = (int)((k_bytes + BLOCK_K_BYTES - 1) / BLOCK_K_BYTES);
     const u8* Bexp = B + (long long)expert * N * k_bytes;
 
-    auto load_stage = [&](int slot, int kt) {
+    auto load_a = [&](int slot, int kt) {
         u8* as = As + slot * BLOCK_M * ROW_BYTES;
-        u8* bs = Bs + slot * BLOCK_N * ROW_BYTES;
         const long long kb = (long long)kt * BLOCK_K_BYTES;
         for (int c = tid; c < BLOCK_M * CHUNKS_PER_ROW; c += NUM_THREADS) {
             const int r = c / CHUNKS_PER_ROW, ch = c % CHUNKS_PER_ROW;
@@ -94,6 +87,10 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
             const u8* src = ok ? A + (long long)row * k_bytes + off : A;
             cp_async16(as + r * ROW_BYTES + ch * 16, src, ok ? 16 : 0);
         }
+    };
+    auto load_b = [&](int slot, int kt) {
+        u8* bs = Bs + slot * BLOCK_N * ROW_BYTES;
+        const long long kb = (long long)kt * BLOCK_K_BYTES;
         for (int c = tid; c < BLOCK_N * CHUNKS_PER_ROW; c += NUM_THREADS) {
             const int r = c / CHUNKS_PER_ROW, ch = c % CHUNKS_PER_ROW;
             const long long off = kb + ch * 16;
@@ -102,6 +99,23 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
             cp_async16(bs + r * ROW_BYTES + ch * 16, src, ok ? 16 : 0);
         }
     };
+    auto load_stage = [&](int slot, int kt) {
+        load_a(slot, kt);
+        load_b(slot, kt);
+    };
+
+    // The prologue's weight tiles need only the expert: they start streaming before the
+    // token rows are known (they join the first cp.async group below).
+#pragma unroll
+    for (int s = 0; s < NUM_STAGES - 1; ++s)
+        if (s < KT) load_b(s, s);
+
+    for (int r = tid; r < BLOCK_M; r += NUM_THREADS) {
+        const int id = sorted_ids[m0 + r];
+        s_id[r] = id < numel ? id : -1;
+        s_row[r] = id < numel ? id / a_row_div : -1;
+    }
+    __syncthreads();
 
     float acc[MT][NT][4];
 #pragma unroll
@@ -129,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
 
 #pragma unroll
     for (int s = 0; s < NUM_STAGES - 1; ++s) {
-        if (s < KT) load_stage(s, s);
+        if (s < KT) load_a(s, s);
         cp_async_commit();
     }
 
