@@ -21,7 +21,9 @@ pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
     );
     let max_bm = (per_expert.next_power_of_two() * 2).clamp(16, 128);
     let mut out = Vec::new();
-    for bm in [16, 32, 64, 128].into_iter().filter(|&b| b <= max_bm) {
+    // 64-row blocks run on wgmma; they are tried at every size, since at decode the empty rows
+    // cost no memory traffic and the warpgroup MMA may stream the weights better.
+    for bm in [16, 32, 64, 128].into_iter().filter(|&b| b <= max_bm.max(64)) {
         for bn in [32, 64, 128, 256] {
             if scheme == QuantScheme::Fp8Block128 && bn > 128 {
                 continue;
