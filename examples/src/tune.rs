@@ -23,7 +23,10 @@ pub fn candidates(per_expert: usize, scheme: QuantScheme) -> Vec<TileConfig> {
     let mut out = Vec::new();
     // 64-row blocks run on wgmma; they are tried at every size, since at decode the empty rows
     // cost no memory traffic and the warpgroup MMA may stream the weights better.
-    for bm in [16, 32, 64, 128].into_iter().filter(|&b| b <= max_bm.max(64)) {
+    for bm in [16, 32, 64, 128]
+        .into_iter()
+        .filter(|&b| b <= max_bm.max(64))
+    {
         for bn in [32, 64, 128, 256] {
             if scheme == QuantScheme::Fp8Block128 && bn > 128 {
                 continue;
