@@ -174,60 +174,58 @@ impl TritonRunner {
     }
 
     fn weights(&self, quant: &dyn QuantInfo) -> Result<DeviceWeights> {
-        let none = 0u64;
-        let w = |t: &Tensor| t.cuda_ptr();
-        Ok(match quant.scheme() {
+        // Scales are null for unscaled weights; static activation scales come only from
+        // per-tensor checkpoints.
+        let ptrs = |w13: &Tensor,
+                    w2: &Tensor,
+                    scales: Option<(&Tensor, &Tensor)>,
+                    statics: (Option<f32>, Option<f32>)| {
+            Ok::<_, MoeError>(DeviceWeights {
+                w13: w13.cuda_ptr()?,
+                w2: w2.cuda_ptr()?,
+                s13: scales.map(|(s, _)| s.cuda_ptr()).transpose()?.unwrap_or(0),
+                s2: scales.map(|(_, s)| s.cuda_ptr()).transpose()?.unwrap_or(0),
+                a13_static: statics.0,
+                a2_static: statics.1,
+            })
+        };
+        match quant.scheme() {
             QuantScheme::Bf16 | QuantScheme::F16 => {
                 let d = downcast_quant::<DenseWeights>(quant)?;
-                DeviceWeights {
-                    w13: w(&d.w13)?,
-                    w2: w(&d.w2)?,
-                    s13: none,
-                    s2: none,
-                    a13_static: None,
-                    a2_static: None,
-                }
+                ptrs(&d.w13, &d.w2, None, (None, None))
             }
             QuantScheme::Fp8Block128 => {
                 let d = downcast_quant::<Fp8BlockWeights>(quant)?;
-                DeviceWeights {
-                    w13: w(&d.w13)?,
-                    w2: w(&d.w2)?,
-                    s13: w(&d.w13_scale)?,
-                    s2: w(&d.w2_scale)?,
-                    a13_static: None,
-                    a2_static: None,
-                }
+                ptrs(
+                    &d.w13,
+                    &d.w2,
+                    Some((&d.w13_scale, &d.w2_scale)),
+                    (None, None),
+                )
             }
             QuantScheme::Fp8PerTensor => {
                 let d = downcast_quant::<Fp8PerTensorWeights>(quant)?;
-                DeviceWeights {
-                    w13: w(&d.w13)?,
-                    w2: w(&d.w2)?,
-                    s13: w(&d.w13_scale)?,
-                    s2: w(&d.w2_scale)?,
-                    a13_static: d.a13_scale,
-                    a2_static: d.a2_scale,
-                }
+                ptrs(
+                    &d.w13,
+                    &d.w2,
+                    Some((&d.w13_scale, &d.w2_scale)),
+                    (d.a13_scale, d.a2_scale),
+                )
             }
             QuantScheme::Fp8PerChannel => {
                 let d = downcast_quant::<Fp8PerChannelWeights>(quant)?;
-                DeviceWeights {
-                    w13: w(&d.w13)?,
-                    w2: w(&d.w2)?,
-                    s13: w(&d.w13_scale)?,
-                    s2: w(&d.w2_scale)?,
-                    a13_static: None,
-                    a2_static: None,
-                }
+                ptrs(
+                    &d.w13,
+                    &d.w2,
+                    Some((&d.w13_scale, &d.w2_scale)),
+                    (None, None),
+                )
             }
-            other => {
-                return Err(MoeError::invalid(
-                    "quant scheme",
-                    format!("the triton runner does not run {other}"),
-                ))
-            }
-        })
+            other => Err(MoeError::invalid(
+                "quant scheme",
+                format!("the triton runner does not run {other}"),
+            )),
+        }
     }
 
     fn check_shapes(
