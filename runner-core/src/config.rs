@@ -125,6 +125,15 @@ impl MoeRunnerConfig {
         }
     }
 
+    /// Shape of the layer output for `m` tokens: `[m, H]`, or `[m, top_k, H]` with `no_combine`.
+    pub fn output_shape(&self, m: usize) -> Vec<usize> {
+        if self.no_combine {
+            vec![m, self.top_k, self.hidden_size]
+        } else {
+            vec![m, self.hidden_size]
+        }
+    }
+
     /// The scale the final top-k sum applies (1 when unset).
     pub fn output_scale(&self) -> f32 {
         self.routed_scaling_factor.unwrap_or(1.0)

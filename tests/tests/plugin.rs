@@ -34,11 +34,7 @@ impl FusedRunner for NaiveFused {
             &self.cfg,
             d.hidden.dtype(),
         )?;
-        let shape = if self.cfg.no_combine {
-            vec![m, self.cfg.top_k, self.cfg.hidden_size]
-        } else {
-            vec![m, self.cfg.hidden_size]
-        };
+        let shape = self.cfg.output_shape(m);
         Ok(Box::new(StandardCombineInput {
             hidden: Tensor::from_f32(&out, &shape, d.hidden.dtype())?,
         }))

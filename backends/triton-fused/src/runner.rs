@@ -356,11 +356,7 @@ impl TritonRunner {
             downcast_dispatch::<StandardDispatchOutput>(input, RUNNER, DispatchFormat::Standard)?;
         let (m, hidden_dtype) = self.check_shapes(d, quant)?;
         let cfg = &self.cfg;
-        let want: Vec<usize> = if cfg.no_combine {
-            vec![m, cfg.top_k, cfg.hidden_size]
-        } else {
-            vec![m, cfg.hidden_size]
-        };
+        let want = cfg.output_shape(m);
         out.expect_shape("output", &want)?;
         out.expect_dtype("output", &[hidden_dtype])?;
         if m == 0 {
@@ -692,11 +688,7 @@ impl FusedRunner for TritonRunner {
         let d =
             downcast_dispatch::<StandardDispatchOutput>(input, RUNNER, DispatchFormat::Standard)?;
         let m = d.num_tokens();
-        let shape: Vec<usize> = if self.cfg.no_combine {
-            vec![m, self.cfg.top_k, self.cfg.hidden_size]
-        } else {
-            vec![m, self.cfg.hidden_size]
-        };
+        let shape = self.cfg.output_shape(m);
         // In place: the sum, the last stage, writes over the hidden buffer, which every earlier
         // stage has finished reading by then (one stream orders them).
         let out = if self.cfg.inplace {
