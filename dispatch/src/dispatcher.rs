@@ -2,7 +2,7 @@
 //! [`DispatchFormat`]; a runner registered for that format consumes it.
 
 use moe_runner_core::{
-    CombineInput, DispatchFormat, DispatchOutput, MoeError, Result, Tensor, TopK,
+    CombineInput, Device, DispatchFormat, DispatchOutput, MoeError, Result, Tensor, TopK,
 };
 use serde::{Deserialize, Serialize};
 
@@ -24,6 +24,11 @@ pub struct DispatcherConfig {
     /// ignores it; a `MoeLayer` sets it from the runner config, so it applies exactly once.
     #[serde(default)]
     pub routed_scaling_factor: Option<f32>,
+    /// Experts per token. Dispatchers that keep one result slot per (token, expert) size their
+    /// buffers by it (the low-latency combine buffer is `[T, top_k, H]`); 0 = not fixed, which
+    /// those dispatchers reject.
+    #[serde(default)]
+    pub top_k: usize,
 }
 
 impl DispatcherConfig {
@@ -37,7 +42,14 @@ impl DispatcherConfig {
             hidden_size,
             max_tokens_per_rank,
             routed_scaling_factor: None,
+            top_k: 0,
         }
+    }
+
+    /// The same config with `top_k` experts per token.
+    pub fn with_top_k(mut self, top_k: usize) -> Self {
+        self.top_k = top_k;
+        self
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -89,6 +101,16 @@ impl DispatcherConfig {
                 got: topk.ids.shape().to_vec(),
             });
         }
+        if self.top_k != 0 && topk.top_k() > self.top_k {
+            return Err(MoeError::invalid(
+                "topk_ids",
+                format!(
+                    "{} experts per token; the dispatcher was sized for {}",
+                    topk.top_k(),
+                    self.top_k
+                ),
+            ));
+        }
         topk.check_ids(self.num_experts)?;
         Ok(m)
     }
@@ -108,12 +130,14 @@ pub trait Dispatcher: Send + Sync {
     ) -> Result<Tensor>;
 }
 
-/// A registered all-to-all backend.
+/// A registered all-to-all backend. `make` builds a single-process dispatcher for `device`
+/// (multi-rank worlds have their own constructors, which exchange buffers between ranks); it
+/// fails with a typed error when the backend cannot run there.
 pub struct A2aBackend {
     pub name: &'static str,
     pub format: DispatchFormat,
     pub description: &'static str,
-    pub make: fn(&DispatcherConfig) -> Result<Box<dyn Dispatcher>>,
+    pub make: fn(&DispatcherConfig, &Device) -> Result<Box<dyn Dispatcher>>,
 }
 inventory::collect!(A2aBackend);
 
@@ -121,8 +145,17 @@ pub fn a2a_backends() -> impl Iterator<Item = &'static A2aBackend> {
     inventory::iter::<A2aBackend>.into_iter()
 }
 
-/// Builds a registered dispatcher by name, or lists the known ones.
+/// Builds a registered dispatcher by name for the CPU, or lists the known ones.
 pub fn make_dispatcher(name: &str, cfg: &DispatcherConfig) -> Result<Box<dyn Dispatcher>> {
+    make_dispatcher_on(name, cfg, &Device::cpu())
+}
+
+/// Builds a registered dispatcher by name for `device`, or lists the known ones.
+pub fn make_dispatcher_on(
+    name: &str,
+    cfg: &DispatcherConfig,
+    device: &Device,
+) -> Result<Box<dyn Dispatcher>> {
     cfg.validate()?;
     let backend = a2a_backends()
         .find(|b| b.name == name)
@@ -134,5 +167,5 @@ pub fn make_dispatcher(name: &str, cfg: &DispatcherConfig) -> Result<Box<dyn Dis
                 .collect::<Vec<_>>()
                 .join(", "),
         })?;
-    (backend.make)(cfg)
+    (backend.make)(cfg, device)
 }

@@ -8,7 +8,9 @@ mod masked;
 mod routing;
 mod standard;
 
-pub use dispatcher::{a2a_backends, make_dispatcher, A2aBackend, Dispatcher, DispatcherConfig};
+pub use dispatcher::{
+    a2a_backends, make_dispatcher, make_dispatcher_on, A2aBackend, Dispatcher, DispatcherConfig,
+};
 pub use layer::{MoeLayer, SharedExpertOrder};
 pub use masked::LocalMaskedDispatcher;
 pub use routing::{Router, RoutingMethod};

@@ -76,6 +76,7 @@ impl Dispatcher for LocalMaskedDispatcher {
             expected_m: (m * k).div_ceil(e_local.max(1)),
             src_info: Tensor::from_slice(&src_info, &[e_local, t], DType::I32)?,
             layout_range: Tensor::from_slice(&layout, &[e_local, 1], DType::I64)?,
+            out_buffer: None,
         }))
     }
 
@@ -153,6 +154,13 @@ inventory::submit! {
         name: "local_masked",
         format: DispatchFormat::DeepEpLowLatency,
         description: "one rank, DeepEP low-latency masked layout [E_local, T, H] with masked_m, src_info, layout_range",
-        make: |cfg| Ok(Box::new(LocalMaskedDispatcher::new(cfg.clone())?)),
+        make: |cfg, device| {
+            if device.is_cuda() {
+                return Err(MoeError::Config(
+                    "local_masked packs on the host; on a GPU use the deepep_ll dispatcher".into(),
+                ));
+            }
+            Ok(Box::new(LocalMaskedDispatcher::new(cfg.clone())?))
+        },
     }
 }

@@ -91,6 +91,6 @@ inventory::submit! {
         name: "standard",
         format: DispatchFormat::Standard,
         description: "tokens in place; local-expert mapping under expert parallelism, partial sums all-reduced by the engine",
-        make: |cfg| Ok(Box::new(StandardDispatcher::new(cfg.clone())?)),
+        make: |cfg, _device| Ok(Box::new(StandardDispatcher::new(cfg.clone())?)),
     }
 }

@@ -214,6 +214,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             hidden_size: spec.hidden,
             max_tokens_per_rank: tokens.max(1),
             routed_scaling_factor: plan.config.routed_scaling_factor,
+            top_k: plan.config.top_k,
         },
     )?;
     let weight_bytes = plan.host_bytes(scheme);

@@ -123,6 +123,10 @@ pub struct DeepEpLlDispatchOutput {
     pub src_info: Tensor,
     /// `[E_local, R] i64`: `begin << 32 | count` of the rows each source rank sent.
     pub layout_range: Tensor,
+    /// Where the runner should write its `[E_local, R*T, H]` output: the dispatcher's
+    /// registered combine buffer (zero-copy, and no allocation per call). `None`: the runner
+    /// allocates.
+    pub out_buffer: Option<Tensor>,
 }
 
 impl DeepEpLlDispatchOutput {

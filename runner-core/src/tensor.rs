@@ -29,6 +29,12 @@ enum Storage {
 #[cfg(feature = "cuda")]
 enum CudaBuf {
     Owned(Arc<cudarc::driver::CudaSlice<u8>>),
+    /// Device memory kept alive by `owner`: a region of an owned allocation (a buffer carved
+    /// into tensors), or memory a backend allocated itself (peer-mapped all-to-all buffers).
+    Held {
+        owner: Arc<dyn std::any::Any + Send + Sync>,
+        ptr: cudarc::driver::sys::CUdeviceptr,
+    },
     /// A device pointer the engine owns, valid on the device's stream.
     Borrowed(cudarc::driver::sys::CUdeviceptr),
 }
@@ -54,6 +60,10 @@ impl Clone for Tensor {
                 device: device.clone(),
                 buf: match buf {
                     CudaBuf::Owned(s) => CudaBuf::Owned(s.clone()),
+                    CudaBuf::Held { owner, ptr } => CudaBuf::Held {
+                        owner: owner.clone(),
+                        ptr: *ptr,
+                    },
                     CudaBuf::Borrowed(p) => CudaBuf::Borrowed(*p),
                 },
             },
@@ -431,6 +441,7 @@ impl Tensor {
         match &self.storage {
             Storage::Cuda { device, buf } => Ok(match buf {
                 CudaBuf::Owned(s) => s.device_ptr(device.stream()).0,
+                CudaBuf::Held { ptr, .. } => *ptr,
                 CudaBuf::Borrowed(p) => *p,
             }),
             _ => Err(MoeError::Device(
@@ -438,6 +449,70 @@ impl Tensor {
                     .into(),
             )),
         }
+    }
+
+    /// A tensor over device memory that `owner` keeps alive (memory a backend allocated
+    /// itself, e.g. buffers mapped into peer GPUs).
+    ///
+    /// # Safety
+    /// `ptr` must address at least `numel * dtype.size()` bytes in `device`'s context that stay
+    /// valid while `owner` lives.
+    pub unsafe fn from_held_cuda(
+        device: &crate::CudaDevice,
+        owner: Arc<dyn std::any::Any + Send + Sync>,
+        ptr: cudarc::driver::sys::CUdeviceptr,
+        shape: &[usize],
+        dtype: DType,
+    ) -> Self {
+        Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Cuda {
+                device: device.clone(),
+                buf: CudaBuf::Held { owner, ptr },
+            },
+        }
+    }
+
+    /// A tensor over `shape` x `dtype` bytes of this device tensor's memory, from byte
+    /// `offset`: one allocation carved into several tensors (the all-to-all buffers). The view
+    /// keeps an owned allocation alive.
+    pub fn cuda_view(&self, offset: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        let end = offset.checked_add(bytes);
+        if end.is_none_or(|e| e > self.size_in_bytes()) || offset % dtype.size().max(1) != 0 {
+            return Err(MoeError::invalid(
+                "tensor view",
+                format!(
+                    "{bytes} bytes at offset {offset} do not fit aligned in a buffer of {} bytes",
+                    self.size_in_bytes()
+                ),
+            ));
+        }
+        let base = self.cuda_ptr()?;
+        let Storage::Cuda { device, buf } = &self.storage else {
+            return Err(MoeError::Device("cuda_view needs a device tensor".into()));
+        };
+        let ptr = base + offset as u64;
+        let buf = match buf {
+            CudaBuf::Owned(s) => CudaBuf::Held {
+                owner: s.clone(),
+                ptr,
+            },
+            CudaBuf::Held { owner, .. } => CudaBuf::Held {
+                owner: owner.clone(),
+                ptr,
+            },
+            CudaBuf::Borrowed(_) => CudaBuf::Borrowed(ptr),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage: Storage::Cuda {
+                device: device.clone(),
+                buf,
+            },
+        })
     }
 
     /// The GPU this tensor lives on.
@@ -474,12 +549,14 @@ mod cuda_io {
                 v.truncate(len);
                 Ok(v)
             }
-            CudaBuf::Borrowed(ptr) => {
+            CudaBuf::Borrowed(ptr) | CudaBuf::Held { ptr, .. } => {
+                let ptr = *ptr;
                 let mut out = vec![0u8; len];
                 dev.stream().synchronize().map_err(dev_err)?;
-                // SAFETY: `borrow_cuda`'s contract makes `ptr` valid for `len` bytes.
+                // SAFETY: `borrow_cuda`'s contract (or `view`'s bounds check) makes `ptr`
+                // valid for `len` bytes.
                 unsafe {
-                    cudarc::driver::result::memcpy_dtoh_sync(&mut out, *ptr).map_err(dev_err)?;
+                    cudarc::driver::result::memcpy_dtoh_sync(&mut out, ptr).map_err(dev_err)?;
                 }
                 Ok(out)
             }

@@ -3,9 +3,9 @@
 //! compared with a reference that quantizes the same way: what remains is accumulation order
 //! and the occasional rounding flip of a requantized intermediate.
 
-use moe_dispatch::{a2a_backends, make_dispatcher, DispatcherConfig};
+use moe_dispatch::{a2a_backends, make_dispatcher_on, DispatcherConfig};
 use moe_runner_core::{
-    DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, Result, Tensor,
+    Device, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, Result, Tensor,
     TopK,
 };
 
@@ -81,12 +81,14 @@ pub fn dispatcher_for(
     format: DispatchFormat,
     cfg: &MoeRunnerConfig,
     max_tokens: usize,
+    device: &Device,
 ) -> Result<Box<dyn moe_dispatch::Dispatcher>> {
-    let mut dcfg = DispatcherConfig::single(cfg.num_experts, cfg.hidden_size, max_tokens);
+    let mut dcfg = DispatcherConfig::single(cfg.num_experts, cfg.hidden_size, max_tokens)
+        .with_top_k(cfg.top_k);
     dcfg.routed_scaling_factor = cfg.routed_scaling_factor;
     a2a_backends()
         .filter(|b| b.format == format)
-        .find_map(|b| make_dispatcher(b.name, &dcfg).ok())
+        .find_map(|b| make_dispatcher_on(b.name, &dcfg, device).ok())
         .ok_or_else(|| MoeError::Unknown {
             kind: "single-rank dispatcher for format",
             name: format.to_string(),
@@ -108,8 +110,8 @@ pub fn run_path(
     quant: &dyn QuantInfo,
 ) -> Result<Vec<f32>> {
     let m = topk.num_tokens();
-    let dispatcher = dispatcher_for(runner.format(), runner.config(), m.max(1))?;
     let device = runner.device();
+    let dispatcher = dispatcher_for(runner.format(), runner.config(), m.max(1), device)?;
     let moved;
     let (hidden, topk, quant) = if device.is_cuda() {
         moved = moe_runner_core::quant_to_device(quant, device)?;

@@ -194,6 +194,7 @@ fn masked_m_beyond_the_buffer_is_rejected() {
         expected_m: 1,
         src_info: Tensor::zeros(&[8, 4], DType::I32),
         layout_range: Tensor::zeros(&[8, 1], DType::I64),
+        out_buffer: None,
     };
     let err = r.run(&out, quant.as_ref()).err().unwrap();
     assert!(err.to_string().contains("masked_m"), "{err}");

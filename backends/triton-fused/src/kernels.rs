@@ -10,7 +10,8 @@ use std::sync::Mutex;
 
 use crate::tile_config::TileConfig;
 
-const COMMON: &str = include_str!("kernels/common.cuh");
+/// Device helpers (types, FP8 conversions, warp reductions) other backends' kernels include.
+pub const COMMON: &str = include_str!("kernels/common.cuh");
 const GEMM: &str = include_str!("kernels/moe_gemm.cu");
 const EPILOGUE: &str = include_str!("kernels/epilogue.cuh");
 const GEMM_WGMMA: &str = include_str!("kernels/moe_gemm_wgmma.cu");
@@ -218,21 +219,24 @@ pub struct RowKind {
 pub struct Kernels {
     dev: CudaDevice,
     align: CudaFunction,
+    align_masked: CudaFunction,
     gemm: Mutex<HashMap<(GemmTile, GemmKind), CudaFunction>>,
     rows: Mutex<HashMap<(RowKind, &'static str), CudaFunction>>,
 }
 
 impl Kernels {
     pub fn new(dev: &CudaDevice) -> Result<Self> {
-        let align = compile_module(dev, "moe_align", &with_common(ALIGN), &[])?
-            .load_function("moe_align")
-            .map_err(|e| MoeError::Kernel {
-                name: "moe_align".into(),
+        let module = compile_module(dev, "moe_align", &with_common(ALIGN), &[])?;
+        let load = |name: &str| {
+            module.load_function(name).map_err(|e| MoeError::Kernel {
+                name: name.into(),
                 log: e.to_string(),
-            })?;
+            })
+        };
         Ok(Self {
             dev: dev.clone(),
-            align,
+            align: load("moe_align")?,
+            align_masked: load("moe_align_masked")?,
             gemm: Mutex::default(),
             rows: Mutex::default(),
         })
@@ -240,6 +244,10 @@ impl Kernels {
 
     pub fn align(&self) -> &CudaFunction {
         &self.align
+    }
+
+    pub fn align_masked(&self) -> &CudaFunction {
+        &self.align_masked
     }
 
     pub fn gemm(&self, tile: GemmTile, kind: GemmKind) -> Result<CudaFunction> {

@@ -6,12 +6,14 @@
 pub mod tile_config;
 
 #[cfg(feature = "cuda")]
-mod kernels;
+pub mod kernels;
 #[cfg(feature = "cuda")]
 mod runner;
+#[cfg(feature = "cuda")]
+pub mod stages;
 
 #[cfg(feature = "cuda")]
-pub use runner::TritonRunner;
+pub use runner::{max_blocks, TritonRunner};
 
 /// The runner's registered name.
 pub const RUNNER: &str = "triton";

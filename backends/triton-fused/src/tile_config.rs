@@ -163,6 +163,64 @@ pub fn default_tile(numel: usize, experts: usize, scheme: QuantScheme) -> TileCo
     }
 }
 
+/// Chooses the tile of a batch for one layer shape: a forced tile (the tuner and tests sweep
+/// tiles), else the nearest entry of the tuned file for (E, N, device, scheme), else the default
+/// (logged once when no file exists). The file is looked up once, at the first batch.
+pub struct TileSelector {
+    experts: usize,
+    inter: usize,
+    device_name: String,
+    config_dir: Option<PathBuf>,
+    forced: std::sync::Mutex<Option<TileConfig>>,
+    tuned: std::sync::Mutex<Option<Option<TunedConfigs>>>,
+}
+
+impl TileSelector {
+    pub fn new(experts: usize, inter: usize, device_name: String, config_dir: Option<PathBuf>) -> Self {
+        Self {
+            experts,
+            inter,
+            device_name,
+            config_dir,
+            forced: Default::default(),
+            tuned: Default::default(),
+        }
+    }
+
+    /// Uses `tile` for every batch until cleared with `None`.
+    pub fn force(&self, tile: Option<TileConfig>) -> Result<()> {
+        *self.forced.lock().map_err(|_| poisoned())? = tile;
+        Ok(())
+    }
+
+    /// The tile for `m` tokens whose `numel` (token, expert) rows spread over the experts.
+    pub fn tile_for(&self, m: usize, numel: usize, scheme: QuantScheme) -> Result<TileConfig> {
+        if let Some(t) = *self.forced.lock().map_err(|_| poisoned())? {
+            return Ok(t);
+        }
+        let mut tuned = self.tuned.lock().map_err(|_| poisoned())?;
+        if tuned.is_none() {
+            let name = config_file_name(self.experts, self.inter, &self.device_name, scheme);
+            let found = find_tuned(&search_dirs(self.config_dir.as_deref()), &name)?;
+            match &found {
+                Some(c) => tracing::info!(file = %c.path.display(), "tuned MoE configs"),
+                None => {
+                    tracing::info!(file = %name, "no tuned MoE config file; using default tiles")
+                }
+            }
+            *tuned = Some(found);
+        }
+        Ok(match tuned.as_ref().and_then(|t| t.as_ref()) {
+            Some(t) => t.nearest(m),
+            None => default_tile(numel, self.experts, scheme),
+        })
+    }
+}
+
+fn poisoned() -> MoeError {
+    MoeError::Device("tile selector lock poisoned".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

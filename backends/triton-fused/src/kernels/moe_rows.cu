@@ -5,6 +5,9 @@
 //  - moe_quant_input: GEMM 1's input row (times its router weight when the weight goes on the
 //    input), with the same QUANT modes;
 //  - moe_sum: out[t] = scale * sum over slots of the weighted GEMM 2 rows.
+// moe_act and moe_quant_input take a row map last: with `rows_map` null, block i is row i;
+// otherwise block i is row rows_map[i] for i below *rows_count, and the sentinel row is skipped
+// (the masked layout runs only its valid rows).
 // Compile-time parameters: ACT (0 silu*up, 1 gelu*up, 2 swiglu_limit, 3 clamp after silu,
 // 4 gpt-oss, 5 silu, 6 gelu), GATE_UP (0 gate|up, 1 up|gate, 2 interleaved), QUANT, ACT_F16.
 
@@ -80,14 +83,24 @@ __device__ __forceinline__ void emit_row(F value, int n, long long row, void* ou
 #endif
 }
 
+// The row block `blockIdx.x` works on, or -1 to skip it.
+__device__ __forceinline__ long long mapped_row(const int* rows_map, const int* rows_count,
+                                                int sentinel) {
+    if (!rows_map) return blockIdx.x;
+    if ((int)blockIdx.x >= *rows_count) return -1;
+    const int r = rows_map[blockIdx.x];
+    return r >= sentinel ? -1 : r;
+}
+
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_act(
     const u16* __restrict__ in,      // [numel, n1] GEMM 1 output
-    const int* __restrict__ topk_ids, // [numel]; rows with -1 were never computed
+    const int* __restrict__ topk_ids, // [numel] or null; rows with -1 were never computed
     void* __restrict__ out, float* __restrict__ scale_out, float* __restrict__ amax_io,
-    int inter, float limit, float alpha) {
+    int inter, float limit, float alpha,
+    const int* __restrict__ rows_map, const int* __restrict__ rows_count, int sentinel) {
     __shared__ float red[ROW_THREADS / 32];
-    const long long row = blockIdx.x;
-    if (topk_ids[row] < 0) return;
+    const long long row = mapped_row(rows_map, rows_count, sentinel);
+    if (row < 0 || (topk_ids && topk_ids[row] < 0)) return;
 #if ACT >= 5
     const u16* x = in + row * inter;
     auto value = [&](int j) { return activation(act_to_f32(x[j]), 0.0f, limit, alpha); };
@@ -110,9 +123,11 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_act(
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_quant_input(
     const u16* __restrict__ in,        // [M, H]
     const float* __restrict__ row_weight, // [M] or null: multiply each row first
-    void* __restrict__ out, float* __restrict__ scale_out, float* __restrict__ amax_io, int h) {
+    void* __restrict__ out, float* __restrict__ scale_out, float* __restrict__ amax_io, int h,
+    const int* __restrict__ rows_map, const int* __restrict__ rows_count, int sentinel) {
     __shared__ float red[ROW_THREADS / 32];
-    const long long row = blockIdx.x;
+    const long long row = mapped_row(rows_map, rows_count, sentinel);
+    if (row < 0) return;
     const u16* x = in + row * h;
     const float w = row_weight ? row_weight[row] : 1.0f;
     auto value = [&](int j) { return act_to_f32(x[j]) * w; };
