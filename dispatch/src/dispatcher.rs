@@ -29,6 +29,23 @@ pub struct DispatcherConfig {
     /// those dispatchers reject.
     #[serde(default)]
     pub top_k: usize,
+    /// What dispatchers that move tokens send: the activations as they are, or E4M3 with
+    /// per-token, per-128-channel scales.
+    #[serde(default)]
+    pub wire: Wire,
+}
+
+/// The number format of dispatched activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Wire {
+    /// The activations' own dtype (bf16 or f16).
+    #[default]
+    Native,
+    /// E4M3 per token and 128 channels, f32 scale = max(amax, 1e-4) / 448.
+    Fp8,
+    /// As `Fp8` with each scale rounded up to a power of two (UE8M0-representable).
+    Fp8Ue8m0,
 }
 
 impl DispatcherConfig {
@@ -43,6 +60,7 @@ impl DispatcherConfig {
             max_tokens_per_rank,
             routed_scaling_factor: None,
             top_k: 0,
+            wire: Wire::Native,
         }
     }
 
@@ -68,6 +86,18 @@ impl DispatcherConfig {
         }
         if self.hidden_size == 0 {
             return err("hidden_size must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// Rejects a wire format other than the activations' own, for dispatchers that do not
+    /// move tokens or cannot cast them.
+    pub fn expect_native_wire(&self, dispatcher: &str) -> Result<()> {
+        if self.wire != Wire::Native {
+            return Err(MoeError::Config(format!(
+                "the {dispatcher} dispatcher sends activations as they are; wire {:?} needs an all-to-all that casts (deepep_ll)",
+                self.wire
+            )));
         }
         Ok(())
     }
@@ -128,6 +158,12 @@ pub trait Dispatcher: Send + Sync {
         output: Box<dyn CombineInput>,
         dispatched: &dyn DispatchOutput,
     ) -> Result<Tensor>;
+    /// Waits for the device and reports errors its kernels flagged (a peer rank that did not
+    /// answer in time, ids the kernels skipped). Dispatchers that check everything on the host
+    /// have nothing to report.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A registered all-to-all backend. `make` builds a single-process dispatcher for `device`

@@ -10,6 +10,7 @@ mod standard;
 
 pub use dispatcher::{
     a2a_backends, make_dispatcher, make_dispatcher_on, A2aBackend, Dispatcher, DispatcherConfig,
+    Wire,
 };
 pub use layer::{MoeLayer, SharedExpertOrder};
 pub use masked::LocalMaskedDispatcher;

@@ -17,6 +17,7 @@ pub struct LocalMaskedDispatcher {
 impl LocalMaskedDispatcher {
     pub fn new(cfg: DispatcherConfig) -> Result<Self> {
         cfg.validate()?;
+        cfg.expect_native_wire("local_masked")?;
         if cfg.world_size != 1 {
             return Err(MoeError::Config(format!(
                 "the local masked dispatcher serves a world of one rank, got {}",

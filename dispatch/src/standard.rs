@@ -16,6 +16,7 @@ pub struct StandardDispatcher {
 impl StandardDispatcher {
     pub fn new(cfg: DispatcherConfig) -> Result<Self> {
         cfg.validate()?;
+        cfg.expect_native_wire("standard")?;
         Ok(Self { cfg })
     }
 }

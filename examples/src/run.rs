@@ -215,6 +215,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             max_tokens_per_rank: tokens.max(1),
             routed_scaling_factor: plan.config.routed_scaling_factor,
             top_k: plan.config.top_k,
+            wire: Default::default(),
         },
     )?;
     let weight_bytes = plan.host_bytes(scheme);

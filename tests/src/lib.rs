@@ -2,6 +2,7 @@
 //! CUDA) and the seeded synthetic weights and inputs it, the benches and the `moe` command use.
 
 pub mod cases;
+pub mod ep;
 pub mod oracle;
 pub mod suite;
 pub mod synthetic;
@@ -12,4 +13,5 @@ pub mod synthetic_gpu;
 pub fn link_backends() {
     moe_backend_reference::link();
     moe_backend_triton::link();
+    moe_backend_deepep_ll::link();
 }

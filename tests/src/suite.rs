@@ -122,10 +122,9 @@ pub fn run_path(
     };
     let dispatched = dispatcher.dispatch(&hidden, topk)?;
     let out = runner.run(dispatched.as_ref(), quant)?;
-    dispatcher
-        .combine(out, dispatched.as_ref())?
-        .to_host()?
-        .to_f32_vec()
+    let combined = dispatcher.combine(out, dispatched.as_ref())?.to_host()?;
+    dispatcher.check()?;
+    combined.to_f32_vec()
 }
 
 /// Runs `runner` and the reference (standard format) on the same inputs and compares.

@@ -227,6 +227,7 @@ fn expert_parallel_partials_sum_to_the_single_rank_result() {
             max_tokens_per_rank: 64,
             routed_scaling_factor: None,
             top_k: K,
+            wire: Default::default(),
         };
         let (a, b) = (rank * local * 2 * I * H, (rank + 1) * local * 2 * I * H);
         let (c, d) = (rank * local * H * I, (rank + 1) * local * H * I);

@@ -171,6 +171,33 @@ impl RowMap {
     }
 }
 
+/// Launches `f` on `dev`'s stream with a 1-D grid; a grid of 0 is a no-op.
+pub fn launch(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    grid: usize,
+    threads: usize,
+    smem: usize,
+    args: &[&dyn Arg],
+) -> Result<()> {
+    if grid == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    let mut b = stream.launch_builder(f);
+    for a in args {
+        a.push(&mut b);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (grid as u32, 1, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    // SAFETY: callers pass live device allocations sized for the launch (workspaces sized for
+    // the batch, inputs checked against the config).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(dev_err)
+}
+
 /// Compiled kernels and the device whose stream they run on.
 pub struct Stages {
     dev: CudaDevice,
@@ -198,22 +225,7 @@ impl Stages {
         smem: usize,
         args: &[&dyn Arg],
     ) -> Result<()> {
-        if grid == 0 {
-            return Ok(());
-        }
-        let stream = self.dev.stream();
-        let mut b = stream.launch_builder(f);
-        for a in args {
-            a.push(&mut b);
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (grid as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: callers pass live device allocations sized for the launch (workspaces sized
-        // for the batch, inputs checked against the config).
-        unsafe { b.launch(cfg) }.map(|_| ()).map_err(dev_err)
+        launch(&self.dev, f, grid, threads, smem, args)
     }
 
     pub fn memset(&self, ptr: u64, bytes: usize) -> Result<()> {

@@ -6,8 +6,9 @@
 //    input), with the same QUANT modes;
 //  - moe_sum: out[t] = scale * sum over slots of the weighted GEMM 2 rows.
 // moe_act and moe_quant_input take a row map last: with `rows_map` null, block i is row i;
-// otherwise block i is row rows_map[i] for i below *rows_count, and the sentinel row is skipped
-// (the masked layout runs only its valid rows).
+// otherwise the blocks stride over positions p below *rows_count, working on row rows_map[p]
+// and skipping the sentinel (the masked layout runs only its valid rows, with a grid sized
+// for the GPU rather than for the largest possible batch).
 // Compile-time parameters: ACT (0 silu*up, 1 gelu*up, 2 swiglu_limit, 3 clamp after silu,
 // 4 gpt-oss, 5 silu, 6 gelu), GATE_UP (0 gate|up, 1 up|gate, 2 interleaved), QUANT, ACT_F16.
 
@@ -83,12 +84,14 @@ __device__ __forceinline__ void emit_row(F value, int n, long long row, void* ou
 #endif
 }
 
-// The row block `blockIdx.x` works on, or -1 to skip it.
-__device__ __forceinline__ long long mapped_row(const int* rows_map, const int* rows_count,
-                                                int sentinel) {
-    if (!rows_map) return blockIdx.x;
-    if ((int)blockIdx.x >= *rows_count) return -1;
-    const int r = rows_map[blockIdx.x];
+// Positions this block visits: its own row without a map, else a grid stride over the map.
+__device__ __forceinline__ int row_positions(const int* rows_map, const int* rows_count) {
+    return rows_map ? *rows_count : (int)gridDim.x;
+}
+// The row at position p, or -1 for the sentinel.
+__device__ __forceinline__ long long row_at(const int* rows_map, int p, int sentinel) {
+    if (!rows_map) return p;
+    const int r = rows_map[p];
     return r >= sentinel ? -1 : r;
 }
 
@@ -99,8 +102,10 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_act(
     int inter, float limit, float alpha,
     const int* __restrict__ rows_map, const int* __restrict__ rows_count, int sentinel) {
     __shared__ float red[ROW_THREADS / 32];
-    const long long row = mapped_row(rows_map, rows_count, sentinel);
-    if (row < 0 || (topk_ids && topk_ids[row] < 0)) return;
+    const int positions = row_positions(rows_map, rows_count);
+    for (int p = blockIdx.x; p < positions; p += gridDim.x) {
+    const long long row = row_at(rows_map, p, sentinel);
+    if (row < 0 || (topk_ids && topk_ids[row] < 0)) continue;
 #if ACT >= 5
     const u16* x = in + row * inter;
     auto value = [&](int j) { return activation(act_to_f32(x[j]), 0.0f, limit, alpha); };
@@ -118,6 +123,7 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_act(
     };
 #endif
     emit_row(value, inter, row, out, scale_out, amax_io, red);
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_quant_input(
@@ -126,12 +132,15 @@ extern "C" __global__ void __launch_bounds__(ROW_THREADS) moe_quant_input(
     void* __restrict__ out, float* __restrict__ scale_out, float* __restrict__ amax_io, int h,
     const int* __restrict__ rows_map, const int* __restrict__ rows_count, int sentinel) {
     __shared__ float red[ROW_THREADS / 32];
-    const long long row = mapped_row(rows_map, rows_count, sentinel);
-    if (row < 0) return;
-    const u16* x = in + row * h;
-    const float w = row_weight ? row_weight[row] : 1.0f;
-    auto value = [&](int j) { return act_to_f32(x[j]) * w; };
-    emit_row(value, h, row, out, scale_out, amax_io, red);
+    const int positions = row_positions(rows_map, rows_count);
+    for (int p = blockIdx.x; p < positions; p += gridDim.x) {
+        const long long row = row_at(rows_map, p, sentinel);
+        if (row < 0) continue;
+        const u16* x = in + row * h;
+        const float w = row_weight ? row_weight[row] : 1.0f;
+        auto value = [&](int j) { return act_to_f32(x[j]) * w; };
+        emit_row(value, h, row, out, scale_out, amax_io, red);
+    }
 }
 
 // amax -> per-tensor scale, in place.

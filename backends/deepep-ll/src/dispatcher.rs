@@ -1,0 +1,453 @@
+//! The `deepep_ll` dispatcher: one per rank, over buffers every rank of the world can address.
+//! Dispatch and combine each have a send half and a receive half; `dispatch`/`combine` run both,
+//! and the split API returns a hook so the receive half can run later, overlapping other work.
+//! Nothing here synchronizes with the host, so a layer can be captured in a CUDA graph.
+
+use moe_backend_triton::stages::launch;
+use moe_dispatch::{A2aBackend, Dispatcher, DispatcherConfig, Wire};
+use moe_runner_core::cuda::cudarc::driver::sys;
+use moe_runner_core::{
+    downcast_combine, downcast_dispatch, CombineInput, CudaDevice, DType, DeepEpLlCombineInput,
+    DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError, Result, Tensor,
+    TopK,
+};
+use std::any::Any;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::alloc::{enable_peer_access, DeviceAlloc};
+use crate::kernels::LlKernels;
+use crate::layout::{LlShape, SetLayout};
+use crate::A2A;
+
+/// How long a receive waits for its peers before it gives up and flags a timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One rank's memory: two buffer sets, and for each set the table of every rank's base address
+/// of that set (as this rank addresses it).
+struct RankMemory {
+    sets: [DeviceAlloc; 2],
+    peer_tables: [DeviceAlloc; 2],
+}
+
+/// The memory of every rank of a world in this process; each dispatcher keeps it all alive,
+/// since its kernels write into its peers' buffers.
+struct WorldMemory {
+    ranks: Vec<RankMemory>,
+}
+
+pub struct LlDispatcher {
+    cfg: DispatcherConfig,
+    shape: LlShape,
+    layout: SetLayout,
+    dev: CudaDevice,
+    memory: Arc<WorldMemory>,
+    /// Kernels for bf16 [0] and f16 [1] activations, compiled at first use.
+    kernels: [OnceLock<LlKernels>; 2],
+    next_set: AtomicUsize,
+    timeout: Duration,
+    sms: usize,
+}
+
+/// Builds the ranks of a world.
+pub struct LlWorld;
+
+impl LlWorld {
+    /// One dispatcher per GPU of this process (rank r on `devices[r]`), every rank's buffers
+    /// mapped into every other by peer access. `cfg.world_size` must be `devices.len()`; each
+    /// dispatcher gets its own rank. Two ranks may share a GPU (for tests on one device) when
+    /// their kernels fit on it at once.
+    pub fn in_process(devices: &[CudaDevice], cfg: &DispatcherConfig) -> Result<Vec<LlDispatcher>> {
+        if cfg.world_size != devices.len() {
+            return Err(MoeError::Config(format!(
+                "a world of {} ranks needs {} devices, got {}",
+                cfg.world_size,
+                cfg.world_size,
+                devices.len()
+            )));
+        }
+        let shape = LlShape::of(cfg)?;
+        let ctxs: Vec<_> = devices.iter().map(|d| d.context().clone()).collect();
+        enable_peer_access(&ctxs)?;
+        let bytes = shape.layout(0).bytes as usize;
+        let sets: Vec<[DeviceAlloc; 2]> = ctxs
+            .iter()
+            .map(|c| Ok([DeviceAlloc::zeroed(c, bytes)?, DeviceAlloc::zeroed(c, bytes)?]))
+            .collect::<Result<_>>()?;
+        let bases: [Vec<u64>; 2] = [0, 1].map(|set| sets.iter().map(|s| s[set].ptr()).collect());
+        let ranks = sets
+            .into_iter()
+            .enumerate()
+            .map(|(r, sets)| {
+                Ok(RankMemory {
+                    peer_tables: [
+                        DeviceAlloc::from_u64s(&ctxs[r], &bases[0])?,
+                        DeviceAlloc::from_u64s(&ctxs[r], &bases[1])?,
+                    ],
+                    sets,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let memory = Arc::new(WorldMemory { ranks });
+        devices
+            .iter()
+            .enumerate()
+            .map(|(rank, dev)| {
+                let mut cfg = cfg.clone();
+                cfg.rank = rank;
+                let sms = dev
+                    .context()
+                    .attribute(
+                        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+                    )
+                    .map_err(|e| MoeError::Device(e.to_string()))?
+                    as usize;
+                Ok(LlDispatcher {
+                    layout: shape.layout(rank),
+                    shape,
+                    cfg,
+                    dev: dev.clone(),
+                    memory: memory.clone(),
+                    kernels: Default::default(),
+                    next_set: AtomicUsize::new(0),
+                    timeout: DEFAULT_TIMEOUT,
+                    sms,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The receive half of a dispatch, to run when its result is needed.
+pub struct LlRecvHook<'a> {
+    d: &'a LlDispatcher,
+    set: usize,
+    topk: TopK,
+    act: DType,
+}
+
+/// The receive half of a combine.
+pub struct LlCombineHook<'a> {
+    d: &'a LlDispatcher,
+    set: usize,
+    ids: u64,
+    weights: u64,
+    m: usize,
+    act: DType,
+}
+
+impl LlDispatcher {
+    /// How long receives wait for peers (the default is [`DEFAULT_TIMEOUT`]).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Bytes this rank allocated for its two buffer sets.
+    pub fn buffer_bytes(&self) -> usize {
+        2 * self.layout.bytes as usize
+    }
+
+    fn mem(&self) -> &RankMemory {
+        &self.memory.ranks[self.cfg.rank]
+    }
+
+    fn kernels(&self, act: DType) -> Result<&LlKernels> {
+        let f16 = act == DType::F16;
+        let cell = &self.kernels[usize::from(f16)];
+        if let Some(k) = cell.get() {
+            return Ok(k);
+        }
+        let k = LlKernels::new(&self.dev, self.cfg.wire, f16)?;
+        Ok(cell.get_or_init(|| k))
+    }
+
+    fn base(&self, set: usize) -> u64 {
+        self.mem().sets[set].ptr()
+    }
+
+    fn timeout_ns(&self) -> u64 {
+        self.timeout.as_nanos().min(u64::MAX as u128) as u64
+    }
+
+    /// A tensor over a region of this rank's set `set`.
+    fn view(&self, set: usize, offset: u64, shape: &[usize], dtype: DType) -> Tensor {
+        let owner: Arc<dyn Any + Send + Sync> = self.memory.clone();
+        // SAFETY: every region lies inside the set's allocation (`LlShape::layout`), which the
+        // world memory `owner` keeps alive.
+        unsafe { Tensor::from_held_cuda(&self.dev, owner, self.base(set) + offset, shape, dtype) }
+    }
+
+    /// The send half: routes and writes every token into its experts' ranks. `hidden` `[M, H]`
+    /// bf16 (or f16 with the native wire) on this rank's GPU; `topk` global expert ids.
+    pub fn dispatch_send(&self, hidden: &Tensor, topk: TopK) -> Result<LlRecvHook<'_>> {
+        let _span = tracing::debug_span!("dispatch.deepep_ll.send").entered();
+        let m = self.cfg.check_batch("deepep_ll dispatcher", hidden, &topk)?;
+        if topk.top_k() != self.shape.top_k {
+            return Err(MoeError::invalid(
+                "topk_ids",
+                format!(
+                    "{} experts per token; the buffers were sized for {}",
+                    topk.top_k(),
+                    self.shape.top_k
+                ),
+            ));
+        }
+        let act = hidden.dtype();
+        let allowed: &[DType] = if self.cfg.wire == Wire::Native {
+            &[DType::Bf16, DType::F16]
+        } else {
+            &[DType::Bf16]
+        };
+        hidden.expect_dtype("hidden for deepep_ll", allowed)?;
+        let x = hidden.cuda_ptr()?;
+        let topk = if topk.ids.is_host() || topk.weights.is_host() {
+            topk.to_device(&Device::Cuda(self.dev.clone()))?
+        } else {
+            topk
+        };
+        let set = self.next_set.fetch_add(1, Ordering::Relaxed) & 1;
+        let k = self.kernels(act)?;
+        let (l, base, peers) = (self.layout.kernel, self.base(set), self.mem().peer_tables[set].ptr());
+        let ids = topk.ids.cuda_ptr()?;
+        let (e, m_i) = (self.cfg.num_experts, m as i32);
+        launch(&self.dev, &k.route, e.div_ceil(8), 256, 0, &[&ids, &m_i, &(e as i32), &l, &base])?;
+        let smem = if self.cfg.wire == Wire::Native {
+            0
+        } else {
+            self.shape.hidden + self.shape.hidden / 128 * 4
+        };
+        let grid = m.clamp(1, 4 * self.sms);
+        launch(&self.dev, &k.dispatch_send, grid, 256, smem, &[&x, &ids, &m_i, &l, &peers, &base])?;
+        Ok(LlRecvHook {
+            d: self,
+            set,
+            topk,
+            act,
+        })
+    }
+
+    /// Which set a dispatch output of this dispatcher lives in.
+    fn set_of(&self, d: &DeepEpLlDispatchOutput) -> Result<usize> {
+        let p = d.masked_m.cuda_ptr().ok();
+        (0..2)
+            .find(|&s| p == Some(self.base(s) + self.layout.kernel.masked_m))
+            .ok_or_else(|| {
+                MoeError::invalid(
+                    "dispatch output",
+                    "was not produced by this deepep_ll dispatcher",
+                )
+            })
+    }
+
+    /// The send half of the combine: every expert output row of `y` (`[E_local, R*T, H]`, on
+    /// this GPU; rows past `masked_m` are not read) goes back to its token's rank.
+    pub fn combine_send(
+        &self,
+        y: &Tensor,
+        dispatched: &DeepEpLlDispatchOutput,
+    ) -> Result<LlCombineHook<'_>> {
+        let _span = tracing::debug_span!("combine.deepep_ll.send").entered();
+        let set = self.set_of(dispatched)?;
+        let act = if self.cfg.wire == Wire::Native {
+            dispatched.hidden.dtype()
+        } else {
+            DType::Bf16
+        };
+        let s = &self.shape;
+        y.expect_shape("expert outputs", &[s.local_experts, s.rows(), s.hidden])?;
+        y.expect_dtype("expert outputs", &[act])?;
+        let moved;
+        let y = if y.is_host() {
+            moved = y.to_device(&Device::Cuda(self.dev.clone()))?;
+            &moved
+        } else {
+            y
+        };
+        let k = self.kernels(act)?;
+        let (l, base, peers) = (self.layout.kernel, self.base(set), self.mem().peer_tables[set].ptr());
+        let y_ptr = y.cuda_ptr()?;
+        launch(&self.dev, &k.combine_send, s.local_experts, 256, 0, &[&y_ptr, &l, &peers, &base])?;
+        Ok(LlCombineHook {
+            d: self,
+            set,
+            ids: dispatched.topk.ids.cuda_ptr()?,
+            weights: dispatched.topk.weights.cuda_ptr()?,
+            m: dispatched.topk.num_tokens(),
+            act,
+        })
+    }
+
+    /// Waits for the device and reports what the kernels flagged: a peer that did not answer
+    /// in time, expert ids out of range, more rows than the buffers hold.
+    pub fn check(&self) -> Result<()> {
+        use moe_runner_core::DeviceOps;
+        self.dev.synchronize()?;
+        let mut status = [0i32; 2];
+        for (set, s) in status.iter_mut().enumerate() {
+            self.dev
+                .context()
+                .bind_to_thread()
+                .map_err(|e| MoeError::Device(e.to_string()))?;
+            // SAFETY: reads the 4-byte status word inside the set's allocation.
+            let r = unsafe {
+                sys::cuMemcpyDtoH_v2(
+                    (s as *mut i32).cast(),
+                    self.base(set) + self.layout.kernel.status,
+                    4,
+                )
+            };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return Err(MoeError::Device(format!("reading the all-to-all status: {r:?}")));
+            }
+        }
+        let bits = status[0] | status[1];
+        if bits & 2 != 0 {
+            return Err(MoeError::PeerTimeout {
+                rank: self.cfg.rank,
+                timeout_ms: self.timeout.as_millis() as u64,
+            });
+        }
+        let what = [
+            (4, "topk_ids", "an expert id outside -1..num_experts was skipped"),
+            (8, "topk_ids", "more rows for one expert than the max_tokens_per_rank rows its buffer holds (duplicate expert ids in a token?)"),
+            (16, "src_info", "a combine row named a token or slot outside the batch"),
+        ];
+        match what.iter().find(|(b, _, _)| bits & b != 0) {
+            Some((_, arg, msg)) => Err(MoeError::invalid(*arg, *msg)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl LlRecvHook<'_> {
+    /// Waits for every rank's tokens and returns this rank's masked-layout batch.
+    pub fn recv(self) -> Result<DeepEpLlDispatchOutput> {
+        let _span = tracing::debug_span!("dispatch.deepep_ll.recv").entered();
+        let d = self.d;
+        let s = &d.shape;
+        let (el, rt, h, r) = (s.local_experts, s.rows(), s.hidden, s.ranks);
+        let k = d.kernels(self.act)?;
+        let l = d.layout.kernel;
+        let base = d.base(self.set);
+        // One block per expert with one rank (no packing); with several, enough blocks per
+        // expert to fill the GPU twice for the packing copy.
+        let parts = if r == 1 { 1 } else { (2 * d.sms).div_ceil(el).max(1) };
+        launch(&d.dev, &k.dispatch_recv, el * parts, 256, 0, &[&l, &base, &d.timeout_ns(), &(parts as i32)])?;
+        let (x_dtype, scale) = if d.cfg.wire == Wire::Native {
+            (self.act, None)
+        } else {
+            (
+                DType::F8E4M3,
+                Some(d.view(self.set, l.x_scale, &[el, rt, h / 128], DType::F32)),
+            )
+        };
+        let m = self.topk.num_tokens();
+        Ok(DeepEpLlDispatchOutput {
+            hidden: d.view(self.set, l.x, &[el, rt, h], x_dtype),
+            hidden_scale: scale,
+            masked_m: d.view(self.set, l.masked_m, &[el], DType::I32),
+            expected_m: (r * m * s.top_k).div_ceil(d.cfg.num_experts).max(1),
+            src_info: d.view(self.set, l.src_info, &[el, rt], DType::I32),
+            layout_range: d.view(self.set, l.layout_range, &[el, r], DType::I64),
+            out_buffer: Some(d.view(
+                self.set,
+                d.layout.y,
+                &[el, rt, h],
+                if d.cfg.wire == Wire::Native { self.act } else { DType::Bf16 },
+            )),
+            topk: self.topk,
+        })
+    }
+}
+
+impl LlCombineHook<'_> {
+    /// Waits for every rank's expert outputs and writes this rank's `[M, H]` into `out`.
+    pub fn recv_into(self, out: &Tensor) -> Result<()> {
+        let _span = tracing::debug_span!("combine.deepep_ll.recv").entered();
+        let d = self.d;
+        out.expect_shape("combine output", &[self.m, d.shape.hidden])?;
+        out.expect_dtype("combine output", &[self.act])?;
+        let k = d.kernels(self.act)?;
+        let chunks = d.shape.hidden.div_ceil(512);
+        let scale = d.cfg.routed_scaling_factor.unwrap_or(1.0);
+        let (l, base, out_ptr) = (d.layout.kernel, d.base(self.set), out.cuda_ptr()?);
+        launch(
+            &d.dev,
+            &k.combine_recv,
+            (self.m * chunks).max(1),
+            256,
+            0,
+            &[
+                &self.ids,
+                &self.weights,
+                &out_ptr,
+                &(self.m as i32),
+                &scale,
+                &(chunks as i32),
+                &l,
+                &base,
+                &d.timeout_ns(),
+            ],
+        )
+    }
+
+    /// As [`LlCombineHook::recv_into`], into a new tensor.
+    pub fn recv(self) -> Result<Tensor> {
+        let out = Tensor::zeros_cuda(&self.d.dev, &[self.m, self.d.shape.hidden], self.act)?;
+        self.recv_into(&out)?;
+        Ok(out)
+    }
+}
+
+impl Dispatcher for LlDispatcher {
+    fn name(&self) -> &'static str {
+        A2A
+    }
+    fn format(&self) -> DispatchFormat {
+        DispatchFormat::DeepEpLowLatency
+    }
+    fn config(&self) -> &DispatcherConfig {
+        &self.cfg
+    }
+
+    fn dispatch(&self, hidden: &Tensor, topk: TopK) -> Result<Box<dyn DispatchOutput>> {
+        Ok(Box::new(self.dispatch_send(hidden, topk)?.recv()?))
+    }
+
+    fn combine(
+        &self,
+        output: Box<dyn CombineInput>,
+        dispatched: &dyn DispatchOutput,
+    ) -> Result<Tensor> {
+        let y = downcast_combine::<DeepEpLlCombineInput>(output, DispatchFormat::DeepEpLowLatency)?
+            .hidden;
+        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+            dispatched,
+            A2A,
+            DispatchFormat::DeepEpLowLatency,
+        )?;
+        self.combine_send(&y, d)?.recv()
+    }
+
+    fn check(&self) -> Result<()> {
+        LlDispatcher::check(self)
+    }
+}
+
+inventory::submit! {
+    A2aBackend {
+        name: A2A,
+        format: DispatchFormat::DeepEpLowLatency,
+        description: "DeepEP-style low-latency all-to-all on the GPU: FP8 or bf16 dispatch into [E_local, R*T, H], weighted combine; ranks over peer memory (LlWorld for several GPUs)",
+        make: |cfg, device| {
+            let dev = device.as_cuda()?;
+            let mut ranks = LlWorld::in_process(std::slice::from_ref(dev), cfg)?;
+            Ok(Box::new(ranks.remove(0)))
+        },
+    }
+}

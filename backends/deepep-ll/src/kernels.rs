@@ -1,0 +1,61 @@
+//! The all-to-all kernels (`kernels/ll.cu`), compiled per (wire format, activation dtype).
+
+use moe_backend_triton::kernels::COMMON;
+use moe_backend_triton::stages::Arg;
+use moe_dispatch::Wire;
+use moe_runner_core::cuda::compile_module;
+use moe_runner_core::cuda::cudarc::driver::{CudaFunction, DeviceRepr, LaunchArgs, PushKernelArg};
+use moe_runner_core::{CudaDevice, MoeError, Result};
+
+use crate::layout::LlLayout;
+
+const LL: &str = include_str!("kernels/ll.cu");
+
+// SAFETY: `LlLayout` is `repr(C)` plain data mirroring the CUDA struct of the same name.
+unsafe impl DeviceRepr for LlLayout {}
+
+impl Arg for LlLayout {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
+pub struct LlKernels {
+    pub route: CudaFunction,
+    pub dispatch_send: CudaFunction,
+    pub dispatch_recv: CudaFunction,
+    pub combine_send: CudaFunction,
+    pub combine_recv: CudaFunction,
+}
+
+impl LlKernels {
+    pub fn new(dev: &CudaDevice, wire: Wire, act_f16: bool) -> Result<Self> {
+        let fp8 = match wire {
+            Wire::Native => 0,
+            Wire::Fp8 => 1,
+            Wire::Fp8Ue8m0 => 2,
+        };
+        let module = compile_module(
+            dev,
+            "deepep_ll",
+            &format!("{COMMON}\n{LL}"),
+            &[
+                ("FP8", fp8.to_string()),
+                ("ACT_F16", u8::from(act_f16).to_string()),
+            ],
+        )?;
+        let load = |name: &str| {
+            module.load_function(name).map_err(|e| MoeError::Kernel {
+                name: name.into(),
+                log: e.to_string(),
+            })
+        };
+        Ok(Self {
+            route: load("ll_route")?,
+            dispatch_send: load("ll_dispatch_send")?,
+            dispatch_recv: load("ll_dispatch_recv")?,
+            combine_send: load("ll_combine_send")?,
+            combine_recv: load("ll_combine_recv")?,
+        })
+    }
+}

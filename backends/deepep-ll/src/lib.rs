@@ -1,0 +1,35 @@
+//! DeepEP-style low-latency expert parallelism: the `deepep_ll` all-to-all, which sends each
+//! token to the ranks that hold its experts into the masked `[E_local, R*T, H]` layout (FP8 or
+//! bf16 on the wire) and brings the expert outputs back as a weighted sum, and the
+//! `masked_gemm` runner for that layout. Ranks address each other's buffers directly: GPUs of
+//! one process through peer access ([`LlWorld::in_process`]).
+//!
+//! [`sim`] is the CPU model of the same all-to-all for any number of ranks, with the GPU's
+//! exact layout and rounding; the tests hold the kernels to it.
+
+pub mod layout;
+pub mod sim;
+
+#[cfg(feature = "cuda")]
+mod alloc;
+#[cfg(feature = "cuda")]
+mod dispatcher;
+#[cfg(feature = "cuda")]
+mod kernels;
+#[cfg(feature = "cuda")]
+mod runner;
+
+pub use layout::buffer_bytes;
+
+#[cfg(feature = "cuda")]
+pub use dispatcher::{LlCombineHook, LlDispatcher, LlRecvHook, LlWorld, DEFAULT_TIMEOUT};
+#[cfg(feature = "cuda")]
+pub use runner::MaskedGemmRunner;
+
+/// The all-to-all's registered name.
+pub const A2A: &str = "deepep_ll";
+/// The runner's registered name.
+pub const RUNNER: &str = "masked_gemm";
+
+/// Names this crate so the linker keeps its registrations.
+pub fn link() {}
