@@ -2,7 +2,7 @@
 //! E/R experts, computed with the reference runner in the standard format on every rank's
 //! weights (each rank's partial sum over the experts it holds) and summed.
 
-use moe_dispatch::{make_dispatcher, Dispatcher, DispatcherConfig};
+use moe_dispatch::{make_dispatcher, DispatcherConfig};
 use moe_runner_core::{
     DispatchFormat, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, Result, Tensor, TopK,
 };

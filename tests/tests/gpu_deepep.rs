@@ -1,0 +1,336 @@
+//! The `deepep_ll` all-to-all and the `masked_gemm` runner on GPUs: the dispatch layout byte for
+//! byte against the CPU simulation, the combine against the simulation, the whole layer against
+//! the expert-parallel reference for one rank and two, a CUDA-graph replay, a silent peer, and
+//! bad input. Two ranks run on two GPUs when the machine has them, else on one GPU with two
+//! streams. Ignored where no GPU is present.
+
+use moe_backend_deepep_ll::{sim, LlDispatcher, LlWorld, MaskedGemmRunner};
+use moe_conformance::{ep, suite, synthetic};
+use moe_dispatch::{DispatcherConfig, Wire};
+use moe_runner_core::cuda::cudarc::driver::CudaContext;
+use moe_runner_core::registry::FusedRunner;
+use moe_runner_core::{
+    quant_to_device, CudaDevice, DType, DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device,
+    MoeError, MoeRunnerConfig, QuantScheme, Tensor, TopK, WeightDims,
+};
+use std::time::Duration;
+
+const E: usize = 16;
+const H: usize = 512;
+const I: usize = 256;
+const K: usize = 4;
+const T: usize = 24;
+
+fn devices(ranks: usize) -> Vec<CudaDevice> {
+    let count = CudaContext::device_count().expect("this test needs a CUDA device") as usize;
+    assert!(count > 0, "this test needs a CUDA device");
+    (0..ranks)
+        .map(|r| CudaDevice::new(r % count).unwrap())
+        .collect()
+}
+
+fn world_cfg(ranks: usize, wire: Wire) -> DispatcherConfig {
+    DispatcherConfig {
+        world_size: ranks,
+        num_local_experts: E / ranks,
+        routed_scaling_factor: Some(1.5),
+        wire,
+        ..DispatcherConfig::single(E, H, T).with_top_k(K)
+    }
+}
+
+/// Per rank: a full batch on rank 0, fewer tokens on the others; skewed routing with drops.
+fn inputs(ranks: usize, seed: u64) -> Vec<(Tensor, TopK)> {
+    (0..ranks)
+        .map(|r| {
+            let m = if r == 0 { T } else { 7 };
+            (
+                synthetic::hidden(m, H, DType::Bf16, seed + r as u64).unwrap(),
+                synthetic::topk(m, K, E, seed + 100 + r as u64, true, true).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn on(dev: &CudaDevice, (h, t): &(Tensor, TopK)) -> (Tensor, TopK) {
+    let d = Device::Cuda(dev.clone());
+    (h.to_device(&d).unwrap(), t.to_device(&d).unwrap())
+}
+
+fn host<T: moe_runner_core::Element + Copy>(t: &Tensor) -> Vec<T> {
+    t.to_host().unwrap().as_slice::<T>().unwrap().to_vec()
+}
+
+/// Dispatches every rank (all sends before any receive, as independent ranks would).
+fn dispatch_all(ds: &[LlDispatcher], ins: &[(Tensor, TopK)]) -> Vec<DeepEpLlDispatchOutput> {
+    let moved: Vec<_> = ds.iter().zip(ins).map(|(d, i)| on(d.device(), i)).collect();
+    let hooks: Vec<_> = ds
+        .iter()
+        .zip(moved)
+        .map(|(d, (h, t))| d.dispatch_send(&h, t).unwrap())
+        .collect();
+    hooks.into_iter().map(|h| h.recv().unwrap()).collect()
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn dispatch_layout_and_combine_match_the_simulation_bit_for_bit() {
+    for ranks in [1, 2] {
+        for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0] {
+            let cfg = world_cfg(ranks, wire);
+            let ds = LlWorld::in_process(&devices(ranks), &cfg).unwrap();
+            let ins = inputs(ranks, 5);
+            let want = sim::dispatch(&cfg, &ins).unwrap();
+            // Twice, so both buffer sets (and their epochs) are exercised.
+            for round in 0..2 {
+                let got = dispatch_all(&ds, &ins);
+                let (el, rt) = (E / ranks, ranks * T);
+                for (r, (g, w)) in got.iter().zip(&want.outputs).enumerate() {
+                    let at = format!("R={ranks} {wire:?} rank {r} round {round}");
+                    let counts = host::<i32>(&g.masked_m);
+                    assert_eq!(counts, host::<i32>(&w.masked_m), "{at}: masked_m");
+                    assert_eq!(host::<i64>(&g.layout_range), host::<i64>(&w.layout_range), "{at}: layout_range");
+                    let (gx, wx) = (g.hidden.to_host().unwrap(), w.hidden.to_host().unwrap());
+                    let (gx, wx) = (gx.host_bytes().unwrap(), wx.host_bytes().unwrap());
+                    let row = gx.len() / (el * rt);
+                    let (gi, wi) = (host::<i32>(&g.src_info), host::<i32>(&w.src_info));
+                    let scales = g.hidden_scale.as_ref().map(|s| (host::<f32>(s), host::<f32>(w.hidden_scale.as_ref().unwrap())));
+                    for e in 0..el {
+                        for i in 0..counts[e] as usize {
+                            let at = format!("{at}: expert {e} row {i}");
+                            let o = (e * rt + i) * row;
+                            assert_eq!(&gx[o..o + row], &wx[o..o + row], "{at}: hidden bytes");
+                            assert_eq!(gi[e * rt + i], wi[e * rt + i], "{at}: src_info");
+                            if let Some((gs, ws)) = &scales {
+                                let g128 = H / 128;
+                                let o = (e * rt + i) * g128;
+                                assert_eq!(
+                                    gs[o..o + g128].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                    ws[o..o + g128].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                                    "{at}: scales"
+                                );
+                            }
+                        }
+                    }
+                }
+                // Combine random expert outputs (rows past masked_m hold noise that must not be read).
+                let ys: Vec<Vec<f32>> = (0..ranks)
+                    .map(|r| {
+                        let v = synthetic::uniform(el * rt * H, 2.0, 77 + r as u64);
+                        Tensor::from_f32(&v, &[el * rt * H], DType::Bf16).unwrap().to_f32_vec().unwrap()
+                    })
+                    .collect();
+                let hooks: Vec<_> = ds
+                    .iter()
+                    .zip(&got)
+                    .zip(&ys)
+                    .map(|((d, g), y)| {
+                        let y = Tensor::from_f32(y, &[el, rt, H], DType::Bf16)
+                            .unwrap()
+                            .to_device(&Device::Cuda(d.device().clone()))
+                            .unwrap();
+                        d.combine_send(&y, g).unwrap()
+                    })
+                    .collect();
+                let outs: Vec<Tensor> = hooks.into_iter().map(|h| h.recv().unwrap()).collect();
+                let expect = sim::combine(&cfg, &want, &ys, DType::Bf16).unwrap();
+                for (r, (o, w)) in outs.iter().zip(&expect).enumerate() {
+                    let (o, w) = (o.to_host().unwrap(), w.clone());
+                    assert_eq!(
+                        o.host_bytes().unwrap(),
+                        w.host_bytes().unwrap(),
+                        "R={ranks} {wire:?} rank {r} round {round}: combine"
+                    );
+                }
+                for d in &ds {
+                    d.check().unwrap();
+                }
+            }
+        }
+    }
+}
+
+fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
+    WeightDims {
+        experts: cfg.num_local_experts,
+        n1: cfg.gemm1_columns(),
+        hidden: cfg.hidden_size,
+        inter: cfg.intermediate_size,
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn layer_over_ranks_matches_the_expert_parallel_reference() {
+    moe_conformance::link_backends();
+    for ranks in [1, 2] {
+        for (wire, scheme) in [
+            (Wire::Native, QuantScheme::Bf16),
+            (Wire::Fp8, QuantScheme::Fp8Block128),
+            (Wire::Native, QuantScheme::Fp8Block128),
+        ] {
+            let dcfg = world_cfg(ranks, wire);
+            let mut cfg = MoeRunnerConfig::new(E, H, I, K);
+            cfg.num_local_experts = E / ranks;
+            cfg.routed_scaling_factor = dcfg.routed_scaling_factor;
+            cfg.swiglu_limit = Some(7.0);
+            let weights: Vec<_> = (0..ranks)
+                .map(|r| synthetic::weights(dims(&cfg), scheme, 60 + r as u64, &|_| {}).unwrap())
+                .collect();
+            let ds = LlWorld::in_process(&devices(ranks), &dcfg).unwrap();
+            let runners: Vec<_> = ds
+                .iter()
+                .map(|d| MaskedGemmRunner::new(&cfg, &Device::Cuda(d.device().clone())).unwrap())
+                .collect();
+            let dw: Vec<_> = ds
+                .iter()
+                .zip(&weights)
+                .map(|(d, w)| quant_to_device(w.as_ref(), &Device::Cuda(d.device().clone())).unwrap())
+                .collect();
+            let ins = inputs(ranks, 9);
+            let got = dispatch_all(&ds, &ins);
+            let ys: Vec<_> = runners
+                .iter()
+                .zip(&got)
+                .zip(&dw)
+                .map(|((r, g), w)| r.run(g, w.as_ref()).unwrap())
+                .collect();
+            let hooks: Vec<_> = ds
+                .iter()
+                .zip(ys)
+                .zip(&got)
+                .map(|((d, y), g)| {
+                    let y = moe_runner_core::downcast_combine::<DeepEpLlCombineInput>(
+                        y,
+                        moe_runner_core::DispatchFormat::DeepEpLowLatency,
+                    )
+                    .unwrap();
+                    // Zero-copy: the runner wrote into the dispatcher's registered buffer.
+                    assert_eq!(
+                        y.hidden.cuda_ptr().unwrap(),
+                        g.out_buffer.as_ref().unwrap().cuda_ptr().unwrap()
+                    );
+                    d.combine_send(&y.hidden, g).unwrap()
+                })
+                .collect();
+            let outs: Vec<_> = hooks.into_iter().map(|h| h.recv().unwrap()).collect();
+            for (d, r) in ds.iter().zip(&runners) {
+                d.check().unwrap();
+                r.check().unwrap();
+            }
+            let refs: Vec<_> = weights.iter().map(|w| w.as_ref()).collect();
+            let want = ep::layer_outputs(&cfg, scheme, &refs, &ins).unwrap();
+            for (r, (o, w)) in outs.iter().zip(&want).enumerate() {
+                let c = suite::compare(&o.to_host().unwrap().to_f32_vec().unwrap(), w).unwrap();
+                assert!(
+                    c.within(suite::tolerance(scheme)),
+                    "R={ranks} {wire:?} {scheme} rank {r}: {c:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn graph_replay_of_dispatch_gemm_combine_matches_eager() {
+    moe_conformance::link_backends();
+    let dcfg = world_cfg(1, Wire::Fp8);
+    let mut cfg = MoeRunnerConfig::new(E, H, I, K);
+    cfg.routed_scaling_factor = dcfg.routed_scaling_factor;
+    let d = LlWorld::in_process(&devices(1), &dcfg).unwrap().remove(0);
+    let dev = d.device().clone();
+    let device = Device::Cuda(dev.clone());
+    let quant = synthetic::weights(dims(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let dq = quant_to_device(quant.as_ref(), &device).unwrap();
+    let runner = MaskedGemmRunner::new(&cfg, &device).unwrap();
+    let (hidden, topk) = on(&dev, &inputs(1, 21)[0]);
+    let layer = |out: &Tensor| -> moe_runner_core::Result<()> {
+        let t = TopK::new(topk.ids.clone(), topk.weights.clone())?;
+        let got = d.dispatch_send(&hidden, t)?.recv()?;
+        let y = got.out_buffer.clone().expect("deepep_ll registers an output buffer");
+        runner.run_into(&got, dq.as_ref(), &y)?;
+        d.combine_send(&y, &got)?.recv_into(out)
+    };
+    let eager = Tensor::zeros_cuda(&dev, &[T, H], DType::Bf16).unwrap();
+    layer(&eager).unwrap();
+    let eager = eager.to_host().unwrap().to_f32_vec().unwrap();
+    let replayed = Tensor::zeros_cuda(&dev, &[T, H], DType::Bf16).unwrap();
+    let times = moe_runner_core::cuda::time_graph_ms(&dev, 2, 5, || layer(&replayed)).unwrap();
+    assert_eq!(times.len(), 5);
+    d.check().unwrap();
+    let replayed = replayed.to_host().unwrap().to_f32_vec().unwrap();
+    assert!(eager.iter().all(|v| v.is_finite()) && eager.iter().any(|v| *v != 0.0));
+    assert!(
+        eager.iter().zip(&replayed).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "replay differs from eager"
+    );
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_silent_peer_is_a_timeout_not_a_hang() {
+    let cfg = world_cfg(2, Wire::Fp8);
+    let mut ds = LlWorld::in_process(&devices(2), &cfg).unwrap();
+    ds[0].set_timeout(Duration::from_millis(50));
+    let (h, t) = on(ds[0].device(), &inputs(1, 3)[0]);
+    let started = std::time::Instant::now();
+    let _ = ds[0].dispatch_send(&h, t).unwrap().recv().unwrap();
+    let err = ds[0].check().unwrap_err();
+    assert!(matches!(err, MoeError::PeerTimeout { rank: 0, timeout_ms: 50 }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn bad_input_is_a_typed_error() {
+    let cfg = world_cfg(1, Wire::Fp8);
+    let ds = LlWorld::in_process(&devices(1), &cfg).unwrap();
+    let d = &ds[0];
+    let dev = Device::Cuda(d.device().clone());
+    let hidden = synthetic::hidden(4, H, DType::Bf16, 1).unwrap().to_device(&dev).unwrap();
+    let ids = |v: i32| TopK::from_vecs(&[v; 4 * K], &[0.5; 4 * K], 4, K).unwrap();
+    assert!(matches!(
+        d.dispatch_send(&hidden, ids(E as i32)).err().unwrap(),
+        MoeError::ExpertIdOutOfRange { .. }
+    ));
+    let many = synthetic::hidden(T + 1, H, DType::Bf16, 1).unwrap().to_device(&dev).unwrap();
+    let topk = synthetic::topk(T + 1, K, E, 2, false, false).unwrap();
+    assert!(matches!(
+        d.dispatch_send(&many, topk).err().unwrap(),
+        MoeError::TooManyTokens { max: T, got, .. } if got == T + 1
+    ));
+    let short_k = TopK::from_vecs(&[0; 4], &[1.0; 4], 4, 1).unwrap();
+    assert!(d.dispatch_send(&hidden, short_k).is_err());
+    let wrong_h = synthetic::hidden(4, H / 2, DType::Bf16, 1).unwrap().to_device(&dev).unwrap();
+    assert!(matches!(
+        d.dispatch_send(&wrong_h, ids(1)).err().unwrap(),
+        MoeError::Shape { .. }
+    ));
+    // A dispatch output of another dispatcher, and expert outputs of the wrong shape.
+    let other = LlWorld::in_process(&devices(1), &cfg).unwrap().remove(0);
+    let got = other.dispatch_send(&hidden, ids(1)).unwrap().recv().unwrap();
+    let y = got.out_buffer.clone().unwrap();
+    assert!(matches!(d.combine_send(&y, &got).err().unwrap(), MoeError::Invalid { .. }));
+    let small = Tensor::zeros_cuda(other.device(), &[1, 1, H], DType::Bf16).unwrap();
+    assert!(matches!(other.combine_send(&small, &got).err().unwrap(), MoeError::Shape { .. }));
+    other.combine_send(&y, &got).unwrap().recv().unwrap();
+    other.check().unwrap();
+    // Top-k sized differently from the buffers, and a hidden size FP8 groups cannot split.
+    assert!(LlWorld::in_process(&devices(1), &DispatcherConfig { top_k: 0, ..cfg.clone() }).is_err());
+    let bad_h = DispatcherConfig { hidden_size: 200, ..cfg.clone() };
+    assert!(matches!(
+        LlWorld::in_process(&devices(1), &bad_h).err().unwrap(),
+        MoeError::NotDivisible { divisor: 128, .. }
+    ));
+    // The masked runner rejects a masked_m past the buffer.
+    let mcfg = MoeRunnerConfig::new(E, H, I, K);
+    let runner = MaskedGemmRunner::new(&mcfg, &dev).unwrap();
+    let quant = synthetic::weights(dims(&mcfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let dq = quant_to_device(quant.as_ref(), &dev).unwrap();
+    let bad = DeepEpLlDispatchOutput {
+        masked_m: Tensor::from_slice(&[T as i32 + 1; E], &[E], DType::I32).unwrap(),
+        ..got
+    };
+    assert!(matches!(runner.run(&bad, dq.as_ref()).err().unwrap(), MoeError::Invalid { .. }));
+}
