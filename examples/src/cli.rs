@@ -26,6 +26,39 @@ pub enum Command {
     Bench(BenchArgs),
     /// Search the triton runner's tiles per batch size on the GPU and write a tuned-config file.
     Tune(TuneArgs),
+    /// Time the deepep_ll all-to-all over this process's GPUs (dispatch, combine, whole layer).
+    BenchA2a(A2aBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct A2aBenchArgs {
+    /// Ranks, one per GPU (ranks share GPUs when there are fewer).
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Tokens per rank.
+    #[arg(long, value_delimiter = ',', default_value = "128,4096")]
+    pub tokens: Vec<usize>,
+    #[arg(long, default_value_t = 7168)]
+    pub hidden: usize,
+    /// Expert intermediate size (for --layer).
+    #[arg(long, default_value_t = 2048)]
+    pub inter: usize,
+    #[arg(long, default_value_t = 256)]
+    pub experts: usize,
+    #[arg(long, default_value_t = 8)]
+    pub top_k: usize,
+    /// Dispatch wire format: fp8, fp8-ue8m0 or bf16 (the combine sends bf16).
+    #[arg(long, default_value = "fp8")]
+    pub wire: String,
+    /// Also time the whole layer: dispatch, masked_gemm with FP8 block weights, combine.
+    #[arg(long)]
+    pub layer: bool,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 50)]
+    pub iters: usize,
+    /// Also write the report as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -3,6 +3,8 @@
 //! layer on seeded synthetic weights and compares it with the CPU reference.
 
 #[cfg(feature = "cuda")]
+pub mod a2a_bench;
+#[cfg(feature = "cuda")]
 pub mod bench;
 pub mod cli;
 pub mod error;

@@ -25,8 +25,10 @@ fn main() -> ExitCode {
         Command::Bench(args) => moe_examples::bench::bench(args, &mut out),
         #[cfg(feature = "cuda")]
         Command::Tune(args) => moe_examples::tune::tune(args, &mut out),
+        #[cfg(feature = "cuda")]
+        Command::BenchA2a(args) => moe_examples::a2a_bench::bench_a2a(args, &mut out),
         #[cfg(not(feature = "cuda"))]
-        Command::Bench(_) | Command::Tune(_) => {
+        Command::Bench(_) | Command::Tune(_) | Command::BenchA2a(_) => {
             Err(moe_runner_core::MoeError::NoCuda("this build has no `cuda` feature".into()).into())
         }
     };
