@@ -2,9 +2,10 @@
 //! combine latency per batch size, their bandwidth beside the peer-to-peer copy bandwidth
 //! measured in the same run, and (with `--layer`) the whole layer dispatch + `masked_gemm` +
 //! combine at DeepSeek-V3 expert shapes. Each rank's work is captured in a CUDA graph on its
-//! own GPU; an iteration launches every rank's graph and waits for all. The time reported is
-//! the one of the rank launched last (launch order alternates), which holds no host launch
-//! skew, only the wait for its peers' data.
+//! own GPU; an iteration launches every rank's graph (20 replays back to back, or one for the
+//! "single" figures) and waits for all. The time reported is the one of the rank launched
+//! last (launch order alternates), which holds no host launch skew, only the wait for its
+//! peers' data.
 
 use crate::cli::A2aBenchArgs;
 use crate::error::Result;
@@ -13,7 +14,7 @@ use moe_backend_deepep_ll::{LlDispatcher, LlWorld, MaskedGemmRunner};
 use moe_conformance::{synthetic, synthetic_gpu};
 use moe_dispatch::{DispatcherConfig, Wire};
 use moe_runner_core::cuda::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use moe_runner_core::cuda::cudarc::driver::{result as cu, CudaContext, CudaGraph};
+use moe_runner_core::cuda::cudarc::driver::{CudaContext, CudaGraph};
 use moe_runner_core::cuda::{copy_bandwidth_gbps, EventTimer};
 use moe_runner_core::{
     CudaDevice, DType, Device, DeviceOps, MoeError, MoeRunnerConfig, QuantScheme, Tensor, TopK,
@@ -31,8 +32,15 @@ pub struct A2aRow {
     pub ranks: usize,
     pub tokens_per_rank: usize,
     pub wire: String,
+    /// Per call, replays back to back (no host launch latency).
     pub dispatch_us: f64,
     pub combine_us: f64,
+    /// One isolated replay, host launch latency included.
+    pub dispatch_single_us: f64,
+    pub combine_single_us: f64,
+    /// The send halves alone (routing and writes to every rank; no wait for peers).
+    pub dispatch_send_us: f64,
+    pub combine_send_us: f64,
     /// Whole layer (dispatch, masked GEMMs, combine), when measured.
     pub layer_us: Option<f64>,
     /// Bytes one rank writes into other ranks' buffers per dispatch / combine.
@@ -78,8 +86,16 @@ pub fn capture(
         .collect()
 }
 
-/// Median microseconds of `iters` iterations (after `warmup`) of every rank's graph at once.
-pub fn time_graphs(devs: &[CudaDevice], graphs: &[CudaGraph], warmup: usize, iters: usize) -> Result<f64> {
+/// Median microseconds of `iters` iterations (after `warmup`) of every rank's graph at once,
+/// each iteration `reps` replays back to back, so the time per replay leaves out the host's
+/// launch latency the way a layer inside a captured model would (1: one isolated replay).
+pub fn time_graphs(
+    devs: &[CudaDevice],
+    graphs: &[CudaGraph],
+    warmup: usize,
+    iters: usize,
+    reps: usize,
+) -> Result<f64> {
     let mut times = Vec::with_capacity(iters);
     for it in 0..warmup + iters {
         let order: Vec<usize> = if it % 2 == 0 {
@@ -87,65 +103,25 @@ pub fn time_graphs(devs: &[CudaDevice], graphs: &[CudaGraph], warmup: usize, ite
         } else {
             (0..devs.len()).rev().collect()
         };
-        let mut timers = Vec::with_capacity(devs.len());
-        for &r in &order {
-            let t = EventTimer::start(&devs[r])?;
-            graphs[r].launch().map_err(dev_err)?;
-            timers.push((r, t));
+        let timers = order
+            .iter()
+            .map(|&r| Ok((r, EventTimer::start(&devs[r])?)))
+            .collect::<Result<Vec<_>>>()?;
+        for _ in 0..reps {
+            for &r in &order {
+                graphs[r].launch().map_err(dev_err)?;
+            }
         }
         let mut last = 0.0;
         for (r, t) in timers {
             last = t.stop(&devs[r])?;
         }
         if it >= warmup {
-            times.push(last as f64 * 1e3);
+            times.push(last as f64 * 1e3 / reps as f64);
         }
     }
     times.sort_by(f64::total_cmp);
     Ok(times[times.len() / 2])
-}
-
-/// Per-direction peer bandwidth with every GPU copying `bytes` to the next one at once.
-fn p2p_gbps(devs: &[CudaDevice], bytes: usize, iters: usize) -> Result<f64> {
-    let bufs: Vec<(Tensor, Tensor)> = devs
-        .iter()
-        .map(|d| {
-            Ok((
-                Tensor::zeros_cuda(d, &[bytes], DType::U8)?,
-                Tensor::zeros_cuda(d, &[bytes], DType::U8)?,
-            ))
-        })
-        .collect::<moe_runner_core::Result<_>>()?;
-    let mut times = Vec::new();
-    for it in 0..iters + 2 {
-        let mut timers = Vec::new();
-        for (r, d) in devs.iter().enumerate() {
-            let next = (r + 1) % devs.len();
-            let t = EventTimer::start(d)?;
-            // SAFETY: both buffers hold `bytes` bytes in their GPUs' contexts.
-            unsafe {
-                cu::memcpy_peer_async(
-                    devs[next].context().cu_ctx(),
-                    bufs[next].1.cuda_ptr()?,
-                    d.context().cu_ctx(),
-                    bufs[r].0.cuda_ptr()?,
-                    bytes,
-                    d.stream().cu_stream(),
-                )
-            }
-            .map_err(dev_err)?;
-            timers.push((r, t));
-        }
-        let mut worst = 0f32;
-        for (r, t) in timers {
-            worst = worst.max(t.stop(&devs[r])?);
-        }
-        if it >= 2 {
-            times.push(worst as f64);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    Ok(bytes as f64 / (times[times.len() / 2] * 1e-3) / 1e9)
 }
 
 fn parse_wire(s: &str) -> Result<Wire> {
@@ -190,7 +166,11 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
     let wire = parse_wire(&args.wire)?;
     let copy = copy_bandwidth_gbps(&devs[0], 1 << 30, 10)?;
     let distinct = r_n > 1 && gpus >= r_n;
-    let p2p = if distinct { Some(p2p_gbps(&devs, 1 << 30, 10)?) } else { None };
+    let p2p = if distinct {
+        Some(moe_backend_deepep_ll::probe::peer_copy_gbps(&devs, 1 << 30, 10)?)
+    } else {
+        None
+    };
     let mut rows = Vec::new();
     for &t in &args.tokens {
         let cfg = DispatcherConfig {
@@ -245,14 +225,22 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
             d.check()?;
         }
         let dispatch_graphs = capture(&devs, |r| {
-            ds[r].dispatch_send(&inputs[r].0, clone(&topks[r])?)?.recv().map(|_| ())
+            ds[r].dispatch_now(&inputs[r].0, clone(&topks[r])?).map(|_| ())
         })?;
-        let dispatch_us = time_graphs(&devs, &dispatch_graphs, 5, args.iters)?;
-        let combine_graphs = capture(&devs, |r| ds[r].combine_send(&ys[r], &outs[r])?.recv_into(&combined[r]))?;
-        let combine_us = time_graphs(&devs, &combine_graphs, 5, args.iters)?;
+        let dispatch_us = time_graphs(&devs, &dispatch_graphs, 5, args.iters, 20)?;
+        let dispatch_single_us = time_graphs(&devs, &dispatch_graphs, 5, args.iters, 1)?;
+        let combine_graphs = capture(&devs, |r| ds[r].combine_into(&ys[r], &outs[r], &combined[r]))?;
+        let combine_us = time_graphs(&devs, &combine_graphs, 5, args.iters, 20)?;
+        let combine_single_us = time_graphs(&devs, &combine_graphs, 5, args.iters, 1)?;
         for d in &ds {
             d.check()?;
         }
+        // The send halves alone, last: their epochs run ahead of the receives', which only the
+        // full rounds above rely on.
+        let graphs = capture(&devs, |r| ds[r].dispatch_send(&inputs[r].0, clone(&topks[r])?).map(|_| ()))?;
+        let dispatch_send_us = time_graphs(&devs, &graphs, 5, args.iters, 20)?;
+        let graphs = capture(&devs, |r| ds[r].combine_send(&ys[r], &outs[r]).map(|_| ()))?;
+        let combine_send_us = time_graphs(&devs, &graphs, 5, args.iters, 20)?;
         let layer_us = if args.layer {
             Some(layer_time(args, &devs, &ds, &inputs, &topks, &combined)?)
         } else {
@@ -267,6 +255,10 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
             wire: args.wire.clone(),
             dispatch_us,
             combine_us,
+            dispatch_single_us,
+            combine_single_us,
+            dispatch_send_us,
+            combine_send_us,
             layer_us,
             dispatch_remote_bytes: dr,
             combine_remote_bytes: cr,
@@ -276,12 +268,16 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
         };
         writeln!(
             out,
-            "R={r_n} T={t:>5} {}: dispatch {:8.1} us ({:6.1} GB/s remote, {:6.1} GB/s all)  combine {:8.1} us ({:6.1} GB/s remote){}",
+            "R={r_n} T={t:>5} {}: dispatch {:7.1} us (single {:6.1}, send {:6.1}; {:6.1} GB/s remote, {:6.1} GB/s all)  combine {:7.1} us (single {:6.1}, send {:6.1}; {:6.1} GB/s remote){}",
             args.wire,
             row.dispatch_us,
+            row.dispatch_single_us,
+            row.dispatch_send_us,
             row.dispatch_remote_gbps,
             row.dispatch_total_gbps,
             row.combine_us,
+            row.combine_single_us,
+            row.combine_send_us,
             row.combine_remote_gbps,
             layer_us.map(|l| format!("  layer {l:8.1} us")).unwrap_or_default()
         )?;
@@ -332,10 +328,10 @@ fn layer_time(
         .collect::<moe_runner_core::Result<_>>()?;
     let clone = |tk: &TopK| TopK::new(tk.ids.clone(), tk.weights.clone());
     let layer = |r: usize| -> moe_runner_core::Result<()> {
-        let got = ds[r].dispatch_send(&inputs[r].0, clone(&topks[r])?)?.recv()?;
+        let got = ds[r].dispatch_now(&inputs[r].0, clone(&topks[r])?)?;
         let y = got.out_buffer.clone().expect("registered buffer");
         runners[r].run_into(&got, weights[r].as_ref(), &y)?;
-        ds[r].combine_send(&y, &got)?.recv_into(&combined[r])
+        ds[r].combine_into(&y, &got, &combined[r])
     };
     // Eager once on every rank (workspaces, tiles), dispatches first so no rank waits on a host call.
     let hooks: Vec<_> = (0..devs.len())
@@ -358,7 +354,7 @@ fn layer_time(
         d.synchronize()?;
     }
     let graphs = capture(devs, layer)?;
-    let us = time_graphs(devs, &graphs, 3, args.iters)?;
+    let us = time_graphs(devs, &graphs, 3, args.iters, 5)?;
     for (d, r) in ds.iter().zip(&runners) {
         d.check()?;
         r.check()?;

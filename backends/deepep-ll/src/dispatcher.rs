@@ -3,7 +3,7 @@
 //! and the split API returns a hook so the receive half can run later, overlapping other work.
 //! Nothing here synchronizes with the host, so a layer can be captured in a CUDA graph.
 
-use moe_backend_triton::stages::launch;
+use moe_backend_triton::stages::{launch, launch_2d};
 use moe_dispatch::{A2aBackend, Dispatcher, DispatcherConfig, Wire};
 use moe_runner_core::cuda::cudarc::driver::sys;
 use moe_runner_core::{
@@ -119,6 +119,15 @@ impl LlWorld {
     }
 }
 
+/// The device address of `t`, which the kernels read and write 16 bytes at a time.
+fn aligned(t: &Tensor, what: &str) -> Result<u64> {
+    let p = t.cuda_ptr()?;
+    if p % 16 != 0 {
+        return Err(MoeError::invalid(what, format!("device address {p:#x} is not 16-byte aligned")));
+    }
+    Ok(p)
+}
+
 /// The receive half of a dispatch, to run when its result is needed.
 pub struct LlRecvHook<'a> {
     d: &'a LlDispatcher,
@@ -131,6 +140,8 @@ pub struct LlRecvHook<'a> {
 pub struct LlCombineHook<'a> {
     d: &'a LlDispatcher,
     set: usize,
+    /// The expert outputs, kept alive until the combine has read them.
+    y: Tensor,
     ids: u64,
     weights: u64,
     m: usize,
@@ -183,8 +194,25 @@ impl LlDispatcher {
     }
 
     /// The send half: routes and writes every token into its experts' ranks. `hidden` `[M, H]`
-    /// bf16 (or f16 with the native wire) on this rank's GPU; `topk` global expert ids.
+    /// bf16 (or f16 with the native wire) on this rank's GPU; `topk` global expert ids. The
+    /// receive half runs when the hook's `recv` is called.
     pub fn dispatch_send(&self, hidden: &Tensor, topk: TopK) -> Result<LlRecvHook<'_>> {
+        let (set, topk, act) = self.send(hidden, topk, false)?;
+        Ok(LlRecvHook {
+            d: self,
+            set,
+            topk,
+            act,
+        })
+    }
+
+    /// Both halves, the receive one folded into the send launch.
+    pub fn dispatch_now(&self, hidden: &Tensor, topk: TopK) -> Result<DeepEpLlDispatchOutput> {
+        let (set, topk, act) = self.send(hidden, topk, true)?;
+        Ok(self.output(set, topk, act))
+    }
+
+    fn send(&self, hidden: &Tensor, topk: TopK, fuse_recv: bool) -> Result<(usize, TopK, DType)> {
         let _span = tracing::debug_span!("dispatch.deepep_ll.send").entered();
         let m = self.cfg.check_batch("deepep_ll dispatcher", hidden, &topk)?;
         if topk.top_k() != self.shape.top_k {
@@ -204,7 +232,7 @@ impl LlDispatcher {
             &[DType::Bf16]
         };
         hidden.expect_dtype("hidden for deepep_ll", allowed)?;
-        let x = hidden.cuda_ptr()?;
+        let x = aligned(hidden, "hidden")?;
         let topk = if topk.ids.is_host() || topk.weights.is_host() {
             topk.to_device(&Device::Cuda(self.dev.clone()))?
         } else {
@@ -212,23 +240,69 @@ impl LlDispatcher {
         };
         let set = self.next_set.fetch_add(1, Ordering::Relaxed) & 1;
         let k = self.kernels(act)?;
-        let (l, base, peers) = (self.layout.kernel, self.base(set), self.mem().peer_tables[set].ptr());
+        let (l, chunks) = self.layout.kernel.for_batch(m);
+        let (base, peers) = (self.base(set), self.mem().peer_tables[set].ptr());
         let ids = topk.ids.cuda_ptr()?;
         let (e, m_i) = (self.cfg.num_experts, m as i32);
-        launch(&self.dev, &k.route, e.div_ceil(8), 256, 0, &[&ids, &m_i, &(e as i32), &l, &base])?;
+        launch_2d(
+            &self.dev,
+            &k.route,
+            (e.div_ceil(8), chunks),
+            256,
+            0,
+            &[&ids, &m_i, &(e as i32), &l, &peers, &base],
+        )?;
         let smem = if self.cfg.wire == Wire::Native {
             0
         } else {
             self.shape.hidden + self.shape.hidden / 128 * 4
         };
-        let grid = m.clamp(1, 4 * self.sms);
-        launch(&self.dev, &k.dispatch_send, grid, 256, smem, &[&x, &ids, &m_i, &l, &peers, &base])?;
-        Ok(LlRecvHook {
-            d: self,
-            set,
+        let grid = m.clamp(1, 8 * self.sms);
+        let timeout = self.timeout_ns();
+        launch(
+            &self.dev,
+            &k.dispatch_send,
+            grid,
+            256,
+            smem,
+            &[&x, &ids, &m_i, &l, &peers, &base, &timeout, &i32::from(fuse_recv)],
+        )?;
+        Ok((set, topk, act))
+    }
+
+    /// The dispatch output over set `set`'s buffers.
+    fn output(&self, set: usize, topk: TopK, act: DType) -> DeepEpLlDispatchOutput {
+        let s = &self.shape;
+        let (el, rt, h, r) = (s.local_experts, s.rows(), s.hidden, s.ranks);
+        let l = self.layout.kernel;
+        let (x_dtype, scale) = if self.cfg.wire == Wire::Native {
+            (act, None)
+        } else {
+            (
+                DType::F8E4M3,
+                Some(self.view(set, l.x_scale, &[el, rt, h / 128], DType::F32)),
+            )
+        };
+        let m = topk.num_tokens();
+        DeepEpLlDispatchOutput {
+            hidden: self.view(set, l.x, &[el, rt, h], x_dtype),
+            hidden_scale: scale,
+            masked_m: self.view(set, l.masked_m, &[el], DType::I32),
+            expected_m: (r * m * s.top_k).div_ceil(self.cfg.num_experts).max(1),
+            src_info: self.view(set, l.src_info, &[el, rt], DType::I32),
+            layout_range: self.view(set, l.layout_range, &[el, r], DType::I64),
+            out_buffer: Some(self.view(
+                set,
+                self.layout.y,
+                &[el, rt, h],
+                if self.cfg.wire == Wire::Native {
+                    act
+                } else {
+                    DType::Bf16
+                },
+            )),
             topk,
-            act,
-        })
+        }
     }
 
     /// Which set a dispatch output of this dispatcher lives in.
@@ -251,7 +325,36 @@ impl LlDispatcher {
         y: &Tensor,
         dispatched: &DeepEpLlDispatchOutput,
     ) -> Result<LlCombineHook<'_>> {
-        let _span = tracing::debug_span!("combine.deepep_ll.send").entered();
+        let hook = self.combine_hook(y, dispatched)?;
+        hook.launch(1, None)?;
+        Ok(hook)
+    }
+
+    /// Both halves of the combine into `out` (`[M, H]`): one launch for decode batches, where
+    /// a launch costs more than one block per SM loses; two for larger ones, which need the
+    /// whole GPU for the sum.
+    pub fn combine_into(
+        &self,
+        y: &Tensor,
+        dispatched: &DeepEpLlDispatchOutput,
+        out: &Tensor,
+    ) -> Result<()> {
+        let hook = self.combine_hook(y, dispatched)?;
+        let items = hook.m * self.shape.hidden.div_ceil(2048);
+        if items <= 2 * self.fused_combine_grid(hook.act)? {
+            hook.launch(3, Some(out))
+        } else {
+            hook.launch(1, None)?;
+            hook.launch(2, Some(out))
+        }
+    }
+
+    fn combine_hook<'a>(
+        &'a self,
+        y: &Tensor,
+        dispatched: &DeepEpLlDispatchOutput,
+    ) -> Result<LlCombineHook<'a>> {
+        let _span = tracing::debug_span!("combine.deepep_ll").entered();
         let set = self.set_of(dispatched)?;
         let act = if self.cfg.wire == Wire::Native {
             dispatched.hidden.dtype()
@@ -261,25 +364,28 @@ impl LlDispatcher {
         let s = &self.shape;
         y.expect_shape("expert outputs", &[s.local_experts, s.rows(), s.hidden])?;
         y.expect_dtype("expert outputs", &[act])?;
-        let moved;
         let y = if y.is_host() {
-            moved = y.to_device(&Device::Cuda(self.dev.clone()))?;
-            &moved
+            y.to_device(&Device::Cuda(self.dev.clone()))?
         } else {
-            y
+            y.clone()
         };
-        let k = self.kernels(act)?;
-        let (l, base, peers) = (self.layout.kernel, self.base(set), self.mem().peer_tables[set].ptr());
-        let y_ptr = y.cuda_ptr()?;
-        launch(&self.dev, &k.combine_send, s.local_experts, 256, 0, &[&y_ptr, &l, &peers, &base])?;
+        aligned(&y, "expert outputs")?;
         Ok(LlCombineHook {
             d: self,
             set,
+            y,
             ids: dispatched.topk.ids.cuda_ptr()?,
             weights: dispatched.topk.weights.cuda_ptr()?,
             m: dispatched.topk.num_tokens(),
             act,
         })
+    }
+
+    /// Blocks of the one-launch combine: at most half of what the GPU holds at once (so a rank
+    /// sharing the GPU still gets room), up to four per SM.
+    fn fused_combine_grid(&self, act: DType) -> Result<usize> {
+        let per_sm = self.kernels(act)?.combine_per_sm;
+        Ok(self.sms * (per_sm / 2).clamp(1, 4))
     }
 
     /// Waits for the device and reports what the kernels flagged: a peer that did not answer
@@ -329,71 +435,63 @@ impl LlRecvHook<'_> {
     pub fn recv(self) -> Result<DeepEpLlDispatchOutput> {
         let _span = tracing::debug_span!("dispatch.deepep_ll.recv").entered();
         let d = self.d;
-        let s = &d.shape;
-        let (el, rt, h, r) = (s.local_experts, s.rows(), s.hidden, s.ranks);
         let k = d.kernels(self.act)?;
-        let l = d.layout.kernel;
-        let base = d.base(self.set);
-        // One block per expert with one rank (no packing); with several, enough blocks per
-        // expert to fill the GPU twice for the packing copy.
-        let parts = if r == 1 { 1 } else { (2 * d.sms).div_ceil(el).max(1) };
-        launch(&d.dev, &k.dispatch_recv, el * parts, 256, 0, &[&l, &base, &d.timeout_ns(), &(parts as i32)])?;
-        let (x_dtype, scale) = if d.cfg.wire == Wire::Native {
-            (self.act, None)
-        } else {
-            (
-                DType::F8E4M3,
-                Some(d.view(self.set, l.x_scale, &[el, rt, h / 128], DType::F32)),
-            )
-        };
-        let m = self.topk.num_tokens();
-        Ok(DeepEpLlDispatchOutput {
-            hidden: d.view(self.set, l.x, &[el, rt, h], x_dtype),
-            hidden_scale: scale,
-            masked_m: d.view(self.set, l.masked_m, &[el], DType::I32),
-            expected_m: (r * m * s.top_k).div_ceil(d.cfg.num_experts).max(1),
-            src_info: d.view(self.set, l.src_info, &[el, rt], DType::I32),
-            layout_range: d.view(self.set, l.layout_range, &[el, r], DType::I64),
-            out_buffer: Some(d.view(
-                self.set,
-                d.layout.y,
-                &[el, rt, h],
-                if d.cfg.wire == Wire::Native { self.act } else { DType::Bf16 },
-            )),
-            topk: self.topk,
-        })
+        let (l, base) = (d.layout.kernel, d.base(self.set));
+        let blocks = d.shape.local_experts.div_ceil(256);
+        launch(&d.dev, &k.dispatch_recv, blocks, 256, 0, &[&l, &base, &d.timeout_ns()])?;
+        Ok(d.output(self.set, self.topk, self.act))
     }
 }
 
 impl LlCombineHook<'_> {
-    /// Waits for every rank's expert outputs and writes this rank's `[M, H]` into `out`.
-    pub fn recv_into(self, out: &Tensor) -> Result<()> {
-        let _span = tracing::debug_span!("combine.deepep_ll.recv").entered();
+    /// `mode` 1 sends, 2 waits and sums into `out`, 3 does both in one launch.
+    fn launch(&self, mode: i32, out: Option<&Tensor>) -> Result<()> {
         let d = self.d;
-        out.expect_shape("combine output", &[self.m, d.shape.hidden])?;
-        out.expect_dtype("combine output", &[self.act])?;
+        let out_ptr = match out {
+            Some(o) => {
+                o.expect_shape("combine output", &[self.m, d.shape.hidden])?;
+                o.expect_dtype("combine output", &[self.act])?;
+                aligned(o, "combine output")?
+            }
+            None => 0,
+        };
         let k = d.kernels(self.act)?;
-        let chunks = d.shape.hidden.div_ceil(512);
+        let items = self.m * d.shape.hidden.div_ceil(2048);
+        // The fused launch waits inside, so its blocks must all be resident.
+        let grid = match mode {
+            1 => d.shape.local_experts,
+            2 => items.clamp(1, 4 * d.sms),
+            _ => d.fused_combine_grid(self.act)?,
+        };
         let scale = d.cfg.routed_scaling_factor.unwrap_or(1.0);
-        let (l, base, out_ptr) = (d.layout.kernel, d.base(self.set), out.cuda_ptr()?);
+        let (l, base, peers) = (d.layout.kernel, d.base(self.set), d.mem().peer_tables[self.set].ptr());
+        let y = self.y.cuda_ptr()?;
         launch(
             &d.dev,
-            &k.combine_recv,
-            (self.m * chunks).max(1),
+            &k.combine,
+            grid,
             256,
             0,
             &[
+                &y,
                 &self.ids,
                 &self.weights,
                 &out_ptr,
                 &(self.m as i32),
                 &scale,
-                &(chunks as i32),
                 &l,
+                &peers,
                 &base,
                 &d.timeout_ns(),
+                &mode,
             ],
         )
+    }
+
+    /// Waits for every rank's expert outputs and writes this rank's `[M, H]` into `out`.
+    pub fn recv_into(self, out: &Tensor) -> Result<()> {
+        let _span = tracing::debug_span!("combine.deepep_ll.recv").entered();
+        self.launch(2, Some(out))
     }
 
     /// As [`LlCombineHook::recv_into`], into a new tensor.
@@ -416,7 +514,7 @@ impl Dispatcher for LlDispatcher {
     }
 
     fn dispatch(&self, hidden: &Tensor, topk: TopK) -> Result<Box<dyn DispatchOutput>> {
-        Ok(Box::new(self.dispatch_send(hidden, topk)?.recv()?))
+        Ok(Box::new(self.dispatch_now(hidden, topk)?))
     }
 
     fn combine(
@@ -431,7 +529,9 @@ impl Dispatcher for LlDispatcher {
             A2A,
             DispatchFormat::DeepEpLowLatency,
         )?;
-        self.combine_send(&y, d)?.recv()
+        let out = Tensor::zeros_cuda(&self.dev, &[d.topk.num_tokens(), self.shape.hidden], y.dtype())?;
+        self.combine_into(&y, d, &out)?;
+        Ok(out)
     }
 
     fn check(&self) -> Result<()> {

@@ -24,8 +24,9 @@ pub struct LlKernels {
     pub route: CudaFunction,
     pub dispatch_send: CudaFunction,
     pub dispatch_recv: CudaFunction,
-    pub combine_send: CudaFunction,
-    pub combine_recv: CudaFunction,
+    pub combine: CudaFunction,
+    /// Blocks of `combine` one SM holds at once (the fused launch must be fully resident).
+    pub combine_per_sm: usize,
 }
 
 impl LlKernels {
@@ -54,8 +55,10 @@ impl LlKernels {
             route: load("ll_route")?,
             dispatch_send: load("ll_dispatch_send")?,
             dispatch_recv: load("ll_dispatch_recv")?,
-            combine_send: load("ll_combine_send")?,
-            combine_recv: load("ll_combine_recv")?,
+            combine_per_sm: load("ll_combine")?
+                .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
+                .map_err(|e| MoeError::Device(e.to_string()))? as usize,
+            combine: load("ll_combine")?,
         })
     }
 }

@@ -10,8 +10,13 @@ pub const MAX_RANKS: usize = 16;
 
 const ALIGN: u64 = 256;
 
+/// Most experts per token (the kernels keep a token's picks in registers).
+pub const MAX_TOP_K: usize = 32;
+/// Token chunks the routing kernel splits a batch into (each ranked by its own warps).
+pub const MAX_CHUNKS: usize = 16;
+
 /// Byte offsets of one buffer set, passed to the kernels by value (mirrors `LlLayout` in
-/// `kernels/ll.cu`).
+/// `kernels/ll.cu`), plus the routing chunk of the call.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LlLayout {
@@ -19,19 +24,16 @@ pub struct LlLayout {
     pub x_scale: u64,
     pub src_info: u64,
     pub src_slot: u64,
-    pub stage_x: u64,
-    pub stage_scale: u64,
-    pub stage_info: u64,
-    pub stage_slot: u64,
     pub counts: u64,
     pub masked_m: u64,
     pub layout_range: u64,
     pub comb: u64,
+    pub nflag: u64,
     pub dflag: u64,
     pub cflag: u64,
     pub state: u64,
     pub slot_of: u64,
-    pub send_counts: u64,
+    pub chunk_counts: u64,
     pub status: u64,
     pub el: i32,
     pub r: i32,
@@ -39,6 +41,17 @@ pub struct LlLayout {
     pub h: i32,
     pub k: i32,
     pub rank: i32,
+    /// Tokens per routing chunk: a multiple of 32 with at most [`MAX_CHUNKS`] chunks.
+    pub chunk: i32,
+}
+
+impl LlLayout {
+    /// This layout for a batch of `m` tokens.
+    pub fn for_batch(mut self, m: usize) -> (Self, usize) {
+        let chunk = 32 * m.div_ceil(32 * MAX_CHUNKS).max(1);
+        self.chunk = chunk as i32;
+        (self, m.div_ceil(chunk).max(1))
+    }
 }
 
 /// One set's layout plus the runner-output region (`y`, read by the combine in place) and the
@@ -74,10 +87,11 @@ impl LlShape {
                 cfg.world_size
             ));
         }
-        if cfg.top_k == 0 || cfg.top_k > cfg.num_experts {
+        if cfg.top_k == 0 || cfg.top_k > cfg.num_experts.min(MAX_TOP_K) {
             return bad(format!(
                 "deepep_ll sizes its combine buffer [T, top_k, H] by top_k: set DispatcherConfig::top_k to 1..={} (got {})",
-                cfg.num_experts, cfg.top_k
+                cfg.num_experts.min(MAX_TOP_K),
+                cfg.top_k
             ));
         }
         if cfg.max_tokens_per_rank == 0 {
@@ -127,39 +141,22 @@ impl LlShape {
         let (el, rt, h) = (self.local_experts, self.rows(), self.hidden);
         let fp8 = self.wire != Wire::Native;
         let scale_bytes = if fp8 { el * rt * (h / 128) * 4 } else { 0 };
-        let x = take(el * rt * self.x_bytes());
-        let x_scale = take(scale_bytes);
-        let src_info = take(el * rt * 4);
-        let src_slot = take(el * rt * 4);
-        // One rank: senders write the packed rows directly.
-        let (stage_x, stage_scale, stage_info, stage_slot) = if self.ranks == 1 {
-            (x, x_scale, src_info, src_slot)
-        } else {
-            (
-                take(el * rt * self.x_bytes()),
-                take(scale_bytes),
-                take(el * rt * 4),
-                take(el * rt * 4),
-            )
-        };
+        let e = el * self.ranks;
         let kernel = LlLayout {
-            x,
-            x_scale,
-            src_info,
-            src_slot,
-            stage_x,
-            stage_scale,
-            stage_info,
-            stage_slot,
-            counts: take(self.ranks * el * 4),
+            x: take(el * rt * self.x_bytes()),
+            x_scale: take(scale_bytes),
+            src_info: take(el * rt * 4),
+            src_slot: take(el * rt * 4),
+            counts: take(self.ranks * e * 4),
             masked_m: take(el * 4),
             layout_range: take(el * self.ranks * 8),
             comb: take(self.max_tokens * self.top_k * h * self.act_bytes),
+            nflag: take(self.ranks * 8),
             dflag: take(self.ranks * 8),
             cflag: take(self.ranks * 8),
-            state: take(8 * 8),
+            state: take(16 * 8),
             slot_of: take(self.max_tokens * self.top_k * 4),
-            send_counts: take(el * self.ranks * 4),
+            chunk_counts: take(MAX_CHUNKS * e * 4),
             status: take(4),
             el: el as i32,
             r: self.ranks as i32,
@@ -167,6 +164,7 @@ impl LlShape {
             h: h as i32,
             k: self.top_k as i32,
             rank: rank as i32,
+            chunk: 32,
         };
         let y = take(el * rt * h * self.act_bytes);
         SetLayout {
@@ -211,7 +209,7 @@ mod tests {
         let mut regions = [
             (k.x, 128 * 256 * 7168),
             (k.x_scale, 128 * 256 * 56 * 4),
-            (k.stage_x, 128 * 256 * 7168),
+            (k.counts, 2 * 256 * 4),
             (k.comb, 128 * 8 * 7168 * 2),
             (k.status, 4),
             (l.y, 128 * 256 * 7168 * 2),
@@ -231,10 +229,14 @@ mod tests {
     }
 
     #[test]
-    fn one_rank_writes_the_packed_rows_directly() {
-        let cfg = DispatcherConfig::single(8, 256, 4).with_top_k(2);
-        let k = LlShape::of(&cfg).unwrap().layout(0).kernel;
-        assert_eq!((k.stage_x, k.stage_info), (k.x, k.src_info));
+    fn routing_chunks_are_whole_warps_and_at_most_sixteen() {
+        let l = LlLayout::default();
+        for m in [0, 1, 31, 32, 33, 128, 511, 512, 513, 4096, 100_000] {
+            let (l, chunks) = l.for_batch(m);
+            assert_eq!(l.chunk % 32, 0, "M={m}");
+            assert!((1..=MAX_CHUNKS).contains(&chunks), "M={m}: {chunks}");
+            assert!(chunks * l.chunk as usize >= m, "M={m}");
+        }
     }
 
     #[test]

@@ -17,6 +17,8 @@ mod dispatcher;
 #[cfg(feature = "cuda")]
 mod kernels;
 #[cfg(feature = "cuda")]
+pub mod probe;
+#[cfg(feature = "cuda")]
 mod runner;
 
 pub use layout::buffer_bytes;

@@ -180,7 +180,19 @@ pub fn launch(
     smem: usize,
     args: &[&dyn Arg],
 ) -> Result<()> {
-    if grid == 0 {
+    launch_2d(dev, f, (grid, 1), threads, smem, args)
+}
+
+/// Launches `f` on `dev`'s stream with a 2-D grid; an empty grid is a no-op.
+pub fn launch_2d(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    grid: (usize, usize),
+    threads: usize,
+    smem: usize,
+    args: &[&dyn Arg],
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 {
         return Ok(());
     }
     let stream = dev.stream();
@@ -189,7 +201,7 @@ pub fn launch(
         a.push(&mut b);
     }
     let cfg = LaunchConfig {
-        grid_dim: (grid as u32, 1, 1),
+        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };

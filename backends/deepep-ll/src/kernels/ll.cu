@@ -3,55 +3,63 @@
 // (`LlLayout`, byte offsets from a set's base); `peers[r]` is rank r's base as this rank sees it.
 //
 // Dispatch (one buffer set per call, two alternating):
-//  - ll_route: per global expert, the slot of each (token, k) among this rank's tokens routed to
-//    it, in token order, and the count per expert. Ids outside -1..E are flagged and skipped.
-//  - ll_dispatch_send: each token is read once (cast to E4M3 per 128 channels when FP8) and
-//    written to every expert it picked, into the owner rank's staging rows
-//    [e_local][src_rank * T + slot]; the last block then writes this rank's counts into every
-//    rank and releases its flag there.
-//  - ll_dispatch_recv: waits for every rank's flag, then writes masked_m, layout_range (source
-//    ranks in rank order) and, for R > 1, packs the staging rows into [e_local][begin + i].
-//    With R = 1 the staging rows are the packed rows.
-// Combine:
-//  - ll_combine_send: each expert output row goes to its source rank's [T, K, H] slot; the last
-//    block releases this rank's combine flag on every rank.
-//  - ll_combine_recv: waits for every rank, then out[t] = scale * sum_k w[t,k] * y[t,k].
+//  - ll_route: the slot of each (token, k) among this rank's tokens routed to its expert, in
+//    token order (a warp per expert and chunk of tokens), then, in the last block, the count
+//    per expert broadcast to every rank with a release of this rank's count flag. Ids outside
+//    -1..E are flagged and skipped.
+//  - ll_dispatch_send: waits for every rank's counts, so each rank knows where its rows start
+//    in every expert (after the rows of lower ranks); reads each token once (cast to E4M3 per
+//    128 channels when FP8) and writes it straight into its final row [e_local][begin + slot]
+//    on the expert's rank; the last block releases this rank's data flag everywhere.
+//  - ll_dispatch_recv: waits for every rank's data, writes masked_m and layout_range (or the
+//    send kernel's last block does, when the receive half is not split off).
+// Combine (ll_combine, send and receive halves in one launch or two):
+//  - send: each expert output row goes to its source rank's [T, K, H] slot; the last block
+//    releases this rank's combine flag on every rank;
+//  - receive: waits for every rank, then out[t] = scale * sum_k w[t,k] * y[t,k].
 //
 // Flags carry epochs that count calls per buffer set, kept in device memory, so a captured
-// CUDA graph can be replayed: every kernel reads and advances its own epoch. Waits give up
-// after `timeout_ns` and set the status word. Status bits: 2 timeout, 4 expert id out of
-// range, 8 more rows for one expert than the buffer holds, 16 a combine row names a token or
-// slot outside the batch.
+// CUDA graph can be replayed: every kernel reads and advances its own epoch. A set is reused
+// two calls later, after its combine, which every rank finishes only once every rank has read
+// the set's dispatch. Waits give up after `timeout_ns` and set the status word. Status bits:
+// 2 timeout, 4 expert id out of range, 8 more rows for one expert than max tokens per rank,
+// 16 a combine row names a token or slot outside the batch.
 //
 // Compile-time parameters: ACT_F16 (activation dtype), FP8 (0 bf16/f16 on the wire, 1 E4M3
 // with f32 scales, 2 E4M3 with scales rounded up to powers of two (UE8M0)).
 
 struct LlLayout {
-    u64 x, x_scale, src_info, src_slot;             // packed [El, R*T, ...]
-    u64 stage_x, stage_scale, stage_info, stage_slot; // staging (== packed when R == 1)
-    u64 counts;       // [R, El] i32, written by source ranks
+    u64 x, x_scale, src_info, src_slot; // received rows [El, R*T, ...]
+    u64 counts;       // [R, E] i32: every source rank's per-expert counts, written by the sources
     u64 masked_m;     // [El] i32
     u64 layout_range; // [El, R] i64
     u64 comb;         // [T, K, H] act dtype
-    u64 dflag, cflag; // [R] u64, written by peers
-    u64 state;        // [8] u64, this rank only: 4 epochs, 4 done counters
-    u64 slot_of;      // [T, K] i32, this rank only
-    u64 send_counts;  // [E] i32, this rank only
+    u64 nflag, dflag, cflag; // [R] u64 each: counts, data and combine flags, written by peers
+    u64 state;        // [16] u64, this rank only: epochs and done counters
+    u64 slot_of;      // [T, K] i32, this rank only: slot within the token chunk
+    u64 chunk_counts; // [MAX_CHUNKS, E] i32, this rank only: counts, then exclusive prefixes
     u64 status;       // i32, this rank only
-    int El, R, T, H, K, rank;
+    int El, R, T, H, K, rank, chunk;  // chunk: tokens per routing chunk (a multiple of 32)
 };
 
-#define EP_SEND 0
-#define EP_RECV 1
-#define EP_CSEND 2
-#define EP_CRECV 3
-#define DONE_SEND 4
-#define DONE_RECV 5
-#define DONE_CSEND 6
-#define DONE_CRECV 7
+#define EP_COUNT 0
+#define EP_SEND 1
+#define EP_RECV 2
+#define EP_CSEND 3
+#define EP_CRECV 4
+#define DONE_ROUTE 8
+#define DONE_SEND 9
+#define DONE_RECV 10
+#define DONE_CSEND 11
+#define DONE_CRECV 12
 
 #define LL_THREADS 256
 #define MAX_RANKS 16
+#define MAX_CHUNKS 16
+#define MAX_TOPK 32
+// 16-byte chunks of a bf16 row each thread loads before quantizing them (a pass covers 8192
+// channels).
+#define QUANT_CHUNKS 4
 
 #if FP8
 #define X_BYTES 1
@@ -75,6 +83,31 @@ __device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+// Copies n16 16-byte chunks, thread `lane` of `step` threads taking every step-th, eight loads
+// in flight before their stores (a dependent load-store loop would expose the memory or
+// NVLink latency once per chunk). `Ld` reads one chunk.
+template <typename Ld>
+__device__ __forceinline__ void copy16(uint4* __restrict__ d, const uint4* __restrict__ s, int n16,
+                                       int lane, int step, Ld ld) {
+    for (int j0 = lane; j0 < n16; j0 += 8 * step) {
+        uint4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (j0 + u * step < n16) v[u] = ld(s + j0 + u * step);
+#pragma unroll
+        for (int u = 0; u < 8; ++u)
+            if (j0 + u * step < n16) d[j0 + u * step] = v[u];
+    }
+}
+// Reads data no kernel writes while this one runs (inputs, the runner's outputs).
+struct LdRo {
+    __device__ __forceinline__ uint4 operator()(const uint4* p) const { return __ldg(p); }
+};
+// Reads shared memory, or data peers wrote before the flag this block acquired.
+struct LdPlain {
+    __device__ __forceinline__ uint4 operator()(const uint4* p) const { return *p; }
+};
+
 // Thread 0 waits until every rank's flag reaches `epoch`; false (status set) on timeout.
 // The whole block returns the same answer.
 __device__ bool wait_all(const u64* flags, int R, u64 epoch, u64 timeout_ns, int* status) {
@@ -89,7 +122,7 @@ __device__ bool wait_all(const u64* flags, int R, u64 epoch, u64 timeout_ns, int
                     ok = 0;
                     break;
                 }
-                __nanosleep(64);
+                __nanosleep(32);
             }
         }
     }
@@ -97,249 +130,335 @@ __device__ bool wait_all(const u64* flags, int R, u64 epoch, u64 timeout_ns, int
     return ok;
 }
 
-// True in the last block of the grid to finish (all earlier blocks' writes are visible to it).
-__device__ bool last_block(unsigned long long* done) {
+// True in the last block of the grid to finish. With `sys`, every block's earlier writes
+// (to peers too) are visible system-wide before the last block goes on; otherwise on this GPU.
+__device__ bool last_block(unsigned long long* done, bool sys) {
     __shared__ int is_last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence_system();
-        is_last = atomicAdd(done, 1ull) == (unsigned long long)(gridDim.x - 1);
+        if (sys) __threadfence_system(); else __threadfence();
+        is_last = atomicAdd(done, 1ull) == (unsigned long long)(gridDim.x * gridDim.y - 1);
         if (is_last) {
             *done = 0;  // every block has counted: ready for the next call
-            __threadfence_system();
+            if (sys) __threadfence_system(); else __threadfence();
         }
     }
     __syncthreads();
     return is_last;
 }
 
-// Grid: ceil(E / 8) blocks of 8 warps, one warp per global expert.
+// Grid: (ceil(E / 8), chunks) blocks of 8 warps; warp (e, c) ranks expert e's picks among the
+// tokens of chunk c, in token order (a token's duplicate picks in slot order).
 extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_route(
-    const int* __restrict__ ids, int M, int E, LlLayout L, u64 local) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int e = blockIdx.x * (LL_THREADS / 32) + warp;
-    if (e >= E) return;
+    const int* __restrict__ ids, int M, int E, LlLayout L, const u64* __restrict__ peers,
+    u64 local) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tid = threadIdx.x;
+    const int e = blockIdx.x * (LL_THREADS / 32) + warp, c = blockIdx.y;
     const int K = L.K;
-    int* slot_of = at<int>(local, L.slot_of);
-    int base = 0;
-    for (int t0 = 0; t0 < M; t0 += 32) {
-        const int t = t0 + lane;
-        int c = 0;
-        if (t < M) {
-            for (int k = 0; k < K; ++k) {
-                const int id = ids[t * K + k];
-                c += id == e;
-                if (e == 0 && (id < -1 || id >= E)) atomicOr(at<int>(local, L.status), 4);
-            }
-        }
-        int incl = c;
-        for (int o = 1; o < 32; o <<= 1) {
-            const int v = __shfl_up_sync(0xffffffffu, incl, o);
-            if (lane >= o) incl += v;
-        }
-        if (c) {
-            int s = base + incl - c;
-            for (int k = 0; k < K; ++k)
-                if (ids[t * K + k] == e) slot_of[t * K + k] = s++;
-        }
-        base += __shfl_sync(0xffffffffu, incl, 31);
-    }
-    if (lane == 0) {
-        at<int>(local, L.send_counts)[e] = base;
-        if (base > L.T) atomicOr(at<int>(local, L.status), 8);
-    }
-}
-
-// Grid: up to one block per token (at least one, so the counts and flag always go out).
-// Dynamic shared memory: H bytes + H/128 floats when FP8.
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
-    const u16* __restrict__ x, const int* __restrict__ ids, int M, LlLayout L,
-    const u64* __restrict__ peers, u64 local) {
-    extern __shared__ __align__(16) u8 sm[];
-    const int H = L.H, K = L.K, El = L.El, R = L.R, T = L.T, E = El * R;
-    const int tid = threadIdx.x;
-    const int* slot_of = at<int>(local, L.slot_of);
-    const long long row_bytes = (long long)H * X_BYTES;
-    for (int t = blockIdx.x; t < M; t += gridDim.x) {
-#if FP8
-        // One warp per 128 channels: amax, scale, E4M3 codes into shared memory.
-        float* ssc = (float*)(sm + H);
-        const int groups = H / 128, warp = tid >> 5, lane = tid & 31;
-        for (int g = warp; g < groups; g += LL_THREADS / 32) {
-            const uint2 raw = *(const uint2*)(x + (long long)t * H + g * 128 + lane * 4);
-            float v[4] = {act_to_f32(raw.x & 0xffff), act_to_f32(raw.x >> 16),
-                          act_to_f32(raw.y & 0xffff), act_to_f32(raw.y >> 16)};
-            float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-            amax = warp_max(amax);
-            float s = fmaxf(amax, 1e-4f) / 448.0f;
-#if FP8 == 2
-            u32 b = __float_as_uint(s);
-            if (b & 0x7fffffu) b = (b & 0xff800000u) + 0x800000u;
-            s = __uint_as_float(b);
-#endif
-            u32 packed = 0;
+    int* chunk_counts = at<int>(local, L.chunk_counts);
+    if (e < E) {
+        int* slot_of = at<int>(local, L.slot_of);
+        int base = 0;
+        const int t_end = min(M, (c + 1) * L.chunk);
+        for (int t0 = c * L.chunk; t0 < t_end; t0 += 32) {
+            const int t = t0 + lane;
+            int id[MAX_TOPK];
+            int cnt = 0;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) packed |= (u32)f32_to_e4m3(v[q] / s) << (8 * q);
-            *(u32*)(sm + g * 128 + lane * 4) = packed;
-            if (lane == 0) ssc[g] = s;
-        }
-        __syncthreads();
-        const uint4* src = (const uint4*)sm;
-#else
-        const uint4* src = (const uint4*)(x + (long long)t * H);
-#endif
-        for (int k = 0; k < K; ++k) {
-            const int g = ids[t * K + k];
-            if (g < 0 || g >= E) continue;
-            const int slot = slot_of[t * K + k];
-            if (slot >= T) continue;  // flagged by ll_route
-            const int dst = g / El, e = g % El;
-            const u64 base = peers[dst];
-            const long long row = ((long long)e * R + L.rank) * T + slot;
-            uint4* d = (uint4*)(base + L.stage_x + row * row_bytes);
-            for (int i = tid; i < row_bytes / 16; i += LL_THREADS) d[i] = src[i];
-#if FP8
-            float* ds = at<float>(base, L.stage_scale) + row * (H / 128);
-            for (int i = tid; i < H / 128; i += LL_THREADS) ds[i] = ssc[i];
-#endif
-            if (tid == 0) {
-                at<int>(base, L.stage_info)[row] = t;
-                at<int>(base, L.stage_slot)[row] = k;
+            for (int k = 0; k < MAX_TOPK; ++k) {
+                id[k] = (k < K && t < t_end) ? __ldg(ids + t * K + k) : -1;
+                cnt += id[k] == e;
+                if (e == 0 && (id[k] < -1 || id[k] >= E)) atomicOr(at<int>(local, L.status), 4);
             }
+            int incl = cnt;
+            for (int o = 1; o < 32; o <<= 1) {
+                const int v = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += v;
+            }
+            if (cnt) {
+                int s = base + incl - cnt;
+#pragma unroll
+                for (int k = 0; k < MAX_TOPK; ++k)
+                    if (id[k] == e) slot_of[t * K + k] = s++;
+            }
+            base += __shfl_sync(0xffffffffu, incl, 31);
         }
-        __syncthreads();
+        if (lane == 0) chunk_counts[c * E + e] = base;
     }
     u64* state = at<u64>(local, L.state);
-    if (last_block((unsigned long long*)&state[DONE_SEND])) {
-        const int* counts = at<int>(local, L.send_counts);
-        for (int i = tid; i < E; i += LL_THREADS) {
-            const int dst = i / El, e = i % El;
-            at<int>(peers[dst], L.counts)[L.rank * El + e] = min(counts[i], T);
+    if (last_block((unsigned long long*)&state[DONE_ROUTE], false)) {
+        // Per expert: chunk counts to exclusive prefixes, the total to every rank.
+        for (int g = tid; g < E; g += LL_THREADS) {
+            int acc = 0;
+            for (int q = 0; q < gridDim.y; ++q) {
+                const int v = chunk_counts[q * E + g];
+                chunk_counts[q * E + g] = acc;
+                acc += v;
+            }
+            if (acc > L.T) atomicOr(at<int>(local, L.status), 8);
+            for (int r = 0; r < L.R; ++r) at<int>(peers[r], L.counts)[L.rank * E + g] = min(acc, L.T);
         }
         __syncthreads();
         if (tid == 0) {
             __threadfence_system();
-            const u64 epoch = ++state[EP_SEND];
-            for (int r = 0; r < R; ++r) st_release_sys(at<u64>(peers[r], L.dflag) + L.rank, epoch);
+            const u64 epoch = ++state[EP_COUNT];
+            for (int r = 0; r < L.R; ++r) st_release_sys(at<u64>(peers[r], L.nflag) + L.rank, epoch);
         }
     }
 }
 
-// Grid: El * parts blocks; block (e, part) copies every parts-th row of expert e.
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
-    LlLayout L, u64 local, u64 timeout_ns, int parts) {
-    const int El = L.El, R = L.R, T = L.T, H = L.H, RT = R * T;
+// masked_m and layout_range of every local expert from the counts every rank sent, by the
+// threads of one block (expert e at thread e, striding).
+__device__ void write_layout(const LlLayout& L, u64 local, int first, int step) {
+    const int El = L.El, R = L.R, T = L.T, E = El * R;
+    const int* counts = at<int>(local, L.counts);
+    for (int e = first; e < El; e += step) {
+        const int g = L.rank * El + e;
+        long long* lr = at<long long>(local, L.layout_range) + (long long)e * R;
+        int acc = 0;
+        for (int r = 0; r < R; ++r) {
+            const int c = min(max(counts[r * E + g], 0), T);
+            lr[r] = ((long long)acc << 32) | (long long)c;
+            acc += c;
+        }
+        at<int>(local, L.masked_m)[e] = acc;
+    }
+}
+
+// Grid: up to one block per token (at least one, so the flag always goes out).
+// Dynamic shared memory: H bytes + H/128 floats when FP8. With `fuse_recv` the last block also
+// waits for every rank's rows and writes the layout (the receive half, without a launch).
+extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
+    const u16* __restrict__ x, const int* __restrict__ ids, int M, LlLayout L,
+    const u64* __restrict__ peers, u64 local, u64 timeout_ns, int fuse_recv) {
+    extern __shared__ __align__(16) u8 sm[];
+    __shared__ u64 row_at[MAX_TOPK];  // row of each pick on its rank, or ~0
+    __shared__ int rank_of[MAX_TOPK];
+    const int H = L.H, K = L.K, El = L.El, R = L.R, T = L.T, E = El * R, RT = R * T;
     const int tid = threadIdx.x;
     u64* state = at<u64>(local, L.state);
     int* status = at<int>(local, L.status);
-    const u64 epoch = state[EP_RECV] + 1;
-    if (wait_all(at<u64>(local, L.dflag), R, epoch, timeout_ns, status)) {
-        const int e = blockIdx.x % El, part = blockIdx.x / El;
-        const int* counts = at<int>(local, L.counts);
-        __shared__ int begin[MAX_RANKS + 1], cnt[MAX_RANKS];
-        if (tid == 0) {
-            int acc = 0;
-            for (int r = 0; r < R; ++r) {
-                const int c = min(max(counts[r * El + e], 0), T);
-                begin[r] = acc;
-                cnt[r] = c;
-                acc += c;
-            }
-            begin[R] = acc;
-            if (part == 0) {
-                at<int>(local, L.masked_m)[e] = acc;
-                long long* lr = at<long long>(local, L.layout_range) + (long long)e * R;
-                for (int r = 0; r < R; ++r) lr[r] = ((long long)begin[r] << 32) | (long long)cnt[r];
-            }
-        }
-        __syncthreads();
-        if (R > 1) {
-            const long long row_bytes = (long long)H * X_BYTES;
-            const int warp = tid >> 5, lane = tid & 31, warps = LL_THREADS / 32;
-            for (int i = part * warps + warp; i < begin[R]; i += parts * warps) {
-                int r = 0;
-                while (i >= begin[r + 1]) ++r;
-                const long long from = ((long long)e * R + r) * T + (i - begin[r]);
-                const long long to = (long long)e * RT + i;
-                const uint4* s = (const uint4*)(local + L.stage_x + from * row_bytes);
-                uint4* d = (uint4*)(local + L.x + to * row_bytes);
-                for (int j = lane; j < row_bytes / 16; j += 32) d[j] = s[j];
+    const int* counts = at<int>(local, L.counts);
+    const int* slot_of = at<int>(local, L.slot_of);
+    const int* prefix = at<int>(local, L.chunk_counts);
+    const long long row_bytes = (long long)H * X_BYTES;
+    bool counted = false;
+    for (int t = blockIdx.x; t < M; t += gridDim.x) {
 #if FP8
-                const float* ss = at<float>(local, L.stage_scale) + from * (H / 128);
-                float* ds = at<float>(local, L.x_scale) + to * (H / 128);
-                for (int j = lane; j < H / 128; j += 32) ds[j] = ss[j];
+        // Sixteen threads per 128 channels, eight values each: every load of the row is issued
+        // before any is used, then amax (a 16-lane reduction), scale, E4M3 codes to shared memory.
+        float* ssc = (float*)(sm + H);
+        const int chunks = H / 8;  // 16-byte chunks of the bf16 row
+        const uint4* row = (const uint4*)(x + (long long)t * H);
+        for (int base = 0; base < chunks; base += QUANT_CHUNKS * LL_THREADS) {
+            uint4 raw[QUANT_CHUNKS];
+#pragma unroll
+            for (int u = 0; u < QUANT_CHUNKS; ++u) {
+                const int c = base + tid + u * LL_THREADS;
+                if (c < chunks) raw[u] = __ldg(row + c);
+            }
+#pragma unroll
+            for (int u = 0; u < QUANT_CHUNKS; ++u) {
+                // Whole 16-lane groups are in or out (H is a multiple of 128), so the shuffles
+                // below always run on full warps.
+                const int c = base + tid + u * LL_THREADS;
+                float v[8];
+                const u32 w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    v[2 * q] = act_to_f32((u16)(w[q] & 0xffff));
+                    v[2 * q + 1] = act_to_f32((u16)(w[q] >> 16));
+                }
+                float amax = 0.0f;
+#pragma unroll
+                for (int q = 0; q < 8; ++q) amax = fmaxf(amax, fabsf(v[q]));
+#pragma unroll
+                for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+                if (c < chunks) {
+                    float s = fmaxf(amax, 1e-4f) / 448.0f;
+#if FP8 == 2
+                    u32 b = __float_as_uint(s);
+                    if (b & 0x7fffffu) b = (b & 0xff800000u) + 0x800000u;
+                    s = __uint_as_float(b);
 #endif
-                if (lane == 0) {
-                    at<int>(local, L.src_info)[to] = at<int>(local, L.stage_info)[from];
-                    at<int>(local, L.src_slot)[to] = at<int>(local, L.stage_slot)[from];
+                    uint2 packed = {0u, 0u};
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        packed.x |= (u32)f32_to_e4m3(v[q] / s) << (8 * q);
+                        packed.y |= (u32)f32_to_e4m3(v[q + 4] / s) << (8 * q);
+                    }
+                    *(uint2*)(sm + c * 8) = packed;
+                    if ((c & 15) == 0) ssc[c >> 4] = s;
                 }
             }
         }
+        const uint4* src = (const uint4*)sm;
+        const LdPlain ld;
+#else
+        const uint4* src = (const uint4*)(x + (long long)t * H);
+        const LdRo ld;
+#endif
+        // Every rank's counts must be in before a row is placed; the first token's cast above
+        // overlaps their arrival.
+        if (!counted) {
+            if (!wait_all(at<u64>(local, L.nflag), R, state[EP_COUNT], timeout_ns, status)) break;
+            counted = true;
+        }
+        if (tid < K) {
+            const int g = __ldg(ids + t * K + tid);
+            u64 off = ~0ull;
+            int dst = 0;
+            if (g >= 0 && g < E) {
+                dst = g / El;
+                int slot = slot_of[t * K + tid] + prefix[(t / L.chunk) * E + g];
+                for (int s = 0; s < L.rank; ++s) slot += counts[s * E + g];
+                // Rows past the buffer were flagged by ll_route.
+                if (slot < RT) off = (u64)(g % El) * RT + slot;
+            }
+            row_at[tid] = off;
+            rank_of[tid] = dst;
+        }
+        __syncthreads();
+        for (int k = 0; k < K; ++k) {
+            const u64 row = row_at[k];
+            if (row == ~0ull) continue;
+            const u64 base = peers[rank_of[k]];
+            copy16((uint4*)(base + L.x + row * row_bytes), src, (int)(row_bytes / 16), tid, LL_THREADS, ld);
+#if FP8
+            float* ds = at<float>(base, L.x_scale) + row * (H / 128);
+            for (int i = tid; i < H / 128; i += LL_THREADS) ds[i] = ssc[i];
+#endif
+            if (tid == 0) {
+                at<int>(base, L.src_info)[row] = t;
+                at<int>(base, L.src_slot)[row] = k;
+            }
+        }
+        __syncthreads();
     }
-    if (last_block((unsigned long long*)&state[DONE_RECV]) && tid == 0) state[EP_RECV] = epoch;
+    if (last_block((unsigned long long*)&state[DONE_SEND], true)) {
+        if (tid == 0) {
+            const u64 epoch = ++state[EP_SEND];
+            for (int r = 0; r < R; ++r) st_release_sys(at<u64>(peers[r], L.dflag) + L.rank, epoch);
+        }
+        if (fuse_recv) {
+            const u64 epoch = state[EP_RECV] + 1;
+            if (wait_all(at<u64>(local, L.dflag), R, epoch, timeout_ns, status)) write_layout(L, local, tid, LL_THREADS);
+            if (tid == 0) state[EP_RECV] = epoch;
+        }
+    }
 }
 
-// Grid: blocks over local experts, a warp per row. y: [El, R*T, H] act dtype.
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_send(
-    const u16* __restrict__ y, LlLayout L, const u64* __restrict__ peers, u64 local) {
+// The receive half on its own (split mode). Grid: blocks striding over local experts.
+extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
+    LlLayout L, u64 local, u64 timeout_ns) {
+    u64* state = at<u64>(local, L.state);
+    const u64 epoch = state[EP_RECV] + 1;
+    if (wait_all(at<u64>(local, L.dflag), L.R, epoch, timeout_ns, at<int>(local, L.status)))
+        write_layout(L, local, blockIdx.x * LL_THREADS + threadIdx.x, gridDim.x * LL_THREADS);
+    if (last_block((unsigned long long*)&state[DONE_RECV], false) && threadIdx.x == 0) state[EP_RECV] = epoch;
+}
+
+// Sends every expert output row of y ([El, R*T, H] act dtype) to its source rank's [T, K, H]
+// slot: blocks stride over local experts, a warp per row.
+__device__ void combine_rows(const u16* __restrict__ y, const LlLayout& L, const u64* __restrict__ peers,
+                             u64 local) {
     const int El = L.El, R = L.R, T = L.T, H = L.H, K = L.K, RT = R * T;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, warps = LL_THREADS / 32;
+    __shared__ int begin[MAX_RANKS + 1];
+    __shared__ u64 base_of[MAX_RANKS];
     const int* masked_m = at<int>(local, L.masked_m);
     const long long* lr = at<long long>(local, L.layout_range);
     const int* info = at<int>(local, L.src_info);
     const int* slots = at<int>(local, L.src_slot);
     for (int e = blockIdx.x; e < El; e += gridDim.x) {
-        const int rows = min(max(masked_m[e], 0), RT);
+        if (tid < R) {
+            begin[tid] = (int)(lr[(long long)e * R + tid] >> 32);
+            base_of[tid] = peers[tid];
+        }
+        if (tid == 0) begin[R] = min(max(masked_m[e], 0), RT);
+        __syncthreads();
+        const int rows = begin[R];
         for (int i = warp; i < rows; i += warps) {
-            int r = 0;
-            for (int q = 0; q < R; ++q) {
-                const long long v = lr[(long long)e * R + q];
-                const int b = (int)(v >> 32), c = (int)(v & 0xffffffff);
-                if (i >= b && i < b + c) r = q;
-            }
             const int t = info[(long long)e * RT + i], k = slots[(long long)e * RT + i];
+            int r = 0;
+            while (r + 1 < R && i >= begin[r + 1]) ++r;
             if (t < 0 || t >= T || k < 0 || k >= K) {
                 if (lane == 0) atomicOr(at<int>(local, L.status), 16);
                 continue;
             }
             const uint4* s = (const uint4*)(y + ((long long)e * RT + i) * H);
-            uint4* d = (uint4*)(peers[r] + L.comb + ((long long)t * K + k) * H * 2);
-            for (int j = lane; j < H * 2 / 16; j += 32) d[j] = s[j];
+            uint4* d = (uint4*)(base_of[r] + L.comb + ((long long)t * K + k) * H * 2);
+            copy16(d, s, H * 2 / 16, lane, 32, LdRo());
         }
-    }
-    u64* state = at<u64>(local, L.state);
-    if (last_block((unsigned long long*)&state[DONE_CSEND]) && tid == 0) {
-        __threadfence_system();
-        const u64 epoch = ++state[EP_CSEND];
-        for (int r = 0; r < R; ++r) st_release_sys(at<u64>(peers[r], L.cflag) + L.rank, epoch);
+        __syncthreads();
     }
 }
 
-// Grid: at least one block; block b sums column chunk b % chunks of token b / chunks, two
-// columns a thread. Ids outside 0..E were never sent and add nothing.
-extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine_recv(
-    const int* __restrict__ ids, const float* __restrict__ w, u16* __restrict__ out, int M,
-    float scale, int chunks, LlLayout L, u64 local, u64 timeout_ns) {
+// out[t] = scale * sum_k w[t,k] * comb[t,k] over (token, 2048-column chunk) items striding over
+// the grid, eight columns a thread. Ids outside 0..E were never sent and add nothing.
+__device__ void combine_sum(const int* __restrict__ ids, const float* __restrict__ w, u16* __restrict__ out,
+                            int M, float scale, const LlLayout& L, u64 local) {
     const int H = L.H, K = L.K, E = L.El * L.R;
-    u64* state = at<u64>(local, L.state);
-    const u64 epoch = state[EP_CRECV] + 1;
-    if (wait_all(at<u64>(local, L.cflag), L.R, epoch, timeout_ns, at<int>(local, L.status))) {
-        const u16* comb = at<u16>(local, L.comb);
-        for (int b = blockIdx.x; b < M * chunks; b += gridDim.x) {
-            const long long t = b / chunks;
-            const int c = (b % chunks) * (2 * LL_THREADS) + threadIdx.x * 2;
-            if (c >= H) continue;
-            float s0 = 0.0f, s1 = 0.0f;
-            for (int k = 0; k < K; ++k) {
-                const int id = ids[t * K + k];
-                if (id < 0 || id >= E) continue;
-                const float wk = w[t * K + k];
-                const u32 v = *(const u32*)(comb + (t * K + k) * H + c);
-                s0 += wk * act_to_f32((u16)(v & 0xffff));
-                s1 += wk * act_to_f32((u16)(v >> 16));
+    const int chunks = (H + 8 * LL_THREADS - 1) / (8 * LL_THREADS);
+    const u16* comb = at<u16>(local, L.comb);
+    for (int b = blockIdx.x; b < M * chunks; b += gridDim.x) {
+        const long long t = b / chunks;
+        const int c = ((b % chunks) * LL_THREADS + threadIdx.x) * 8;
+        if (c >= H) continue;
+        float s[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        // Slots in runs of eight: the run's loads are all issued before they are summed.
+        for (int k0 = 0; k0 < K; k0 += 8) {
+            uint4 v[8];
+            float wk[8];
+            bool on[8];
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                const int k = k0 + u;
+                const int id = k < K ? __ldg(ids + t * K + k) : -1;
+                on[u] = id >= 0 && id < E;
+                wk[u] = on[u] ? __ldg(w + t * K + k) : 0.0f;
+                if (on[u]) v[u] = *(const uint4*)(comb + (t * K + k) * H + c);
             }
-            *(u32*)(out + t * H + c) = (u32)f32_to_act(s0 * scale) | ((u32)f32_to_act(s1 * scale) << 16);
+#pragma unroll
+            for (int u = 0; u < 8; ++u) {
+                if (!on[u]) continue;
+                const u32 q[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    s[2 * j] += wk[u] * act_to_f32((u16)(q[j] & 0xffff));
+                    s[2 * j + 1] += wk[u] * act_to_f32((u16)(q[j] >> 16));
+                }
+            }
+        }
+        uint4 o;
+        u32* op = (u32*)&o;
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+            op[j] = (u32)f32_to_act(s[2 * j] * scale) | ((u32)f32_to_act(s[2 * j + 1] * scale) << 16);
+        *(uint4*)(out + t * H + c) = o;
+    }
+}
+
+// mode 1: send the rows (the last block releases this rank's combine flag everywhere);
+// mode 2: wait for every rank and sum; mode 3: both in one launch, whose blocks must all be
+// resident at once (the grid is at most one block per SM), as every block waits in the middle.
+extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine(
+    const u16* __restrict__ y, const int* __restrict__ ids, const float* __restrict__ w,
+    u16* __restrict__ out, int M, float scale, LlLayout L, const u64* __restrict__ peers, u64 local,
+    u64 timeout_ns, int mode) {
+    u64* state = at<u64>(local, L.state);
+    if (mode & 1) {
+        combine_rows(y, L, peers, local);
+        if (last_block((unsigned long long*)&state[DONE_CSEND], true) && threadIdx.x == 0) {
+            const u64 epoch = ++state[EP_CSEND];
+            for (int r = 0; r < L.R; ++r) st_release_sys(at<u64>(peers[r], L.cflag) + L.rank, epoch);
         }
     }
-    if (last_block((unsigned long long*)&state[DONE_CRECV]) && threadIdx.x == 0) state[EP_CRECV] = epoch;
+    if (mode & 2) {
+        const u64 epoch = state[EP_CRECV] + 1;
+        if (wait_all(at<u64>(local, L.cflag), L.R, epoch, timeout_ns, at<int>(local, L.status)))
+            combine_sum(ids, w, out, M, scale, L, local);
+        if (last_block((unsigned long long*)&state[DONE_CRECV], false) && threadIdx.x == 0)
+            state[EP_CRECV] = epoch;
+    }
 }
