@@ -130,7 +130,11 @@ fn parse_wire(s: &str) -> Result<Wire> {
         "fp8" => Wire::Fp8,
         "fp8-ue8m0" => Wire::Fp8Ue8m0,
         other => {
-            return Err(MoeError::invalid("--wire", format!("`{other}`: expected bf16, fp8 or fp8-ue8m0")).into())
+            return Err(MoeError::invalid(
+                "--wire",
+                format!("`{other}`: expected bf16, fp8 or fp8-ue8m0"),
+            )
+            .into())
         }
     })
 }
@@ -167,7 +171,11 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
     let copy = copy_bandwidth_gbps(&devs[0], 1 << 30, 10)?;
     let distinct = r_n > 1 && gpus >= r_n;
     let p2p = if distinct {
-        Some(moe_backend_deepep_ll::probe::peer_copy_gbps(&devs, 1 << 30, 10)?)
+        Some(moe_backend_deepep_ll::probe::peer_copy_gbps(
+            &devs,
+            1 << 30,
+            10,
+        )?)
     } else {
         None
     };
@@ -183,7 +191,8 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
         let inputs: Vec<(Tensor, TopK)> = (0..r_n)
             .map(|r| {
                 let d = Device::Cuda(devs[r].clone());
-                let topk = synthetic::topk(t, args.top_k, args.experts, 7 + r as u64, false, false)?;
+                let topk =
+                    synthetic::topk(t, args.top_k, args.experts, 7 + r as u64, false, false)?;
                 let hidden = synthetic::hidden(t, args.hidden, DType::Bf16, 3 + r as u64)?;
                 Ok((hidden.to_device(&d)?, topk))
             })
@@ -206,8 +215,14 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
             .zip(&topks)
             .map(|((d, (h, _)), tk)| d.dispatch_send(h, clone(tk)?))
             .collect::<moe_runner_core::Result<_>>()?;
-        let outs: Vec<_> = hooks.into_iter().map(|h| h.recv()).collect::<moe_runner_core::Result<_>>()?;
-        let ys: Vec<Tensor> = outs.iter().map(|o| o.out_buffer.clone().expect("registered buffer")).collect();
+        let outs: Vec<_> = hooks
+            .into_iter()
+            .map(|h| h.recv())
+            .collect::<moe_runner_core::Result<_>>()?;
+        let ys: Vec<Tensor> = outs
+            .iter()
+            .map(|o| o.out_buffer.clone().expect("registered buffer"))
+            .collect();
         let combined: Vec<Tensor> = devs
             .iter()
             .map(|d| Tensor::zeros_cuda(d, &[t, args.hidden], DType::Bf16))
@@ -225,11 +240,15 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
             d.check()?;
         }
         let dispatch_graphs = capture(&devs, |r| {
-            ds[r].dispatch_now(&inputs[r].0, clone(&topks[r])?).map(|_| ())
+            ds[r]
+                .dispatch_now(&inputs[r].0, clone(&topks[r])?)
+                .map(|_| ())
         })?;
         let dispatch_us = time_graphs(&devs, &dispatch_graphs, 5, args.iters, 20)?;
         let dispatch_single_us = time_graphs(&devs, &dispatch_graphs, 5, args.iters, 1)?;
-        let combine_graphs = capture(&devs, |r| ds[r].combine_into(&ys[r], &outs[r], &combined[r]))?;
+        let combine_graphs = capture(&devs, |r| {
+            ds[r].combine_into(&ys[r], &outs[r], &combined[r])
+        })?;
         let combine_us = time_graphs(&devs, &combine_graphs, 5, args.iters, 20)?;
         let combine_single_us = time_graphs(&devs, &combine_graphs, 5, args.iters, 1)?;
         for d in &ds {
@@ -237,7 +256,11 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
         }
         // The send halves alone, last: their epochs run ahead of the receives', which only the
         // full rounds above rely on.
-        let graphs = capture(&devs, |r| ds[r].dispatch_send(&inputs[r].0, clone(&topks[r])?).map(|_| ()))?;
+        let graphs = capture(&devs, |r| {
+            ds[r]
+                .dispatch_send(&inputs[r].0, clone(&topks[r])?)
+                .map(|_| ())
+        })?;
         let dispatch_send_us = time_graphs(&devs, &graphs, 5, args.iters, 20)?;
         let graphs = capture(&devs, |r| ds[r].combine_send(&ys[r], &outs[r]).map(|_| ()))?;
         let combine_send_us = time_graphs(&devs, &graphs, 5, args.iters, 20)?;
@@ -316,11 +339,18 @@ fn layer_time(
     let el = args.experts / devs.len();
     let mut cfg = MoeRunnerConfig::new(args.experts, args.hidden, args.inter, args.top_k);
     cfg.num_local_experts = el;
-    let dims = WeightDims { experts: el, n1: 2 * args.inter, hidden: args.hidden, inter: args.inter };
+    let dims = WeightDims {
+        experts: el,
+        n1: 2 * args.inter,
+        hidden: args.hidden,
+        inter: args.inter,
+    };
     let weights: Vec<_> = devs
         .iter()
         .enumerate()
-        .map(|(r, d)| synthetic_gpu::device_weights(d, dims, QuantScheme::Fp8Block128, 50 + r as u64))
+        .map(|(r, d)| {
+            synthetic_gpu::device_weights(d, dims, QuantScheme::Fp8Block128, 50 + r as u64)
+        })
         .collect::<moe_runner_core::Result<_>>()?;
     let runners: Vec<_> = devs
         .iter()
@@ -337,7 +367,10 @@ fn layer_time(
     let hooks: Vec<_> = (0..devs.len())
         .map(|r| ds[r].dispatch_send(&inputs[r].0, clone(&topks[r])?))
         .collect::<moe_runner_core::Result<_>>()?;
-    let outs: Vec<_> = hooks.into_iter().map(|h| h.recv()).collect::<moe_runner_core::Result<_>>()?;
+    let outs: Vec<_> = hooks
+        .into_iter()
+        .map(|h| h.recv())
+        .collect::<moe_runner_core::Result<_>>()?;
     for (r, o) in outs.iter().enumerate() {
         let y = o.out_buffer.clone().expect("registered buffer");
         runners[r].run_into(o, weights[r].as_ref(), &y)?;

@@ -139,13 +139,16 @@ pub struct RunArgs {
     /// A registered runner, or `auto` for the preferred one on the best device.
     #[arg(long, value_name = "NAME|auto", default_value = "auto")]
     pub runner: String,
-    /// The a2a backend (dispatcher); `local_masked` gives the DeepEP low-latency layout.
+    /// The a2a backend (dispatcher): `standard`, `local_masked` (the DeepEP low-latency layout
+    /// on the CPU) or `deepep_ll` (the GPU all-to-all; with --ep N it runs all N ranks, one per
+    /// GPU).
     #[arg(long, value_name = "NAME", default_value = "standard")]
     pub a2a: String,
     /// Tensor parallelism: divides the intermediate sizes.
     #[arg(long, value_name = "N", default_value = "1")]
     pub tp: NonZeroUsize,
-    /// Expert parallelism: rank 0 holds and runs the first E/N routed experts.
+    /// Expert parallelism: rank 0 holds and runs the first E/N routed experts (with the
+    /// deepep_ll a2a, every rank runs).
     #[arg(long, value_name = "N", default_value = "1")]
     pub ep: NonZeroUsize,
     /// Seed of the synthetic weights, inputs and router bias.

@@ -7,6 +7,8 @@ pub mod a2a_bench;
 #[cfg(feature = "cuda")]
 pub mod bench;
 pub mod cli;
+#[cfg(feature = "cuda")]
+pub mod ep_world;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod gpu_layer;

@@ -15,7 +15,7 @@ use crate::progress::weight_bar;
 use crate::timing::Latency;
 use moe_backend_reference::CpuSharedExperts;
 use moe_conformance::{suite, synthetic};
-use moe_dispatch::{a2a_backends, make_dispatcher, to_local_ids, DispatcherConfig, MoeLayer};
+use moe_dispatch::{a2a_backends, make_dispatcher_on, to_local_ids, DispatcherConfig, MoeLayer};
 use moe_runner_core::{
     quant_to_device, DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner,
     MoeRunnerConfig, QuantInfo, QuantScheme, SharedExperts, Tensor, TopK,
@@ -192,6 +192,14 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         .unwrap_or(spec.default_scheme);
     let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
     let (tp, ep) = (args.tp.get(), args.ep.get());
+    #[cfg(feature = "cuda")]
+    if args.a2a == moe_backend_deepep_ll::A2A && ep > 1 {
+        let seeds = (
+            args.seed.wrapping_add(SEED_HIDDEN),
+            args.seed.wrapping_add(SEED_LOGITS),
+        );
+        return crate::ep_world::run_world(args, &spec, scheme, tokens, seeds, out);
+    }
     let plan = LayerPlan::new(
         &spec,
         Parallelism {
@@ -204,7 +212,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     plan.check_scheme(scheme)?;
     let format = a2a_format(&args.a2a)?;
     let (runner, device_note) = build_runner(&args.runner, format, scheme, plan.config.clone())?;
-    let dispatcher = make_dispatcher(
+    let dispatcher = make_dispatcher_on(
         &args.a2a,
         &DispatcherConfig {
             num_experts: plan.config.num_experts,
@@ -217,6 +225,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             top_k: plan.config.top_k,
             wire: Default::default(),
         },
+        runner.device(),
     )?;
     let weight_bytes = plan.host_bytes(scheme);
     memory::check_fits(weight_bytes, memory::available_bytes())?;

@@ -5,8 +5,8 @@
 
 use moe_dispatch::{a2a_backends, make_dispatcher_on, DispatcherConfig};
 use moe_runner_core::{
-    Device, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, Result, Tensor,
-    TopK,
+    Device, DispatchFormat, MoeError, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, Result,
+    Tensor, TopK,
 };
 
 /// Difference between an output and the reference.

@@ -107,10 +107,7 @@ fn simulated_ranks_agree_with_the_expert_parallel_reference() {
         let tol = suite::tolerance(scheme);
         for (r, (o, w)) in outs.iter().zip(&want).enumerate() {
             let c = suite::compare(&o.to_f32_vec().unwrap(), w).unwrap();
-            assert!(
-                c.within(tol),
-                "R={ranks} {wire:?} rank {r}: {c:?}"
-            );
+            assert!(c.within(tol), "R={ranks} {wire:?} rank {r}: {c:?}");
         }
     }
 }

@@ -94,6 +94,58 @@ fn dispatch_all(
     hooks.into_iter().map(|h| h.recv().unwrap()).collect()
 }
 
+/// The received rows of `g` (GPU) and `w` (simulation) agree byte for byte: masked_m,
+/// layout_range, and every valid row's hidden bytes, scales and src_info.
+fn assert_layout(g: &DeepEpLlDispatchOutput, w: &DeepEpLlDispatchOutput, at: &str) {
+    let [el, rt, h] = w.dims().unwrap();
+    let counts = host::<i32>(&g.masked_m);
+    assert_eq!(counts, host::<i32>(&w.masked_m), "{at}: masked_m");
+    assert_eq!(
+        host::<i64>(&g.layout_range),
+        host::<i64>(&w.layout_range),
+        "{at}: layout_range"
+    );
+    let (gx, wx) = (g.hidden.to_host().unwrap(), w.hidden.to_host().unwrap());
+    let (gx, wx) = (gx.host_bytes().unwrap(), wx.host_bytes().unwrap());
+    let row = gx.len() / (el * rt);
+    let (gi, wi) = (host::<i32>(&g.src_info), host::<i32>(&w.src_info));
+    let scales = g.hidden_scale.as_ref().map(|s| {
+        (
+            host::<f32>(s),
+            host::<f32>(w.hidden_scale.as_ref().unwrap()),
+        )
+    });
+    for e in 0..el {
+        for i in 0..counts[e] as usize {
+            let at = format!("{at}: expert {e} row {i}");
+            let o = (e * rt + i) * row;
+            assert_eq!(&gx[o..o + row], &wx[o..o + row], "{at}: hidden bytes");
+            assert_eq!(gi[e * rt + i], wi[e * rt + i], "{at}: src_info");
+            if let Some((gs, ws)) = &scales {
+                let g128 = h / 128;
+                let o = (e * rt + i) * g128;
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&gs[o..o + g128]),
+                    bits(&ws[o..o + g128]),
+                    "{at}: scales"
+                );
+            }
+        }
+    }
+}
+
+/// Random expert outputs `[E_local, R*T, H]` of rank `r` as bf16 values (rows past masked_m
+/// hold noise that must not be read).
+fn expert_outputs(ranks: usize, r: usize) -> Vec<f32> {
+    let n = E / ranks * ranks * T * H;
+    let v = synthetic::uniform(n, 2.0, 77 + r as u64);
+    Tensor::from_f32(&v, &[n], DType::Bf16)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap()
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn dispatch_layout_and_combine_match_the_simulation_bit_for_bit() {
@@ -110,40 +162,10 @@ fn dispatch_layout_and_combine_match_the_simulation_bit_for_bit() {
                 let got = dispatch_all(&ds, &ins, fused);
                 let (el, rt) = (E / ranks, ranks * T);
                 for (r, (g, w)) in got.iter().zip(&want.outputs).enumerate() {
-                    let at = format!("R={ranks} {wire:?} rank {r} round {round}");
-                    let counts = host::<i32>(&g.masked_m);
-                    assert_eq!(counts, host::<i32>(&w.masked_m), "{at}: masked_m");
-                    assert_eq!(host::<i64>(&g.layout_range), host::<i64>(&w.layout_range), "{at}: layout_range");
-                    let (gx, wx) = (g.hidden.to_host().unwrap(), w.hidden.to_host().unwrap());
-                    let (gx, wx) = (gx.host_bytes().unwrap(), wx.host_bytes().unwrap());
-                    let row = gx.len() / (el * rt);
-                    let (gi, wi) = (host::<i32>(&g.src_info), host::<i32>(&w.src_info));
-                    let scales = g.hidden_scale.as_ref().map(|s| (host::<f32>(s), host::<f32>(w.hidden_scale.as_ref().unwrap())));
-                    for e in 0..el {
-                        for i in 0..counts[e] as usize {
-                            let at = format!("{at}: expert {e} row {i}");
-                            let o = (e * rt + i) * row;
-                            assert_eq!(&gx[o..o + row], &wx[o..o + row], "{at}: hidden bytes");
-                            assert_eq!(gi[e * rt + i], wi[e * rt + i], "{at}: src_info");
-                            if let Some((gs, ws)) = &scales {
-                                let g128 = H / 128;
-                                let o = (e * rt + i) * g128;
-                                assert_eq!(
-                                    gs[o..o + g128].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                                    ws[o..o + g128].iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
-                                    "{at}: scales"
-                                );
-                            }
-                        }
-                    }
+                    assert_layout(g, w, &format!("R={ranks} {wire:?} rank {r} round {round}"));
                 }
                 // Combine random expert outputs (rows past masked_m hold noise that must not be read).
-                let ys: Vec<Vec<f32>> = (0..ranks)
-                    .map(|r| {
-                        let v = synthetic::uniform(el * rt * H, 2.0, 77 + r as u64);
-                        Tensor::from_f32(&v, &[el * rt * H], DType::Bf16).unwrap().to_f32_vec().unwrap()
-                    })
-                    .collect();
+                let ys: Vec<Vec<f32>> = (0..ranks).map(|r| expert_outputs(ranks, r)).collect();
                 let y_dev: Vec<Tensor> = ds
                     .iter()
                     .zip(&ys)
@@ -226,7 +248,9 @@ fn layer_over_ranks_matches_the_expert_parallel_reference() {
             let dw: Vec<_> = ds
                 .iter()
                 .zip(&weights)
-                .map(|(d, w)| quant_to_device(w.as_ref(), &Device::Cuda(d.device().clone())).unwrap())
+                .map(|(d, w)| {
+                    quant_to_device(w.as_ref(), &Device::Cuda(d.device().clone())).unwrap()
+                })
                 .collect();
             let ins = inputs(ranks, 9);
             let got = dispatch_all(&ds, &ins, false);
@@ -289,7 +313,10 @@ fn graph_replay_of_dispatch_gemm_combine_matches_eager() {
     let layer = |out: &Tensor| -> moe_runner_core::Result<()> {
         let t = TopK::new(topk.ids.clone(), topk.weights.clone())?;
         let got = d.dispatch_send(&hidden, t)?.recv()?;
-        let y = got.out_buffer.clone().expect("deepep_ll registers an output buffer");
+        let y = got
+            .out_buffer
+            .clone()
+            .expect("deepep_ll registers an output buffer");
         runner.run_into(&got, dq.as_ref(), &y)?;
         d.combine_send(&y, &got)?.recv_into(out)
     };
@@ -303,7 +330,10 @@ fn graph_replay_of_dispatch_gemm_combine_matches_eager() {
     let replayed = replayed.to_host().unwrap().to_f32_vec().unwrap();
     assert!(eager.iter().all(|v| v.is_finite()) && eager.iter().any(|v| *v != 0.0));
     assert!(
-        eager.iter().zip(&replayed).all(|(a, b)| a.to_bits() == b.to_bits()),
+        eager
+            .iter()
+            .zip(&replayed)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
         "replay differs from eager"
     );
 }
@@ -322,7 +352,16 @@ fn a_silent_peer_is_a_timeout_not_a_hang() {
     let started = std::time::Instant::now();
     let _ = ds[0].dispatch_send(&h, t).unwrap().recv().unwrap();
     let err = ds[0].check().unwrap_err();
-    assert!(matches!(err, MoeError::PeerTimeout { rank: 0, timeout_ms: 50 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            MoeError::PeerTimeout {
+                rank: 0,
+                timeout_ms: 50
+            }
+        ),
+        "{err}"
+    );
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -333,13 +372,19 @@ fn bad_input_is_a_typed_error() {
     let ds = LlWorld::in_process(&devices(1), &cfg).unwrap();
     let d = &ds[0];
     let dev = Device::Cuda(d.device().clone());
-    let hidden = synthetic::hidden(4, H, DType::Bf16, 1).unwrap().to_device(&dev).unwrap();
+    let hidden = synthetic::hidden(4, H, DType::Bf16, 1)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
     let ids = |v: i32| TopK::from_vecs(&[v; 4 * K], &[0.5; 4 * K], 4, K).unwrap();
     assert!(matches!(
         d.dispatch_send(&hidden, ids(E as i32)).err().unwrap(),
         MoeError::ExpertIdOutOfRange { .. }
     ));
-    let many = synthetic::hidden(T + 1, H, DType::Bf16, 1).unwrap().to_device(&dev).unwrap();
+    let many = synthetic::hidden(T + 1, H, DType::Bf16, 1)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
     let topk = synthetic::topk(T + 1, K, E, 2, false, false).unwrap();
     assert!(matches!(
         d.dispatch_send(&many, topk).err().unwrap(),
@@ -347,23 +392,46 @@ fn bad_input_is_a_typed_error() {
     ));
     let short_k = TopK::from_vecs(&[0; 4], &[1.0; 4], 4, 1).unwrap();
     assert!(d.dispatch_send(&hidden, short_k).is_err());
-    let wrong_h = synthetic::hidden(4, H / 2, DType::Bf16, 1).unwrap().to_device(&dev).unwrap();
+    let wrong_h = synthetic::hidden(4, H / 2, DType::Bf16, 1)
+        .unwrap()
+        .to_device(&dev)
+        .unwrap();
     assert!(matches!(
         d.dispatch_send(&wrong_h, ids(1)).err().unwrap(),
         MoeError::Shape { .. }
     ));
     // A dispatch output of another dispatcher, and expert outputs of the wrong shape.
     let other = LlWorld::in_process(&devices(1), &cfg).unwrap().remove(0);
-    let got = other.dispatch_send(&hidden, ids(1)).unwrap().recv().unwrap();
+    let got = other
+        .dispatch_send(&hidden, ids(1))
+        .unwrap()
+        .recv()
+        .unwrap();
     let y = got.out_buffer.clone().unwrap();
-    assert!(matches!(d.combine_send(&y, &got).err().unwrap(), MoeError::Invalid { .. }));
+    assert!(matches!(
+        d.combine_send(&y, &got).err().unwrap(),
+        MoeError::Invalid { .. }
+    ));
     let small = Tensor::zeros_cuda(other.device(), &[1, 1, H], DType::Bf16).unwrap();
-    assert!(matches!(other.combine_send(&small, &got).err().unwrap(), MoeError::Shape { .. }));
+    assert!(matches!(
+        other.combine_send(&small, &got).err().unwrap(),
+        MoeError::Shape { .. }
+    ));
     other.combine_send(&y, &got).unwrap().recv().unwrap();
     other.check().unwrap();
     // Top-k sized differently from the buffers, and a hidden size FP8 groups cannot split.
-    assert!(LlWorld::in_process(&devices(1), &DispatcherConfig { top_k: 0, ..cfg.clone() }).is_err());
-    let bad_h = DispatcherConfig { hidden_size: 200, ..cfg.clone() };
+    assert!(LlWorld::in_process(
+        &devices(1),
+        &DispatcherConfig {
+            top_k: 0,
+            ..cfg.clone()
+        }
+    )
+    .is_err());
+    let bad_h = DispatcherConfig {
+        hidden_size: 200,
+        ..cfg.clone()
+    };
     assert!(matches!(
         LlWorld::in_process(&devices(1), &bad_h).err().unwrap(),
         MoeError::NotDivisible { divisor: 128, .. }
@@ -377,5 +445,100 @@ fn bad_input_is_a_typed_error() {
         masked_m: Tensor::from_slice(&[T as i32 + 1; E], &[E], DType::I32).unwrap(),
         ..got
     };
-    assert!(matches!(runner.run(&bad, dq.as_ref()).err().unwrap(), MoeError::Invalid { .. }));
+    assert!(matches!(
+        runner.run(&bad, dq.as_ref()).err().unwrap(),
+        MoeError::Invalid { .. }
+    ));
+}
+
+const IPC_RANK: &str = "MOE_TEST_IPC_RANK";
+const IPC_DIR: &str = "MOE_TEST_IPC_DIR";
+
+/// Two processes of one machine, a rank each (on two GPUs, or sharing one), mapping each
+/// other's buffers through CUDA IPC: the layout and the combine match the simulation byte for
+/// byte. The test runs itself twice as child processes, one per rank.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn two_processes_over_ipc_match_the_simulation() {
+    if let Ok(rank) = std::env::var(IPC_RANK) {
+        let dir = std::env::var(IPC_DIR).expect("the parent names the rendezvous directory");
+        return ipc_rank(rank.parse().unwrap(), std::path::Path::new(&dir));
+    }
+    if rank_counts().len() < 2 {
+        eprintln!("MOE_TEST_MAX_RANKS=1: the two-process test needs two ranks; not run");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("moe-ipc-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|r| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "two_processes_over_ipc_match_the_simulation",
+                    "--include-ignored",
+                    "--nocapture",
+                ])
+                .env(IPC_RANK, r.to_string())
+                .env(IPC_DIR, &dir)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = children
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    for (r, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} failed:\n{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("1 passed"),
+            "rank {r} ran no test"
+        );
+    }
+}
+
+/// One rank of the two-process test.
+fn ipc_rank(rank: usize, dir: &std::path::Path) {
+    let cfg = DispatcherConfig {
+        rank,
+        ..world_cfg(2, Wire::Fp8)
+    };
+    let dev = devices(2).swap_remove(rank);
+    let d = LlWorld::ipc(&dev, &cfg, dir, Duration::from_secs(60)).unwrap();
+    let ins = inputs(2, 5);
+    let want = sim::dispatch(&cfg, &ins).unwrap();
+    for round in 0..2 {
+        let (h, t) = on(&dev, &ins[rank]);
+        let got = d.dispatch_now(&h, t).unwrap();
+        assert_layout(
+            &got,
+            &want.outputs[rank],
+            &format!("IPC rank {rank} round {round}"),
+        );
+        let ys: Vec<Vec<f32>> = (0..2).map(|r| expert_outputs(2, r)).collect();
+        let y = Tensor::from_f32(&ys[rank], &[E / 2, 2 * T, H], DType::Bf16)
+            .unwrap()
+            .to_device(&Device::Cuda(dev.clone()))
+            .unwrap();
+        let out = Tensor::zeros_cuda(&dev, &[ins[rank].1.num_tokens(), H], DType::Bf16).unwrap();
+        d.combine_into(&y, &got, &out).unwrap();
+        let expect = sim::combine(&cfg, &want, &ys, DType::Bf16).unwrap();
+        assert_eq!(
+            out.to_host().unwrap().host_bytes().unwrap(),
+            expect[rank].host_bytes().unwrap(),
+            "IPC rank {rank} round {round}: combine"
+        );
+    }
+    d.check().unwrap();
 }

@@ -57,7 +57,6 @@ impl DeviceAlloc {
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
-
 }
 
 impl Drop for DeviceAlloc {
@@ -101,4 +100,66 @@ pub fn enable_peer_access(ctxs: &[Arc<CudaContext>]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CUDA IPC handle of an allocation, for another process to map it.
+pub fn ipc_handle(a: &DeviceAlloc) -> Result<[u8; 64]> {
+    a.ctx
+        .bind_to_thread()
+        .map_err(|e| MoeError::Device(e.to_string()))?;
+    let mut h = sys::CUipcMemHandle { reserved: [0; 64] };
+    // SAFETY: `a` is a live `cuMemAlloc` allocation in the current context.
+    check("cuIpcGetMemHandle", unsafe {
+        sys::cuIpcGetMemHandle(&mut h, a.ptr)
+    })?;
+    Ok(h.reserved.map(|b| b as u8))
+}
+
+/// Another process's allocation mapped into this one; unmapped on drop.
+pub struct IpcMapping {
+    ctx: Arc<CudaContext>,
+    ptr: sys::CUdeviceptr,
+}
+
+// SAFETY: as for `DeviceAlloc`.
+unsafe impl Send for IpcMapping {}
+unsafe impl Sync for IpcMapping {}
+
+impl IpcMapping {
+    pub fn open(ctx: &Arc<CudaContext>, handle: &[u8; 64]) -> Result<Self> {
+        ctx.bind_to_thread()
+            .map_err(|e| MoeError::Device(e.to_string()))?;
+        let h = sys::CUipcMemHandle {
+            reserved: handle.map(|b| b as _),
+        };
+        let mut ptr = 0;
+        // SAFETY: the handle came from `ipc_handle` in a live peer process; the flag lets the
+        // driver enable peer access between the two GPUs when they differ.
+        check("cuIpcOpenMemHandle", unsafe {
+            sys::cuIpcOpenMemHandle_v2(
+                &mut ptr,
+                h,
+                sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
+            )
+        })?;
+        Ok(Self {
+            ctx: ctx.clone(),
+            ptr,
+        })
+    }
+
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl Drop for IpcMapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps what `open` mapped, in its context.
+        unsafe {
+            if self.ctx.bind_to_thread().is_ok() {
+                let _ = sys::cuIpcCloseMemHandle(self.ptr);
+            }
+        }
+    }
 }

@@ -8,34 +8,20 @@ use moe_dispatch::{A2aBackend, Dispatcher, DispatcherConfig, Wire};
 use moe_runner_core::cuda::cudarc::driver::sys;
 use moe_runner_core::{
     downcast_combine, downcast_dispatch, CombineInput, CudaDevice, DType, DeepEpLlCombineInput,
-    DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError, Result, Tensor,
-    TopK,
+    DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError, Result, Tensor, TopK,
 };
 use std::any::Any;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::alloc::{enable_peer_access, DeviceAlloc};
 use crate::kernels::LlKernels;
 use crate::layout::{LlShape, SetLayout};
+use crate::world::{LlWorld, RankMemory, WorldMemory};
 use crate::A2A;
 
 /// How long a receive waits for its peers before it gives up and flags a timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One rank's memory: two buffer sets, and for each set the table of every rank's base address
-/// of that set (as this rank addresses it).
-struct RankMemory {
-    sets: [DeviceAlloc; 2],
-    peer_tables: [DeviceAlloc; 2],
-}
-
-/// The memory of every rank of a world in this process; each dispatcher keeps it all alive,
-/// since its kernels write into its peers' buffers.
-struct WorldMemory {
-    ranks: Vec<RankMemory>,
-}
 
 pub struct LlDispatcher {
     cfg: DispatcherConfig,
@@ -43,6 +29,8 @@ pub struct LlDispatcher {
     layout: SetLayout,
     dev: CudaDevice,
     memory: Arc<WorldMemory>,
+    /// This rank's entry in `memory.local`.
+    own: usize,
     /// Kernels for bf16 [0] and f16 [1] activations, compiled at first use.
     kernels: [OnceLock<LlKernels>; 2],
     next_set: AtomicUsize,
@@ -50,80 +38,14 @@ pub struct LlDispatcher {
     sms: usize,
 }
 
-/// Builds the ranks of a world.
-pub struct LlWorld;
-
-impl LlWorld {
-    /// One dispatcher per GPU of this process (rank r on `devices[r]`), every rank's buffers
-    /// mapped into every other by peer access. `cfg.world_size` must be `devices.len()`; each
-    /// dispatcher gets its own rank. Two ranks may share a GPU (for tests on one device) when
-    /// their kernels fit on it at once.
-    pub fn in_process(devices: &[CudaDevice], cfg: &DispatcherConfig) -> Result<Vec<LlDispatcher>> {
-        if cfg.world_size != devices.len() {
-            return Err(MoeError::Config(format!(
-                "a world of {} ranks needs {} devices, got {}",
-                cfg.world_size,
-                cfg.world_size,
-                devices.len()
-            )));
-        }
-        let shape = LlShape::of(cfg)?;
-        let ctxs: Vec<_> = devices.iter().map(|d| d.context().clone()).collect();
-        enable_peer_access(&ctxs)?;
-        let bytes = shape.layout(0).bytes as usize;
-        let sets: Vec<[DeviceAlloc; 2]> = ctxs
-            .iter()
-            .map(|c| Ok([DeviceAlloc::zeroed(c, bytes)?, DeviceAlloc::zeroed(c, bytes)?]))
-            .collect::<Result<_>>()?;
-        let bases: [Vec<u64>; 2] = [0, 1].map(|set| sets.iter().map(|s| s[set].ptr()).collect());
-        let ranks = sets
-            .into_iter()
-            .enumerate()
-            .map(|(r, sets)| {
-                Ok(RankMemory {
-                    peer_tables: [
-                        DeviceAlloc::from_u64s(&ctxs[r], &bases[0])?,
-                        DeviceAlloc::from_u64s(&ctxs[r], &bases[1])?,
-                    ],
-                    sets,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let memory = Arc::new(WorldMemory { ranks });
-        devices
-            .iter()
-            .enumerate()
-            .map(|(rank, dev)| {
-                let mut cfg = cfg.clone();
-                cfg.rank = rank;
-                let sms = dev
-                    .context()
-                    .attribute(
-                        sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-                    )
-                    .map_err(|e| MoeError::Device(e.to_string()))?
-                    as usize;
-                Ok(LlDispatcher {
-                    layout: shape.layout(rank),
-                    shape,
-                    cfg,
-                    dev: dev.clone(),
-                    memory: memory.clone(),
-                    kernels: Default::default(),
-                    next_set: AtomicUsize::new(0),
-                    timeout: DEFAULT_TIMEOUT,
-                    sms,
-                })
-            })
-            .collect()
-    }
-}
-
 /// The device address of `t`, which the kernels read and write 16 bytes at a time.
 fn aligned(t: &Tensor, what: &str) -> Result<u64> {
     let p = t.cuda_ptr()?;
     if p % 16 != 0 {
-        return Err(MoeError::invalid(what, format!("device address {p:#x} is not 16-byte aligned")));
+        return Err(MoeError::invalid(
+            what,
+            format!("device address {p:#x} is not 16-byte aligned"),
+        ));
     }
     Ok(p)
 }
@@ -163,8 +85,38 @@ impl LlDispatcher {
         2 * self.layout.bytes as usize
     }
 
+    /// A dispatcher for `cfg.rank` over `memory.local[own]`.
+    pub(crate) fn new(
+        cfg: DispatcherConfig,
+        shape: LlShape,
+        dev: &CudaDevice,
+        memory: Arc<WorldMemory>,
+        own: usize,
+    ) -> Result<Self> {
+        let sms = dev
+            .context()
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| MoeError::Device(e.to_string()))? as usize;
+        let d = Self {
+            layout: shape.layout(cfg.rank),
+            shape,
+            cfg,
+            dev: dev.clone(),
+            memory,
+            own,
+            kernels: Default::default(),
+            next_set: AtomicUsize::new(0),
+            timeout: DEFAULT_TIMEOUT,
+            sms,
+        };
+        // Compiled now, not at the first dispatch: peers already waiting on this rank would
+        // count a first-use compile against their timeout.
+        d.kernels(DType::Bf16)?;
+        Ok(d)
+    }
+
     fn mem(&self) -> &RankMemory {
-        &self.memory.ranks[self.cfg.rank]
+        &self.memory.local[self.own]
     }
 
     fn kernels(&self, act: DType) -> Result<&LlKernels> {
@@ -214,7 +166,9 @@ impl LlDispatcher {
 
     fn send(&self, hidden: &Tensor, topk: TopK, fuse_recv: bool) -> Result<(usize, TopK, DType)> {
         let _span = tracing::debug_span!("dispatch.deepep_ll.send").entered();
-        let m = self.cfg.check_batch("deepep_ll dispatcher", hidden, &topk)?;
+        let m = self
+            .cfg
+            .check_batch("deepep_ll dispatcher", hidden, &topk)?;
         if topk.top_k() != self.shape.top_k {
             return Err(MoeError::invalid(
                 "topk_ids",
@@ -265,7 +219,16 @@ impl LlDispatcher {
             grid,
             256,
             smem,
-            &[&x, &ids, &m_i, &l, &peers, &base, &timeout, &i32::from(fuse_recv)],
+            &[
+                &x,
+                &ids,
+                &m_i,
+                &l,
+                &peers,
+                &base,
+                &timeout,
+                &i32::from(fuse_recv),
+            ],
         )?;
         Ok((set, topk, act))
     }
@@ -408,7 +371,9 @@ impl LlDispatcher {
                 )
             };
             if r != sys::CUresult::CUDA_SUCCESS {
-                return Err(MoeError::Device(format!("reading the all-to-all status: {r:?}")));
+                return Err(MoeError::Device(format!(
+                    "reading the all-to-all status: {r:?}"
+                )));
             }
         }
         let bits = status[0] | status[1];
@@ -438,7 +403,14 @@ impl LlRecvHook<'_> {
         let k = d.kernels(self.act)?;
         let (l, base) = (d.layout.kernel, d.base(self.set));
         let blocks = d.shape.local_experts.div_ceil(256);
-        launch(&d.dev, &k.dispatch_recv, blocks, 256, 0, &[&l, &base, &d.timeout_ns()])?;
+        launch(
+            &d.dev,
+            &k.dispatch_recv,
+            blocks,
+            256,
+            0,
+            &[&l, &base, &d.timeout_ns()],
+        )?;
         Ok(d.output(self.set, self.topk, self.act))
     }
 }
@@ -464,7 +436,11 @@ impl LlCombineHook<'_> {
             _ => d.fused_combine_grid(self.act)?,
         };
         let scale = d.cfg.routed_scaling_factor.unwrap_or(1.0);
-        let (l, base, peers) = (d.layout.kernel, d.base(self.set), d.mem().peer_tables[self.set].ptr());
+        let (l, base, peers) = (
+            d.layout.kernel,
+            d.base(self.set),
+            d.mem().peer_tables[self.set].ptr(),
+        );
         let y = self.y.cuda_ptr()?;
         launch(
             &d.dev,
@@ -529,7 +505,11 @@ impl Dispatcher for LlDispatcher {
             A2A,
             DispatchFormat::DeepEpLowLatency,
         )?;
-        let out = Tensor::zeros_cuda(&self.dev, &[d.topk.num_tokens(), self.shape.hidden], y.dtype())?;
+        let out = Tensor::zeros_cuda(
+            &self.dev,
+            &[d.topk.num_tokens(), self.shape.hidden],
+            y.dtype(),
+        )?;
         self.combine_into(&y, d, &out)?;
         Ok(out)
     }

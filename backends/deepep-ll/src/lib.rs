@@ -2,7 +2,8 @@
 //! token to the ranks that hold its experts into the masked `[E_local, R*T, H]` layout (FP8 or
 //! bf16 on the wire) and brings the expert outputs back as a weighted sum, and the
 //! `masked_gemm` runner for that layout. Ranks address each other's buffers directly: GPUs of
-//! one process through peer access ([`LlWorld::in_process`]).
+//! one process through peer access ([`LlWorld::in_process`]), processes of one machine through
+//! CUDA IPC handles ([`LlWorld::ipc`]).
 //!
 //! [`sim`] is the CPU model of the same all-to-all for any number of ranks, with the GPU's
 //! exact layout and rounding; the tests hold the kernels to it.
@@ -20,13 +21,17 @@ mod kernels;
 pub mod probe;
 #[cfg(feature = "cuda")]
 mod runner;
+#[cfg(feature = "cuda")]
+mod world;
 
 pub use layout::buffer_bytes;
 
 #[cfg(feature = "cuda")]
-pub use dispatcher::{LlCombineHook, LlDispatcher, LlRecvHook, LlWorld, DEFAULT_TIMEOUT};
+pub use dispatcher::{LlCombineHook, LlDispatcher, LlRecvHook, DEFAULT_TIMEOUT};
 #[cfg(feature = "cuda")]
 pub use runner::MaskedGemmRunner;
+#[cfg(feature = "cuda")]
+pub use world::LlWorld;
 
 /// The all-to-all's registered name.
 pub const A2A: &str = "deepep_ll";

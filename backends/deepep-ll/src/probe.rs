@@ -17,7 +17,12 @@ pub fn peer_copy_gbps(devs: &[CudaDevice], bytes: usize, iters: usize) -> Result
     enable_peer_access(&ctxs)?;
     let bufs: Vec<(DeviceAlloc, DeviceAlloc)> = ctxs
         .iter()
-        .map(|c| Ok((DeviceAlloc::zeroed(c, bytes)?, DeviceAlloc::zeroed(c, bytes)?)))
+        .map(|c| {
+            Ok((
+                DeviceAlloc::zeroed(c, bytes)?,
+                DeviceAlloc::zeroed(c, bytes)?,
+            ))
+        })
         .collect::<Result<_>>()?;
     let mut times = Vec::with_capacity(iters);
     for it in 0..iters + 2 {

@@ -104,8 +104,10 @@ impl MaskedGemmRunner {
     ) -> Result<(usize, usize, DType)> {
         let cfg = &self.cfg;
         let [el, rt, h] = d.dims()?;
-        d.hidden
-            .expect_shape("masked hidden", &[cfg.num_local_experts, rt, cfg.hidden_size])?;
+        d.hidden.expect_shape(
+            "masked hidden",
+            &[cfg.num_local_experts, rt, cfg.hidden_size],
+        )?;
         let fp8_in = d.hidden.dtype() == DType::F8E4M3;
         let out = match (scheme, d.hidden.dtype()) {
             (QuantScheme::Bf16, DType::Bf16) => DType::Bf16,
@@ -128,10 +130,16 @@ impl MaskedGemmRunner {
             }
             (None, false) => {}
             (None, true) => {
-                return Err(MoeError::invalid("hidden_scale", "FP8 activations need their [E_local, R*T, H/128] f32 scales"))
+                return Err(MoeError::invalid(
+                    "hidden_scale",
+                    "FP8 activations need their [E_local, R*T, H/128] f32 scales",
+                ))
             }
             (Some(_), false) => {
-                return Err(MoeError::invalid("hidden_scale", "given for activations that are not FP8"))
+                return Err(MoeError::invalid(
+                    "hidden_scale",
+                    "given for activations that are not FP8",
+                ))
             }
         }
         d.masked_m.expect_shape("masked_m", &[el])?;
@@ -146,8 +154,15 @@ impl MaskedGemmRunner {
                 }
             }
         }
-        for (what, v) in [("hidden_size", h), ("intermediate_size", cfg.intermediate_size)] {
-            let need = if scheme == QuantScheme::Fp8Block128 { 128 } else { 16 };
+        for (what, v) in [
+            ("hidden_size", h),
+            ("intermediate_size", cfg.intermediate_size),
+        ] {
+            let need = if scheme == QuantScheme::Fp8Block128 {
+                128
+            } else {
+                16
+            };
             if v % need != 0 {
                 return Err(MoeError::NotDivisible {
                     what: format!("{what} for the masked runner with {scheme}"),
@@ -159,7 +174,11 @@ impl MaskedGemmRunner {
         Ok((el, rt, out))
     }
 
-    fn workspace(&self, rows: usize, bound: usize) -> Result<std::sync::MutexGuard<'_, Option<Workspace>>> {
+    fn workspace(
+        &self,
+        rows: usize,
+        bound: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Option<Workspace>>> {
         let mut ws = self.workspace.lock().map_err(|_| poisoned())?;
         if ws.as_ref().is_some_and(|w| w.rows >= rows) {
             return Ok(ws);
@@ -193,13 +212,29 @@ impl MaskedGemmRunner {
     }
 
     /// Runs GEMM 1, the activation and GEMM 2 of `d` into `out` (`[E_local, R*T, H]`).
-    pub fn run_into(&self, input: &dyn DispatchOutput, quant: &dyn QuantInfo, out: &Tensor) -> Result<()> {
-        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(input, RUNNER, DispatchFormat::DeepEpLowLatency)?;
+    pub fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+            input,
+            RUNNER,
+            DispatchFormat::DeepEpLowLatency,
+        )?;
         let scheme = quant.scheme();
         let (el, rt, out_dtype) = self.check_input(d, scheme)?;
-        moe_runner_core::as_expert_weights(quant)?.dims().check(&self.cfg)?;
+        moe_runner_core::as_expert_weights(quant)?
+            .dims()
+            .check(&self.cfg)?;
         let cfg = &self.cfg;
-        let (h, i, n1, k) = (cfg.hidden_size, cfg.intermediate_size, cfg.gemm1_columns(), cfg.top_k);
+        let (h, i, n1, k) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.gemm1_columns(),
+            cfg.top_k,
+        );
         out.expect_shape("masked output", &[el, rt, h])?;
         out.expect_dtype("masked output", &[out_dtype])?;
         let rows = el * rt;
@@ -238,7 +273,15 @@ impl MaskedGemmRunner {
             count: g.num_post_padded,
             sentinel: rows,
         };
-        st.align_masked(d.masked_m.cuda_ptr()?, el, rt, bm, &g, max_sorted, ws.status.cuda_ptr()?)?;
+        st.align_masked(
+            d.masked_m.cuda_ptr()?,
+            el,
+            rt,
+            bm,
+            &g,
+            max_sorted,
+            ws.status.cuda_ptr()?,
+        )?;
 
         let qmode = quant_mode(scheme);
         let (act_code, limit, alpha) = act_params(self.act);
@@ -255,15 +298,62 @@ impl MaskedGemmRunner {
             (None, 0) => (hidden, null),
             (None, q) => {
                 let (a1, a1s) = (ws.a1.cuda_ptr()?, ws.a1_scale.cuda_ptr()?);
-                st.rows(row_kind(q), "moe_quant_input", grid_rows, map, &[&hidden, &null, &a1, &a1s, &null, &(h as i32)])?;
+                st.rows(
+                    row_kind(q),
+                    "moe_quant_input",
+                    grid_rows,
+                    map,
+                    &[&hidden, &null, &a1, &a1s, &null, &(h as i32)],
+                )?;
                 (a1, a1s)
             }
         };
         let c1 = ws.c1.cuda_ptr()?;
-        st.gemm(tile, kind, &g, &GemmCall { a: a1, b: w.w13, c: c1, a_scale: a1_scale, b_scale: w.s13, weights: null, n: n1, k: h })?;
-        let (a2, a2s) = (ws.a2.cuda_ptr()?, if qmode == 0 { null } else { ws.a2_scale.cuda_ptr()? });
-        st.rows(row_kind(qmode), "moe_act", grid_rows, map, &[&c1, &null, &a2, &a2s, &null, &(i as i32), &limit, &alpha])?;
-        st.gemm(tile, kind, &g, &GemmCall { a: a2, b: w.w2, c: out.cuda_ptr()?, a_scale: a2s, b_scale: w.s2, weights: null, n: h, k: i })
+        st.gemm(
+            tile,
+            kind,
+            &g,
+            &GemmCall {
+                a: a1,
+                b: w.w13,
+                c: c1,
+                a_scale: a1_scale,
+                b_scale: w.s13,
+                weights: null,
+                n: n1,
+                k: h,
+            },
+        )?;
+        let (a2, a2s) = (
+            ws.a2.cuda_ptr()?,
+            if qmode == 0 {
+                null
+            } else {
+                ws.a2_scale.cuda_ptr()?
+            },
+        );
+        st.rows(
+            row_kind(qmode),
+            "moe_act",
+            grid_rows,
+            map,
+            &[&c1, &null, &a2, &a2s, &null, &(i as i32), &limit, &alpha],
+        )?;
+        st.gemm(
+            tile,
+            kind,
+            &g,
+            &GemmCall {
+                a: a2,
+                b: w.w2,
+                c: out.cuda_ptr()?,
+                a_scale: a2s,
+                b_scale: w.s2,
+                weights: null,
+                n: h,
+                k: i,
+            },
+        )
     }
 }
 
@@ -272,12 +362,22 @@ fn poisoned() -> MoeError {
 }
 
 impl FusedRunner for MaskedGemmRunner {
-    fn run(&self, input: &dyn DispatchOutput, quant: &dyn QuantInfo) -> Result<Box<dyn CombineInput>> {
-        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(input, RUNNER, DispatchFormat::DeepEpLowLatency)?;
+    fn run(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+    ) -> Result<Box<dyn CombineInput>> {
+        let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+            input,
+            RUNNER,
+            DispatchFormat::DeepEpLowLatency,
+        )?;
         let [el, rt, h] = d.dims()?;
         let (_, _, out_dtype) = self.check_input(d, quant.scheme())?;
         let out = match &d.out_buffer {
-            Some(b) if b.shape() == [el, rt, h] && b.dtype() == out_dtype && !b.is_host() => b.clone(),
+            Some(b) if b.shape() == [el, rt, h] && b.dtype() == out_dtype && !b.is_host() => {
+                b.clone()
+            }
             _ => Tensor::zeros_cuda(self.device(), &[el, rt, h], out_dtype)?,
         };
         self.run_into(input, quant, &out)?;

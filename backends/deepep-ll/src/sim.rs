@@ -117,7 +117,11 @@ pub fn dispatch(cfg: &DispatcherConfig, inputs: &[(Tensor, TopK)]) -> Result<Sim
         outputs.push(DeepEpLlDispatchOutput {
             hidden,
             hidden_scale: if fp8 {
-                Some(Tensor::from_slice(&scales[dst], &[el, rt, h / 128], DType::F32)?)
+                Some(Tensor::from_slice(
+                    &scales[dst],
+                    &[el, rt, h / 128],
+                    DType::F32,
+                )?)
             } else {
                 None
             },

@@ -7,9 +7,9 @@
 use moe_runner_core::registry::FusedRunner;
 use moe_runner_core::DeviceOps;
 use moe_runner_core::{
-    downcast_dispatch, ActivationKernel, CombineInput, CudaDevice, DType, Device,
-    DispatchFormat, DispatchOutput, ExpertWeights, MoeError, MoeRunnerConfig, QuantInfo,
-    QuantScheme, Result, StandardCombineInput, StandardDispatchOutput, Tensor,
+    downcast_dispatch, ActivationKernel, CombineInput, CudaDevice, DType, Device, DispatchFormat,
+    DispatchOutput, ExpertWeights, MoeError, MoeRunnerConfig, QuantInfo, QuantScheme, Result,
+    StandardCombineInput, StandardDispatchOutput, Tensor,
 };
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -330,7 +330,16 @@ impl TritonRunner {
                 "moe_act",
                 numel,
                 RowMap::Direct,
-                &[&c1, &ids, &null, &null, &scalar2, &(i as i32), &limit, &alpha],
+                &[
+                    &c1,
+                    &ids,
+                    &null,
+                    &null,
+                    &scalar2,
+                    &(i as i32),
+                    &limit,
+                    &alpha,
+                ],
             )?;
         }
         st.rows(
@@ -338,7 +347,16 @@ impl TritonRunner {
             "moe_act",
             numel,
             RowMap::Direct,
-            &[&c1, &ids, &a2, &a2_scale, &null, &(i as i32), &limit, &alpha],
+            &[
+                &c1,
+                &ids,
+                &a2,
+                &a2_scale,
+                &null,
+                &(i as i32),
+                &limit,
+                &alpha,
+            ],
         )?;
 
         // 5. GEMM 2 with the router weight; with no_combine straight into the output.

@@ -68,7 +68,12 @@ impl DeviceWeights {
             }
             QuantScheme::Fp8Block128 => {
                 let d = downcast_quant::<Fp8BlockWeights>(quant)?;
-                ptrs(&d.w13, &d.w2, Some((&d.w13_scale, &d.w2_scale)), (None, None))
+                ptrs(
+                    &d.w13,
+                    &d.w2,
+                    Some((&d.w13_scale, &d.w2_scale)),
+                    (None, None),
+                )
             }
             QuantScheme::Fp8PerTensor => {
                 let d = downcast_quant::<Fp8PerTensorWeights>(quant)?;
@@ -81,7 +86,12 @@ impl DeviceWeights {
             }
             QuantScheme::Fp8PerChannel => {
                 let d = downcast_quant::<Fp8PerChannelWeights>(quant)?;
-                ptrs(&d.w13, &d.w2, Some((&d.w13_scale, &d.w2_scale)), (None, None))
+                ptrs(
+                    &d.w13,
+                    &d.w2,
+                    Some((&d.w13_scale, &d.w2_scale)),
+                    (None, None),
+                )
             }
             other => Err(MoeError::invalid(
                 "quant scheme",
@@ -155,7 +165,11 @@ pub struct GemmCall {
 #[derive(Clone, Copy, Debug)]
 pub enum RowMap {
     Direct,
-    Sorted { sorted: u64, count: u64, sentinel: usize },
+    Sorted {
+        sorted: u64,
+        count: u64,
+        sentinel: usize,
+    },
 }
 
 impl RowMap {
@@ -311,7 +325,13 @@ impl Stages {
         )
     }
 
-    pub fn gemm(&self, tile: GemmTile, kind: GemmKind, rows: &GemmRows, g: &GemmCall) -> Result<()> {
+    pub fn gemm(
+        &self,
+        tile: GemmTile,
+        kind: GemmKind,
+        rows: &GemmRows,
+        g: &GemmCall,
+    ) -> Result<()> {
         let f = self.kernels.gemm(tile, kind)?;
         let n_blocks = g.n.div_ceil(tile.block_n);
         let mul_weight = i32::from(g.weights != 0);

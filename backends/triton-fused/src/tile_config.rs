@@ -176,7 +176,12 @@ pub struct TileSelector {
 }
 
 impl TileSelector {
-    pub fn new(experts: usize, inter: usize, device_name: String, config_dir: Option<PathBuf>) -> Self {
+    pub fn new(
+        experts: usize,
+        inter: usize,
+        device_name: String,
+        config_dir: Option<PathBuf>,
+    ) -> Self {
         Self {
             experts,
             inter,

@@ -28,7 +28,11 @@ fn main() -> ExitCode {
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     moe_examples::link_backends();
     let arg = |i: usize, d: usize| -> Result<usize, Box<dyn std::error::Error>> {
-        Ok(std::env::args().nth(i).map(|a| a.parse()).transpose()?.unwrap_or(d))
+        Ok(std::env::args()
+            .nth(i)
+            .map(|a| a.parse())
+            .transpose()?
+            .unwrap_or(d))
     };
     let (ranks, t) = (arg(1, 1)?, arg(2, 128)?);
     let gpus = CudaContext::device_count()? as usize;
@@ -46,7 +50,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut cfg = MoeRunnerConfig::new(e, h, i, k);
     cfg.num_local_experts = e / ranks;
     cfg.routed_scaling_factor = dcfg.routed_scaling_factor;
-    let dims = WeightDims { experts: e / ranks, n1: 2 * i, hidden: h, inter: i };
+    let dims = WeightDims {
+        experts: e / ranks,
+        n1: 2 * i,
+        hidden: h,
+        inter: i,
+    };
     println!("{ranks} rank(s) on {gpus} GPU(s), {t} tokens per rank, {} experts per rank of H={h}, I={i}, FP8", e / ranks);
     let scheme = QuantScheme::Fp8Block128;
     let weights: Vec<_> = (0..ranks)
@@ -63,7 +72,12 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .map(|d| MaskedGemmRunner::new(&cfg, &Device::Cuda(d.clone())))
         .collect::<Result<_, _>>()?;
     let inputs: Vec<(Tensor, TopK)> = (0..ranks)
-        .map(|r| Ok((synthetic::hidden(t, h, DType::Bf16, 20 + r as u64)?, synthetic::topk(t, k, e, 30 + r as u64, false, false)?)))
+        .map(|r| {
+            Ok((
+                synthetic::hidden(t, h, DType::Bf16, 20 + r as u64)?,
+                synthetic::topk(t, k, e, 30 + r as u64, false, false)?,
+            ))
+        })
         .collect::<moe_runner_core::Result<_>>()?;
     let moved: Vec<(Tensor, TopK)> = inputs
         .iter()
@@ -82,9 +96,15 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let hooks: Vec<_> = (0..ranks)
         .map(|r| ds[r].dispatch_send(&moved[r].0, clone(&moved[r].1)?))
         .collect::<Result<_, _>>()?;
-    let got: Vec<_> = hooks.into_iter().map(|h| h.recv()).collect::<Result<_, _>>()?;
+    let got: Vec<_> = hooks
+        .into_iter()
+        .map(|h| h.recv())
+        .collect::<Result<_, _>>()?;
     for r in 0..ranks {
-        let y = got[r].out_buffer.clone().expect("deepep_ll registers the combine buffer");
+        let y = got[r]
+            .out_buffer
+            .clone()
+            .expect("deepep_ll registers the combine buffer");
         runners[r].run_into(&got[r], dw[r].as_ref(), &y)?;
     }
     let hooks: Vec<_> = (0..ranks)
@@ -104,7 +124,13 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         let c = suite::compare(&o.to_host()?.to_f32_vec()?, w)?;
         let pass = c.within(suite::tolerance(scheme));
         ok &= pass;
-        println!("rank {r}: rel L2 {:.2e}, max |diff| {:.3e} of max {:.3} -> {}", c.rel_l2, c.max_abs, c.ref_max, if pass { "ok" } else { "FAIL" });
+        println!(
+            "rank {r}: rel L2 {:.2e}, max |diff| {:.3e} of max {:.3} -> {}",
+            c.rel_l2,
+            c.max_abs,
+            c.ref_max,
+            if pass { "ok" } else { "FAIL" }
+        );
     }
     let layer = |r: usize| -> moe_runner_core::Result<()> {
         let got = ds[r].dispatch_now(&moved[r].0, clone(&moved[r].1)?)?;
