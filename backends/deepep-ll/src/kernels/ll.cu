@@ -244,6 +244,13 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
     const long long row_bytes = (long long)H * X_BYTES;
     bool counted = false;
     for (int t = blockIdx.x; t < M; t += gridDim.x) {
+        // Thread k < K: pick k's expert and its slot among this rank's rows for it, loaded
+        // before the cast so their latency hides under it.
+        int pick = -1, slot = 0;
+        if (tid < K) {
+            pick = __ldg(ids + t * K + tid);
+            if (pick >= 0 && pick < E) slot = slot_of[t * K + tid] + prefix[(t / L.chunk) * E + pick];
+        }
 #if FP8
         // Sixteen threads per 128 channels, eight values each: every load of the row is issued
         // before any is used, then amax (a 16-lane reduction), scale, E4M3 codes to shared memory.
@@ -305,15 +312,14 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
             counted = true;
         }
         if (tid < K) {
-            const int g = __ldg(ids + t * K + tid);
             u64 off = ~0ull;
             int dst = 0;
-            if (g >= 0 && g < E) {
-                dst = g / El;
-                int slot = slot_of[t * K + tid] + prefix[(t / L.chunk) * E + g];
-                for (int s = 0; s < L.rank; ++s) slot += counts[s * E + g];
+            if (pick >= 0 && pick < E) {
+                dst = pick / El;
+                // After the rows lower ranks send to the same expert.
+                for (int s = 0; s < L.rank; ++s) slot += counts[s * E + pick];
                 // Rows past the buffer were flagged by ll_route.
-                if (slot < RT) off = (u64)(g % El) * RT + slot;
+                if (slot < RT) off = (u64)(pick % El) * RT + slot;
             }
             row_at[tid] = off;
             rank_of[tid] = dst;
