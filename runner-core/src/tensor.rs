@@ -480,7 +480,9 @@ impl Tensor {
     pub fn cuda_view(&self, offset: usize, shape: &[usize], dtype: DType) -> Result<Tensor> {
         let bytes = shape.iter().product::<usize>() * dtype.size();
         let end = offset.checked_add(bytes);
-        if end.is_none_or(|e| e > self.size_in_bytes()) || offset % dtype.size().max(1) != 0 {
+        if end.is_none_or(|e| e > self.size_in_bytes())
+            || !offset.is_multiple_of(dtype.size().max(1))
+        {
             return Err(MoeError::invalid(
                 "tensor view",
                 format!(

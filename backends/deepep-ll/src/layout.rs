@@ -98,7 +98,7 @@ impl LlShape {
             return bad("deepep_ll needs max_tokens_per_rank >= 1".into());
         }
         let need = if cfg.wire == Wire::Native { 8 } else { 128 };
-        if cfg.hidden_size % need != 0 {
+        if !cfg.hidden_size.is_multiple_of(need) {
             return Err(MoeError::NotDivisible {
                 what: format!("hidden_size for deepep_ll with wire {:?}", cfg.wire),
                 value: cfg.hidden_size,
