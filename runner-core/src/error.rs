@@ -77,6 +77,8 @@ pub enum MoeError {
     Kernel { name: String, log: String },
     #[error("device error: {0}")]
     Device(String),
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint { path: String, msg: String },
     #[error("rank {rank}: a peer rank did not answer within {timeout_ms} ms; the all-to-all buffers must be rebuilt")]
     PeerTimeout { rank: usize, timeout_ms: u64 },
     #[error("no CUDA device available: {0}")]

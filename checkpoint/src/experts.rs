@@ -1,0 +1,177 @@
+//! Routed experts of one layer stacked into the runners' layout, once, at load: `w13 [E, 2I, H]`
+//! (gate rows, then up rows), `w2 [E, H, I]`, and for 128x128 block FP8 their scales
+//! `[E, 2I/128, H/128]` and `[E, H/128, I/128]`. Only the experts of this rank (a range of
+//! global ids) and, under tensor parallelism, this rank's slice of I are read.
+
+use moe_runner_core::{DType, DenseWeights, Fp8BlockWeights, MoeError, QuantInfo, Result, Tensor};
+use rayon::prelude::*;
+use safetensors::tensor::Dtype;
+use std::ops::Range;
+
+use crate::arch::{scale_of, Family, Proj};
+use crate::store::Checkpoint;
+
+/// What to load.
+#[derive(Clone, Debug)]
+pub struct ExpertSlice {
+    pub layer: usize,
+    /// Global expert ids this rank holds.
+    pub experts: Range<usize>,
+    pub hidden: usize,
+    /// The expert intermediate size of the model (before tensor parallelism).
+    pub inter: usize,
+    /// (rank, size) of tensor parallelism over I.
+    pub tp: (usize, usize),
+}
+
+const BLOCK: usize = 128;
+
+impl ExpertSlice {
+    fn local_inter(&self) -> Result<usize> {
+        let (rank, size) = self.tp;
+        if size == 0 || rank >= size || self.inter % size != 0 {
+            return Err(MoeError::invalid(
+                "tensor parallelism",
+                format!(
+                    "rank {rank} of {size} cannot split intermediate size {}",
+                    self.inter
+                ),
+            ));
+        }
+        Ok(self.inter / size)
+    }
+}
+
+fn act_dtype(d: Dtype) -> Option<DType> {
+    match d {
+        Dtype::BF16 => Some(DType::Bf16),
+        Dtype::F16 => Some(DType::F16),
+        Dtype::F32 => Some(DType::F32),
+        _ => None,
+    }
+}
+
+/// Loads the experts of `slice`: dense (bf16, f16, f32) as [`DenseWeights`], FP8 E4M3 with
+/// `weight_scale_inv` 128x128 blocks as [`Fp8BlockWeights`]. `progress` is called once per
+/// expert with the bytes read.
+pub fn load_experts(
+    ck: &Checkpoint,
+    family: Family,
+    slice: &ExpertSlice,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Box<dyn QuantInfo>> {
+    let il = slice.local_inter()?;
+    let (h, i) = (slice.hidden, slice.inter);
+    let n = slice.experts.len();
+    let first = ck.get(&family.expert(slice.layer, slice.experts.start, Proj::Gate))?;
+    let fp8 = first.dtype == Dtype::F8_E4M3;
+    let (dtype, elem) = if fp8 {
+        if il % BLOCK != 0 || h % BLOCK != 0 {
+            return Err(MoeError::NotDivisible {
+                what: "FP8 block checkpoints: hidden and per-rank intermediate sizes".into(),
+                value: if h % BLOCK != 0 { h } else { il },
+                divisor: BLOCK,
+            });
+        }
+        (DType::F8E4M3, 1)
+    } else {
+        let d = act_dtype(first.dtype).ok_or_else(|| {
+            MoeError::invalid(
+                first.name,
+                format!("expert weights of dtype {:?} are not supported (bf16, f16, f32, F8_E4M3 with 128x128 block scales)", first.dtype),
+            )
+        })?;
+        (d, d.size())
+    };
+    let mut w13 = Tensor::zeros(&[n, 2 * il, h], dtype);
+    let mut w2 = Tensor::zeros(&[n, h, il], dtype);
+    let (row0, col0) = (slice.tp.0 * il, slice.tp.0 * il);
+    let want = [Dtype::F8_E4M3, first.dtype];
+    let accepted: &[Dtype] = if fp8 { &want[..1] } else { &want[1..] };
+    let w13_len = 2 * il * h * elem;
+    let w2_len = h * il * elem;
+    w13.host_bytes_mut()?
+        .par_chunks_mut(w13_len)
+        .zip(w2.host_bytes_mut()?.par_chunks_mut(w2_len))
+        .enumerate()
+        .try_for_each(|(j, (a, b))| -> Result<()> {
+            let e = slice.experts.start + j;
+            let get = |p| ck.get(&family.expert(slice.layer, e, p));
+            let (g, u, d) = (get(Proj::Gate)?, get(Proj::Up)?, get(Proj::Down)?);
+            g.expect(&[i, h], accepted)?;
+            u.expect(&[i, h], accepted)?;
+            d.expect(&[h, i], accepted)?;
+            let rows = row0 * h * elem..(row0 + il) * h * elem;
+            a[..il * h * elem].copy_from_slice(&g.bytes[rows.clone()]);
+            a[il * h * elem..].copy_from_slice(&u.bytes[rows]);
+            for (r, out) in b.chunks_exact_mut(il * elem).enumerate() {
+                let at = (r * i + col0) * elem;
+                out.copy_from_slice(&d.bytes[at..at + il * elem]);
+            }
+            progress((a.len() + b.len()) as u64);
+            Ok(())
+        })?;
+    if !fp8 {
+        return Ok(Box::new(DenseWeights::new(w13, w2)?));
+    }
+    // Block scales: gate and up tiles stacked like their rows, this rank's I slice.
+    let (hb, ib, ilb, r0) = (h / BLOCK, i.div_ceil(BLOCK), il / BLOCK, row0 / BLOCK);
+    let mut s13 = vec![0f32; n * 2 * ilb * hb];
+    let mut s2 = vec![0f32; n * hb * ilb];
+    s13.par_chunks_mut(2 * ilb * hb)
+        .zip(s2.par_chunks_mut(hb * ilb))
+        .enumerate()
+        .try_for_each(|(j, (a, b))| -> Result<()> {
+            let e = slice.experts.start + j;
+            let get = |p| -> Result<Vec<f32>> {
+                let name = scale_of(&family.expert(slice.layer, e, p));
+                let t = ck.get(&name)?;
+                let shape = if p == Proj::Down { [hb, ib] } else { [ib, hb] };
+                t.expect(&shape, &[Dtype::F32, Dtype::BF16])?;
+                t.to_f32()
+            };
+            let (g, u, d) = (get(Proj::Gate)?, get(Proj::Up)?, get(Proj::Down)?);
+            a[..ilb * hb].copy_from_slice(&g[r0 * hb..(r0 + ilb) * hb]);
+            a[ilb * hb..].copy_from_slice(&u[r0 * hb..(r0 + ilb) * hb]);
+            for (r, out) in b.chunks_exact_mut(ilb).enumerate() {
+                out.copy_from_slice(&d[r * ib + r0..r * ib + r0 + ilb]);
+            }
+            Ok(())
+        })?;
+    Ok(Box::new(Fp8BlockWeights::new(
+        w13,
+        Tensor::from_slice(&s13, &[n, 2 * ilb, hb], DType::F32)?,
+        w2,
+        Tensor::from_slice(&s2, &[n, hb, ilb], DType::F32)?,
+    )?))
+}
+
+/// The router of one layer: `[E, H]` weights as f32 and the score-correction bias when the
+/// family has one.
+pub struct RouterWeights {
+    pub weight: Vec<f32>,
+    pub bias: Option<Vec<f32>>,
+}
+
+pub fn load_router(
+    ck: &Checkpoint,
+    family: Family,
+    layer: usize,
+    experts: usize,
+    hidden: usize,
+) -> Result<RouterWeights> {
+    let g = ck.get(&family.router(layer))?;
+    g.expect(&[experts, hidden], &[Dtype::BF16, Dtype::F16, Dtype::F32])?;
+    let bias = match family.router_bias(layer) {
+        Some(name) if ck.contains(&name) => {
+            let b = ck.get(&name)?;
+            b.expect(&[experts], &[Dtype::BF16, Dtype::F16, Dtype::F32])?;
+            Some(b.to_f32()?)
+        }
+        _ => None,
+    };
+    Ok(RouterWeights {
+        weight: g.to_f32()?,
+        bias,
+    })
+}

@@ -1,0 +1,302 @@
+//! Writes small checkpoints in the exact layouts of the supported families (config.json, the
+//! Hugging Face tensor names, bf16 or FP8 E4M3 with 128x128 `weight_scale_inv` blocks, one file
+//! or shards with an index), and returns the values it stored, so tests can check a load
+//! against them.
+
+use moe_quant::quantize_fp8_blocks;
+use moe_runner_core::{MoeError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use safetensors::tensor::{Dtype, View};
+use serde_json::json;
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use crate::arch::{scale_of, Family, Proj};
+use crate::store::INDEX_FILE;
+
+/// The model to write.
+#[derive(Clone, Debug)]
+pub struct GenSpec {
+    /// `architectures[0]` of config.json.
+    pub arch: &'static str,
+    pub layers: usize,
+    pub experts: usize,
+    pub hidden: usize,
+    /// Intermediate size of one routed expert.
+    pub inter: usize,
+    pub top_k: usize,
+    /// Shared experts (DeepSeek, GLM: of the routed shape; Qwen2-MoE: one of `inter * 2`).
+    pub shared: usize,
+    /// FP8 E4M3 weights with 128x128 block scales instead of bf16.
+    pub fp8: bool,
+    /// Files the tensors are spread over (1: `model.safetensors`, else shards and an index).
+    pub shards: usize,
+}
+
+/// What was written, as the f32 values a loader must reproduce (bf16-rounded, or FP8 codes
+/// times their block scale).
+pub struct Generated {
+    pub family: Family,
+    /// `[layer][expert]` = (gate `[I, H]`, up `[I, H]`, down `[H, I]`).
+    pub experts: Vec<Vec<[Vec<f32>; 3]>>,
+    /// `[layer]` = router weight `[E, H]`.
+    pub router: Vec<Vec<f32>>,
+    /// `[layer]` = score-correction bias `[E]`, for families that have one.
+    pub bias: Vec<Option<Vec<f32>>>,
+}
+
+struct Owned {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl View for &Owned {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+fn io(path: &Path, e: impl std::fmt::Display) -> MoeError {
+    MoeError::Checkpoint {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
+}
+
+/// `values` of `shape` as bf16, and the values stored.
+fn bf16(values: &[f32], shape: &[usize]) -> (Owned, Vec<f32>) {
+    let q: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let data = q.iter().flat_map(|v| v.to_le_bytes()).collect();
+    (
+        Owned {
+            dtype: Dtype::BF16,
+            shape: shape.to_vec(),
+            data,
+        },
+        q.iter().map(|v| v.to_f32()).collect(),
+    )
+}
+
+/// A weight `[rows, cols]` stored as bf16, or FP8 with its `weight_scale_inv`; returns the
+/// stored values.
+fn weight(
+    out: &mut BTreeMap<String, Owned>,
+    name: String,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    fp8: bool,
+) -> Result<Vec<f32>> {
+    if !fp8 {
+        let (t, stored) = bf16(values, &[rows, cols]);
+        out.insert(name, t);
+        return Ok(stored);
+    }
+    let q = quantize_fp8_blocks(values, 1, rows, cols, (128, 128))?;
+    let stored = q.dequantize();
+    out.insert(
+        scale_of(&name),
+        Owned {
+            dtype: Dtype::F32,
+            shape: vec![rows.div_ceil(128), cols.div_ceil(128)],
+            data: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+        },
+    );
+    out.insert(
+        name,
+        Owned {
+            dtype: Dtype::F8_E4M3,
+            shape: vec![rows, cols],
+            data: q.data,
+        },
+    );
+    Ok(stored)
+}
+
+fn config(spec: &GenSpec) -> serde_json::Value {
+    let mut c = json!({
+        "architectures": [spec.arch],
+        "hidden_size": spec.hidden,
+        "num_hidden_layers": spec.layers,
+        "num_experts_per_tok": spec.top_k,
+    });
+    let o = c.as_object_mut().expect("an object");
+    let family = Family::of(spec.arch).expect("generated families are known");
+    let mut set = |k: &str, v: serde_json::Value| {
+        o.insert(k.into(), v);
+    };
+    match family {
+        Family::DeepSeek | Family::Glm4Moe => {
+            set("n_routed_experts", json!(spec.experts));
+            set("n_shared_experts", json!(spec.shared));
+            set("moe_intermediate_size", json!(spec.inter));
+            set("n_group", json!(1));
+            set("topk_group", json!(1));
+            set("routed_scaling_factor", json!(2.5));
+            set("norm_topk_prob", json!(true));
+        }
+        Family::Qwen2Moe => {
+            set("num_experts", json!(spec.experts));
+            set("moe_intermediate_size", json!(spec.inter));
+            set(
+                "shared_expert_intermediate_size",
+                json!(spec.shared * 2 * spec.inter),
+            );
+            set("norm_topk_prob", json!(false));
+        }
+        Family::Qwen3Moe => {
+            set("num_experts", json!(spec.experts));
+            set("moe_intermediate_size", json!(spec.inter));
+            set("norm_topk_prob", json!(true));
+        }
+        Family::Mixtral => {
+            set("num_local_experts", json!(spec.experts));
+            set("intermediate_size", json!(spec.inter));
+        }
+    }
+    if spec.fp8 {
+        set(
+            "quantization_config",
+            json!({"quant_method": "fp8", "weight_block_size": [128, 128]}),
+        );
+    }
+    c
+}
+
+/// Writes the checkpoint of `spec` into `dir` (created if needed) from `seed`.
+pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
+    let family = Family::of(spec.arch)?;
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let (h, i, e) = (spec.hidden, spec.inter, spec.experts);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut uniform =
+        |n: usize, a: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-a..=a)).collect() };
+    let (a13, a2) = ((3.0 / h as f32).sqrt(), (3.0 / i as f32).sqrt());
+    let mut files: Vec<BTreeMap<String, Owned>> =
+        (0..spec.shards.max(1)).map(|_| BTreeMap::new()).collect();
+    let mut generated = Generated {
+        family,
+        experts: Vec::new(),
+        router: Vec::new(),
+        bias: Vec::new(),
+    };
+    for layer in 0..spec.layers {
+        let out = &mut files[layer % spec.shards.max(1)];
+        let mut experts = Vec::with_capacity(e);
+        for x in 0..e {
+            let g = weight(
+                out,
+                family.expert(layer, x, Proj::Gate),
+                &uniform(i * h, a13),
+                i,
+                h,
+                spec.fp8,
+            )?;
+            let u = weight(
+                out,
+                family.expert(layer, x, Proj::Up),
+                &uniform(i * h, a13),
+                i,
+                h,
+                spec.fp8,
+            )?;
+            let d = weight(
+                out,
+                family.expert(layer, x, Proj::Down),
+                &uniform(h * i, a2),
+                h,
+                i,
+                spec.fp8,
+            )?;
+            experts.push([g, u, d]);
+        }
+        generated.experts.push(experts);
+        let (r, stored) = bf16(&uniform(e * h, 1.0), &[e, h]);
+        out.insert(family.router(layer), r);
+        generated.router.push(stored);
+        let bias = match family.router_bias(layer) {
+            Some(name) => {
+                let b = uniform(e, 0.1);
+                out.insert(
+                    name,
+                    Owned {
+                        dtype: Dtype::F32,
+                        shape: vec![e],
+                        data: b.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    },
+                );
+                Some(b)
+            }
+            None => None,
+        };
+        generated.bias.push(bias);
+        if spec.shared > 0 {
+            let si = match family {
+                Family::Qwen2Moe => spec.shared * 2 * i,
+                _ => spec.shared * i,
+            };
+            if let (Some(gn), Some(un), Some(dn)) = (
+                family.shared(layer, Proj::Gate),
+                family.shared(layer, Proj::Up),
+                family.shared(layer, Proj::Down),
+            ) {
+                weight(out, gn, &uniform(si * h, a13), si, h, spec.fp8)?;
+                weight(out, un, &uniform(si * h, a13), si, h, spec.fp8)?;
+                weight(
+                    out,
+                    dn,
+                    &uniform(h * si, (3.0 / si as f32).sqrt()),
+                    h,
+                    si,
+                    spec.fp8,
+                )?;
+            }
+            if let Some(name) = family.shared_gate(layer) {
+                out.insert(name, bf16(&uniform(h, 0.1), &[1, h]).0);
+            }
+        }
+    }
+    let n = files.len();
+    let mut weight_map = serde_json::Map::new();
+    for (k, tensors) in files.iter().enumerate() {
+        let name = if n == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
+        };
+        for t in tensors.keys() {
+            weight_map.insert(t.clone(), json!(name));
+        }
+        let path = dir.join(&name);
+        safetensors::serialize_to_file(tensors.iter().map(|(k, v)| (k.as_str(), v)), None, &path)
+            .map_err(|e| io(&path, e))?;
+    }
+    if n > 1 {
+        let path = dir.join(INDEX_FILE);
+        let index = json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(
+            &path,
+            serde_json::to_string_pretty(&index).map_err(|e| io(&path, e))?,
+        )
+        .map_err(|e| io(&path, e))?;
+    }
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&config(spec)).map_err(|e| io(&path, e))?,
+    )
+    .map_err(|e| io(&path, e))?;
+    Ok(generated)
+}

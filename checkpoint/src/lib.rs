@@ -1,0 +1,16 @@
+//! Expert weights from Hugging Face safetensors checkpoints. [`Checkpoint`] memory-maps a
+//! directory's shards and indexes their tensors; [`load_experts`] stacks one layer's routed
+//! experts (this rank's share under expert parallelism, its slice under tensor parallelism)
+//! into the runners' `w13` / `w2` layout once, in parallel; [`load_router`] reads the gate.
+//! [`generate`] writes small checkpoints in the same layouts, for tests and examples.
+//! Errors name the tensor or file at fault: a missing tensor, a wrong shape or dtype, a
+//! truncated or corrupt file, an unknown architecture.
+
+pub mod arch;
+pub mod experts;
+pub mod generate;
+pub mod store;
+
+pub use arch::{Family, Proj, ARCHITECTURES};
+pub use experts::{load_experts, load_router, ExpertSlice, RouterWeights};
+pub use store::{Checkpoint, TensorRef};

@@ -1,0 +1,194 @@
+//! Checkpoints written in each family's exact layout load back into the runners' layout with
+//! the values that were written: every expert of this rank under expert parallelism, this
+//! rank's slice under tensor parallelism, bf16 and FP8 block; and bad checkpoints are errors
+//! naming the tensor or file.
+
+use moe_checkpoint::generate::{self, GenSpec};
+use moe_checkpoint::{load_experts, load_router, Checkpoint, ExpertSlice, Family};
+use moe_runner_core::{as_expert_weights, MoeError, Proj, QuantScheme};
+use std::path::PathBuf;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moe-ckpt-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn spec(arch: &'static str, fp8: bool, shards: usize) -> GenSpec {
+    GenSpec {
+        arch,
+        layers: 2,
+        experts: 8,
+        hidden: 256,
+        inter: 256,
+        top_k: 2,
+        shared: 1,
+        fp8,
+        shards,
+    }
+}
+
+/// Expert `x` of the loaded weights equals the written gate, up and down, sliced for
+/// tensor-parallel rank `tp.0` of `tp.1`.
+fn check_expert(
+    w: &dyn moe_runner_core::QuantInfo,
+    local: usize,
+    written: &[Vec<f32>; 3],
+    (h, i): (usize, usize),
+    tp: (usize, usize),
+) {
+    let il = i / tp.1;
+    let ew = as_expert_weights(w).unwrap();
+    let mut w13 = vec![0f32; 2 * il * h];
+    let mut w2 = vec![0f32; h * il];
+    ew.dequantize_expert(Proj::W13, local, &mut w13).unwrap();
+    ew.dequantize_expert(Proj::W2, local, &mut w2).unwrap();
+    let r0 = tp.0 * il;
+    assert_eq!(
+        &w13[..il * h],
+        &written[0][r0 * h..(r0 + il) * h],
+        "gate rows"
+    );
+    assert_eq!(
+        &w13[il * h..],
+        &written[1][r0 * h..(r0 + il) * h],
+        "up rows"
+    );
+    for r in 0..h {
+        assert_eq!(
+            &w2[r * il..(r + 1) * il],
+            &written[2][r * i + r0..r * i + r0 + il],
+            "down row {r}"
+        );
+    }
+}
+
+#[test]
+fn every_family_loads_what_was_written() {
+    for (arch, fp8, shards) in [
+        ("DeepseekV3ForCausalLM", true, 2),
+        ("DeepseekV3ForCausalLM", false, 1),
+        ("Glm4MoeForCausalLM", false, 2),
+        ("Qwen2MoeForCausalLM", false, 1),
+        ("Qwen3MoeForCausalLM", false, 3),
+        ("MixtralForCausalLM", false, 2),
+    ] {
+        let d = dir(&format!("{arch}-{fp8}"));
+        let s = spec(arch, fp8, shards);
+        let written = generate::write(&d, &s, 7).unwrap();
+        let ck = Checkpoint::open(&d).unwrap();
+        let family = Family::of(arch).unwrap();
+        // Expert-parallel rank 1 of 2, layer 1; and tensor-parallel rank 1 of 2 of all experts.
+        for (experts, tp) in [(4..8, (0, 1)), (0..8, (1, 2))] {
+            let slice = ExpertSlice {
+                layer: 1,
+                experts: experts.clone(),
+                hidden: s.hidden,
+                inter: s.inter,
+                tp,
+            };
+            let w = load_experts(&ck, family, &slice, &|_| {}).unwrap();
+            let scheme = if fp8 {
+                QuantScheme::Fp8Block128
+            } else {
+                QuantScheme::Bf16
+            };
+            assert_eq!(w.scheme(), scheme, "{arch}");
+            for (local, x) in experts.enumerate() {
+                check_expert(
+                    w.as_ref(),
+                    local,
+                    &written.experts[1][x],
+                    (s.hidden, s.inter),
+                    tp,
+                );
+            }
+        }
+        let r = load_router(&ck, family, 1, s.experts, s.hidden).unwrap();
+        assert_eq!(r.weight, written.router[1]);
+        assert_eq!(r.bias, written.bias[1]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[test]
+fn bad_checkpoints_name_what_is_wrong() {
+    let d = dir("bad");
+    let s = spec("Qwen3MoeForCausalLM", false, 1);
+    generate::write(&d, &s, 3).unwrap();
+    let ck = Checkpoint::open(&d).unwrap();
+    let slice = |layer, hidden| ExpertSlice {
+        layer,
+        experts: 0..8,
+        hidden,
+        inter: 256,
+        tp: (0, 1),
+    };
+    // A layer the checkpoint does not have: the missing tensor is named.
+    let e = load_experts(&ck, Family::Qwen3Moe, &slice(5, 256), &|_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("model.layers.5.mlp.experts.0.gate_proj.weight") && e.contains("missing"),
+        "{e}"
+    );
+    // Dimensions that do not match the tensors: shape error naming the tensor.
+    let e = load_experts(&ck, Family::Qwen3Moe, &slice(0, 512), &|_| {})
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("gate_proj.weight") && e.contains("shape"), "{e}");
+    // A tensor parallelism that does not divide I.
+    let bad_tp = ExpertSlice {
+        tp: (0, 3),
+        ..slice(0, 256)
+    };
+    assert!(matches!(
+        load_experts(&ck, Family::Qwen3Moe, &bad_tp, &|_| {}),
+        Err(MoeError::Invalid { .. })
+    ));
+    drop(ck);
+    // A truncated file and a corrupt header: errors naming the file.
+    let file = d.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let e = Checkpoint::open(&d).err().unwrap().to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+    let mut corrupt = bytes.clone();
+    corrupt[8..16].copy_from_slice(b"garbage!");
+    std::fs::write(&file, &corrupt).unwrap();
+    let e = Checkpoint::open(&d).err().unwrap().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+    // No files at all.
+    std::fs::remove_file(&file).unwrap();
+    let e = Checkpoint::open(&d).err().unwrap().to_string();
+    assert!(e.contains("no safetensors files"), "{e}");
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
+fn wrong_dtypes_are_named() {
+    let d = dir("dtype");
+    generate::write(&d, &spec("MixtralForCausalLM", false, 1), 4).unwrap();
+    let ck = Checkpoint::open(&d).unwrap();
+    // The router's bias is absent for Mixtral; asking DeepSeek names for it reports a missing tensor.
+    let e = load_router(&ck, Family::DeepSeek, 0, 8, 256)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("model.layers.0.mlp.gate.weight"), "{e}");
+    // Router weights read as expert weights: a shape error names the tensor.
+    let e = load_router(&ck, Family::Mixtral, 0, 16, 256)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("block_sparse_moe.gate.weight") && e.contains("[8, 256]"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
