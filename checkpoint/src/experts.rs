@@ -175,3 +175,78 @@ pub fn load_router(
         bias,
     })
 }
+
+/// The shared experts of one layer as one f32 MLP: `w13 [2 I_s, H]` (gate rows, then up),
+/// `w2 [H, I_s]`, FP8 blocks dequantized.
+pub struct SharedWeights {
+    pub w13: Vec<f32>,
+    pub w2: Vec<f32>,
+    pub inter: usize,
+    /// Qwen2-MoE's `[H]` sigmoid gate on the shared expert's output, when present.
+    pub gate: Option<Vec<f32>>,
+}
+
+/// A weight `[rows, cols]` as f32: float tensors as they are, FP8 E4M3 times its 128x128
+/// `weight_scale_inv` blocks.
+fn dense_f32(ck: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    let t = ck.get(name)?;
+    if t.dtype != Dtype::F8_E4M3 {
+        t.expect(&[rows, cols], &[Dtype::BF16, Dtype::F16, Dtype::F32])?;
+        return t.to_f32();
+    }
+    t.expect(&[rows, cols], &[Dtype::F8_E4M3])?;
+    let (rb, cb) = (rows.div_ceil(BLOCK), cols.div_ceil(BLOCK));
+    let s = ck.get(&scale_of(name))?;
+    s.expect(&[rb, cb], &[Dtype::F32, Dtype::BF16])?;
+    let s = s.to_f32()?;
+    Ok(t.bytes
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            let (r, c) = (i / cols, i % cols);
+            moe_quant::e4m3_to_f32(b) * s[(r / BLOCK) * cb + c / BLOCK]
+        })
+        .collect())
+}
+
+/// The shared experts of `layer`, or `None` for families (or layers) without them.
+pub fn load_shared(
+    ck: &Checkpoint,
+    family: Family,
+    layer: usize,
+    hidden: usize,
+) -> Result<Option<SharedWeights>> {
+    let (Some(g), Some(u), Some(d)) = (
+        family.shared(layer, Proj::Gate),
+        family.shared(layer, Proj::Up),
+        family.shared(layer, Proj::Down),
+    ) else {
+        return Ok(None);
+    };
+    if !ck.contains(&g) {
+        return Ok(None);
+    }
+    let shape = ck.get(&g)?.shape.to_vec();
+    let inter = match shape.as_slice() {
+        [i, h] if *h == hidden => *i,
+        other => {
+            return Err(MoeError::invalid(
+                g.as_str(),
+                format!("shape {other:?}, expected [I_s, {hidden}]"),
+            ))
+        }
+    };
+    let mut w13 = dense_f32(ck, &g, inter, hidden)?;
+    w13.extend(dense_f32(ck, &u, inter, hidden)?);
+    let w2 = dense_f32(ck, &d, hidden, inter)?;
+    let gate = match family.shared_gate(layer) {
+        Some(name) if ck.contains(&name) => Some(dense_f32(ck, &name, 1, hidden)?),
+        _ => None,
+    };
+    Ok(Some(SharedWeights {
+        w13,
+        w2,
+        inter,
+        gate,
+    }))
+}

@@ -45,6 +45,8 @@ pub struct Generated {
     pub router: Vec<Vec<f32>>,
     /// `[layer]` = score-correction bias `[E]`, for families that have one.
     pub bias: Vec<Option<Vec<f32>>>,
+    /// `[layer]` = shared experts (gate, up, down), for families that have them.
+    pub shared: Vec<Option<[Vec<f32>; 3]>>,
 }
 
 struct Owned {
@@ -191,6 +193,7 @@ pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
         experts: Vec::new(),
         router: Vec::new(),
         bias: Vec::new(),
+        shared: Vec::new(),
     };
     for layer in 0..spec.layers {
         let out = &mut files[layer % spec.shards.max(1)];
@@ -242,6 +245,7 @@ pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
             None => None,
         };
         generated.bias.push(bias);
+        let mut shared = None;
         if spec.shared > 0 {
             let si = match family {
                 Family::Qwen2Moe => spec.shared * 2 * i,
@@ -252,21 +256,17 @@ pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
                 family.shared(layer, Proj::Up),
                 family.shared(layer, Proj::Down),
             ) {
-                weight(out, gn, &uniform(si * h, a13), si, h, spec.fp8)?;
-                weight(out, un, &uniform(si * h, a13), si, h, spec.fp8)?;
-                weight(
-                    out,
-                    dn,
-                    &uniform(h * si, (3.0 / si as f32).sqrt()),
-                    h,
-                    si,
-                    spec.fp8,
-                )?;
+                let a_s = (3.0 / si as f32).sqrt();
+                let g = weight(out, gn, &uniform(si * h, a13), si, h, spec.fp8)?;
+                let u = weight(out, un, &uniform(si * h, a13), si, h, spec.fp8)?;
+                let d = weight(out, dn, &uniform(h * si, a_s), h, si, spec.fp8)?;
+                shared = Some([g, u, d]);
             }
             if let Some(name) = family.shared_gate(layer) {
                 out.insert(name, bf16(&uniform(h, 0.1), &[1, h]).0);
             }
         }
+        generated.shared.push(shared);
     }
     let n = files.len();
     let mut weight_map = serde_json::Map::new();

@@ -4,7 +4,7 @@
 //! naming the tensor or file.
 
 use moe_checkpoint::generate::{self, GenSpec};
-use moe_checkpoint::{load_experts, load_router, Checkpoint, ExpertSlice, Family};
+use moe_checkpoint::{load_experts, load_router, load_shared, Checkpoint, ExpertSlice, Family};
 use moe_runner_core::{as_expert_weights, MoeError, Proj, QuantScheme};
 use std::path::PathBuf;
 
@@ -107,6 +107,17 @@ fn every_family_loads_what_was_written() {
         let r = load_router(&ck, family, 1, s.experts, s.hidden).unwrap();
         assert_eq!(r.weight, written.router[1]);
         assert_eq!(r.bias, written.bias[1]);
+        let shared = load_shared(&ck, family, 1, s.hidden).unwrap();
+        match (&shared, &written.shared[1]) {
+            (Some(got), Some([g, u, d])) => {
+                assert_eq!(&got.w13[..g.len()], &g[..], "{arch} shared gate");
+                assert_eq!(&got.w13[g.len()..], &u[..], "{arch} shared up");
+                assert_eq!(&got.w2, d, "{arch} shared down");
+                assert_eq!(got.gate.is_some(), family == Family::Qwen2Moe);
+            }
+            (None, None) => {}
+            _ => panic!("{arch}: shared experts loaded {} / written {}", shared.is_some(), written.shared[1].is_some()),
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 }

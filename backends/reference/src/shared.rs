@@ -17,6 +17,8 @@ pub struct CpuSharedExperts {
     inter: usize,
     act: ActivationKernel,
     gate_up: GateUpLayout,
+    /// `[H]`: the output is scaled by sigmoid(x . gate) per token (Qwen2-MoE).
+    gate: Option<Vec<f32>>,
 }
 
 impl CpuSharedExperts {
@@ -47,7 +49,22 @@ impl CpuSharedExperts {
             inter,
             act,
             gate_up: cfg.gate_up,
+            gate: None,
         })
+    }
+
+    /// Scales each token's output by sigmoid(x . `gate`) (`[H]`), as Qwen2-MoE gates its shared
+    /// expert.
+    pub fn with_gate(mut self, gate: Vec<f32>) -> Result<Self> {
+        if gate.len() != self.hidden {
+            return Err(MoeError::Shape {
+                what: "shared expert gate".into(),
+                expected: vec![self.hidden],
+                got: vec![gate.len()],
+            });
+        }
+        self.gate = Some(gate);
+        Ok(self)
     }
 }
 
@@ -70,6 +87,13 @@ impl SharedExperts for CpuSharedExperts {
         drop(g);
         let mut y = vec![0f32; m * h];
         matmul_nt(&a, &self.w2, &mut y, m, h, self.inter);
+        if let Some(g) = &self.gate {
+            for (yr, xr) in y.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
+                let z: f32 = xr.iter().zip(g).map(|(a, b)| a * b).sum();
+                let s = 1.0 / (1.0 + (-z).exp());
+                yr.iter_mut().for_each(|v| *v *= s);
+            }
+        }
         Tensor::from_f32(&y, &[m, h], hidden.dtype())
     }
 }
