@@ -29,7 +29,7 @@ const BLOCK: usize = 128;
 impl ExpertSlice {
     fn local_inter(&self) -> Result<usize> {
         let (rank, size) = self.tp;
-        if size == 0 || rank >= size || self.inter % size != 0 {
+        if size == 0 || rank >= size || !self.inter.is_multiple_of(size) {
             return Err(MoeError::invalid(
                 "tensor parallelism",
                 format!(

@@ -12,5 +12,7 @@ pub mod generate;
 pub mod store;
 
 pub use arch::{Family, Proj, ARCHITECTURES};
-pub use experts::{load_experts, load_router, load_shared, ExpertSlice, RouterWeights, SharedWeights};
+pub use experts::{
+    load_experts, load_router, load_shared, ExpertSlice, RouterWeights, SharedWeights,
+};
 pub use store::{Checkpoint, TensorRef};

@@ -116,7 +116,11 @@ fn every_family_loads_what_was_written() {
                 assert_eq!(got.gate.is_some(), family == Family::Qwen2Moe);
             }
             (None, None) => {}
-            _ => panic!("{arch}: shared experts loaded {} / written {}", shared.is_some(), written.shared[1].is_some()),
+            _ => panic!(
+                "{arch}: shared experts loaded {} / written {}",
+                shared.is_some(),
+                written.shared[1].is_some()
+            ),
         }
         let _ = std::fs::remove_dir_all(&d);
     }

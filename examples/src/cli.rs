@@ -163,6 +163,13 @@ pub struct RunArgs {
     /// Run DeepSeek / GLM shared experts as a separate MLP instead of as extra routed experts.
     #[arg(long)]
     pub no_shared_fusion: bool,
+    /// A Hugging Face checkpoint directory (config.json and safetensors): run one of its MoE
+    /// layers with its weights and router instead of synthetic ones.
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: Option<PathBuf>,
+    /// The checkpoint's decoder layer [default: the first with routed experts].
+    #[arg(long, value_name = "L", requires = "checkpoint")]
+    pub layer: Option<usize>,
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 pub mod a2a_bench;
 #[cfg(feature = "cuda")]
 pub mod bench;
+pub mod checkpoint_layer;
 pub mod cli;
 #[cfg(feature = "cuda")]
 pub mod ep_world;

@@ -4,6 +4,7 @@
 //! with the CPU reference on the same routing, then times the whole layer forward (route,
 //! dispatch, run, combine, shared experts) after one warm-up.
 
+use crate::checkpoint_layer::CheckpointLayer;
 use crate::cli::RunArgs;
 use crate::error::{CliError, Result};
 use crate::hf_config;
@@ -183,29 +184,51 @@ fn place(host: &Inputs, device: &Device) -> Result<Option<Inputs>> {
 }
 
 pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
-    let spec = load_spec(args.config.as_deref(), &args.preset)?;
-    let scheme = args
-        .scheme
+    let ckpt = args
+        .checkpoint
         .as_deref()
-        .map(parse_scheme)
-        .transpose()?
-        .unwrap_or(spec.default_scheme);
+        .map(|d| CheckpointLayer::open(d, args.layer))
+        .transpose()?;
+    let spec = match &ckpt {
+        Some(c) => c.spec.clone(),
+        None => load_spec(args.config.as_deref(), &args.preset)?,
+    };
+    let asked = args.scheme.as_deref().map(parse_scheme).transpose()?;
+    let scheme = match (&ckpt, asked) {
+        (Some(c), Some(s)) if s != c.scheme => {
+            return Err(MoeError::invalid(
+                "--scheme",
+                format!("{s}: the checkpoint's experts are {}", c.scheme),
+            )
+            .into())
+        }
+        (Some(c), _) => c.scheme,
+        (None, s) => s.unwrap_or(spec.default_scheme),
+    };
     let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
     let (tp, ep) = (args.tp.get(), args.ep.get());
     #[cfg(feature = "cuda")]
     if args.a2a == moe_backend_deepep_ll::A2A && ep > 1 {
+        if ckpt.is_some() {
+            return Err(MoeError::invalid(
+                "--checkpoint",
+                "the expert-parallel world run uses synthetic weights; load a checkpoint with --ep 1 or the standard a2a",
+            )
+            .into());
+        }
         let seeds = (
             args.seed.wrapping_add(SEED_HIDDEN),
             args.seed.wrapping_add(SEED_LOGITS),
         );
         return crate::ep_world::run_world(args, &spec, scheme, tokens, seeds, out);
     }
-    let plan = LayerPlan::new(
+    // A checkpoint's shared experts run as their own MLP (fusing them would restack them).
+    let mut plan = LayerPlan::new(
         &spec,
         Parallelism {
             tp,
             ep,
-            fuse_shared: !args.no_shared_fusion,
+            fuse_shared: !args.no_shared_fusion && ckpt.is_none(),
         },
         args.seed,
     )?;
@@ -231,10 +254,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     memory::check_fits(weight_bytes, memory::available_bytes())?;
 
     let dims = plan.weight_dims();
-    let bar = weight_bar(2 * dims.experts as u64, args.json);
-    let weights = synthetic::weights(dims, scheme, args.seed, &|n| bar.inc(n))?;
-    bar.finish_and_clear();
-    let shared = shared_experts(&plan, args.seed.wrapping_add(SEED_SHARED))?;
+    let mut notes = Vec::new();
     let hidden = synthetic::hidden(
         tokens,
         spec.hidden,
@@ -242,11 +262,41 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         args.seed.wrapping_add(SEED_HIDDEN),
     )?;
     // The router runs on the host, so the logits stay there.
-    let logits = synthetic::logits(
-        tokens,
-        spec.routed_experts,
-        args.seed.wrapping_add(SEED_LOGITS),
-    )?;
+    let (weights, shared, logits) = match &ckpt {
+        Some(c) => {
+            let bar = weight_bar(dims.experts as u64, args.json);
+            let started = Instant::now();
+            let weights = c.experts(&plan, tp, &|_| bar.inc(1))?;
+            bar.finish_and_clear();
+            notes.push(format!(
+                "layer {} of checkpoint {}: {} experts loaded in {:.2} s",
+                c.layer,
+                c.ck.dir().display(),
+                dims.experts,
+                started.elapsed().as_secs_f64()
+            ));
+            let shared = if tp == 1 {
+                c.shared(&plan)?
+            } else {
+                notes.push("shared experts are not split under --tp; left out".into());
+                None
+            };
+            let logits = c.route_inputs(&mut plan, &hidden)?;
+            (weights, shared, logits)
+        }
+        None => {
+            let bar = weight_bar(2 * dims.experts as u64, args.json);
+            let weights = synthetic::weights(dims, scheme, args.seed, &|n| bar.inc(n))?;
+            bar.finish_and_clear();
+            let shared = shared_experts(&plan, args.seed.wrapping_add(SEED_SHARED))?;
+            let logits = synthetic::logits(
+                tokens,
+                spec.routed_experts,
+                args.seed.wrapping_add(SEED_LOGITS),
+            )?;
+            (weights, shared, logits)
+        }
+    };
 
     let host = Inputs { weights, hidden };
     let placed = place(&host, runner.device())?;
@@ -302,6 +352,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         notes: device_note
             .into_iter()
             .chain(plan.fusion_note.clone())
+            .chain(notes)
             .collect(),
     };
     if args.json {
