@@ -95,8 +95,9 @@ impl CheckpointLayer {
         Ok(Some(Box::new(mlp)))
     }
 
-    /// Router logits `[M, E]` = hidden x gate^T, and the correction bias into `plan`'s router.
-    pub fn route_inputs(&self, plan: &mut LayerPlan, hidden: &Tensor) -> Result<Tensor> {
+    /// The checkpoint's router: its `[E, H]` weight as f32, its correction bias set into
+    /// `plan`'s router.
+    pub fn router(&self, plan: &mut LayerPlan) -> Result<Vec<f32>> {
         let (e, h) = (self.spec.routed_experts, self.spec.hidden);
         let r = load_router(&self.ck, self.family, self.layer, e, h)?;
         if let RoutingMethod::DeepSeekGrouped {
@@ -105,6 +106,13 @@ impl CheckpointLayer {
         {
             *correction_bias = r.bias;
         }
+        Ok(r.weight)
+    }
+
+    /// Router logits `[M, E]` = hidden x gate^T (and the bias into `plan`, as [`Self::router`]).
+    pub fn route_inputs(&self, plan: &mut LayerPlan, hidden: &Tensor) -> Result<Tensor> {
+        let (e, h) = (self.spec.routed_experts, self.spec.hidden);
+        let weight = self.router(plan)?;
         let x = hidden.to_f32_vec()?;
         let m = x.len() / h;
         let mut logits = vec![0f32; m * e];
@@ -112,7 +120,7 @@ impl CheckpointLayer {
             .par_chunks_mut(e)
             .zip(x.par_chunks(h))
             .for_each(|(out, row)| {
-                for (o, w) in out.iter_mut().zip(r.weight.chunks_exact(h)) {
+                for (o, w) in out.iter_mut().zip(weight.chunks_exact(h)) {
                     *o = row.iter().zip(w).map(|(a, b)| a * b).sum();
                 }
             });
