@@ -8,8 +8,9 @@ use std::ffi::CString;
 use std::path::PathBuf;
 use std::process::Command;
 
-/// `target/<profile>/deps`, beside this test: where `cargo test` builds `libmoe_runner.so`
-/// (the copy one level up is only refreshed by `cargo build`).
+/// The directory of this test: where `cargo test` builds `libmoe_runner.so` (`target/<profile>/
+/// deps`; the copy one level up is only refreshed by `cargo build`), and where a staged copy of
+/// the tests for another machine keeps it.
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().to_path_buf()
@@ -91,7 +92,10 @@ fn a_c_program_runs_a_layer_like_rust_does() {
 
     let exe = dir.join("smoke");
     let lib = lib_dir();
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // The crate's sources: where cargo built this test, else `capi/` under the current
+    // directory (a copy of the tree on another machine, run from its root).
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = if built.is_dir() { built } else { PathBuf::from("capi") };
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let built = Command::new(&cc)
         .arg(manifest.join("tests/c/smoke.c"))

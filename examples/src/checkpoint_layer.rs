@@ -127,3 +127,30 @@ impl CheckpointLayer {
         Ok(Tensor::from_f32(&logits, &[m, e], DType::F32)?)
     }
 }
+
+/// `moe gen-checkpoint`: writes a small checkpoint and prints where.
+pub fn gen_checkpoint(args: &crate::cli::GenCheckpointArgs, out: &mut dyn std::io::Write) -> Result<()> {
+    let arch = moe_checkpoint::ARCHITECTURES
+        .iter()
+        .map(|(a, _)| *a)
+        .find(|a| *a == args.arch)
+        .ok_or_else(|| MoeError::Unknown {
+            kind: "checkpoint architecture",
+            name: args.arch.clone(),
+            known: moe_checkpoint::ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", "),
+        })?;
+    let spec = moe_checkpoint::generate::GenSpec {
+        arch,
+        layers: args.layers,
+        experts: args.experts,
+        hidden: args.hidden,
+        inter: args.inter,
+        top_k: args.top_k,
+        shared: args.shared,
+        fp8: args.fp8,
+        shards: args.shards,
+    };
+    moe_checkpoint::generate::write(&args.out, &spec, args.seed)?;
+    writeln!(out, "wrote {} ({} layers, {} experts) to {}", arch, args.layers, args.experts, args.out.display())?;
+    Ok(())
+}

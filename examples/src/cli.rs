@@ -26,8 +26,41 @@ pub enum Command {
     Bench(BenchArgs),
     /// Search the triton runner's tiles per batch size on the GPU and write a tuned-config file.
     Tune(TuneArgs),
+    /// Write a small checkpoint (config.json, safetensors) in a family's exact layout.
+    GenCheckpoint(GenCheckpointArgs),
     /// Time the deepep_ll all-to-all over this process's GPUs (dispatch, combine, whole layer).
     BenchA2a(A2aBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct GenCheckpointArgs {
+    /// `architectures[0]`: DeepseekV3ForCausalLM, Glm4MoeForCausalLM, Qwen2MoeForCausalLM,
+    /// Qwen3MoeForCausalLM, MixtralForCausalLM, ...
+    #[arg(long, default_value = "Qwen3MoeForCausalLM")]
+    pub arch: String,
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 16)]
+    pub experts: usize,
+    #[arg(long, default_value_t = 512)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 256)]
+    pub inter: usize,
+    #[arg(long, default_value_t = 4)]
+    pub top_k: usize,
+    /// Shared experts (for the families that have them).
+    #[arg(long, default_value_t = 0)]
+    pub shared: usize,
+    /// FP8 E4M3 weights with 128x128 block scales.
+    #[arg(long)]
+    pub fp8: bool,
+    #[arg(long, default_value_t = 1)]
+    pub shards: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

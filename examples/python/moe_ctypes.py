@@ -1,0 +1,133 @@
+"""Calls the MoE runner's C ABI (libmoe_runner.so) from Python through ctypes, on PyTorch
+tensors' device pointers, and compares the layer's output with the same layer computed in
+PyTorch from the checkpoint's safetensors.
+
+    moe gen-checkpoint --arch Qwen3MoeForCausalLM --out /tmp/ckpt
+    python3 examples/python/moe_ctypes.py path/to/libmoe_runner.so /tmp/ckpt [TOKENS]
+"""
+import ctypes
+import json
+import struct
+import sys
+
+import torch
+
+OK = 0
+
+
+class MoeOptions(ctypes.Structure):
+    _fields_ = [
+        ("cuda_device_plus_one", ctypes.c_int32),
+        ("layer_plus_one", ctypes.c_int32),
+        ("max_tokens", ctypes.c_int64),
+        ("runner", ctypes.c_char_p),
+    ]
+
+
+class MoeLayerInfo(ctypes.Structure):
+    _fields_ = [
+        ("hidden_size", ctypes.c_int64),
+        ("num_experts", ctypes.c_int64),
+        ("top_k", ctypes.c_int64),
+        ("activation_dtype", ctypes.c_int32),
+        ("on_gpu", ctypes.c_int32),
+    ]
+
+
+DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def read_safetensors(path):
+    """Every tensor of one file, as PyTorch tensors on the CPU."""
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        raw = bytearray(data[8 + n + a : 8 + n + b])
+        t = torch.frombuffer(raw, dtype=DTYPES[info["dtype"]]) if raw else torch.empty(0)
+        out[name] = t.reshape(info["shape"])
+    return out
+
+
+def reference(weights, config, layer, hidden, logits):
+    """The Qwen3-MoE layer in f32: softmax routing, top-k, renormalized, SiLU-gated experts."""
+    k = config["num_experts_per_tok"]
+    probs = torch.softmax(logits, dim=-1)
+    w, ids = torch.topk(probs, k, dim=-1)
+    if config.get("norm_topk_prob", False):
+        w = w / w.sum(dim=-1, keepdim=True)
+    x = hidden.float()
+    out = torch.zeros_like(x)
+    prefix = f"model.layers.{layer}.mlp.experts"
+    for e in range(config["num_experts"]):
+        rows, slot = (ids == e).nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            continue
+        g = weights[f"{prefix}.{e}.gate_proj.weight"].float().cuda()
+        u = weights[f"{prefix}.{e}.up_proj.weight"].float().cuda()
+        d = weights[f"{prefix}.{e}.down_proj.weight"].float().cuda()
+        xe = x[rows]
+        y = (torch.nn.functional.silu(xe @ g.T) * (xe @ u.T)) @ d.T
+        out.index_add_(0, rows, y * w[rows, slot].unsqueeze(1).cuda())
+    return out
+
+
+def main():
+    lib_path, ckpt = sys.argv[1], sys.argv[2]
+    tokens = int(sys.argv[3]) if len(sys.argv) > 3 else 33
+    lib = ctypes.CDLL(lib_path)
+    lib.moe_layer_create.argtypes = [ctypes.c_char_p, ctypes.POINTER(MoeOptions), ctypes.POINTER(ctypes.c_void_p)]
+    lib.moe_layer_info.argtypes = [ctypes.c_void_p, ctypes.POINTER(MoeLayerInfo)]
+    lib.moe_layer_path.argtypes = [ctypes.c_void_p]
+    lib.moe_layer_path.restype = ctypes.c_char_p
+    lib.moe_layer_forward.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.moe_layer_destroy.argtypes = [ctypes.c_void_p]
+    lib.moe_last_error.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+    lib.moe_last_error.restype = ctypes.c_size_t
+
+    def check(status, what):
+        if status != OK:
+            buf = ctypes.create_string_buffer(1024)
+            lib.moe_last_error(buf, 1024)
+            raise RuntimeError(f"{what}: status {status}: {buf.value.decode()}")
+
+    opts = MoeOptions(cuda_device_plus_one=1, layer_plus_one=0, max_tokens=256, runner=None)
+    layer = ctypes.c_void_p()
+    check(lib.moe_layer_create(ckpt.encode(), ctypes.byref(opts), ctypes.byref(layer)), "create")
+    info = MoeLayerInfo()
+    check(lib.moe_layer_info(layer, ctypes.byref(info)), "info")
+    print("path:", lib.moe_layer_path(layer).decode())
+    assert info.on_gpu == 1 and info.activation_dtype == 1, (info.on_gpu, info.activation_dtype)
+
+    torch.manual_seed(0)
+    hidden = torch.randn(tokens, info.hidden_size, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(tokens, info.num_experts, dtype=torch.float32)
+    out = torch.empty_like(hidden)
+    # The layer runs on its own stream: PyTorch's writes must be done first.
+    torch.cuda.synchronize()
+    check(lib.moe_layer_forward(layer, hidden.data_ptr(), logits.data_ptr(), out.data_ptr(), tokens), "forward")
+
+    config = json.load(open(f"{ckpt}/config.json"))
+    weights = read_safetensors(f"{ckpt}/model.safetensors")
+    want = reference(weights, config, 0, hidden, logits.cuda())
+    rel = ((out.float() - want).norm() / want.norm()).item()
+    print(f"{tokens} tokens: rel L2 vs PyTorch {rel:.3e}")
+
+    # A bad call is an error code and a message, not a crash.
+    status = lib.moe_layer_forward(layer, None, logits.data_ptr(), out.data_ptr(), tokens)
+    buf = ctypes.create_string_buffer(256)
+    lib.moe_last_error(buf, 256)
+    print(f"null hidden: status {status} ({buf.value.decode()})")
+    assert status == 1
+    lib.moe_layer_destroy(layer)
+    assert rel < 2e-2, rel
+    print("ok")
+
+
+if __name__ == "__main__":
+    main()
