@@ -78,7 +78,9 @@ impl SharedExperts for CpuSharedExperts {
                 got: vec![m, h],
             });
         }
-        let x = hidden.to_f32_vec()?;
+        // The MLP runs on the host; a GPU layer's hidden states come over (and the layer adds
+        // the result to its routed output on the host).
+        let x = hidden.to_host()?.to_f32_vec()?;
         let n1 = self.w13.len() / h;
         let mut g = vec![0f32; m * n1];
         matmul_nt(&x, &self.w13, &mut g, m, n1, h);
