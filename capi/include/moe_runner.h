@@ -36,6 +36,11 @@ typedef struct MoeOptions {
   int64_t max_tokens;
   // A registered runner's name, or null / "auto" for the preferred path on the device.
   const char *runner;
+  // The engine's `CUstream` (e.g. PyTorch's `torch.cuda.current_stream().cuda_stream`) in
+  // the device's primary context: the layer queues its work there and `moe_layer_forward`
+  // returns without waiting. Null: the layer's own stream, and forward returns when `out`
+  // is written.
+  void *cuda_stream;
 } MoeOptions;
 
 // What a created layer expects.
@@ -78,7 +83,8 @@ const char *moe_layer_path(const struct MoeLayer *layer);
 
 // Runs the layer on `tokens` rows: `hidden [tokens, H]` and `out [tokens, H]` in the
 // activation dtype, on the GPU when the layer is (device pointers) or the host;
-// `router_logits [tokens, E]` f32 on the host. Returns when `out` is written.
+// `router_logits [tokens, E]` f32 on the host. Returns when `out` is written, or, for a layer
+// on the engine's stream, once the work is queued there.
 //
 // # Safety
 // The pointers address buffers of those sizes that stay valid during the call; `out` may not

@@ -44,6 +44,11 @@ pub struct MoeOptions {
     pub max_tokens: i64,
     /// A registered runner's name, or null / "auto" for the preferred path on the device.
     pub runner: *const c_char,
+    /// The engine's `CUstream` (e.g. PyTorch's `torch.cuda.current_stream().cuda_stream`) in
+    /// the device's primary context: the layer queues its work there and `moe_layer_forward`
+    /// returns without waiting. Null: the layer's own stream, and forward returns when `out`
+    /// is written.
+    pub cuda_stream: *mut c_void,
 }
 
 /// What a created layer expects.
@@ -65,6 +70,8 @@ pub struct MoeLayerHandle {
     device: Device,
     info: MoeLayerInfo,
     max_tokens: usize,
+    /// Work goes on the engine's stream: forward does not wait for it.
+    engine_stream: bool,
     act: DType,
     path: std::ffi::CString,
 }
@@ -138,10 +145,23 @@ fn create(
         // SAFETY: non-null, and the caller passes a valid MoeOptions.
         unsafe { *options }
     };
-    let device = match opts.cuda_device_plus_one {
-        0 => Device::cpu(),
-        n if n > 0 => Device::cuda(n as usize - 1).map_err(moe)?,
-        n => {
+    let device = match (opts.cuda_device_plus_one, opts.cuda_stream.is_null()) {
+        (0, true) => Device::cpu(),
+        (0, false) => {
+            return Err((
+                MoeStatus::InvalidArgument,
+                "cuda_stream given for a CPU layer".into(),
+            ))
+        }
+        (n, true) if n > 0 => Device::cuda(n as usize - 1).map_err(moe)?,
+        // SAFETY: the caller passes a live stream of that device's primary context.
+        (n, false) if n > 0 => Device::Cuda(
+            unsafe {
+                moe_runner_core::CudaDevice::with_stream(n as usize - 1, opts.cuda_stream.cast())
+            }
+            .map_err(moe)?,
+        ),
+        (n, _) => {
             return Err((
                 MoeStatus::InvalidArgument,
                 format!("cuda_device_plus_one = {n}"),
@@ -221,6 +241,7 @@ fn create(
         device,
         info,
         max_tokens,
+        engine_stream: !opts.cuda_stream.is_null(),
         act,
         path,
     })
@@ -285,7 +306,8 @@ pub unsafe extern "C" fn moe_layer_path(layer: *const MoeLayerHandle) -> *const 
 
 /// Runs the layer on `tokens` rows: `hidden [tokens, H]` and `out [tokens, H]` in the
 /// activation dtype, on the GPU when the layer is (device pointers) or the host;
-/// `router_logits [tokens, E]` f32 on the host. Returns when `out` is written.
+/// `router_logits [tokens, E]` f32 on the host. Returns when `out` is written, or, for a layer
+/// on the engine's stream, once the work is queued there.
 ///
 /// # Safety
 /// The pointers address buffers of those sizes that stay valid during the call; `out` may not
@@ -352,6 +374,9 @@ pub unsafe extern "C" fn moe_layer_forward(
                 // SAFETY: `out` holds `bytes` writable bytes (the caller's contract).
                 unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), out as *mut u8, bytes) };
             }
+        }
+        if l.engine_stream {
+            return Ok(());
         }
         l.device.synchronize().map_err(moe)
     })

@@ -21,6 +21,7 @@ class MoeOptions(ctypes.Structure):
         ("layer_plus_one", ctypes.c_int32),
         ("max_tokens", ctypes.c_int64),
         ("runner", ctypes.c_char_p),
+        ("cuda_stream", ctypes.c_void_p),
     ]
 
 
@@ -96,7 +97,12 @@ def main():
             lib.moe_last_error(buf, 1024)
             raise RuntimeError(f"{what}: status {status}: {buf.value.decode()}")
 
-    opts = MoeOptions(cuda_device_plus_one=1, layer_plus_one=0, max_tokens=256, runner=None)
+    # The layer queues its work on PyTorch's current stream, ordered with PyTorch's own.
+    stream = torch.cuda.current_stream()
+    opts = MoeOptions(
+        cuda_device_plus_one=1, layer_plus_one=0, max_tokens=256, runner=None,
+        cuda_stream=stream.cuda_stream,
+    )
     layer = ctypes.c_void_p()
     check(lib.moe_layer_create(ckpt.encode(), ctypes.byref(opts), ctypes.byref(layer)), "create")
     info = MoeLayerInfo()
@@ -108,8 +114,6 @@ def main():
     hidden = torch.randn(tokens, info.hidden_size, device="cuda", dtype=torch.bfloat16)
     logits = torch.randn(tokens, info.num_experts, dtype=torch.float32)
     out = torch.empty_like(hidden)
-    # The layer runs on its own stream: PyTorch's writes must be done first.
-    torch.cuda.synchronize()
     check(lib.moe_layer_forward(layer, hidden.data_ptr(), logits.data_ptr(), out.data_ptr(), tokens), "forward")
 
     config = json.load(open(f"{ckpt}/config.json"))

@@ -107,6 +107,24 @@ mod cuda {
             Ok(Self { ctx, stream })
         }
 
+        /// Work on a stream the engine owns (its `CUstream`, e.g. PyTorch's current stream) in
+        /// GPU `ordinal`'s primary context, so kernels are ordered with the engine's own work.
+        ///
+        /// # Safety
+        /// `stream` is a live stream of that context and outlives every use of the device.
+        pub unsafe fn with_stream(
+            ordinal: usize,
+            stream: cudarc::driver::sys::CUstream,
+        ) -> Result<Self> {
+            let own = Self::new(ordinal)?;
+            // SAFETY: the caller's contract.
+            let stream = unsafe { own.ctx.wrap_borrowed_stream(stream) };
+            Ok(Self {
+                ctx: own.ctx,
+                stream,
+            })
+        }
+
         pub fn context(&self) -> &Arc<CudaContext> {
             &self.ctx
         }
