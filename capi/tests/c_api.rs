@@ -95,7 +95,11 @@ fn a_c_program_runs_a_layer_like_rust_does() {
     // The crate's sources: where cargo built this test, else `capi/` under the current
     // directory (a copy of the tree on another machine, run from its root).
     let built = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let manifest = if built.is_dir() { built } else { PathBuf::from("capi") };
+    let manifest = if built.is_dir() {
+        built
+    } else {
+        PathBuf::from("capi")
+    };
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let built = Command::new(&cc)
         .arg(manifest.join("tests/c/smoke.c"))

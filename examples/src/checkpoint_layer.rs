@@ -129,7 +129,10 @@ impl CheckpointLayer {
 }
 
 /// `moe gen-checkpoint`: writes a small checkpoint and prints where.
-pub fn gen_checkpoint(args: &crate::cli::GenCheckpointArgs, out: &mut dyn std::io::Write) -> Result<()> {
+pub fn gen_checkpoint(
+    args: &crate::cli::GenCheckpointArgs,
+    out: &mut dyn std::io::Write,
+) -> Result<()> {
     let arch = moe_checkpoint::ARCHITECTURES
         .iter()
         .map(|(a, _)| *a)
@@ -137,7 +140,11 @@ pub fn gen_checkpoint(args: &crate::cli::GenCheckpointArgs, out: &mut dyn std::i
         .ok_or_else(|| MoeError::Unknown {
             kind: "checkpoint architecture",
             name: args.arch.clone(),
-            known: moe_checkpoint::ARCHITECTURES.iter().map(|(a, _)| *a).collect::<Vec<_>>().join(", "),
+            known: moe_checkpoint::ARCHITECTURES
+                .iter()
+                .map(|(a, _)| *a)
+                .collect::<Vec<_>>()
+                .join(", "),
         })?;
     let spec = moe_checkpoint::generate::GenSpec {
         arch,
@@ -151,6 +158,13 @@ pub fn gen_checkpoint(args: &crate::cli::GenCheckpointArgs, out: &mut dyn std::i
         shards: args.shards,
     };
     moe_checkpoint::generate::write(&args.out, &spec, args.seed)?;
-    writeln!(out, "wrote {} ({} layers, {} experts) to {}", arch, args.layers, args.experts, args.out.display())?;
+    writeln!(
+        out,
+        "wrote {} ({} layers, {} experts) to {}",
+        arch,
+        args.layers,
+        args.experts,
+        args.out.display()
+    )?;
     Ok(())
 }

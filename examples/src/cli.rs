@@ -203,6 +203,10 @@ pub struct RunArgs {
     /// The checkpoint's decoder layer [default: the first with routed experts].
     #[arg(long, value_name = "L", requires = "checkpoint")]
     pub layer: Option<usize>,
+    /// Run every MoE layer of the checkpoint as a stack (with residuals) through every
+    /// registered path for its scheme, each against the reference.
+    #[arg(long, requires = "checkpoint", conflicts_with = "layer")]
+    pub stack: bool,
 }
 
 #[cfg(test)]

@@ -21,6 +21,7 @@ pub mod output;
 pub mod plan;
 pub mod progress;
 pub mod run;
+pub mod stack;
 pub mod timing;
 #[cfg(feature = "cuda")]
 pub mod tune;

@@ -184,6 +184,12 @@ fn place(host: &Inputs, device: &Device) -> Result<Option<Inputs>> {
 }
 
 pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
+    if let (true, Some(dir)) = (args.stack, args.checkpoint.as_deref()) {
+        let tokens = args.tokens.unwrap_or(16);
+        let rows = crate::stack::run_all(dir, tokens, args.seed)?;
+        let scheme = CheckpointLayer::open(dir, None)?.scheme;
+        return crate::stack::print(&rows, suite::tolerance(scheme), args.json, out);
+    }
     let ckpt = args
         .checkpoint
         .as_deref()

@@ -92,3 +92,44 @@ fn checkpoint_layers_run_and_match_the_reference() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+#[test]
+fn checkpoint_stacks_agree_through_every_path() {
+    for (arch, fp8) in [
+        ("Qwen2MoeForCausalLM", false),
+        ("DeepseekV3ForCausalLM", true),
+    ] {
+        let dir = std::env::temp_dir().join(format!("moe-stack-{}-{arch}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let spec = GenSpec {
+            arch,
+            layers: 3,
+            experts: 8,
+            hidden: 256,
+            inter: 256,
+            top_k: 2,
+            shared: 1,
+            fp8,
+            shards: 1,
+        };
+        generate::write(&dir, &spec, 13).unwrap();
+        let rows = run_json(&[
+            "moe",
+            "run",
+            "--checkpoint",
+            dir.to_str().unwrap(),
+            "--stack",
+            "--tokens",
+            "6",
+            "--json",
+        ]);
+        let rows = rows.as_array().unwrap();
+        // Both CPU paths (standard and masked) at least, more on a GPU machine.
+        assert!(rows.len() >= 2, "{arch}: {rows:?}");
+        for r in rows {
+            assert_eq!(r["layers"].as_u64().unwrap(), 3);
+            assert!(r["rel_l2"].as_f64().unwrap() < 3e-2, "{arch}: {r}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -421,6 +421,7 @@ impl Tensor {
     /// A device tensor of `shape`, zero-filled (asynchronously, on the device's stream).
     pub fn zeros_cuda(device: &crate::CudaDevice, shape: &[usize], dtype: DType) -> Result<Self> {
         let bytes = shape.iter().product::<usize>() * dtype.size();
+        crate::cuda::record_allocation();
         let buf = device
             .stream()
             .alloc_zeros::<u8>(bytes.max(1))
@@ -537,6 +538,7 @@ mod cuda_io {
     }
 
     pub(super) fn upload(dev: &CudaDevice, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        crate::cuda::record_allocation();
         dev.stream().clone_htod(bytes).map_err(dev_err)
     }
 

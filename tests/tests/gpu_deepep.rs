@@ -542,3 +542,40 @@ fn ipc_rank(rank: usize, dir: &std::path::Path) {
     }
     d.check().unwrap();
 }
+
+/// Dispatch, masked GEMMs and combine into the caller's output allocate no device memory once
+/// warm: the runner writes into the dispatcher's registered buffer and every tensor of the
+/// dispatch output is a view of the dispatcher's buffers.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn warm_layers_allocate_nothing() {
+    let dcfg = world_cfg(1, Wire::Fp8);
+    let mut cfg = MoeRunnerConfig::new(E, H, I, K);
+    cfg.routed_scaling_factor = dcfg.routed_scaling_factor;
+    let d = LlWorld::in_process(&devices(1), &dcfg).unwrap().remove(0);
+    let dev = d.device().clone();
+    let device = Device::Cuda(dev.clone());
+    let quant = synthetic::weights(dims(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let dq = quant_to_device(quant.as_ref(), &device).unwrap();
+    let runner = MaskedGemmRunner::new(&cfg, &device).unwrap();
+    let (hidden, topk) = on(&dev, &inputs(1, 21)[0]);
+    let out = Tensor::zeros_cuda(&dev, &[T, H], DType::Bf16).unwrap();
+    let layer = || {
+        let t = TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap();
+        let got = d.dispatch_now(&hidden, t).unwrap();
+        let y = runner.run(&got, dq.as_ref()).unwrap();
+        let y = moe_runner_core::downcast_combine::<DeepEpLlCombineInput>(
+            y,
+            moe_runner_core::DispatchFormat::DeepEpLowLatency,
+        )
+        .unwrap();
+        d.combine_into(&y.hidden, &got, &out).unwrap();
+    };
+    layer();
+    let before = moe_runner_core::cuda::device_allocations();
+    for _ in 0..4 {
+        layer();
+    }
+    d.check().unwrap();
+    assert_eq!(moe_runner_core::cuda::device_allocations(), before);
+}

@@ -221,3 +221,43 @@ fn graph_replay_matches_eager() {
         assert!(eager.iter().all(|v| v.is_finite()));
     }
 }
+
+/// After a warm-up call, forward passes into the caller's output allocate no device memory:
+/// the count of tensor allocations does not move.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn warm_forward_passes_allocate_nothing() {
+    let device = gpu();
+    let dev = device.as_cuda().unwrap();
+    let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
+    for scheme in [QuantScheme::Bf16, QuantScheme::Fp8Block128] {
+        let quant = synthetic::weights(dims(&cfg), scheme, 3, &|_| {}).unwrap();
+        let dq = quant_to_device(quant.as_ref(), &device).unwrap();
+        let runner = TritonRunner::new(&cfg, &device).unwrap();
+        let hidden = synthetic::hidden(40, 256, moe_runner_core::DType::Bf16, 4).unwrap();
+        let topk = synthetic::topk(40, 2, 8, 5, true, true).unwrap();
+        let input = StandardDispatchOutput {
+            hidden: hidden.to_device(&device).unwrap(),
+            hidden_scale: None,
+            topk: topk.to_device(&device).unwrap(),
+        };
+        let out = Tensor::zeros_cuda(dev, &[40, 256], moe_runner_core::DType::Bf16).unwrap();
+        runner.run_into(&input, dq.as_ref(), &out).unwrap();
+        let before = moe_runner_core::cuda::device_allocations();
+        for _ in 0..5 {
+            runner.run_into(&input, dq.as_ref(), &out).unwrap();
+        }
+        assert_eq!(
+            moe_runner_core::cuda::device_allocations(),
+            before,
+            "{scheme}"
+        );
+        assert!(out
+            .to_host()
+            .unwrap()
+            .to_f32_vec()
+            .unwrap()
+            .iter()
+            .any(|v| *v != 0.0));
+    }
+}

@@ -21,7 +21,9 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::List(args) => list::list(args, &mut out),
         Command::Run(args) => run::run(args, &mut out),
-        Command::GenCheckpoint(args) => moe_examples::checkpoint_layer::gen_checkpoint(args, &mut out),
+        Command::GenCheckpoint(args) => {
+            moe_examples::checkpoint_layer::gen_checkpoint(args, &mut out)
+        }
         #[cfg(feature = "cuda")]
         Command::Bench(args) => moe_examples::bench::bench(args, &mut out),
         #[cfg(feature = "cuda")]
