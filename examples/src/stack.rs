@@ -45,6 +45,9 @@ fn moe_layers(dir: &Path) -> Result<Vec<CheckpointLayer>> {
     Ok(layers)
 }
 
+/// One `[tokens, H]` f32 matrix per layer.
+type Rows = Vec<Vec<f32>>;
+
 /// Each layer's input and output `[tokens, H]` (f32) through `runner` (format `format`) on
 /// `device`. With `inputs`, every layer reads the given input (the reference's), so each
 /// layer's error is measured alone; without, the stack runs free from seeded tokens, each
@@ -57,7 +60,7 @@ fn run_layers(
     tokens: usize,
     seed: u64,
     inputs: Option<&[Vec<f32>]>,
-) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> Result<(Rows, Rows)> {
     let spec = &layers[0].spec;
     let act = if layers[0].scheme == moe_runner_core::QuantScheme::F16 {
         DType::F16
