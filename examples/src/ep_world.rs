@@ -61,7 +61,6 @@ fn forward(world: &[Rank]) -> moe_runner_core::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn run_world(
     args: &RunArgs,
     spec: &ModelSpec,

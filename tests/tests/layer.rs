@@ -319,3 +319,61 @@ fn scaling_factor_in_router_and_runner_is_rejected() {
     .expect("rejected");
     assert!(matches!(err, MoeError::Config(_)), "{err}");
 }
+
+/// A layer is `Send + Sync` and one instance serves several threads at once: each thread's
+/// output equals the same batch run alone.
+#[test]
+fn one_layer_serves_several_threads() {
+    fn shareable<T: Send + Sync>(_: &T) {}
+    let cfg = MoeRunnerConfig::new(E, H, I, K);
+    let w13 = synthetic::uniform(E * 2 * I * H, 0.2, 1);
+    let w2 = synthetic::uniform(E * H * I, 0.2, 2);
+    let shared = CpuSharedExperts::new(
+        synthetic::uniform(2 * I * H, 0.2, 3),
+        synthetic::uniform(H * I, 0.2, 4),
+        I,
+        &cfg,
+    )
+    .unwrap();
+    let l = layer(
+        deepseek_router(0, 1.0),
+        cfg,
+        DispatcherConfig::single(E, H, 64),
+        "standard",
+        &w13,
+        &w2,
+        Some(shared),
+    )
+    .unwrap();
+    shareable(&l);
+    let batch = |i: u64| {
+        (
+            synthetic::hidden(17 + i as usize, H, DType::F32, 10 + i).unwrap(),
+            synthetic::logits(17 + i as usize, E, 20 + i).unwrap(),
+        )
+    };
+    let alone: Vec<Vec<f32>> = (0..4)
+        .map(|i| {
+            let (x, g) = batch(i);
+            l.forward(&x, &g).unwrap().to_f32_vec().unwrap()
+        })
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let l = &l;
+                s.spawn(move || {
+                    let (x, g) = batch(i);
+                    (0..3)
+                        .map(|_| l.forward(&x, &g).unwrap().to_f32_vec().unwrap())
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            for got in h.join().unwrap() {
+                assert_eq!(got, alone[i], "thread {i}");
+            }
+        }
+    });
+}
