@@ -579,3 +579,67 @@ fn warm_layers_allocate_nothing() {
     d.check().unwrap();
     assert_eq!(moe_runner_core::cuda::device_allocations(), before);
 }
+
+/// Batches past 128 tokens are ranked in several chunks whose prefix sums the last block
+/// publishes: the layout and the combine still match the simulation byte for byte.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn chunked_routing_matches_the_simulation() {
+    for ranks in rank_counts() {
+        let (t, h) = (300, 256);
+        let cfg = DispatcherConfig {
+            world_size: ranks,
+            num_local_experts: E / ranks,
+            routed_scaling_factor: Some(1.5),
+            wire: Wire::Fp8,
+            ..DispatcherConfig::single(E, h, t).with_top_k(K)
+        };
+        let ds = LlWorld::in_process(&devices(ranks), &cfg).unwrap();
+        let ins: Vec<(Tensor, TopK)> = (0..ranks)
+            .map(|r| {
+                let m = if r == 0 { t } else { 201 };
+                (
+                    synthetic::hidden(m, h, DType::Bf16, 40 + r as u64).unwrap(),
+                    synthetic::topk(m, K, E, 50 + r as u64, true, true).unwrap(),
+                )
+            })
+            .collect();
+        let want = sim::dispatch(&cfg, &ins).unwrap();
+        let got = dispatch_all(&ds, &ins, true);
+        for (r, (g, w)) in got.iter().zip(&want.outputs).enumerate() {
+            assert_layout(g, w, &format!("chunked R={ranks} rank {r}"));
+        }
+        let (el, rt) = (E / ranks, ranks * t);
+        let ys: Vec<Vec<f32>> = (0..ranks)
+            .map(|r| {
+                let v = synthetic::uniform(el * rt * h, 2.0, 90 + r as u64);
+                Tensor::from_f32(&v, &[v.len()], DType::Bf16).unwrap().to_f32_vec().unwrap()
+            })
+            .collect();
+        let outs: Vec<Tensor> = ds
+            .iter()
+            .zip(&got)
+            .zip(&ys)
+            .map(|((d, g), y)| {
+                let y = Tensor::from_f32(y, &[el, rt, h], DType::Bf16)
+                    .unwrap()
+                    .to_device(&Device::Cuda(d.device().clone()))
+                    .unwrap();
+                let out = Tensor::zeros_cuda(d.device(), &[g.topk.num_tokens(), h], DType::Bf16).unwrap();
+                d.combine_into(&y, g, &out).unwrap();
+                out
+            })
+            .collect();
+        let expect = sim::combine(&cfg, &want, &ys, DType::Bf16).unwrap();
+        for (r, (o, w)) in outs.iter().zip(&expect).enumerate() {
+            assert_eq!(
+                o.to_host().unwrap().host_bytes().unwrap(),
+                w.host_bytes().unwrap(),
+                "chunked R={ranks} rank {r}: combine"
+            );
+        }
+        for d in &ds {
+            d.check().unwrap();
+        }
+    }
+}

@@ -28,7 +28,6 @@ pub struct LlLayout {
     pub masked_m: u64,
     pub layout_range: u64,
     pub comb: u64,
-    pub nflag: u64,
     pub dflag: u64,
     pub cflag: u64,
     pub state: u64,
@@ -46,9 +45,15 @@ pub struct LlLayout {
 }
 
 impl LlLayout {
-    /// This layout for a batch of `m` tokens.
+    /// This layout for a batch of `m` tokens: decode batches (up to 128 tokens) in one chunk,
+    /// whose counts each expert's warp publishes at once; larger ones in up to
+    /// [`MAX_CHUNKS`] chunks, ranked in parallel.
     pub fn for_batch(mut self, m: usize) -> (Self, usize) {
-        let chunk = 32 * m.div_ceil(32 * MAX_CHUNKS).max(1);
+        let chunk = if m <= 128 {
+            m.div_ceil(32).max(1) * 32
+        } else {
+            32 * m.div_ceil(32 * MAX_CHUNKS)
+        };
         self.chunk = chunk as i32;
         (self, m.div_ceil(chunk).max(1))
     }
@@ -147,11 +152,10 @@ impl LlShape {
             x_scale: take(scale_bytes),
             src_info: take(el * rt * 4),
             src_slot: take(el * rt * 4),
-            counts: take(self.ranks * e * 4),
+            counts: take(self.ranks * e * 8),
             masked_m: take(el * 4),
             layout_range: take(el * self.ranks * 8),
             comb: take(self.max_tokens * self.top_k * h * self.act_bytes),
-            nflag: take(self.ranks * 8),
             dflag: take(self.ranks * 8),
             cflag: take(self.ranks * 8),
             state: take(16 * 8),
@@ -209,7 +213,7 @@ mod tests {
         let mut regions = [
             (k.x, 128 * 256 * 7168),
             (k.x_scale, 128 * 256 * 56 * 4),
-            (k.counts, 2 * 256 * 4),
+            (k.counts, 2 * 256 * 8),
             (k.comb, 128 * 8 * 7168 * 2),
             (k.status, 4),
             (l.y, 128 * 256 * 7168 * 2),

@@ -4,12 +4,13 @@
 //
 // Dispatch (one buffer set per call, two alternating):
 //  - ll_route: the slot of each (token, k) among this rank's tokens routed to its expert, in
-//    token order (a warp per expert and chunk of tokens), then, in the last block, the count
-//    per expert broadcast to every rank with a release of this rank's count flag. Ids outside
-//    -1..E are flagged and skipped.
-//  - ll_dispatch_send: waits for every rank's counts, so each rank knows where its rows start
-//    in every expert (after the rows of lower ranks); reads each token once (cast to E4M3 per
-//    128 channels when FP8) and writes it straight into its final row [e_local][begin + slot]
+//    token order (a warp per expert and chunk of tokens), and the count per expert published
+//    to every rank, tagged with the call's epoch (by the expert's warp when the batch is one
+//    chunk, else by the last block after the chunk prefix sums). Ids outside -1..E are flagged
+//    and skipped.
+//  - ll_dispatch_send: reads each token once (cast to E4M3 per 128 channels when FP8), waits
+//    for the counts lower ranks publish for its experts, so it knows where its rows start
+//    (after theirs), and writes the token straight into its final row [e_local][begin + slot]
 //    on the expert's rank; the last block releases this rank's data flag everywhere.
 //  - ll_dispatch_recv: waits for every rank's data, writes masked_m and layout_range (or the
 //    send kernel's last block does, when the receive half is not split off).
@@ -30,11 +31,12 @@
 
 struct LlLayout {
     u64 x, x_scale, src_info, src_slot; // received rows [El, R*T, ...]
-    u64 counts;       // [R, E] i32: every source rank's per-expert counts, written by the sources
+    u64 counts;       // [R, E] u64: every source rank's per-expert count, tagged with the call's
+                      // epoch (epoch << 32 | count), written by the sources
     u64 masked_m;     // [El] i32
     u64 layout_range; // [El, R] i64
     u64 comb;         // [T, K, H] act dtype
-    u64 nflag, dflag, cflag; // [R] u64 each: counts, data and combine flags, written by peers
+    u64 dflag, cflag; // [R] u64 each: data and combine flags, written by peers
     u64 state;        // [16] u64, this rank only: epochs and done counters
     u64 slot_of;      // [T, K] i32, this rank only: slot within the token chunk
     u64 chunk_counts; // [MAX_CHUNKS, E] i32, this rank only: counts, then exclusive prefixes
@@ -108,6 +110,21 @@ struct LdPlain {
     __device__ __forceinline__ uint4 operator()(const uint4* p) const { return *p; }
 };
 
+// Waits for a count tagged with `epoch` or later (a source publishes each expert's count as
+// soon as it is known, with no flag behind it); the count, or 0 with the status set on timeout.
+__device__ int tagged_count(const u64* p, u64 epoch, u64 timeout_ns, int* status) {
+    const u64 start = globaltimer();
+    u64 v;
+    while (((v = ld_acquire_sys(p)) >> 32) < epoch) {
+        if (globaltimer() - start > timeout_ns) {
+            atomicOr(status, 2);
+            return 0;
+        }
+        __nanosleep(32);
+    }
+    return (int)(v & 0xffffffffu);
+}
+
 // Thread 0 waits until every rank's flag reaches `epoch`; false (status set) on timeout.
 // The whole block returns the same answer.
 __device__ bool wait_all(const u64* flags, int R, u64 epoch, u64 timeout_ns, int* status) {
@@ -156,6 +173,9 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_route(
     const int e = blockIdx.x * (LL_THREADS / 32) + warp, c = blockIdx.y;
     const int K = L.K;
     int* chunk_counts = at<int>(local, L.chunk_counts);
+    u64* state = at<u64>(local, L.state);
+    const u64 epoch = state[EP_COUNT] + 1;
+    const bool one_chunk = gridDim.y == 1;
     if (e < E) {
         int* slot_of = at<int>(local, L.slot_of);
         int base = 0;
@@ -183,41 +203,48 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_route(
             }
             base += __shfl_sync(0xffffffffu, incl, 31);
         }
-        if (lane == 0) chunk_counts[c * E + e] = base;
+        if (lane == 0 && one_chunk) {
+            // The whole batch in one chunk: this warp's count is the expert's total; publish it.
+            chunk_counts[e] = 0;
+            if (base > L.T) atomicOr(at<int>(local, L.status), 8);
+            const u64 tagged = (epoch << 32) | (u64)min(base, L.T);
+            for (int r = 0; r < L.R; ++r) st_release_sys(at<u64>(peers[r], L.counts) + L.rank * E + e, tagged);
+        } else if (lane == 0) {
+            chunk_counts[c * E + e] = base;
+        }
     }
-    u64* state = at<u64>(local, L.state);
     if (last_block((unsigned long long*)&state[DONE_ROUTE], false)) {
-        // Per expert: chunk counts to exclusive prefixes, the total to every rank.
-        for (int g = tid; g < E; g += LL_THREADS) {
-            int acc = 0;
-            for (int q = 0; q < gridDim.y; ++q) {
-                const int v = chunk_counts[q * E + g];
-                chunk_counts[q * E + g] = acc;
-                acc += v;
+        if (!one_chunk) {
+            // Per expert: chunk counts to exclusive prefixes, the total to every rank.
+            for (int g = tid; g < E; g += LL_THREADS) {
+                int acc = 0;
+                for (int q = 0; q < gridDim.y; ++q) {
+                    const int v = chunk_counts[q * E + g];
+                    chunk_counts[q * E + g] = acc;
+                    acc += v;
+                }
+                if (acc > L.T) atomicOr(at<int>(local, L.status), 8);
+                const u64 tagged = (epoch << 32) | (u64)min(acc, L.T);
+                for (int r = 0; r < L.R; ++r) st_release_sys(at<u64>(peers[r], L.counts) + L.rank * E + g, tagged);
             }
-            if (acc > L.T) atomicOr(at<int>(local, L.status), 8);
-            for (int r = 0; r < L.R; ++r) at<int>(peers[r], L.counts)[L.rank * E + g] = min(acc, L.T);
         }
-        __syncthreads();
-        if (tid == 0) {
-            __threadfence_system();
-            const u64 epoch = ++state[EP_COUNT];
-            for (int r = 0; r < L.R; ++r) st_release_sys(at<u64>(peers[r], L.nflag) + L.rank, epoch);
-        }
+        if (tid == 0) state[EP_COUNT] = epoch;
     }
 }
 
 // masked_m and layout_range of every local expert from the counts every rank sent, by the
 // threads of one block (expert e at thread e, striding).
-__device__ void write_layout(const LlLayout& L, u64 local, int first, int step) {
+__device__ void write_layout(const LlLayout& L, u64 local, int first, int step, u64 timeout_ns) {
     const int El = L.El, R = L.R, T = L.T, E = El * R;
-    const int* counts = at<int>(local, L.counts);
+    const u64* counts = at<u64>(local, L.counts);
+    const u64 epoch = at<u64>(local, L.state)[EP_COUNT];
+    int* status = at<int>(local, L.status);
     for (int e = first; e < El; e += step) {
         const int g = L.rank * El + e;
         long long* lr = at<long long>(local, L.layout_range) + (long long)e * R;
         int acc = 0;
         for (int r = 0; r < R; ++r) {
-            const int c = min(max(counts[r * E + g], 0), T);
+            const int c = min(max(tagged_count(counts + r * E + g, epoch, timeout_ns, status), 0), T);
             lr[r] = ((long long)acc << 32) | (long long)c;
             acc += c;
         }
@@ -238,11 +265,11 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
     const int tid = threadIdx.x;
     u64* state = at<u64>(local, L.state);
     int* status = at<int>(local, L.status);
-    const int* counts = at<int>(local, L.counts);
+    const u64* counts = at<u64>(local, L.counts);
+    const u64 epoch = state[EP_COUNT];
     const int* slot_of = at<int>(local, L.slot_of);
     const int* prefix = at<int>(local, L.chunk_counts);
     const long long row_bytes = (long long)H * X_BYTES;
-    bool counted = false;
     for (int t = blockIdx.x; t < M; t += gridDim.x) {
         // Thread k < K: pick k's expert and its slot among this rank's rows for it, loaded
         // before the cast so their latency hides under it.
@@ -305,19 +332,14 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
         const uint4* src = (const uint4*)(x + (long long)t * H);
         const LdRo ld;
 #endif
-        // Every rank's counts must be in before a row is placed; the first token's cast above
-        // overlaps their arrival.
-        if (!counted) {
-            if (!wait_all(at<u64>(local, L.nflag), R, state[EP_COUNT], timeout_ns, status)) break;
-            counted = true;
-        }
         if (tid < K) {
             u64 off = ~0ull;
             int dst = 0;
             if (pick >= 0 && pick < E) {
                 dst = pick / El;
-                // After the rows lower ranks send to the same expert.
-                for (int s = 0; s < L.rank; ++s) slot += counts[s * E + pick];
+                // After the rows lower ranks send to the same expert: their counts, waited for
+                // one by one (the cast above overlaps their arrival).
+                for (int s = 0; s < L.rank; ++s) slot += tagged_count(counts + s * E + pick, epoch, timeout_ns, status);
                 // Rows past the buffer were flagged by ll_route.
                 if (slot < RT) off = (u64)(pick % El) * RT + slot;
             }
@@ -348,7 +370,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
         }
         if (fuse_recv) {
             const u64 epoch = state[EP_RECV] + 1;
-            if (wait_all(at<u64>(local, L.dflag), R, epoch, timeout_ns, status)) write_layout(L, local, tid, LL_THREADS);
+            if (wait_all(at<u64>(local, L.dflag), R, epoch, timeout_ns, status)) write_layout(L, local, tid, LL_THREADS, timeout_ns);
             if (tid == 0) state[EP_RECV] = epoch;
         }
     }
@@ -360,7 +382,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_recv(
     u64* state = at<u64>(local, L.state);
     const u64 epoch = state[EP_RECV] + 1;
     if (wait_all(at<u64>(local, L.dflag), L.R, epoch, timeout_ns, at<int>(local, L.status)))
-        write_layout(L, local, blockIdx.x * LL_THREADS + threadIdx.x, gridDim.x * LL_THREADS);
+        write_layout(L, local, blockIdx.x * LL_THREADS + threadIdx.x, gridDim.x * LL_THREADS, timeout_ns);
     if (last_block((unsigned long long*)&state[DONE_RECV], false) && threadIdx.x == 0) state[EP_RECV] = epoch;
 }
 
