@@ -45,15 +45,12 @@ pub struct LlLayout {
 }
 
 impl LlLayout {
-    /// This layout for a batch of `m` tokens: decode batches (up to 128 tokens) in one chunk,
-    /// whose counts each expert's warp publishes at once; larger ones in up to
-    /// [`MAX_CHUNKS`] chunks, ranked in parallel.
+    /// This layout for a batch of `m` tokens: chunks of 32 tokens (one warp step each; a warp
+    /// walking 128 tokens alone is slower than four warps and a prefix sum), up to
+    /// [`MAX_CHUNKS`] chunks. A batch of one chunk has its counts published by each expert's
+    /// warp at once.
     pub fn for_batch(mut self, m: usize) -> (Self, usize) {
-        let chunk = if m <= 128 {
-            m.div_ceil(32).max(1) * 32
-        } else {
-            32 * m.div_ceil(32 * MAX_CHUNKS)
-        };
+        let chunk = 32 * m.div_ceil(32 * MAX_CHUNKS).max(1);
         self.chunk = chunk as i32;
         (self, m.div_ceil(chunk).max(1))
     }
