@@ -115,8 +115,9 @@ struct LdPlain {
 __device__ int tagged_count(const u64* p, u64 epoch, u64 timeout_ns, int* status) {
     const u64 start = globaltimer();
     u64 v;
-    while (((v = ld_acquire_sys(p)) >> 32) < epoch) {
-        if (globaltimer() - start > timeout_ns) {
+    for (unsigned n = 1; ((v = ld_acquire_sys(p)) >> 32) < epoch; ++n) {
+        // The timer is a slow read: looked at every 64 polls.
+        if (n % 64 == 0 && globaltimer() - start > timeout_ns) {
             atomicOr(status, 2);
             return 0;
         }
@@ -133,8 +134,9 @@ __device__ bool wait_all(const u64* flags, int R, u64 epoch, u64 timeout_ns, int
         ok = 1;
         const u64 start = globaltimer();
         for (int r = 0; r < R && ok; ++r) {
-            while (ld_acquire_sys(flags + r) < epoch) {
-                if (globaltimer() - start > timeout_ns) {
+            for (unsigned n = 1; ld_acquire_sys(flags + r) < epoch; ++n) {
+                // The timer is a slow read: looked at every 64 polls.
+                if (n % 64 == 0 && globaltimer() - start > timeout_ns) {
                     atomicOr(status, 2);
                     ok = 0;
                     break;
