@@ -6,7 +6,7 @@
 //! peaks never coincide.
 
 use moe_runner_core::{
-    DispatchFormat, MoeError, MoeRunner, QuantInfo, Result, SharedExperts, Tensor,
+    DispatchFormat, MoeError, MoeRunner, QuantInfo, Result, SharedExperts, Tensor, TopK,
 };
 use tracing::debug_span;
 
@@ -165,6 +165,24 @@ impl MoeLayer {
             return out.to_device(&moe_runner_core::Device::Cuda(dev.clone()));
         }
         Ok(out)
+    }
+
+    /// The engine's path: `hidden [M, H]` and its routing `topk` (computed by the engine, on the
+    /// same device) to the routed experts' output written into `out` `[M, H]`, memory the
+    /// engine owns. With a fused GPU runner nothing is allocated once warm and nothing waits
+    /// for the host, so the call can be captured in a CUDA graph. Standard format only (the
+    /// masked formats sum in their dispatcher's combine, e.g. `combine_into` of `deepep_ll`);
+    /// shared experts are the engine's to add.
+    pub fn forward_routed_into(&self, hidden: &Tensor, topk: TopK, out: &Tensor) -> Result<()> {
+        if self.dispatcher.format() != DispatchFormat::Standard {
+            return Err(MoeError::Config(format!(
+                "forward_routed_into runs the standard format; this layer's dispatcher emits {}",
+                self.dispatcher.format()
+            )));
+        }
+        let dispatched = self.dispatcher.dispatch(hidden, topk)?;
+        self.runner
+            .run_into(dispatched.as_ref(), self.quant.as_ref(), out)
     }
 
     /// `hidden [M, H]` and `router_logits [M, E]` to the layer output `[M, H]` (or

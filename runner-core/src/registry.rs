@@ -43,6 +43,21 @@ pub trait FusedRunner: Send + Sync {
         input: &dyn DispatchOutput,
         quant: &dyn QuantInfo,
     ) -> Result<Box<dyn CombineInput>>;
+
+    /// Writes the combine input into `out`, memory the caller owns (the engine's output), with
+    /// no allocation once warm. Runners that cannot say so.
+    fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &crate::Tensor,
+    ) -> Result<()> {
+        let _ = (input, quant, out);
+        Err(MoeError::invalid(
+            "out",
+            "this runner allocates its output; call run",
+        ))
+    }
 }
 
 /// The whole path from one format's dispatch output to its combine input.

@@ -196,6 +196,34 @@ impl MoeRunner {
     }
 
     /// Runs the experts on one dispatch output.
+    /// Runs into `out`, memory the caller owns: the standard format's `[M, H]` output (or the
+    /// masked format's `[E_local, R*T, H]`), with no allocation once warm. Fused GPU paths do;
+    /// the composed CPU path returns an error that says to call [`Self::run`].
+    pub fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &crate::Tensor,
+    ) -> Result<()> {
+        if input.format() != self.format {
+            return Err(MoeError::FormatMismatch {
+                runner: self.runner.into(),
+                expected: self.format,
+                got: input.format(),
+            });
+        }
+        match &self.path {
+            ResolvedPath::Fused(f) => f.run_into(input, quant, out),
+            ResolvedPath::Composed { .. } => Err(MoeError::invalid(
+                "out",
+                format!(
+                    "the composed path of `{}` allocates its output; call run",
+                    self.runner
+                ),
+            )),
+        }
+    }
+
     pub fn run(
         &self,
         input: &dyn DispatchOutput,

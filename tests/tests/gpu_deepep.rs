@@ -613,7 +613,10 @@ fn chunked_routing_matches_the_simulation() {
         let ys: Vec<Vec<f32>> = (0..ranks)
             .map(|r| {
                 let v = synthetic::uniform(el * rt * h, 2.0, 90 + r as u64);
-                Tensor::from_f32(&v, &[v.len()], DType::Bf16).unwrap().to_f32_vec().unwrap()
+                Tensor::from_f32(&v, &[v.len()], DType::Bf16)
+                    .unwrap()
+                    .to_f32_vec()
+                    .unwrap()
             })
             .collect();
         let outs: Vec<Tensor> = ds
@@ -625,7 +628,8 @@ fn chunked_routing_matches_the_simulation() {
                     .unwrap()
                     .to_device(&Device::Cuda(d.device().clone()))
                     .unwrap();
-                let out = Tensor::zeros_cuda(d.device(), &[g.topk.num_tokens(), h], DType::Bf16).unwrap();
+                let out =
+                    Tensor::zeros_cuda(d.device(), &[g.topk.num_tokens(), h], DType::Bf16).unwrap();
                 d.combine_into(&y, g, &out).unwrap();
                 out
             })

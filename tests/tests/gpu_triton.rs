@@ -261,3 +261,65 @@ fn warm_forward_passes_allocate_nothing() {
             .any(|v| *v != 0.0));
     }
 }
+
+/// The engine's path through a `MoeLayer`: its own routing on the GPU, output into its own
+/// buffer. Once warm nothing is allocated, and the call captured in a CUDA graph replays to
+/// exactly the eager result.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn layer_forward_routed_into_is_allocation_free_and_capturable() {
+    moe_conformance::link_backends();
+    let device = gpu();
+    let dev = device.as_cuda().unwrap();
+    let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
+    let quant = synthetic::weights(dims(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let dq = quant_to_device(quant.as_ref(), &device).unwrap();
+    let runner = MoeRunner::on_device(
+        &device,
+        "triton",
+        DispatchFormat::Standard,
+        QuantScheme::Fp8Block128,
+        cfg.clone(),
+    )
+    .unwrap();
+    let dcfg = moe_dispatch::DispatcherConfig::single(8, 256, 64).with_top_k(2);
+    let dispatcher = moe_dispatch::make_dispatcher_on("standard", &dcfg, &device).unwrap();
+    let router = moe_dispatch::Router {
+        method: moe_dispatch::RoutingMethod::Softmax { renormalize: true },
+        num_experts: 8,
+        top_k: 2,
+        fused_shared_experts: 0,
+        fused_shared_weight: 1.0,
+    };
+    let layer = moe_dispatch::MoeLayer::new(router, dispatcher, runner, dq, None).unwrap();
+    let hidden = synthetic::hidden(40, 256, moe_runner_core::DType::Bf16, 4)
+        .unwrap()
+        .to_device(&device)
+        .unwrap();
+    let topk = synthetic::topk(40, 2, 8, 5, true, true)
+        .unwrap()
+        .to_device(&device)
+        .unwrap();
+    let copy = || TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap();
+    let eager = Tensor::zeros_cuda(dev, &[40, 256], moe_runner_core::DType::Bf16).unwrap();
+    layer.forward_routed_into(&hidden, copy(), &eager).unwrap();
+    let before = moe_runner_core::cuda::device_allocations();
+    for _ in 0..3 {
+        layer.forward_routed_into(&hidden, copy(), &eager).unwrap();
+    }
+    assert_eq!(moe_runner_core::cuda::device_allocations(), before);
+    let replayed = Tensor::zeros_cuda(dev, &[40, 256], moe_runner_core::DType::Bf16).unwrap();
+    moe_runner_core::cuda::time_graph_ms(dev, 1, 2, || {
+        layer.forward_routed_into(&hidden, copy(), &replayed)
+    })
+    .unwrap();
+    let (a, b) = (
+        eager.to_host().unwrap().to_f32_vec().unwrap(),
+        replayed.to_host().unwrap().to_f32_vec().unwrap(),
+    );
+    assert!(a.iter().any(|v| *v != 0.0));
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+        "replay differs"
+    );
+}

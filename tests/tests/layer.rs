@@ -377,3 +377,30 @@ fn one_layer_serves_several_threads() {
         }
     });
 }
+
+/// The engine's zero-allocation path needs a runner that writes into the caller's output (the
+/// fused GPU runners); the composed CPU path says so instead of allocating behind its back.
+#[test]
+fn forward_routed_into_needs_a_runner_that_writes_in_place() {
+    let cfg = MoeRunnerConfig::new(E, H, I, K);
+    let w13 = synthetic::uniform(E * 2 * I * H, 0.2, 1);
+    let w2 = synthetic::uniform(E * H * I, 0.2, 2);
+    let l = layer(
+        deepseek_router(0, 1.0),
+        cfg,
+        DispatcherConfig::single(E, H, 64),
+        "standard",
+        &w13,
+        &w2,
+        None,
+    )
+    .unwrap();
+    let hidden = synthetic::hidden(5, H, DType::F32, 3).unwrap();
+    let topk = synthetic::topk(5, K, E, 4, false, false).unwrap();
+    let out = Tensor::zeros(&[5, H], DType::F32);
+    let err = l
+        .forward_routed_into(&hidden, topk, &out)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("call run"), "{err}");
+}

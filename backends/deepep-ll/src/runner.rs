@@ -362,6 +362,15 @@ fn poisoned() -> MoeError {
 }
 
 impl FusedRunner for MaskedGemmRunner {
+    fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        MaskedGemmRunner::run_into(self, input, quant, out)
+    }
+
     fn run(
         &self,
         input: &dyn DispatchOutput,

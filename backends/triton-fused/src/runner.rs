@@ -417,6 +417,15 @@ fn as_weights(quant: &dyn QuantInfo) -> Result<&dyn ExpertWeights> {
 }
 
 impl FusedRunner for TritonRunner {
+    fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        TritonRunner::run_into(self, input, quant, out)
+    }
+
     fn run(
         &self,
         input: &dyn DispatchOutput,
