@@ -7,6 +7,7 @@ use moe_quant::quantize_fp8_blocks;
 use moe_runner_core::{MoeError, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
 use safetensors::tensor::{Dtype, View};
 use serde_json::json;
 use std::borrow::Cow;
@@ -91,40 +92,37 @@ fn bf16(values: &[f32], shape: &[usize]) -> (Owned, Vec<f32>) {
     )
 }
 
-/// A weight `[rows, cols]` stored as bf16, or FP8 with its `weight_scale_inv`; returns the
-/// stored values.
+/// A weight `[rows, cols]` stored as bf16, or FP8 with its `weight_scale_inv`: the tensors to
+/// write and the values stored.
 fn weight(
-    out: &mut BTreeMap<String, Owned>,
     name: String,
     values: &[f32],
     rows: usize,
     cols: usize,
     fp8: bool,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<(String, Owned)>, Vec<f32>)> {
     if !fp8 {
         let (t, stored) = bf16(values, &[rows, cols]);
-        out.insert(name, t);
-        return Ok(stored);
+        return Ok((vec![(name, t)], stored));
     }
     let q = quantize_fp8_blocks(values, 1, rows, cols, (128, 128))?;
     let stored = q.dequantize();
-    out.insert(
-        scale_of(&name),
-        Owned {
-            dtype: Dtype::F32,
-            shape: vec![rows.div_ceil(128), cols.div_ceil(128)],
-            data: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
-        },
-    );
-    out.insert(
-        name,
-        Owned {
-            dtype: Dtype::F8_E4M3,
-            shape: vec![rows, cols],
-            data: q.data,
-        },
-    );
-    Ok(stored)
+    let scales = Owned {
+        dtype: Dtype::F32,
+        shape: vec![rows.div_ceil(128), cols.div_ceil(128)],
+        data: q.scales.iter().flat_map(|s| s.to_le_bytes()).collect(),
+    };
+    let codes = Owned {
+        dtype: Dtype::F8_E4M3,
+        shape: vec![rows, cols],
+        data: q.data,
+    };
+    Ok((vec![(scale_of(&name), scales), (name, codes)], stored))
+}
+
+/// Seeded values uniform in [-a, a].
+fn uniform(rng: &mut StdRng, n: usize, a: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-a..=a)).collect()
 }
 
 fn config(spec: &GenSpec) -> serde_json::Value {
@@ -179,12 +177,20 @@ fn config(spec: &GenSpec) -> serde_json::Value {
 
 /// Writes the checkpoint of `spec` into `dir` (created if needed) from `seed`.
 pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
+    write_impl(dir, spec, seed, true)
+}
+
+/// As [`write`], without keeping the written values (model-sized checkpoints, for load-rate
+/// measurements); the returned experts, router and shared lists are empty.
+pub fn write_only(dir: &Path, spec: &GenSpec, seed: u64) -> Result<()> {
+    write_impl(dir, spec, seed, false).map(|_| ())
+}
+
+fn write_impl(dir: &Path, spec: &GenSpec, seed: u64, keep: bool) -> Result<Generated> {
     let family = Family::of(spec.arch)?;
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let (h, i, e) = (spec.hidden, spec.inter, spec.experts);
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut uniform =
-        |n: usize, a: f32| -> Vec<f32> { (0..n).map(|_| rng.random_range(-a..=a)).collect() };
     let (a13, a2) = ((3.0 / h as f32).sqrt(), (3.0 / i as f32).sqrt());
     let mut files: Vec<BTreeMap<String, Owned>> =
         (0..spec.shards.max(1)).map(|_| BTreeMap::new()).collect();
@@ -195,43 +201,51 @@ pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
         bias: Vec::new(),
         shared: Vec::new(),
     };
+    let keep_values = |v: Vec<f32>| if keep { v } else { Vec::new() };
     for layer in 0..spec.layers {
+        // Experts in parallel, each from its own seed.
+        let made = (0..e)
+            .into_par_iter()
+            .map(|x| -> Result<_> {
+                let mut rng = StdRng::seed_from_u64(
+                    seed ^ (((layer as u64) << 32) | x as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                );
+                let mut tensors = Vec::new();
+                let mut values = Vec::new();
+                for (p, rows, cols, a) in [
+                    (Proj::Gate, i, h, a13),
+                    (Proj::Up, i, h, a13),
+                    (Proj::Down, h, i, a2),
+                ] {
+                    let (t, v) = weight(
+                        family.expert(layer, x, p),
+                        &uniform(&mut rng, rows * cols, a),
+                        rows,
+                        cols,
+                        spec.fp8,
+                    )?;
+                    tensors.extend(t);
+                    values.push(keep_values(v));
+                }
+                let [g, u, d]: [Vec<f32>; 3] = values.try_into().expect("three projections");
+                Ok((tensors, [g, u, d]))
+            })
+            .collect::<Result<Vec<_>>>()?;
         let out = &mut files[layer % spec.shards.max(1)];
         let mut experts = Vec::with_capacity(e);
-        for x in 0..e {
-            let g = weight(
-                out,
-                family.expert(layer, x, Proj::Gate),
-                &uniform(i * h, a13),
-                i,
-                h,
-                spec.fp8,
-            )?;
-            let u = weight(
-                out,
-                family.expert(layer, x, Proj::Up),
-                &uniform(i * h, a13),
-                i,
-                h,
-                spec.fp8,
-            )?;
-            let d = weight(
-                out,
-                family.expert(layer, x, Proj::Down),
-                &uniform(h * i, a2),
-                h,
-                i,
-                spec.fp8,
-            )?;
-            experts.push([g, u, d]);
+        for (tensors, values) in made {
+            out.extend(tensors);
+            experts.push(values);
         }
-        generated.experts.push(experts);
-        let (r, stored) = bf16(&uniform(e * h, 1.0), &[e, h]);
+        if keep {
+            generated.experts.push(experts);
+        }
+        let (r, stored) = bf16(&uniform(&mut rng, e * h, 1.0), &[e, h]);
         out.insert(family.router(layer), r);
-        generated.router.push(stored);
+        generated.router.push(keep_values(stored));
         let bias = match family.router_bias(layer) {
             Some(name) => {
-                let b = uniform(e, 0.1);
+                let b = uniform(&mut rng, e, 0.1);
                 out.insert(
                     name,
                     Owned {
@@ -257,13 +271,24 @@ pub fn write(dir: &Path, spec: &GenSpec, seed: u64) -> Result<Generated> {
                 family.shared(layer, Proj::Down),
             ) {
                 let a_s = (3.0 / si as f32).sqrt();
-                let g = weight(out, gn, &uniform(si * h, a13), si, h, spec.fp8)?;
-                let u = weight(out, un, &uniform(si * h, a13), si, h, spec.fp8)?;
-                let d = weight(out, dn, &uniform(h * si, a_s), h, si, spec.fp8)?;
+                let mut one = |name, rows, cols, a| -> Result<Vec<f32>> {
+                    let (t, v) = weight(
+                        name,
+                        &uniform(&mut rng, rows * cols, a),
+                        rows,
+                        cols,
+                        spec.fp8,
+                    )?;
+                    out.extend(t);
+                    Ok(v)
+                };
+                let g = one(gn, si, h, a13)?;
+                let u = one(un, si, h, a13)?;
+                let d = one(dn, h, si, a_s)?;
                 shared = Some([g, u, d]);
             }
             if let Some(name) = family.shared_gate(layer) {
-                out.insert(name, bf16(&uniform(h, 0.1), &[1, h]).0);
+                out.insert(name, bf16(&uniform(&mut rng, h, 0.1), &[1, h]).0);
             }
         }
         generated.shared.push(shared);

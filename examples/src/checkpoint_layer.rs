@@ -157,7 +157,7 @@ pub fn gen_checkpoint(
         fp8: args.fp8,
         shards: args.shards,
     };
-    moe_checkpoint::generate::write(&args.out, &spec, args.seed)?;
+    moe_checkpoint::generate::write_only(&args.out, &spec, args.seed)?;
     writeln!(
         out,
         "wrote {} ({} layers, {} experts) to {}",

@@ -274,12 +274,14 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             let started = Instant::now();
             let weights = c.experts(&plan, tp, &|_| bar.inc(1))?;
             bar.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            let gb = synthetic::weight_bytes(dims, scheme) as f64 / 1e9;
             notes.push(format!(
-                "layer {} of checkpoint {}: {} experts loaded in {:.2} s",
+                "layer {} of checkpoint {}: {} experts ({gb:.2} GB) read from the mapped files in {secs:.2} s ({:.2} GB/s)",
                 c.layer,
                 c.ck.dir().display(),
                 dims.experts,
-                started.elapsed().as_secs_f64()
+                gb / secs.max(1e-9)
             ));
             let shared = if tp == 1 {
                 c.shared(&plan)?
@@ -305,7 +307,17 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     };
 
     let host = Inputs { weights, hidden };
+    let started = Instant::now();
     let placed = place(&host, runner.device())?;
+    if ckpt.is_some() && placed.is_some() {
+        runner.device().synchronize()?;
+        let secs = started.elapsed().as_secs_f64();
+        let gb = synthetic::weight_bytes(dims, scheme) as f64 / 1e9;
+        notes.push(format!(
+            "copied to the GPU in {secs:.2} s ({:.2} GB/s)",
+            gb / secs.max(1e-9)
+        ));
+    }
     let accuracy = compare_with_reference(
         &runner,
         &plan,
