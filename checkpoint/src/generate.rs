@@ -92,15 +92,12 @@ fn bf16(values: &[f32], shape: &[usize]) -> (Owned, Vec<f32>) {
     )
 }
 
+/// The tensors of one weight to write, and the values they store.
+type Written = (Vec<(String, Owned)>, Vec<f32>);
+
 /// A weight `[rows, cols]` stored as bf16, or FP8 with its `weight_scale_inv`: the tensors to
 /// write and the values stored.
-fn weight(
-    name: String,
-    values: &[f32],
-    rows: usize,
-    cols: usize,
-    fp8: bool,
-) -> Result<(Vec<(String, Owned)>, Vec<f32>)> {
+fn weight(name: String, values: &[f32], rows: usize, cols: usize, fp8: bool) -> Result<Written> {
     if !fp8 {
         let (t, stored) = bf16(values, &[rows, cols]);
         return Ok((vec![(name, t)], stored));
