@@ -320,14 +320,28 @@ fn scaling_factor_in_router_and_runner_is_rejected() {
     assert!(matches!(err, MoeError::Config(_)), "{err}");
 }
 
+/// A single-rank reference layer (standard format) with seeded weights.
+fn reference_layer(cfg: MoeRunnerConfig, shared: Option<CpuSharedExperts>) -> MoeLayer {
+    let w13 = synthetic::uniform(E * 2 * I * H, 0.2, 1);
+    let w2 = synthetic::uniform(E * H * I, 0.2, 2);
+    layer(
+        deepseek_router(0, 1.0),
+        cfg,
+        DispatcherConfig::single(E, H, 64),
+        "standard",
+        &w13,
+        &w2,
+        shared,
+    )
+    .unwrap()
+}
+
 /// A layer is `Send + Sync` and one instance serves several threads at once: each thread's
 /// output equals the same batch run alone.
 #[test]
 fn one_layer_serves_several_threads() {
     fn shareable<T: Send + Sync>(_: &T) {}
     let cfg = MoeRunnerConfig::new(E, H, I, K);
-    let w13 = synthetic::uniform(E * 2 * I * H, 0.2, 1);
-    let w2 = synthetic::uniform(E * H * I, 0.2, 2);
     let shared = CpuSharedExperts::new(
         synthetic::uniform(2 * I * H, 0.2, 3),
         synthetic::uniform(H * I, 0.2, 4),
@@ -335,16 +349,7 @@ fn one_layer_serves_several_threads() {
         &cfg,
     )
     .unwrap();
-    let l = layer(
-        deepseek_router(0, 1.0),
-        cfg,
-        DispatcherConfig::single(E, H, 64),
-        "standard",
-        &w13,
-        &w2,
-        Some(shared),
-    )
-    .unwrap();
+    let l = reference_layer(cfg, Some(shared));
     shareable(&l);
     let batch = |i: u64| {
         (
@@ -382,19 +387,7 @@ fn one_layer_serves_several_threads() {
 /// fused GPU runners); the composed CPU path says so instead of allocating behind its back.
 #[test]
 fn forward_routed_into_needs_a_runner_that_writes_in_place() {
-    let cfg = MoeRunnerConfig::new(E, H, I, K);
-    let w13 = synthetic::uniform(E * 2 * I * H, 0.2, 1);
-    let w2 = synthetic::uniform(E * H * I, 0.2, 2);
-    let l = layer(
-        deepseek_router(0, 1.0),
-        cfg,
-        DispatcherConfig::single(E, H, 64),
-        "standard",
-        &w13,
-        &w2,
-        None,
-    )
-    .unwrap();
+    let l = reference_layer(MoeRunnerConfig::new(E, H, I, K), None);
     let hidden = synthetic::hidden(5, H, DType::F32, 3).unwrap();
     let topk = synthetic::topk(5, K, E, 4, false, false).unwrap();
     let out = Tensor::zeros(&[5, H], DType::F32);
