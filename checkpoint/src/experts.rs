@@ -24,10 +24,23 @@ pub struct ExpertSlice {
     pub tp: (usize, usize),
 }
 
-const BLOCK: usize = 128;
+pub(crate) const BLOCK: usize = 128;
 
 impl ExpertSlice {
-    fn local_inter(&self) -> Result<usize> {
+    /// FP8 block checkpoints split into whole 128x128 blocks: hidden and this rank's I.
+    pub(crate) fn check_fp8_blocks(&self, il: usize) -> Result<()> {
+        let h = self.hidden;
+        if il % BLOCK != 0 || h % BLOCK != 0 {
+            return Err(MoeError::NotDivisible {
+                what: "FP8 block checkpoints: hidden and per-rank intermediate sizes".into(),
+                value: if h % BLOCK != 0 { h } else { il },
+                divisor: BLOCK,
+            });
+        }
+        Ok(())
+    }
+
+    pub(crate) fn local_inter(&self) -> Result<usize> {
         let (rank, size) = self.tp;
         if size == 0 || rank >= size || !self.inter.is_multiple_of(size) {
             return Err(MoeError::invalid(
@@ -42,7 +55,7 @@ impl ExpertSlice {
     }
 }
 
-fn act_dtype(d: Dtype) -> Option<DType> {
+pub(crate) fn act_dtype(d: Dtype) -> Option<DType> {
     match d {
         Dtype::BF16 => Some(DType::Bf16),
         Dtype::F16 => Some(DType::F16),
@@ -66,13 +79,7 @@ pub fn load_experts(
     let first = ck.get(&family.expert(slice.layer, slice.experts.start, Proj::Gate))?;
     let fp8 = first.dtype == Dtype::F8_E4M3;
     let (dtype, elem) = if fp8 {
-        if il % BLOCK != 0 || h % BLOCK != 0 {
-            return Err(MoeError::NotDivisible {
-                what: "FP8 block checkpoints: hidden and per-rank intermediate sizes".into(),
-                value: if h % BLOCK != 0 { h } else { il },
-                divisor: BLOCK,
-            });
-        }
+        slice.check_fp8_blocks(il)?;
         (DType::F8E4M3, 1)
     } else {
         let d = act_dtype(first.dtype).ok_or_else(|| {

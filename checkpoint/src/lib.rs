@@ -7,11 +7,15 @@
 //! truncated or corrupt file, an unknown architecture.
 
 pub mod arch;
+#[cfg(feature = "cuda")]
+pub mod device_load;
 pub mod experts;
 pub mod generate;
 pub mod store;
 
 pub use arch::{Family, Proj, ARCHITECTURES};
+#[cfg(feature = "cuda")]
+pub use device_load::load_experts_to_device;
 pub use experts::{
     load_experts, load_router, load_shared, ExpertSlice, RouterWeights, SharedWeights,
 };

@@ -81,6 +81,31 @@ impl CheckpointLayer {
         Ok(load_experts(&self.ck, self.family, &slice, progress)?)
     }
 
+    /// As [`Self::experts`], straight from the mapped files into `dev`'s memory.
+    #[cfg(feature = "cuda")]
+    pub fn experts_to_device(
+        &self,
+        plan: &LayerPlan,
+        tp: usize,
+        dev: &moe_runner_core::CudaDevice,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Box<dyn QuantInfo>> {
+        let slice = ExpertSlice {
+            layer: self.layer,
+            experts: 0..plan.config.num_local_experts,
+            hidden: self.spec.hidden,
+            inter: self.spec.moe_intermediate,
+            tp: (0, tp),
+        };
+        Ok(moe_checkpoint::load_experts_to_device(
+            &self.ck,
+            self.family,
+            &slice,
+            dev,
+            progress,
+        )?)
+    }
+
     /// The shared experts as a CPU MLP (not split under tensor parallelism: `None` with a note
     /// from the caller when `tp > 1`).
     pub fn shared(&self, plan: &LayerPlan) -> Result<Option<Box<dyn SharedExperts>>> {

@@ -268,16 +268,36 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
         args.seed.wrapping_add(SEED_HIDDEN),
     )?;
     // The router runs on the host, so the logits stay there.
+    let mut device_weights = None;
     let (weights, shared, logits) = match &ckpt {
         Some(c) => {
-            let bar = weight_bar(dims.experts as u64, args.json);
+            let gb = synthetic::weight_bytes(dims, scheme) as f64 / 1e9;
+            // On a GPU the experts go from the mapped files straight to device memory; the
+            // reference then reads its host copy from the page cache.
+            #[cfg(feature = "cuda")]
+            if let moe_runner_core::Device::Cuda(dev) = runner.device() {
+                let bar = weight_bar(dims.experts as u64, args.json);
+                let started = Instant::now();
+                let w = c.experts_to_device(&plan, tp, dev, &|_| bar.inc(1))?;
+                dev.synchronize()?;
+                bar.finish_and_clear();
+                let secs = started.elapsed().as_secs_f64();
+                notes.push(format!(
+                    "layer {} of checkpoint {}: {} experts ({gb:.2} GB) into GPU memory in {secs:.2} s ({:.2} GB/s)",
+                    c.layer,
+                    c.ck.dir().display(),
+                    dims.experts,
+                    gb / secs.max(1e-9)
+                ));
+                device_weights = Some(w);
+            }
+            let bar = weight_bar(dims.experts as u64, args.json || device_weights.is_some());
             let started = Instant::now();
             let weights = c.experts(&plan, tp, &|_| bar.inc(1))?;
             bar.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
-            let gb = synthetic::weight_bytes(dims, scheme) as f64 / 1e9;
             notes.push(format!(
-                "layer {} of checkpoint {}: {} experts ({gb:.2} GB) read from the mapped files in {secs:.2} s ({:.2} GB/s)",
+                "layer {} of checkpoint {}: {} experts ({gb:.2} GB) into host memory in {secs:.2} s ({:.2} GB/s)",
                 c.layer,
                 c.ck.dir().display(),
                 dims.experts,
@@ -307,17 +327,13 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     };
 
     let host = Inputs { weights, hidden };
-    let started = Instant::now();
-    let placed = place(&host, runner.device())?;
-    if ckpt.is_some() && placed.is_some() {
-        runner.device().synchronize()?;
-        let secs = started.elapsed().as_secs_f64();
-        let gb = synthetic::weight_bytes(dims, scheme) as f64 / 1e9;
-        notes.push(format!(
-            "copied to the GPU in {secs:.2} s ({:.2} GB/s)",
-            gb / secs.max(1e-9)
-        ));
-    }
+    let placed = match device_weights {
+        Some(weights) => Some(Inputs {
+            weights,
+            hidden: host.hidden.to_device(runner.device())?,
+        }),
+        None => place(&host, runner.device())?,
+    };
     let accuracy = compare_with_reference(
         &runner,
         &plan,

@@ -363,8 +363,15 @@ impl Tensor {
             Device::Cpu(_) => self.to_host(),
             #[cfg(feature = "cuda")]
             Device::Cuda(dev) => {
-                let host = self.to_host()?;
-                let buf = cuda_io::upload(dev, host.host_bytes()?)?;
+                // Host tensors go up as they are; device ones come down first.
+                let moved;
+                let bytes = if self.is_host() {
+                    self.host_bytes()?
+                } else {
+                    moved = self.to_host()?;
+                    moved.host_bytes()?
+                };
+                let buf = cuda_io::upload(dev, bytes)?;
                 Ok(Tensor {
                     shape: self.shape.clone(),
                     dtype: self.dtype,
