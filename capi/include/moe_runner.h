@@ -95,6 +95,23 @@ enum MoeStatus moe_layer_forward(struct MoeLayer *layer,
                                  void *out,
                                  int64_t tokens);
 
+// The engine's path: routed experts only, on routing the engine computed. `hidden [tokens, H]`
+// and `out [tokens, H]` in the activation dtype, `topk_ids [tokens, k]` i32 and
+// `topk_weights [tokens, k]` f32, all on the layer's device (device pointers for a GPU
+// layer). Shared experts are not added: the engine runs them as its own MLP. On a GPU this
+// allocates nothing once warm and waits for nothing on the host, so an engine can capture it
+// in a CUDA graph on its stream.
+//
+// # Safety
+// The pointers address buffers of those sizes that stay valid until the work completes;
+// `out` may not overlap the inputs.
+enum MoeStatus moe_layer_forward_routed(struct MoeLayer *layer,
+                                        const void *hidden,
+                                        const int32_t *topk_ids,
+                                        const float *topk_weights,
+                                        void *out,
+                                        int64_t tokens);
+
 // Frees a layer (null is ignored).
 //
 // # Safety

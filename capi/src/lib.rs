@@ -8,7 +8,7 @@ use moe_dispatch::{make_dispatcher_on, DispatcherConfig, MoeLayer};
 use moe_examples::checkpoint_layer::CheckpointLayer;
 use moe_examples::plan::{LayerPlan, Parallelism};
 use moe_runner_core::{
-    quant_to_device, DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner, Tensor,
+    quant_to_device, DType, Device, DeviceOps, DispatchFormat, MoeError, MoeRunner, Tensor, TopK,
 };
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
@@ -74,6 +74,22 @@ pub struct MoeLayerHandle {
     engine_stream: bool,
     act: DType,
     path: std::ffi::CString,
+}
+
+impl MoeLayerHandle {
+    /// `tokens` as a row count, within what the layer was created for.
+    fn tokens(&self, tokens: i64) -> Result<usize, (MoeStatus, String)> {
+        if tokens < 0 || tokens as usize > self.max_tokens {
+            return Err((
+                MoeStatus::InvalidArgument,
+                format!(
+                    "tokens = {tokens}; the layer was created for 0..={}",
+                    self.max_tokens
+                ),
+            ));
+        }
+        Ok(tokens as usize)
+    }
 }
 
 thread_local! {
@@ -326,20 +342,8 @@ pub unsafe extern "C" fn moe_layer_forward(
         if hidden.is_null() || router_logits.is_null() || out.is_null() {
             return Err(null("hidden, router_logits or out"));
         }
-        if tokens < 0 || tokens as usize > l.max_tokens {
-            return Err((
-                MoeStatus::InvalidArgument,
-                format!(
-                    "tokens = {tokens}; the layer was created for 0..={}",
-                    l.max_tokens
-                ),
-            ));
-        }
-        let (m, h, e) = (
-            tokens as usize,
-            l.info.hidden_size as usize,
-            l.info.num_experts as usize,
-        );
+        let m = l.tokens(tokens)?;
+        let (h, e) = (l.info.hidden_size as usize, l.info.num_experts as usize);
         // SAFETY: the caller's contract: [m, E] f32 on the host.
         let logits =
             unsafe { Tensor::borrow_host(router_logits as *mut u8, &[m, e], DType::F32, false) }
@@ -373,6 +377,75 @@ pub unsafe extern "C" fn moe_layer_forward(
                 let b = host.host_bytes().map_err(moe)?;
                 // SAFETY: `out` holds `bytes` writable bytes (the caller's contract).
                 unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), out as *mut u8, bytes) };
+            }
+        }
+        if l.engine_stream {
+            return Ok(());
+        }
+        l.device.synchronize().map_err(moe)
+    })
+}
+
+/// The engine's path: routed experts only, on routing the engine computed. `hidden [tokens, H]`
+/// and `out [tokens, H]` in the activation dtype, `topk_ids [tokens, k]` i32 and
+/// `topk_weights [tokens, k]` f32, all on the layer's device (device pointers for a GPU
+/// layer). Shared experts are not added: the engine runs them as its own MLP. On a GPU this
+/// allocates nothing once warm and waits for nothing on the host, so an engine can capture it
+/// in a CUDA graph on its stream.
+///
+/// # Safety
+/// The pointers address buffers of those sizes that stay valid until the work completes;
+/// `out` may not overlap the inputs.
+#[no_mangle]
+pub unsafe extern "C" fn moe_layer_forward_routed(
+    layer: *mut MoeLayerHandle,
+    hidden: *const c_void,
+    topk_ids: *const i32,
+    topk_weights: *const f32,
+    out: *mut c_void,
+    tokens: i64,
+) -> MoeStatus {
+    guard(|| {
+        // SAFETY: null or the caller's live layer.
+        let l = unsafe { layer.as_ref() }.ok_or_else(|| null("layer"))?;
+        if hidden.is_null() || topk_ids.is_null() || topk_weights.is_null() || out.is_null() {
+            return Err(null("hidden, topk_ids, topk_weights or out"));
+        }
+        let m = l.tokens(tokens)?;
+        let (h, k) = (l.info.hidden_size as usize, l.info.top_k as usize);
+        // SAFETY (each borrow): the caller's contract on the pointers and their sizes.
+        let borrow = |p: *const c_void, shape: &[usize], dtype: DType| match &l.device {
+            Device::Cuda(dev) => unsafe { Tensor::borrow_cuda(dev, p as u64, shape, dtype) },
+            Device::Cpu(_) => unsafe { Tensor::borrow_host(p as *mut u8, shape, dtype, false) },
+        };
+        let input = borrow(hidden, &[m, h], l.act).map_err(moe)?;
+        let topk = TopK::new(
+            borrow(topk_ids.cast(), &[m, k], DType::I32).map_err(moe)?,
+            borrow(topk_weights.cast(), &[m, k], DType::F32).map_err(moe)?,
+        )
+        .map_err(moe)?;
+        match &l.device {
+            Device::Cuda(dev) => {
+                // SAFETY: the caller's contract: [m, H] activations on the device.
+                let y =
+                    unsafe { Tensor::borrow_cuda(dev, out as u64, &[m, h], l.act) }.map_err(moe)?;
+                l.layer.forward_routed_into(&input, topk, &y).map_err(moe)?;
+            }
+            Device::Cpu(_) => {
+                let y = l.layer.forward_routed(&input, topk).map_err(moe)?;
+                let b = y.host_bytes().map_err(moe)?;
+                if b.len() != m * h * l.act.size() {
+                    return Err((
+                        MoeStatus::Internal,
+                        format!(
+                            "the routed output has {} bytes, not [{m}, {h}] {}",
+                            b.len(),
+                            l.act
+                        ),
+                    ));
+                }
+                // SAFETY: `out` holds m * H activations (the caller's contract), checked above.
+                unsafe { std::ptr::copy_nonoverlapping(b.as_ptr(), out as *mut u8, b.len()) };
             }
         }
         if l.engine_stream {

@@ -1,9 +1,16 @@
 //! The C ABI from C: a program compiled against `include/moe_runner.h` and linked with the
 //! shared library runs a checkpoint's layer and gets exactly what the same call gives from
-//! Rust; its bad calls come back as error codes with messages.
+//! Rust, through the router and on routing of its own; its bad calls come back as error codes
+//! with messages.
 
 use moe_checkpoint::generate::{self, GenSpec};
-use moe_runner::{moe_layer_create, moe_layer_destroy, moe_layer_forward, MoeOptions, MoeStatus};
+use moe_examples::checkpoint_layer::CheckpointLayer;
+use moe_examples::plan::{LayerPlan, Parallelism};
+use moe_runner::{
+    moe_layer_create, moe_layer_destroy, moe_layer_forward, moe_layer_forward_routed, MoeOptions,
+    MoeStatus,
+};
+use moe_runner_core::{DType, Tensor};
 use std::ffi::CString;
 use std::path::PathBuf;
 use std::process::Command;
@@ -50,8 +57,45 @@ fn a_c_program_runs_a_layer_like_rust_does() {
     )
     .unwrap();
 
-    // The same call from Rust.
+    // The checkpoint's router on those logits, for the routed entry point: with no shared
+    // experts it must give exactly what the whole layer gives.
+    let ck = CheckpointLayer::open(&ckpt, None).unwrap();
+    let mut plan = LayerPlan::new(
+        &ck.spec,
+        Parallelism {
+            tp: 1,
+            ep: 1,
+            fuse_shared: false,
+        },
+        0,
+    )
+    .unwrap();
+    ck.router(&mut plan).unwrap();
+    let topk = plan
+        .router
+        .route(&Tensor::from_slice(&logits, &[tokens, 8], DType::F32).unwrap())
+        .unwrap();
+    let ids = topk.ids.as_slice::<i32>().unwrap().to_vec();
+    let weights = topk.weights.as_slice::<f32>().unwrap().to_vec();
+    std::fs::write(
+        dir.join("ids.bin"),
+        ids.iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("weights.bin"),
+        weights
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+
+    // The same calls from Rust.
     let mut want = vec![0u8; tokens * 256 * 2];
+    let mut routed = vec![0u8; tokens * 256 * 2];
     let c_dir = CString::new(ckpt.to_str().unwrap()).unwrap();
     let runner = CString::new("reference").unwrap();
     let opts = MoeOptions {
@@ -76,6 +120,17 @@ fn a_c_program_runs_a_layer_like_rust_does() {
             ),
             MoeStatus::Ok
         );
+        assert_eq!(
+            moe_layer_forward_routed(
+                layer,
+                hidden.as_ptr().cast(),
+                ids.as_ptr(),
+                weights.as_ptr(),
+                routed.as_mut_ptr().cast(),
+                tokens as i64
+            ),
+            MoeStatus::Ok
+        );
         moe_layer_destroy(layer);
         let bad = CString::new("no_such_runner").unwrap();
         let opts = MoeOptions {
@@ -89,6 +144,7 @@ fn a_c_program_runs_a_layer_like_rust_does() {
         );
     }
     assert!(want.iter().any(|&b| b != 0));
+    assert_eq!(routed, want, "routed entry point on the router's choice");
 
     let exe = dir.join("smoke");
     let lib = lib_dir();
@@ -129,6 +185,9 @@ fn a_c_program_runs_a_layer_like_rust_does() {
         .arg(dir.join("logits.bin"))
         .arg(tokens.to_string())
         .arg(dir.join("out.bin"))
+        .arg(dir.join("ids.bin"))
+        .arg(dir.join("weights.bin"))
+        .arg(dir.join("routed.bin"))
         .output()
         .unwrap();
     assert!(
@@ -138,5 +197,6 @@ fn a_c_program_runs_a_layer_like_rust_does() {
         String::from_utf8_lossy(&ran.stderr)
     );
     assert_eq!(std::fs::read(dir.join("out.bin")).unwrap(), want);
+    assert_eq!(std::fs::read(dir.join("routed.bin")).unwrap(), want);
     let _ = std::fs::remove_dir_all(&dir);
 }

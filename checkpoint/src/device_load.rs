@@ -1,7 +1,9 @@
-//! Routed experts straight from the mapped files into GPU memory: each expert's rows are copied
-//! from the page cache (or disk, on first touch) to their place in the device tensors by several
-//! threads at once, so reading the file and crossing PCIe overlap and no host copy of the layer
-//! is made.
+//! Routed experts straight from the mapped files into GPU memory. Each thread gathers one
+//! expert's rows from the mapping into a pinned staging buffer of its own (the page faults read
+//! the file, so several threads keep the disk busy) and copies it to its place in the device
+//! tensors at full PCIe speed; no host copy of the whole layer is made.
+
+use std::sync::Mutex;
 
 use moe_runner_core::cuda::cudarc::driver::sys;
 use moe_runner_core::{
@@ -22,39 +24,64 @@ fn check(what: &str, r: sys::CUresult) -> Result<()> {
     }
 }
 
-/// Copies `rows` rows of `width` bytes, `src_pitch` apart on the host, to `dst` (packed).
-fn copy_rows(dst: u64, src: &[u8], src_pitch: usize, width: usize, rows: usize) -> Result<()> {
-    if rows == 0 || width == 0 {
-        return Ok(());
+/// Page-locked host memory for one expert, so the copy to the GPU runs at PCIe speed without
+/// the driver's own staging.
+struct Pinned {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the buffer is plain memory owned by this value; one thread uses it at a time (it
+// moves through the pool's mutex).
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    fn new(len: usize) -> Result<Self> {
+        let mut ptr = std::ptr::null_mut();
+        // SAFETY: `ptr` is valid for a write; the calling thread has the context current.
+        check("allocating a pinned staging buffer", unsafe {
+            sys::cuMemHostAlloc(&mut ptr, len.max(1), 0)
+        })?;
+        Ok(Self {
+            ptr: ptr.cast(),
+            len,
+        })
     }
-    if src.len() < (rows - 1) * src_pitch + width {
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `ptr` holds `len` bytes, borrowed mutably through `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+
+    /// Copies bytes `at..at + len` to `dst` and waits for the copy.
+    fn upload(&self, at: usize, len: usize, dst: u64) -> Result<()> {
+        assert!(at + len <= self.len, "staging range within the buffer");
+        // SAFETY: the source range lies in the buffer (asserted); `dst` is the caller's device
+        // region of `len` bytes; the calling thread has the context current.
+        check("copying expert weights to the GPU", unsafe {
+            sys::cuMemcpyHtoD_v2(dst, self.ptr.add(at).cast(), len)
+        })
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `cuMemHostAlloc` and freed once.
+        unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
+    }
+}
+
+/// Gathers `rows` rows of `width` bytes, `pitch` apart in `src`, packed into `dst`.
+fn gather(dst: &mut [u8], src: &[u8], pitch: usize, width: usize, rows: usize) -> Result<()> {
+    if rows > 0 && src.len() < (rows - 1) * pitch + width {
         return Err(MoeError::Device(
             "checkpoint tensor shorter than its shape".into(),
         ));
     }
-    let copy = sys::CUDA_MEMCPY2D_st {
-        srcXInBytes: 0,
-        srcY: 0,
-        srcMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_HOST,
-        srcHost: src.as_ptr().cast(),
-        srcDevice: 0,
-        srcArray: std::ptr::null_mut(),
-        srcPitch: src_pitch,
-        dstXInBytes: 0,
-        dstY: 0,
-        dstMemoryType: sys::CUmemorytype::CU_MEMORYTYPE_DEVICE,
-        dstHost: std::ptr::null_mut(),
-        dstDevice: dst,
-        dstArray: std::ptr::null_mut(),
-        dstPitch: width,
-        WidthInBytes: width,
-        Height: rows,
-    };
-    // SAFETY: `src` holds the rows (checked above); `dst` holds rows * width bytes (the
-    // caller's device tensor region); the calling thread has the context current.
-    check("copying expert weights to the GPU", unsafe {
-        sys::cuMemcpy2D_v2(&copy)
-    })
+    for (r, out) in dst.chunks_exact_mut(width).take(rows).enumerate() {
+        out.copy_from_slice(&src[r * pitch..r * pitch + width]);
+    }
+    Ok(())
 }
 
 /// As [`crate::load_experts`], into tensors on `dev`.
@@ -92,6 +119,8 @@ pub fn load_experts_to_device(
         .map_err(|e| MoeError::Device(e.to_string()))?;
     let (p13, p2) = (w13.cuda_ptr()?, w2.cuda_ptr()?);
     let (row0, half) = (slice.tp.0 * il, il * h * elem);
+    // One staging buffer per busy thread, reused across experts.
+    let pool: Mutex<Vec<Pinned>> = Mutex::new(Vec::new());
     (0..n).into_par_iter().try_for_each(|j| -> Result<()> {
         dev.context()
             .bind_to_thread()
@@ -102,17 +131,27 @@ pub fn load_experts_to_device(
         g.expect(&[i, h], &accepted)?;
         u.expect(&[i, h], &accepted)?;
         d.expect(&[h, i], &accepted)?;
-        let base13 = p13 + (j * 2 * half) as u64;
+        let taken = pool.lock().map(|mut p| p.pop()).unwrap_or(None);
+        let mut buf = match taken {
+            Some(b) => b,
+            None => Pinned::new(3 * half)?,
+        };
+        let stage = buf.bytes();
         let rows = row0 * h * elem..(row0 + il) * h * elem;
-        copy_rows(base13, &g.bytes[rows.clone()], h * elem, h * elem, il)?;
-        copy_rows(base13 + half as u64, &u.bytes[rows], h * elem, h * elem, il)?;
-        copy_rows(
-            p2 + (j * half) as u64,
+        stage[..half].copy_from_slice(&g.bytes[rows.clone()]);
+        stage[half..2 * half].copy_from_slice(&u.bytes[rows]);
+        gather(
+            &mut stage[2 * half..],
             &d.bytes[row0 * elem..],
             i * elem,
             il * elem,
             h,
         )?;
+        buf.upload(0, 2 * half, p13 + (j * 2 * half) as u64)?;
+        buf.upload(2 * half, half, p2 + (j * half) as u64)?;
+        if let Ok(mut p) = pool.lock() {
+            p.push(buf);
+        }
         progress(3 * half as u64);
         Ok(())
     })?;

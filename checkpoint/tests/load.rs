@@ -207,3 +207,47 @@ fn wrong_dtypes_are_named() {
     );
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The direct path (mapped file to pinned staging to GPU) places the same values as the host
+/// loader: an expert-parallel slice and a tensor-parallel slice, bf16 and FP8 with scales.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn experts_load_straight_into_gpu_memory() {
+    use moe_runner_core::{quant_to_device, Device};
+    let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
+        unreachable!("Device::cuda gives a CUDA device")
+    };
+    for (arch, fp8) in [
+        ("DeepseekV3ForCausalLM", true),
+        ("Qwen3MoeForCausalLM", false),
+    ] {
+        let d = dir(&format!("device-{arch}"));
+        let s = spec(arch, fp8, 2);
+        let written = generate::write(&d, &s, 11).unwrap();
+        let ck = Checkpoint::open(&d).unwrap();
+        let family = Family::of(arch).unwrap();
+        for (experts, tp) in [(4..8, (0, 1)), (0..8, (1, 2))] {
+            let slice = ExpertSlice {
+                layer: 1,
+                experts: experts.clone(),
+                hidden: s.hidden,
+                inter: s.inter,
+                tp,
+            };
+            let on_gpu =
+                moe_checkpoint::load_experts_to_device(&ck, family, &slice, &dev, &|_| {}).unwrap();
+            let back = quant_to_device(on_gpu.as_ref(), &Device::cpu()).unwrap();
+            assert_eq!(back.scheme(), on_gpu.scheme(), "{arch}");
+            for (local, x) in experts.enumerate() {
+                check_expert(
+                    back.as_ref(),
+                    local,
+                    &written.experts[1][x],
+                    (s.hidden, s.inter),
+                    tp,
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

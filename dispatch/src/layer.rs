@@ -129,6 +129,13 @@ impl MoeLayer {
             let _s = debug_span!("route").entered();
             self.router.route(router_logits)?
         };
+        self.forward_routed(hidden, topk)
+    }
+
+    /// `hidden [M, H]` and the engine's routing `topk` to the routed experts' output `[M, H]`
+    /// (dispatch, run, combine) on any path; shared experts are the engine's to add. GPU
+    /// engines that own the output use [`Self::forward_routed_into`].
+    pub fn forward_routed(&self, hidden: &Tensor, topk: TopK) -> Result<Tensor> {
         let dispatched = self.dispatcher.dispatch(hidden, topk)?;
         let expert_out = self.runner.run(dispatched.as_ref(), self.quant.as_ref())?;
         let _s = debug_span!("combine").entered();

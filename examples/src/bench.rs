@@ -1,7 +1,8 @@
 //! `moe bench`: per shape and batch size, the triton runner's time, the floor of DESIGN.md
 //! (bytes of the distinct experts hit plus activations over the measured copy bandwidth; FLOPs
 //! over the measured tensor-core rate), our fraction of it, and the PyTorch peers measured by
-//! `scripts/bench_peers.py` on the same shapes in the same session.
+//! `scripts/bench_peers.py` on the same shapes in the same session; and what `auto` picks
+//! there, timed beside the fastest explicit registered path.
 
 use crate::cli::BenchArgs;
 use crate::error::{CliError, Result};
@@ -9,7 +10,10 @@ use crate::gpu_layer::{GpuLayer, LayerShape};
 use crate::output::{write_json, write_table};
 use crate::run::parse_scheme;
 use moe_runner_core::cuda::copy_bandwidth_gbps;
-use moe_runner_core::{Device, DeviceOps, MoeError, QuantScheme};
+use moe_runner_core::registry::registered_paths;
+use moe_runner_core::{
+    Device, DeviceKind, DeviceOps, DispatchFormat, MoeError, MoeRunner, QuantScheme,
+};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
@@ -68,6 +72,12 @@ pub struct BenchRow {
     pub distinct_experts: f64,
     pub grouped_mm_us: Option<f64>,
     pub naive_loop_us: Option<f64>,
+    /// The path `auto` resolved to and its time, beside the fastest explicit registered path
+    /// for this format, scheme and device (each timed through the registry on the same batch).
+    pub auto_path: String,
+    pub auto_us: f64,
+    pub best_explicit_path: String,
+    pub best_explicit_us: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -84,8 +94,8 @@ pub fn markdown(report: &BenchReport) -> String {
     let opt = |v: Option<f64>| v.map(|x| format!("{x:.1}")).unwrap_or_else(|| "-".into());
     let mut s = format!(
         "{}: copy {:.0} GB/s, bf16 {} TFLOP/s, FP8 {} TFLOP/s\n\n\
-         | shape | scheme | M | ours (us) | floor (us) | of floor | torch `_grouped_mm` (us) | naive loop (us) | vs grouped_mm |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|\n",
+         | shape | scheme | M | ours (us) | floor (us) | of floor | torch `_grouped_mm` (us) | naive loop (us) | vs grouped_mm | auto (us) | best explicit (us) |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n",
         report.device,
         report.copy_gbps,
         opt(report.bf16_tflops),
@@ -97,7 +107,7 @@ pub fn markdown(report: &BenchReport) -> String {
             .map(|g| format!("{:.2}x", g / r.ours_us))
             .unwrap_or_else(|| "-".into());
         s += &format!(
-            "| {} | {} | {} | {:.1} | {:.1} ({}) | {:.0}% | {} | {} | {} |\n",
+            "| {} | {} | {} | {:.1} | {:.1} ({}) | {:.0}% | {} | {} | {} | {:.1} `{}` | {:.1} `{}` |\n",
             r.shape,
             r.scheme,
             r.m,
@@ -107,10 +117,31 @@ pub fn markdown(report: &BenchReport) -> String {
             100.0 * r.fraction_of_floor,
             opt(r.grouped_mm_us),
             opt(r.naive_loop_us),
-            speedup
+            speedup,
+            r.auto_us,
+            r.auto_path,
+            r.best_explicit_us,
+            r.best_explicit_path
         );
     }
     s
+}
+
+/// `auto` for the shape's scheme on the standard format, and every registered path it could
+/// have picked on this device, each resolved explicitly.
+fn registry_paths(device: &Device, shape: &LayerShape) -> Result<(MoeRunner, Vec<MoeRunner>)> {
+    let (format, cfg) = (DispatchFormat::Standard, shape.config());
+    let auto = MoeRunner::auto(device, format, shape.scheme, cfg.clone())?;
+    let explicit = registered_paths()
+        .into_iter()
+        .filter(|p| {
+            p.format == format
+                && p.device == DeviceKind::of(device)
+                && p.schemes.contains(&shape.scheme)
+        })
+        .map(|p| MoeRunner::on_device(device, p.runner, format, shape.scheme, cfg.clone()))
+        .collect::<moe_runner_core::Result<Vec<_>>>()?;
+    Ok((auto, explicit))
 }
 
 pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
@@ -139,10 +170,19 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             .ok_or_else(|| MoeError::invalid("--shapes", format!("`{spec}` is not NAME:SCHEME")))?;
         let shape = bench_shape(name, parse_scheme(scheme)?)?;
         let layer = GpuLayer::new(shape.clone(), &device, 7)?;
+        let (auto, explicit) = registry_paths(&device, &shape)?;
         for &m in &args.tokens {
             let routings = if m <= 512 { 8 } else { 2 };
             let batch = layer.batch(m, routings, 100 + m as u64)?;
             let ms = layer.time_ms(&batch, 3, args.iters)?;
+            let auto_us = 1e3 * layer.time_runner_ms(&auto, &batch, 3, args.iters)?;
+            let mut best = (String::new(), f64::INFINITY);
+            for r in &explicit {
+                let us = 1e3 * layer.time_runner_ms(r, &batch, 3, args.iters)?;
+                if us < best.1 {
+                    best = (r.runner().to_string(), us);
+                }
+            }
             let bytes =
                 batch.distinct_experts * shape.expert_bytes() + (m * shape.hidden * 2 * 2) as f64;
             let flops = 6.0 * (m * shape.top_k * shape.hidden * shape.inter) as f64;
@@ -174,8 +214,19 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
                 distinct_experts: batch.distinct_experts,
                 grouped_mm_us: peer.and_then(|p| p.grouped_mm_ms).map(|v| v * 1e3),
                 naive_loop_us: peer.and_then(|p| p.naive_ms).map(|v| v * 1e3),
+                auto_path: auto.runner().to_string(),
+                auto_us,
+                best_explicit_path: best.0,
+                best_explicit_us: best.1,
             });
-            eprintln!("{} {} M={m}: {:.1} us", shape.name, shape.scheme, ours_us);
+            eprintln!(
+                "{} {} M={m}: {:.1} us; auto ({}) {auto_us:.1} us, best explicit {:.1} us",
+                shape.name,
+                shape.scheme,
+                ours_us,
+                auto.runner(),
+                best.1
+            );
         }
     }
     let report = BenchReport {
@@ -206,6 +257,8 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
                 format!("{:.0}%", 100.0 * r.fraction_of_floor),
                 opt(r.grouped_mm_us),
                 opt(r.naive_loop_us),
+                format!("{:.1} {}", r.auto_us, r.auto_path),
+                format!("{:.1} {}", r.best_explicit_us, r.best_explicit_path),
             ]
         })
         .collect();
@@ -227,6 +280,8 @@ pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
             "of floor",
             "torch grouped_mm us",
             "naive loop us",
+            "auto us",
+            "best explicit us",
         ],
         &table,
     )

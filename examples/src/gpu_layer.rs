@@ -7,8 +7,8 @@ use moe_backend_triton::TritonRunner;
 use moe_conformance::{synthetic, synthetic_gpu};
 use moe_runner_core::cuda::{fill_uniform, time_graph_ms};
 use moe_runner_core::{
-    CudaDevice, DType, Device, MoeRunnerConfig, QuantInfo, QuantScheme, StandardDispatchOutput,
-    Tensor, TopK, WeightDims,
+    CudaDevice, DType, Device, MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme,
+    StandardDispatchOutput, Tensor, TopK, WeightDims,
 };
 
 /// One layer shape to time.
@@ -133,6 +133,32 @@ impl GpuLayer {
 
     /// Median milliseconds of one layer over graph replays of every routing of `batch`.
     pub fn time_ms(&self, batch: &Batch, warmup: usize, iters: usize) -> Result<f64> {
+        self.time_with(batch, warmup, iters, |input, out| {
+            self.runner.run_into(input, self.quant.as_ref(), out)
+        })
+    }
+
+    /// As [`Self::time_ms`], through a runner resolved from the registry (an explicit path or
+    /// `auto`), on the same weights.
+    pub fn time_runner_ms(
+        &self,
+        runner: &MoeRunner,
+        batch: &Batch,
+        warmup: usize,
+        iters: usize,
+    ) -> Result<f64> {
+        self.time_with(batch, warmup, iters, |input, out| {
+            runner.run_into(input, self.quant.as_ref(), out)
+        })
+    }
+
+    fn time_with(
+        &self,
+        batch: &Batch,
+        warmup: usize,
+        iters: usize,
+        run: impl Fn(&StandardDispatchOutput, &Tensor) -> moe_runner_core::Result<()>,
+    ) -> Result<f64> {
         let inputs: Vec<StandardDispatchOutput> = batch
             .routings
             .iter()
@@ -146,13 +172,11 @@ impl GpuLayer {
             .collect::<Result<_>>()?;
         // Eager pass first: compiles the kernels and sizes the workspace outside the capture.
         for input in &inputs {
-            self.runner
-                .run_into(input, self.quant.as_ref(), &batch.out)?;
+            run(input, &batch.out)?;
         }
         let mut times = time_graph_ms(&self.dev, warmup, iters, || {
             for input in &inputs {
-                self.runner
-                    .run_into(input, self.quant.as_ref(), &batch.out)?;
+                run(input, &batch.out)?;
             }
             Ok(())
         })?;

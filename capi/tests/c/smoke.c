@@ -1,6 +1,7 @@
 /* A C caller of libmoe_runner: creates a layer from a checkpoint on the CPU, checks what it
  * expects, runs it on inputs read from files and writes the output; then checks that bad calls
- * come back as error codes with a message. Usage: smoke CKPT HIDDEN.bin LOGITS.bin TOKENS OUT.bin */
+ * come back as error codes with a message; and runs the routed entry point on routing read
+ * from files. Usage: smoke CKPT HIDDEN.bin LOGITS.bin TOKENS OUT.bin IDS.bin WEIGHTS.bin ROUTED.bin */
 #include "moe_runner.h"
 #include <stdio.h>
 #include <string.h>
@@ -28,10 +29,19 @@ static long read_file(const char *path, void *buf, long cap) {
 }
 
 static unsigned char hidden[1 << 20], out[1 << 20];
-static float logits[1 << 16];
+static float logits[1 << 16], topk_weights[1 << 16];
+static int topk_ids[1 << 16];
+
+static int write_file(const char *path, const void *buf, long n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return 1;
+    int bad = fwrite(buf, 1, (size_t)n, f) != (size_t)n;
+    fclose(f);
+    return bad;
+}
 
 int main(int argc, char **argv) {
-    if (argc != 6) return 2;
+    if (argc != 9) return 2;
     long tokens = atol(argv[4]);
     MoeOptions opts;
     memset(&opts, 0, sizeof opts);
@@ -52,9 +62,17 @@ int main(int argc, char **argv) {
         return 1;
     }
     bad |= expect(moe_layer_forward(layer, hidden, logits, out, tokens), MOE_STATUS_OK, "forward");
-    FILE *f = fopen(argv[5], "wb");
-    if (!f || fwrite(out, 1, (size_t)hb, f) != (size_t)hb) return 1;
-    fclose(f);
+    if (write_file(argv[5], out, hb)) return 1;
+    long kb = tokens * info.top_k * 4;
+    if (read_file(argv[6], topk_ids, sizeof topk_ids) != kb || read_file(argv[7], topk_weights, sizeof topk_weights) != kb) {
+        fprintf(stderr, "routing files do not have %ld bytes\n", kb);
+        return 1;
+    }
+    memset(out, 0, sizeof out);
+    bad |= expect(moe_layer_forward_routed(layer, hidden, topk_ids, topk_weights, out, tokens), MOE_STATUS_OK, "forward_routed");
+    if (write_file(argv[8], out, hb)) return 1;
+    bad |= expect(moe_layer_forward_routed(layer, hidden, NULL, topk_weights, out, tokens), MOE_STATUS_INVALID_ARGUMENT, "null topk_ids");
+    bad |= expect(moe_layer_forward_routed(layer, hidden, topk_ids, topk_weights, out, -1), MOE_STATUS_INVALID_ARGUMENT, "negative tokens");
     /* Bad calls: typed errors, never a crash. */
     bad |= expect(moe_layer_forward(layer, NULL, logits, out, tokens), MOE_STATUS_INVALID_ARGUMENT, "null hidden");
     bad |= expect(moe_layer_forward(NULL, hidden, logits, out, tokens), MOE_STATUS_INVALID_ARGUMENT, "null layer");
