@@ -177,6 +177,14 @@ pub struct RunArgs {
     /// GPU).
     #[arg(long, value_name = "NAME", default_value = "standard")]
     pub a2a: String,
+    /// With `--a2a deepep_ll --ep N`: one process per rank (this command starts them and
+    /// checks their outputs) instead of every rank in this process.
+    #[arg(long)]
+    pub procs: bool,
+    /// How rank processes (`--procs`) exchange rows: `ipc` (CUDA IPC, GPUs of one machine) or
+    /// `nccl` (NCCL send/receive, as ranks on different machines do).
+    #[arg(long, value_name = "ipc|nccl", default_value = "ipc")]
+    pub transport: String,
     /// Tensor parallelism: divides the intermediate sizes.
     #[arg(long, value_name = "N", default_value = "1")]
     pub tp: NonZeroUsize,

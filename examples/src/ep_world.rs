@@ -1,8 +1,10 @@
-//! `moe run --a2a deepep_ll --ep N`: a whole expert-parallel world in this process, one rank
-//! per GPU (ranks share GPUs when there are fewer), joined by the low-latency all-to-all over
-//! peer memory. Each rank routes its own tokens, dispatches, runs its runner on its experts and
-//! combines; every rank's output is checked against the expert-parallel reference, then the
-//! world's forward pass is timed. Shared experts are left out (they do not cross ranks).
+//! `moe run --a2a deepep_ll --ep N`: a whole expert-parallel world, one rank per GPU (ranks
+//! share GPUs when there are fewer), joined by the low-latency all-to-all. Every rank in this
+//! process over peer memory; or, with `--procs`, one process per rank started by this one, over
+//! CUDA IPC or NCCL (`--transport`). Each rank routes its own tokens, dispatches, runs its
+//! runner on its experts and combines; every rank's output is checked against the
+//! expert-parallel reference, then the world's forward pass is timed. Shared experts are left
+//! out (they do not cross ranks).
 
 use crate::cli::RunArgs;
 use crate::error::Result;
@@ -22,20 +24,20 @@ use std::io::Write;
 use std::time::Instant;
 
 /// One rank's pieces.
-struct Rank {
+pub(crate) struct Rank {
     dev: CudaDevice,
     dispatcher: LlDispatcher,
-    runner: MoeRunner,
+    pub runner: MoeRunner,
     weights: Box<dyn moe_runner_core::QuantInfo>,
     hidden: Tensor,
     topk: TopK,
-    out: Tensor,
+    pub out: Tensor,
 }
 
 /// One forward pass of the world: every rank's dispatch, then every rank's GEMMs, then every
 /// rank's combine, so no rank's host-side work (a first-use kernel compile) stands between a
 /// peer's send and its receive. Then waits for all and reports what the kernels flagged.
-fn forward(world: &[Rank]) -> moe_runner_core::Result<()> {
+pub(crate) fn forward(world: &[Rank]) -> moe_runner_core::Result<()> {
     let got = world
         .iter()
         .map(|r| {
@@ -61,14 +63,20 @@ fn forward(world: &[Rank]) -> moe_runner_core::Result<()> {
     Ok(())
 }
 
-pub fn run_world(
+/// What every rank of a world agrees on.
+pub(crate) struct World {
+    pub plan: LayerPlan,
+    pub dcfg: DispatcherConfig,
+    pub dtype: DType,
+    pub gpus: usize,
+}
+
+pub(crate) fn world(
     args: &RunArgs,
     spec: &ModelSpec,
     scheme: QuantScheme,
     tokens: usize,
-    seeds: (u64, u64),
-    out: &mut dyn Write,
-) -> Result<()> {
+) -> Result<World> {
     let (tp, ranks) = (args.tp.get(), args.ep.get());
     let plan = LayerPlan::new(
         spec,
@@ -84,9 +92,6 @@ pub fn run_world(
     if gpus == 0 {
         return Err(MoeError::NoCuda("the deepep_ll world needs a GPU".into()).into());
     }
-    let devs: Vec<CudaDevice> = (0..ranks)
-        .map(|r| CudaDevice::new(r % gpus))
-        .collect::<moe_runner_core::Result<_>>()?;
     let cfg = &plan.config;
     let dcfg = DispatcherConfig {
         world_size: ranks,
@@ -100,85 +105,182 @@ pub fn run_world(
         ..DispatcherConfig::single(cfg.num_experts, cfg.hidden_size, tokens.max(1))
             .with_top_k(cfg.top_k)
     };
-    let dispatchers = LlWorld::in_process(&devs, &dcfg)?;
     let dtype = if scheme == QuantScheme::F16 {
         DType::F16
     } else {
         DType::Bf16
     };
+    Ok(World {
+        plan,
+        dcfg,
+        dtype,
+        gpus,
+    })
+}
+
+/// Rank `r`'s host weights, activations and routing (the same in every process).
+pub(crate) fn host_rank(
+    args: &RunArgs,
+    w: &World,
+    scheme: QuantScheme,
+    tokens: usize,
+    seeds: (u64, u64),
+    r: usize,
+) -> Result<(Box<dyn moe_runner_core::QuantInfo>, (Tensor, TopK))> {
+    let cfg = &w.plan.config;
+    let weights = synthetic::weights(
+        w.plan.weight_dims(),
+        scheme,
+        args.seed + 1000 * r as u64,
+        &|_| {},
+    )?;
+    let hidden = synthetic::hidden(tokens, cfg.hidden_size, w.dtype, seeds.0 + r as u64)?;
+    let logits = synthetic::logits(tokens, cfg.num_experts, seeds.1 + r as u64)?;
+    let topk = w.plan.router.route(&logits)?;
+    Ok((weights, (hidden, topk)))
+}
+
+/// Rank `r` on `dev` over `dispatcher`, its inputs moved there.
+pub(crate) fn device_rank(
+    args: &RunArgs,
+    w: &World,
+    scheme: QuantScheme,
+    (dev, dispatcher): (&CudaDevice, LlDispatcher),
+    weights: &dyn moe_runner_core::QuantInfo,
+    (hidden, topk): &(Tensor, TopK),
+) -> Result<Rank> {
+    let cfg = &w.plan.config;
+    let device = Device::Cuda(dev.clone());
+    let runner = MoeRunner::on_device(
+        &device,
+        &args.runner,
+        DispatchFormat::DeepEpLowLatency,
+        scheme,
+        cfg.clone(),
+    )
+    .or_else(|e| match (&e, args.runner.as_str()) {
+        (_, "auto") => MoeRunner::auto(
+            &device,
+            DispatchFormat::DeepEpLowLatency,
+            scheme,
+            cfg.clone(),
+        ),
+        _ => Err(e),
+    })?;
+    let tokens = hidden.shape()[0];
+    Ok(Rank {
+        weights: quant_to_device(weights, &device)?,
+        hidden: hidden.to_device(&device)?,
+        topk: topk.to_device(&device)?,
+        out: Tensor::zeros_cuda(dev, &[tokens, cfg.hidden_size], w.dtype)?,
+        dev: dev.clone(),
+        dispatcher,
+        runner,
+    })
+}
+
+pub fn run_world(
+    args: &RunArgs,
+    spec: &ModelSpec,
+    scheme: QuantScheme,
+    tokens: usize,
+    seeds: (u64, u64),
+    out: &mut dyn Write,
+) -> Result<()> {
+    if args.procs {
+        return crate::ep_procs::run_procs(args, spec, scheme, tokens, seeds, out);
+    }
+    let w = world(args, spec, scheme, tokens)?;
+    let ranks = args.ep.get();
+    let devs: Vec<CudaDevice> = (0..ranks)
+        .map(|r| CudaDevice::new(r % w.gpus))
+        .collect::<moe_runner_core::Result<_>>()?;
+    let dispatchers = LlWorld::in_process(&devs, &w.dcfg)?;
     let mut host_inputs = Vec::with_capacity(ranks);
     let mut host_weights = Vec::with_capacity(ranks);
     let mut world = Vec::with_capacity(ranks);
     for (r, (dev, dispatcher)) in devs.iter().zip(dispatchers).enumerate() {
-        let device = Device::Cuda(dev.clone());
-        let runner = MoeRunner::on_device(
-            &device,
-            &args.runner,
-            DispatchFormat::DeepEpLowLatency,
+        let (weights, inputs) = host_rank(args, &w, scheme, tokens, seeds, r)?;
+        world.push(device_rank(
+            args,
+            &w,
             scheme,
-            cfg.clone(),
-        )
-        .or_else(|e| match (&e, args.runner.as_str()) {
-            (_, "auto") => MoeRunner::auto(
-                &device,
-                DispatchFormat::DeepEpLowLatency,
-                scheme,
-                cfg.clone(),
-            ),
-            _ => Err(e),
-        })?;
-        let weights = synthetic::weights(
-            plan.weight_dims(),
-            scheme,
-            args.seed + 1000 * r as u64,
-            &|_| {},
-        )?;
-        let hidden = synthetic::hidden(tokens, cfg.hidden_size, dtype, seeds.0 + r as u64)?;
-        let logits = synthetic::logits(tokens, cfg.num_experts, seeds.1 + r as u64)?;
-        let topk = plan.router.route(&logits)?;
-        world.push(Rank {
-            weights: quant_to_device(weights.as_ref(), &device)?,
-            hidden: hidden.to_device(&device)?,
-            topk: topk.to_device(&device)?,
-            out: Tensor::zeros_cuda(dev, &[tokens, cfg.hidden_size], dtype)?,
-            dev: dev.clone(),
-            dispatcher,
-            runner,
-        });
-        host_inputs.push((hidden, topk));
+            (dev, dispatcher),
+            weights.as_ref(),
+            &inputs,
+        )?);
+        host_inputs.push(inputs);
         host_weights.push(weights);
     }
     forward(&world)?;
-    let refs: Vec<_> = host_weights.iter().map(|w| w.as_ref()).collect();
-    let want = ep::layer_outputs(cfg, scheme, &refs, &host_inputs)?;
-    let mut worst = Accuracy {
-        rel_l2: 0.0,
-        max_abs: 0.0,
-    };
-    for (r, w) in world.iter().zip(&want) {
-        let c = suite::compare(&r.out.to_host()?.to_f32_vec()?, w)?;
-        worst.rel_l2 = worst.rel_l2.max(c.rel_l2);
-        worst.max_abs = worst.max_abs.max(c.max_abs);
-    }
+    let outs = world
+        .iter()
+        .map(|r| Ok(r.out.to_host()?.to_f32_vec()?))
+        .collect::<Result<Vec<_>>>()?;
     let mut times = Vec::with_capacity(args.iters.get());
     for _ in 0..args.iters.get() {
         let start = Instant::now();
         forward(&world)?;
         times.push(start.elapsed());
     }
-    let latency = Latency::of(&times)
-        .ok_or_else(|| MoeError::invalid("--iters", "at least one timed iteration"))?;
     let first = &world[0];
+    let ran = Ran {
+        path: first.runner.describe(),
+        runner: first.runner.runner().to_string(),
+        device: Device::Cuda(first.dev.clone()).name(),
+        how: "every rank in this process, over peer memory".into(),
+    };
+    let hosts = (host_weights.as_slice(), host_inputs.as_slice());
+    finish(
+        args,
+        (spec, scheme, tokens),
+        &w,
+        hosts,
+        (&outs, &times),
+        ran,
+        out,
+    )
+}
+
+/// How a world ran, for its report.
+pub(crate) struct Ran {
+    pub path: String,
+    pub runner: String,
+    pub device: String,
+    pub how: String,
+}
+
+/// Checks every rank's output against the expert-parallel reference and reports the world.
+#[allow(clippy::type_complexity)]
+pub(crate) fn finish(
+    args: &RunArgs,
+    (spec, scheme, tokens): (&ModelSpec, QuantScheme, usize),
+    w: &World,
+    (host_weights, host_inputs): (&[Box<dyn moe_runner_core::QuantInfo>], &[(Tensor, TopK)]),
+    (outs, times): (&[Vec<f32>], &[std::time::Duration]),
+    ran: Ran,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let (tp, ranks, cfg) = (args.tp.get(), args.ep.get(), &w.plan.config);
+    let refs: Vec<_> = host_weights.iter().map(|w| w.as_ref()).collect();
+    let want = ep::layer_outputs(cfg, scheme, &refs, host_inputs)?;
+    let mut worst = Accuracy {
+        rel_l2: 0.0,
+        max_abs: 0.0,
+    };
+    for (got, w) in outs.iter().zip(&want) {
+        let c = suite::compare(got, w)?;
+        worst.rel_l2 = worst.rel_l2.max(c.rel_l2);
+        worst.max_abs = worst.max_abs.max(c.max_abs);
+    }
+    let latency = Latency::of(times)
+        .ok_or_else(|| MoeError::invalid("--iters", "at least one timed iteration"))?;
     let report = RunReport {
         model: spec.name.clone(),
         arch: spec.arch.clone(),
-        path: first.runner.describe(),
-        device: format!(
-            "{ranks} ranks on {} x {}",
-            gpus.min(ranks),
-            Device::Cuda(first.dev.clone()).name()
-        ),
-        runner: first.runner.runner().to_string(),
+        path: ran.path,
+        device: format!("{ranks} ranks on {} x {}", w.gpus.min(ranks), ran.device),
+        runner: ran.runner,
         a2a: args.a2a.clone(),
         shape: Shape {
             experts: spec.routed_experts,
@@ -192,7 +294,7 @@ pub fn run_world(
             tp,
             ep: ranks,
         },
-        weight_bytes: ranks * plan.host_bytes(scheme),
+        weight_bytes: ranks * w.plan.host_bytes(scheme),
         tokens: tokens * ranks,
         iters: times.len(),
         tokens_per_s: latency.tokens_per_s(tokens * ranks),
@@ -201,7 +303,7 @@ pub fn run_world(
         notes: vec![
             format!("{tokens} tokens per rank; the worst rank's error is reported"),
             "shared experts are not part of the expert-parallel world run".into(),
-            format!("dispatch wire {:?}", dcfg.wire),
+            format!("dispatch wire {:?}; {}", w.dcfg.wire, ran.how),
         ],
     };
     if args.json {

@@ -9,6 +9,8 @@ pub mod bench;
 pub mod checkpoint_layer;
 pub mod cli;
 #[cfg(feature = "cuda")]
+pub mod ep_procs;
+#[cfg(feature = "cuda")]
 pub mod ep_world;
 pub mod error;
 #[cfg(feature = "cuda")]

@@ -4,7 +4,7 @@
 //! bad input. Two ranks run on two GPUs when the machine has them, else on one GPU with two
 //! streams. Ignored where no GPU is present.
 
-use moe_backend_deepep_ll::{sim, LlDispatcher, LlWorld, MaskedGemmRunner};
+use moe_backend_deepep_ll::{sim, LlDispatcher, LlWorld, MaskedGemmRunner, NcclId};
 use moe_conformance::{ep, suite, synthetic};
 use moe_dispatch::{DispatcherConfig, Wire};
 use moe_runner_core::cuda::cudarc::driver::CudaContext;
@@ -153,62 +153,81 @@ fn dispatch_layout_and_combine_match_the_simulation_bit_for_bit() {
         for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0] {
             let cfg = world_cfg(ranks, wire);
             let ds = LlWorld::in_process(&devices(ranks), &cfg).unwrap();
-            let ins = inputs(ranks, 5);
-            let want = sim::dispatch(&cfg, &ins).unwrap();
-            // Twice, so both buffer sets (and their epochs) are exercised: first with each
-            // half folded into one launch, then split.
-            for round in 0..2 {
-                let fused = round == 0;
-                let got = dispatch_all(&ds, &ins, fused);
-                let (el, rt) = (E / ranks, ranks * T);
-                for (r, (g, w)) in got.iter().zip(&want.outputs).enumerate() {
-                    assert_layout(g, w, &format!("R={ranks} {wire:?} rank {r} round {round}"));
-                }
-                // Combine random expert outputs (rows past masked_m hold noise that must not be read).
-                let ys: Vec<Vec<f32>> = (0..ranks).map(|r| expert_outputs(ranks, r)).collect();
-                let y_dev: Vec<Tensor> = ds
-                    .iter()
-                    .zip(&ys)
-                    .map(|(d, y)| {
-                        Tensor::from_f32(y, &[el, rt, H], DType::Bf16)
-                            .unwrap()
-                            .to_device(&Device::Cuda(d.device().clone()))
-                            .unwrap()
-                    })
-                    .collect();
-                let outs: Vec<Tensor> = if fused {
-                    ds.iter()
-                        .zip(&got)
-                        .zip(&y_dev)
-                        .map(|((d, g), y)| {
-                            let m = g.topk.num_tokens();
-                            let out = Tensor::zeros_cuda(d.device(), &[m, H], DType::Bf16).unwrap();
-                            d.combine_into(y, g, &out).unwrap();
-                            out
-                        })
-                        .collect()
-                } else {
-                    let hooks: Vec<_> = ds
-                        .iter()
-                        .zip(&got)
-                        .zip(&y_dev)
-                        .map(|((d, g), y)| d.combine_send(y, g).unwrap())
-                        .collect();
-                    hooks.into_iter().map(|h| h.recv().unwrap()).collect()
-                };
-                let expect = sim::combine(&cfg, &want, &ys, DType::Bf16).unwrap();
-                for (r, (o, w)) in outs.iter().zip(&expect).enumerate() {
-                    let (o, w) = (o.to_host().unwrap(), w.clone());
-                    assert_eq!(
-                        o.host_bytes().unwrap(),
-                        w.host_bytes().unwrap(),
-                        "R={ranks} {wire:?} rank {r} round {round}: combine"
-                    );
-                }
-                for d in &ds {
-                    d.check().unwrap();
-                }
-            }
+            match_the_simulation(&ds, &cfg, &format!("R={ranks} {wire:?}"));
+        }
+    }
+}
+
+/// The NCCL transport on a world of one rank (NCCL sends to the rank itself): the same layout
+/// and combine, byte for byte.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nccl_world_of_one_matches_the_simulation() {
+    for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0] {
+        let cfg = world_cfg(1, wire);
+        let id = NcclId::new().unwrap();
+        let d = LlWorld::nccl(&devices(1)[0], &cfg, &id, Duration::from_secs(60)).unwrap();
+        assert_eq!(d.transport(), "nccl");
+        match_the_simulation(&[d], &cfg, &format!("NCCL R=1 {wire:?}"));
+    }
+}
+
+/// Twice, so both buffer sets (and their epochs) are exercised: first with each half folded
+/// into one launch, then split; every rank's layout and combine against the simulation.
+fn match_the_simulation(ds: &[LlDispatcher], cfg: &DispatcherConfig, label: &str) {
+    let ranks = ds.len();
+    let ins = inputs(ranks, 5);
+    let want = sim::dispatch(cfg, &ins).unwrap();
+    for round in 0..2 {
+        let fused = round == 0;
+        let got = dispatch_all(ds, &ins, fused);
+        let (el, rt) = (E / ranks, ranks * T);
+        for (r, (g, w)) in got.iter().zip(&want.outputs).enumerate() {
+            assert_layout(g, w, &format!("{label} rank {r} round {round}"));
+        }
+        // Combine random expert outputs (rows past masked_m hold noise that must not be read).
+        let ys: Vec<Vec<f32>> = (0..ranks).map(|r| expert_outputs(ranks, r)).collect();
+        let y_dev: Vec<Tensor> = ds
+            .iter()
+            .zip(&ys)
+            .map(|(d, y)| {
+                Tensor::from_f32(y, &[el, rt, H], DType::Bf16)
+                    .unwrap()
+                    .to_device(&Device::Cuda(d.device().clone()))
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Tensor> = if fused {
+            ds.iter()
+                .zip(&got)
+                .zip(&y_dev)
+                .map(|((d, g), y)| {
+                    let m = g.topk.num_tokens();
+                    let out = Tensor::zeros_cuda(d.device(), &[m, H], DType::Bf16).unwrap();
+                    d.combine_into(y, g, &out).unwrap();
+                    out
+                })
+                .collect()
+        } else {
+            let hooks: Vec<_> = ds
+                .iter()
+                .zip(&got)
+                .zip(&y_dev)
+                .map(|((d, g), y)| d.combine_send(y, g).unwrap())
+                .collect();
+            hooks.into_iter().map(|h| h.recv().unwrap()).collect()
+        };
+        let expect = sim::combine(cfg, &want, &ys, DType::Bf16).unwrap();
+        for (r, (o, w)) in outs.iter().zip(&expect).enumerate() {
+            let (o, w) = (o.to_host().unwrap(), w.clone());
+            assert_eq!(
+                o.host_bytes().unwrap(),
+                w.host_bytes().unwrap(),
+                "{label} rank {r} round {round}: combine"
+            );
+        }
+        for d in ds {
+            d.check().unwrap();
         }
     }
 }
@@ -451,8 +470,8 @@ fn bad_input_is_a_typed_error() {
     ));
 }
 
-const IPC_RANK: &str = "MOE_TEST_IPC_RANK";
-const IPC_DIR: &str = "MOE_TEST_IPC_DIR";
+const CHILD_RANK: &str = "MOE_TEST_CHILD_RANK";
+const CHILD_DIR: &str = "MOE_TEST_CHILD_DIR";
 
 /// Two processes of one machine, a rank each (on two GPUs, or sharing one), mapping each
 /// other's buffers through CUDA IPC: the layout and the combine match the simulation byte for
@@ -460,29 +479,62 @@ const IPC_DIR: &str = "MOE_TEST_IPC_DIR";
 #[test]
 #[ignore = "needs a CUDA device"]
 fn two_processes_over_ipc_match_the_simulation() {
-    if let Ok(rank) = std::env::var(IPC_RANK) {
-        let dir = std::env::var(IPC_DIR).expect("the parent names the rendezvous directory");
-        return ipc_rank(rank.parse().unwrap(), std::path::Path::new(&dir));
+    two_processes(
+        "two_processes_over_ipc_match_the_simulation",
+        |dev, cfg, dir| LlWorld::ipc(dev, cfg, dir, Duration::from_secs(60)).unwrap(),
+    );
+}
+
+/// Two processes on two GPUs whose rows travel through NCCL, the world's id exchanged through
+/// a file as ranks on different machines would over a shared directory: the same layout and
+/// combine, byte for byte. (NCCL does not put two ranks on one GPU.)
+#[test]
+#[ignore = "needs a CUDA device"]
+fn two_processes_over_nccl_match_the_simulation() {
+    if std::env::var(CHILD_RANK).is_err() && devices_present() < 2 {
+        eprintln!("one GPU: NCCL needs a GPU per rank; the two-process NCCL test was not run");
+        return;
+    }
+    two_processes(
+        "two_processes_over_nccl_match_the_simulation",
+        |dev, cfg, dir| {
+            let timeout = Duration::from_secs(60);
+            let id = NcclId::exchange(dir, cfg.rank, timeout).unwrap();
+            let d = LlWorld::nccl(dev, cfg, &id, timeout).unwrap();
+            assert_eq!(d.transport(), "nccl");
+            d
+        },
+    );
+}
+
+fn devices_present() -> usize {
+    CudaContext::device_count().expect("this test needs a CUDA device") as usize
+}
+
+/// Runs `test` (this test's own name) as two child processes, one per rank, each building its
+/// dispatcher with `make` over a fresh rendezvous directory; in a child, runs the rank.
+fn two_processes(
+    test: &str,
+    make: impl Fn(&CudaDevice, &DispatcherConfig, &std::path::Path) -> LlDispatcher,
+) {
+    if let Ok(rank) = std::env::var(CHILD_RANK) {
+        let dir = std::env::var(CHILD_DIR).expect("the parent names the rendezvous directory");
+        return child_rank(rank.parse().unwrap(), std::path::Path::new(&dir), make);
     }
     if rank_counts().len() < 2 {
         eprintln!("MOE_TEST_MAX_RANKS=1: the two-process test needs two ranks; not run");
         return;
     }
-    let dir = std::env::temp_dir().join(format!("moe-ipc-test-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("moe-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (0..2)
         .map(|r| {
             std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "two_processes_over_ipc_match_the_simulation",
-                    "--include-ignored",
-                    "--nocapture",
-                ])
-                .env(IPC_RANK, r.to_string())
-                .env(IPC_DIR, &dir)
+                .args(["--exact", test, "--include-ignored", "--nocapture"])
+                .env(CHILD_RANK, r.to_string())
+                .env(CHILD_DIR, &dir)
                 .stdout(std::process::Stdio::piped())
                 .stderr(std::process::Stdio::piped())
                 .spawn()
@@ -508,24 +560,25 @@ fn two_processes_over_ipc_match_the_simulation() {
     }
 }
 
-/// One rank of the two-process test.
-fn ipc_rank(rank: usize, dir: &std::path::Path) {
+/// One rank of a two-process test.
+fn child_rank(
+    rank: usize,
+    dir: &std::path::Path,
+    make: impl Fn(&CudaDevice, &DispatcherConfig, &std::path::Path) -> LlDispatcher,
+) {
     let cfg = DispatcherConfig {
         rank,
         ..world_cfg(2, Wire::Fp8)
     };
     let dev = devices(2).swap_remove(rank);
-    let d = LlWorld::ipc(&dev, &cfg, dir, Duration::from_secs(60)).unwrap();
+    let d = make(&dev, &cfg, dir);
     let ins = inputs(2, 5);
     let want = sim::dispatch(&cfg, &ins).unwrap();
     for round in 0..2 {
         let (h, t) = on(&dev, &ins[rank]);
         let got = d.dispatch_now(&h, t).unwrap();
-        assert_layout(
-            &got,
-            &want.outputs[rank],
-            &format!("IPC rank {rank} round {round}"),
-        );
+        let label = format!("{} rank {rank} round {round}", d.transport());
+        assert_layout(&got, &want.outputs[rank], &label);
         let ys: Vec<Vec<f32>> = (0..2).map(|r| expert_outputs(2, r)).collect();
         let y = Tensor::from_f32(&ys[rank], &[E / 2, 2 * T, H], DType::Bf16)
             .unwrap()
@@ -537,10 +590,29 @@ fn ipc_rank(rank: usize, dir: &std::path::Path) {
         assert_eq!(
             out.to_host().unwrap().host_bytes().unwrap(),
             expect[rank].host_bytes().unwrap(),
-            "IPC rank {rank} round {round}: combine"
+            "{label}: combine"
         );
     }
     d.check().unwrap();
+}
+
+/// An NCCL world whose second rank never joins: joining ends in a timeout error, not a hang.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn a_missing_nccl_rank_is_a_timeout_not_a_hang() {
+    let cfg = world_cfg(2, Wire::Fp8);
+    let id = NcclId::new().unwrap();
+    let started = std::time::Instant::now();
+    let Err(err) = LlWorld::nccl(&devices(1)[0], &cfg, &id, Duration::from_millis(500)) else {
+        panic!("a world of two ranks was joined by one");
+    };
+    assert!(
+        matches!(err, MoeError::PeerTimeout { rank: 0, .. }),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(NcclId::from_hex(&id.to_hex()).is_ok());
+    assert!(NcclId::from_hex("not an id").is_err());
 }
 
 /// Dispatch, masked GEMMs and combine into the caller's output allocate no device memory once

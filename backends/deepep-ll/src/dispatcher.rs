@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::kernels::LlKernels;
 use crate::layout::{LlShape, SetLayout};
+use crate::nccl_path::NcclPath;
 use crate::world::{LlWorld, RankMemory, WorldMemory};
 use crate::A2A;
 
@@ -36,6 +37,8 @@ pub struct LlDispatcher {
     next_set: AtomicUsize,
     timeout: Duration,
     sms: usize,
+    /// The NCCL transport, for ranks that cannot map each other's memory; `None`: peer memory.
+    nccl: Option<NcclPath>,
 }
 
 /// The device address of `t`, which the kernels read and write 16 bytes at a time.
@@ -80,9 +83,14 @@ impl LlDispatcher {
         &self.dev
     }
 
-    /// Bytes this rank allocated for its two buffer sets.
+    /// Bytes this rank allocated for its two buffer sets (with the NCCL transport's packet
+    /// regions when it has them).
     pub fn buffer_bytes(&self) -> usize {
-        2 * self.layout.bytes as usize
+        let packets = match self.nccl {
+            Some(_) => crate::nccl_path::set_bytes(&self.shape),
+            None => 0,
+        };
+        2 * (self.layout.bytes as usize + packets)
     }
 
     /// A dispatcher for `cfg.rank` over `memory.local[own]`.
@@ -108,11 +116,28 @@ impl LlDispatcher {
             next_set: AtomicUsize::new(0),
             timeout: DEFAULT_TIMEOUT,
             sms,
+            nccl: None,
         };
         // Compiled now, not at the first dispatch: peers already waiting on this rank would
         // count a first-use compile against their timeout.
         d.kernels(DType::Bf16)?;
         Ok(d)
+    }
+
+    /// Moves the rows over NCCL instead of peer memory.
+    pub(crate) fn with_nccl(mut self, path: NcclPath, timeout: Duration) -> Self {
+        self.nccl = Some(path);
+        self.timeout = timeout;
+        self
+    }
+
+    /// The transport's name, for reports.
+    pub fn transport(&self) -> &'static str {
+        if self.nccl.is_some() {
+            "nccl"
+        } else {
+            "peer memory"
+        }
     }
 
     fn mem(&self) -> &RankMemory {
@@ -211,8 +236,19 @@ impl LlDispatcher {
         } else {
             self.shape.hidden + self.shape.hidden / 128 * 4
         };
-        let grid = m.clamp(1, 8 * self.sms);
         let timeout = self.timeout_ns();
+        if let Some(n) = &self.nccl {
+            n.dispatch(
+                &self.dev,
+                k,
+                (set, base, l),
+                (x, ids, m),
+                (smem, self.sms, timeout),
+                fuse_recv,
+            )?;
+            return Ok((set, topk, act));
+        }
+        let grid = m.clamp(1, 8 * self.sms);
         launch(
             &self.dev,
             &k.dispatch_send,
@@ -355,7 +391,11 @@ impl LlDispatcher {
     /// in time, expert ids out of range, more rows than the buffers hold.
     pub fn check(&self) -> Result<()> {
         use moe_runner_core::DeviceOps;
-        self.dev.synchronize()?;
+        match &self.nccl {
+            // A peer that stopped answering would keep the stream busy for ever.
+            Some(n) => n.comm.wait_stream(&self.dev)?,
+            None => self.dev.synchronize()?,
+        }
         let mut status = [0i32; 2];
         for (set, s) in status.iter_mut().enumerate() {
             self.dev
@@ -402,6 +442,10 @@ impl LlRecvHook<'_> {
         let d = self.d;
         let k = d.kernels(self.act)?;
         let (l, base) = (d.layout.kernel, d.base(self.set));
+        if let Some(n) = &d.nccl {
+            n.recv(&d.dev, k, (self.set, base, l), d.sms, d.timeout_ns())?;
+            return Ok(d.output(self.set, self.topk, self.act));
+        }
         let blocks = d.shape.local_experts.div_ceil(256);
         launch(
             &d.dev,
@@ -442,6 +486,18 @@ impl LlCombineHook<'_> {
             d.mem().peer_tables[self.set].ptr(),
         );
         let y = self.y.cuda_ptr()?;
+        if let Some(n) = &d.nccl {
+            let at = (self.set, base, l);
+            if mode & 1 != 0 {
+                n.combine_send(&d.dev, k, at, y, d.sms)?;
+            }
+            if mode & 2 != 0 {
+                let grid = items.clamp(1, 4 * d.sms);
+                let io = (self.ids, self.weights, out_ptr, self.m);
+                n.combine_sum(&d.dev, k, (self.set, l), io, scale, grid)?;
+            }
+            return Ok(());
+        }
         launch(
             &d.dev,
             &k.combine,

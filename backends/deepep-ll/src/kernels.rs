@@ -1,4 +1,5 @@
-//! The all-to-all kernels (`kernels/ll.cu`), compiled per (wire format, activation dtype).
+//! The all-to-all kernels (`kernels/ll.cu`, and `kernels/ll_nccl.cu` for the NCCL transport),
+//! compiled per (wire format, activation dtype).
 
 use moe_backend_triton::kernels::COMMON;
 use moe_backend_triton::stages::Arg;
@@ -10,6 +11,7 @@ use moe_runner_core::{CudaDevice, MoeError, Result};
 use crate::layout::LlLayout;
 
 const LL: &str = include_str!("kernels/ll.cu");
+const LL_NCCL: &str = include_str!("kernels/ll_nccl.cu");
 
 // SAFETY: `LlLayout` is `repr(C)` plain data mirroring the CUDA struct of the same name.
 unsafe impl DeviceRepr for LlLayout {}
@@ -25,6 +27,11 @@ pub struct LlKernels {
     pub dispatch_send: CudaFunction,
     pub dispatch_recv: CudaFunction,
     pub combine: CudaFunction,
+    /// The NCCL transport's packing around its exchanges (`kernels/ll_nccl.cu`).
+    pub nccl_pack: CudaFunction,
+    pub nccl_unpack: CudaFunction,
+    pub nccl_combine_pack: CudaFunction,
+    pub nccl_combine_sum: CudaFunction,
     /// Blocks of `combine` one SM holds at once (the fused launch must be fully resident).
     pub combine_per_sm: usize,
 }
@@ -39,7 +46,7 @@ impl LlKernels {
         let module = compile_module(
             dev,
             "deepep_ll",
-            &format!("{COMMON}\n{LL}"),
+            &format!("{COMMON}\n{LL}\n{LL_NCCL}"),
             &[
                 ("FP8", fp8.to_string()),
                 ("ACT_F16", u8::from(act_f16).to_string()),
@@ -59,6 +66,10 @@ impl LlKernels {
                 .occupancy_max_active_blocks_per_multiprocessor(256, 0, None)
                 .map_err(|e| MoeError::Device(e.to_string()))? as usize,
             combine: load("ll_combine")?,
+            nccl_pack: load("ll_nccl_pack")?,
+            nccl_unpack: load("ll_nccl_unpack")?,
+            nccl_combine_pack: load("ll_nccl_combine_pack")?,
+            nccl_combine_sum: load("ll_nccl_combine_sum")?,
         })
     }
 }

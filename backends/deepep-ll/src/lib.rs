@@ -3,7 +3,8 @@
 //! bf16 on the wire) and brings the expert outputs back as a weighted sum, and the
 //! `masked_gemm` runner for that layout. Ranks address each other's buffers directly: GPUs of
 //! one process through peer access ([`LlWorld::in_process`]), processes of one machine through
-//! CUDA IPC handles ([`LlWorld::ipc`]).
+//! CUDA IPC handles ([`LlWorld::ipc`]); ranks on different machines exchange rows through NCCL
+//! ([`LlWorld::nccl`], agreeing on the world by an [`NcclId`]).
 //!
 //! [`sim`] is the CPU model of the same all-to-all for any number of ranks, with the GPU's
 //! exact layout and rounding; the tests hold the kernels to it.
@@ -18,6 +19,10 @@ mod dispatcher;
 #[cfg(feature = "cuda")]
 mod kernels;
 #[cfg(feature = "cuda")]
+mod nccl;
+#[cfg(feature = "cuda")]
+mod nccl_path;
+#[cfg(feature = "cuda")]
 pub mod probe;
 #[cfg(feature = "cuda")]
 mod runner;
@@ -28,6 +33,8 @@ pub use layout::buffer_bytes;
 
 #[cfg(feature = "cuda")]
 pub use dispatcher::{LlCombineHook, LlDispatcher, LlRecvHook, DEFAULT_TIMEOUT};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclId;
 #[cfg(feature = "cuda")]
 pub use runner::MaskedGemmRunner;
 #[cfg(feature = "cuda")]

@@ -1,7 +1,9 @@
 //! Building the ranks of a world: every rank allocates two buffer sets of the same layout, and
 //! every rank learns every other rank's base addresses. Within one process, GPUs map each
 //! other's memory by peer access ([`LlWorld::in_process`]); across processes of one machine,
-//! by CUDA IPC handles exchanged through files in a directory ([`LlWorld::ipc`]).
+//! by CUDA IPC handles exchanged through files in a directory ([`LlWorld::ipc`]). Ranks that
+//! cannot map each other's memory (other machines) move the rows through NCCL instead
+//! ([`LlWorld::nccl`]): each rank then addresses only its own buffers.
 
 use moe_dispatch::DispatcherConfig;
 use moe_runner_core::{CudaDevice, MoeError, Result};
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 use crate::alloc::{enable_peer_access, ipc_handle, DeviceAlloc, IpcMapping};
 use crate::dispatcher::LlDispatcher;
 use crate::layout::LlShape;
+use crate::nccl::{NcclComm, NcclId};
+use crate::nccl_path::NcclPath;
 
 /// One rank's memory: two buffer sets, and for each set the table of every rank's base address
 /// of that set (as this rank addresses it).
@@ -175,5 +179,39 @@ impl LlWorld {
             _mapped: mapped,
         });
         LlDispatcher::new(cfg.clone(), shape, device, memory, 0)
+    }
+
+    /// Rank `cfg.rank` of a world whose rows travel through NCCL: one process per GPU, on any
+    /// machines. Every rank passes the same `id` (see [`NcclId`] for how ranks agree on it);
+    /// joining waits up to `timeout` for the others, and so does every later exchange.
+    pub fn nccl(
+        device: &CudaDevice,
+        cfg: &DispatcherConfig,
+        id: &NcclId,
+        timeout: Duration,
+    ) -> Result<LlDispatcher> {
+        let shape = LlShape::of(cfg)?;
+        let ctx = device.context();
+        let bytes = shape.layout(0).bytes as usize;
+        let sets = [
+            DeviceAlloc::zeroed(ctx, bytes)?,
+            DeviceAlloc::zeroed(ctx, bytes)?,
+        ];
+        let comm = NcclComm::init(device, cfg.rank, cfg.world_size, id, timeout)?;
+        let path = NcclPath::new(device, &shape, comm)?;
+        // Every "peer" address is this rank's own set: the routing kernel's counts stay here
+        // for NCCL to gather.
+        let own = |set: usize| vec![sets[set].ptr(); cfg.world_size];
+        let memory = Arc::new(WorldMemory {
+            local: vec![RankMemory {
+                peer_tables: [
+                    DeviceAlloc::from_u64s(ctx, &own(0))?,
+                    DeviceAlloc::from_u64s(ctx, &own(1))?,
+                ],
+                sets,
+            }],
+            _mapped: Vec::new(),
+        });
+        Ok(LlDispatcher::new(cfg.clone(), shape, device, memory, 0)?.with_nccl(path, timeout))
     }
 }

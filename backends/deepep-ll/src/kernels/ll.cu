@@ -166,6 +166,59 @@ __device__ bool last_block(unsigned long long* done, bool sys) {
     return is_last;
 }
 
+#if FP8
+// One bf16 row to E4M3 codes in `sm` (H bytes) and its per-128 scales after them (H/128 floats),
+// by the whole block. Sixteen threads per 128 channels, eight values each: every load of the
+// row is issued before any is used, then amax (a 16-lane reduction), scale, codes.
+__device__ void quantize_row(const u16* __restrict__ x, u8* sm, int H, int tid) {
+    float* ssc = (float*)(sm + H);
+    const uint4* row = (const uint4*)x;
+    const int chunks = H / 8;  // 16-byte chunks of the bf16 row
+    for (int base = 0; base < chunks; base += QUANT_CHUNKS * LL_THREADS) {
+        uint4 raw[QUANT_CHUNKS];
+#pragma unroll
+        for (int u = 0; u < QUANT_CHUNKS; ++u) {
+            const int c = base + tid + u * LL_THREADS;
+            if (c < chunks) raw[u] = __ldg(row + c);
+        }
+#pragma unroll
+        for (int u = 0; u < QUANT_CHUNKS; ++u) {
+            // Whole 16-lane groups are in or out (H is a multiple of 128), so the shuffles
+            // below always run on full warps.
+            const int c = base + tid + u * LL_THREADS;
+            float v[8];
+            const u32 w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                v[2 * q] = act_to_f32((u16)(w[q] & 0xffff));
+                v[2 * q + 1] = act_to_f32((u16)(w[q] >> 16));
+            }
+            float amax = 0.0f;
+#pragma unroll
+            for (int q = 0; q < 8; ++q) amax = fmaxf(amax, fabsf(v[q]));
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+            if (c < chunks) {
+                float s = fmaxf(amax, 1e-4f) / 448.0f;
+#if FP8 == 2
+                u32 b = __float_as_uint(s);
+                if (b & 0x7fffffu) b = (b & 0xff800000u) + 0x800000u;
+                s = __uint_as_float(b);
+#endif
+                uint2 packed = {0u, 0u};
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    packed.x |= (u32)f32_to_e4m3(v[q] / s) << (8 * q);
+                    packed.y |= (u32)f32_to_e4m3(v[q + 4] / s) << (8 * q);
+                }
+                *(uint2*)(sm + c * 8) = packed;
+                if ((c & 15) == 0) ssc[c >> 4] = s;
+            }
+        }
+    }
+}
+#endif
+
 // Grid: (ceil(E / 8), chunks) blocks of 8 warps; warp (e, c) ranks expert e's picks among the
 // tokens of chunk c, in token order (a token's duplicate picks in slot order).
 extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_route(
@@ -281,53 +334,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
             if (pick >= 0 && pick < E) slot = slot_of[t * K + tid] + prefix[(t / L.chunk) * E + pick];
         }
 #if FP8
-        // Sixteen threads per 128 channels, eight values each: every load of the row is issued
-        // before any is used, then amax (a 16-lane reduction), scale, E4M3 codes to shared memory.
-        float* ssc = (float*)(sm + H);
-        const int chunks = H / 8;  // 16-byte chunks of the bf16 row
-        const uint4* row = (const uint4*)(x + (long long)t * H);
-        for (int base = 0; base < chunks; base += QUANT_CHUNKS * LL_THREADS) {
-            uint4 raw[QUANT_CHUNKS];
-#pragma unroll
-            for (int u = 0; u < QUANT_CHUNKS; ++u) {
-                const int c = base + tid + u * LL_THREADS;
-                if (c < chunks) raw[u] = __ldg(row + c);
-            }
-#pragma unroll
-            for (int u = 0; u < QUANT_CHUNKS; ++u) {
-                // Whole 16-lane groups are in or out (H is a multiple of 128), so the shuffles
-                // below always run on full warps.
-                const int c = base + tid + u * LL_THREADS;
-                float v[8];
-                const u32 w[4] = {raw[u].x, raw[u].y, raw[u].z, raw[u].w};
-#pragma unroll
-                for (int q = 0; q < 4; ++q) {
-                    v[2 * q] = act_to_f32((u16)(w[q] & 0xffff));
-                    v[2 * q + 1] = act_to_f32((u16)(w[q] >> 16));
-                }
-                float amax = 0.0f;
-#pragma unroll
-                for (int q = 0; q < 8; ++q) amax = fmaxf(amax, fabsf(v[q]));
-#pragma unroll
-                for (int o = 8; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-                if (c < chunks) {
-                    float s = fmaxf(amax, 1e-4f) / 448.0f;
-#if FP8 == 2
-                    u32 b = __float_as_uint(s);
-                    if (b & 0x7fffffu) b = (b & 0xff800000u) + 0x800000u;
-                    s = __uint_as_float(b);
-#endif
-                    uint2 packed = {0u, 0u};
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        packed.x |= (u32)f32_to_e4m3(v[q] / s) << (8 * q);
-                        packed.y |= (u32)f32_to_e4m3(v[q + 4] / s) << (8 * q);
-                    }
-                    *(uint2*)(sm + c * 8) = packed;
-                    if ((c & 15) == 0) ssc[c >> 4] = s;
-                }
-            }
-        }
+        quantize_row(x + (long long)t * H, sm, H, tid);
+        const float* ssc = (const float*)(sm + H);
         const uint4* src = (const uint4*)sm;
         const LdPlain ld;
 #else
@@ -424,13 +432,21 @@ __device__ void combine_rows(const u16* __restrict__ y, const LlLayout& L, const
     }
 }
 
-// out[t] = scale * sum_k w[t,k] * comb[t,k] over (token, 2048-column chunk) items striding over
-// the grid, eight columns a thread. Ids outside 0..E were never sent and add nothing.
+// Where pick k of token t came back to: the [T, K, H] slots peers write into.
+struct CombSlots {
+    const u16* comb;
+    int H, K;
+    __device__ __forceinline__ const u16* operator()(long long t, int k) const { return comb + (t * K + k) * H; }
+};
+
+// out[t] = scale * sum_k w[t,k] * row(t,k) over (token, 2048-column chunk) items striding over
+// the grid, eight columns a thread. Ids outside 0..E were never sent and add nothing; `row`
+// may also answer null for a pick that was not sent.
+template <typename Rows>
 __device__ void combine_sum(const int* __restrict__ ids, const float* __restrict__ w, u16* __restrict__ out,
-                            int M, float scale, const LlLayout& L, u64 local) {
+                            int M, float scale, const LlLayout& L, Rows rows) {
     const int H = L.H, K = L.K, E = L.El * L.R;
     const int chunks = (H + 8 * LL_THREADS - 1) / (8 * LL_THREADS);
-    const u16* comb = at<u16>(local, L.comb);
     for (int b = blockIdx.x; b < M * chunks; b += gridDim.x) {
         const long long t = b / chunks;
         const int c = ((b % chunks) * LL_THREADS + threadIdx.x) * 8;
@@ -445,9 +461,10 @@ __device__ void combine_sum(const int* __restrict__ ids, const float* __restrict
             for (int u = 0; u < 8; ++u) {
                 const int k = k0 + u;
                 const int id = k < K ? __ldg(ids + t * K + k) : -1;
-                on[u] = id >= 0 && id < E;
+                const u16* row = (id >= 0 && id < E) ? rows(t, k) : nullptr;
+                on[u] = row != nullptr;
                 wk[u] = on[u] ? __ldg(w + t * K + k) : 0.0f;
-                if (on[u]) v[u] = *(const uint4*)(comb + (t * K + k) * H + c);
+                if (on[u]) v[u] = *(const uint4*)(row + c);
             }
 #pragma unroll
             for (int u = 0; u < 8; ++u) {
@@ -487,7 +504,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_combine(
     if (mode & 2) {
         const u64 epoch = state[EP_CRECV] + 1;
         if (wait_all(at<u64>(local, L.cflag), L.R, epoch, timeout_ns, at<int>(local, L.status)))
-            combine_sum(ids, w, out, M, scale, L, local);
+            combine_sum(ids, w, out, M, scale, L, CombSlots{at<u16>(local, L.comb), L.H, L.K});
         if (last_block((unsigned long long*)&state[DONE_CRECV], false) && threadIdx.x == 0)
             state[EP_CRECV] = epoch;
     }
