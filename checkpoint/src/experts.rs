@@ -30,10 +30,10 @@ impl ExpertSlice {
     /// FP8 block checkpoints split into whole 128x128 blocks: hidden and this rank's I.
     pub(crate) fn check_fp8_blocks(&self, il: usize) -> Result<()> {
         let h = self.hidden;
-        if il % BLOCK != 0 || h % BLOCK != 0 {
+        if !il.is_multiple_of(BLOCK) || !h.is_multiple_of(BLOCK) {
             return Err(MoeError::NotDivisible {
                 what: "FP8 block checkpoints: hidden and per-rank intermediate sizes".into(),
-                value: if h % BLOCK != 0 { h } else { il },
+                value: if !h.is_multiple_of(BLOCK) { h } else { il },
                 divisor: BLOCK,
             });
         }
