@@ -4,7 +4,8 @@
 use moe_runner_core::cuda::fill_uniform;
 use moe_runner_core::{
     CudaDevice, DType, DenseWeights, Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights,
-    MoeError, QuantInfo, QuantScheme, Result, Tensor, WeightDims, FP8_BLOCK,
+    MoeError, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout, Tensor, WeightDims,
+    FP8_BLOCK,
 };
 
 /// Weights of `dims` in `scheme` on `dev`: values uniform with unit-variance products, scales
@@ -64,6 +65,28 @@ pub fn device_weights(
             fp8(&[e, h, i], 5)?,
             scale(&[e, h], i, 6)?,
         )?),
+        QuantScheme::Nvfp4 => {
+            // Random bytes are random pairs of E2M1 codes (every nibble is a code); block scales
+            // near sqrt(3 / fan_in) / 3 keep the products O(1) (|E2M1| averages about 2.6).
+            let codes = |shape: &[usize], s: u64| fp8(shape, s)?.cuda_view(0, shape, DType::E2M1x2);
+            let sf = |rows: usize, cols: usize, s: u64| {
+                let c = (3.0f32 / cols as f32).sqrt() / 3.0;
+                let len = moe_quant::swizzled_len(rows, cols / moe_runner_core::NVFP4_BLOCK);
+                mk(&[e, len], DType::F8E4M3, 0.5 * c, 1.5 * c, s)
+            };
+            let a = moe_quant::nvfp4_global_scale(6.0)?;
+            Box::new(Nvfp4Weights::new(
+                codes(&[e, n1, h / 2], 3)?,
+                sf(n1, h, 4)?,
+                vec![1.0; e],
+                codes(&[e, h, i / 2], 5)?,
+                sf(h, i, 6)?,
+                vec![1.0; e],
+                vec![a; e],
+                vec![a; e],
+                ScaleLayout::Swizzled128x4,
+            )?)
+        }
         other => {
             return Err(MoeError::invalid(
                 "scheme",

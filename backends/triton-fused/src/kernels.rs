@@ -17,6 +17,8 @@ const EPILOGUE: &str = include_str!("kernels/epilogue.cuh");
 const GEMM_WGMMA: &str = include_str!("kernels/moe_gemm_wgmma.cu");
 const ALIGN: &str = include_str!("kernels/moe_align.cu");
 const ROWS: &str = include_str!("kernels/moe_rows.cu");
+/// `activation(gate, up, limit, alpha)` for the compile-time `ACT` code (see [`RowKind`]).
+pub const ACTIVATION: &str = include_str!("kernels/activation.cuh");
 
 /// Shared memory a block may use on Hopper (227 KB), less the GEMM's static arrays.
 const MAX_DYNAMIC_SMEM: usize = 227 * 1024 - 1024;
@@ -318,12 +320,17 @@ impl Kernels {
             ("QUANT", kind.quant.to_string()),
             ("ACT_F16", u8::from(kind.act_f16).to_string()),
         ];
-        let f = compile_module(&self.dev, "moe_rows", &with_common(ROWS), &defines)?
-            .load_function(name)
-            .map_err(|e| MoeError::Kernel {
-                name: name.into(),
-                log: e.to_string(),
-            })?;
+        let f = compile_module(
+            &self.dev,
+            "moe_rows",
+            &format!("{COMMON}\n{ACTIVATION}\n{ROWS}"),
+            &defines,
+        )?
+        .load_function(name)
+        .map_err(|e| MoeError::Kernel {
+            name: name.into(),
+            log: e.to_string(),
+        })?;
         map.insert((kind, name), f.clone());
         Ok(f)
     }

@@ -206,7 +206,19 @@ pub fn launch_2d(
     smem: usize,
     args: &[&dyn Arg],
 ) -> Result<()> {
-    if grid.0 == 0 || grid.1 == 0 {
+    launch_3d(dev, f, (grid.0, grid.1, 1), threads, smem, args)
+}
+
+/// Launches `f` on `dev`'s stream with a 3-D grid; an empty grid is a no-op.
+pub fn launch_3d(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    grid: (usize, usize, usize),
+    threads: usize,
+    smem: usize,
+    args: &[&dyn Arg],
+) -> Result<()> {
+    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
         return Ok(());
     }
     let stream = dev.stream();
@@ -215,7 +227,7 @@ pub fn launch_2d(
         a.push(&mut b);
     }
     let cfg = LaunchConfig {
-        grid_dim: (grid.0 as u32, grid.1 as u32, 1),
+        grid_dim: (grid.0 as u32, grid.1 as u32, grid.2 as u32),
         block_dim: (threads as u32, 1, 1),
         shared_mem_bytes: smem as u32,
     };

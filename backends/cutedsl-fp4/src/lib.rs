@@ -1,0 +1,30 @@
+//! NVFP4 (w4a4) grouped GEMMs for Hopper, the runner `cutedsl_fp4`. Hopper has no FP4 tensor
+//! cores, so the value of FP4 there is bytes: weights and activations move as E2M1 with E4M3
+//! block scales, and each 16-value block is expanded to E4M3 in registers just before the FP8
+//! tensor cores, its two block scales applied to its partial product.
+//!
+//! One runner serves both layouts: the masked `[E_local, R*T, H]` layout of the low-latency
+//! all-to-all (rows past `masked_m` never read or written), and the standard layout, whose
+//! tokens a pre-permute groups into the same per-expert rows (no second copy of the kernels).
+//! The weights are [`Nvfp4Weights`](moe_runner_core::Nvfp4Weights) with swizzled block scales
+//! ([`kernel_layout`] converts checkpoint scales at load; linear scales given to the runner
+//! are swizzled once, at its first pass over them); the activations are quantized on the GPU
+//! with each expert's input global scale.
+
+#[cfg(feature = "cuda")]
+mod kernels;
+#[cfg(feature = "cuda")]
+mod runner;
+#[cfg(feature = "cuda")]
+mod weights;
+
+#[cfg(feature = "cuda")]
+pub use runner::Fp4Runner;
+#[cfg(feature = "cuda")]
+pub use weights::kernel_layout;
+
+/// The runner's registered name.
+pub const RUNNER: &str = "cutedsl_fp4";
+
+/// Names this crate so the linker keeps its registrations.
+pub fn link() {}

@@ -1,0 +1,635 @@
+//! The `cutedsl_fp4` runner. Per forward pass, on the device's stream and with nothing waiting
+//! for the host: the row tiles from the per-expert counts; the activations to NVFP4 (each
+//! expert's input global scale); GEMM 1 (`w13`, alpha = 1 / (gs_a * gs_w)) to bf16; the
+//! activation with its requantization to NVFP4 fused; GEMM 2 (`w2`) to bf16. The masked layout
+//! writes GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
+//! registered one); the standard layout first groups its tokens per expert (a pre-permute that
+//! the quantization reads through, so no gathered copy is made) and sums the top-k after (or,
+//! with `no_combine`, leaves `[M, k, H]`; in place over the input with `inplace`; the router
+//! weight on the input with `apply_router_weight_on_input`).
+
+use moe_backend_triton::stages::{act_params, launch, launch_2d, Arg};
+use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
+use moe_runner_core::{
+    as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
+    DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError,
+    MoeRunnerConfig, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
+    StandardCombineInput, StandardDispatchOutput, Tensor,
+};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::kernels::{Fp4Kernels, BLOCK_N};
+use crate::RUNNER;
+
+/// Device buffers of one forward pass, sized for the largest batch seen, then reused.
+struct Workspace {
+    /// Rows of the row space and picks (M * k) it was sized for.
+    rows: usize,
+    picks: usize,
+    a1: Tensor,
+    a1_sf: Tensor,
+    c1: Tensor,
+    a2: Tensor,
+    a2_sf: Tensor,
+    /// GEMM 2's rows before the top-k sum (standard layout only).
+    y: Tensor,
+    counts: Tensor,
+    row0: Tensor,
+    tile_start: Tensor,
+    src: Tensor,
+    slot_of: Tensor,
+    /// Bit 0: an expert count outside 0..=rows per expert.
+    status: Tensor,
+}
+
+/// The weights' per-expert scalars on the device, and their block scales in the swizzled
+/// layout when they came linear (checkpoint form): made once per set of weights, at warm-up.
+struct Globals {
+    /// `w13`'s device address: which weights these belong to.
+    key: u64,
+    alpha1: Tensor,
+    alpha2: Tensor,
+    gs1: Tensor,
+    gs2: Tensor,
+    /// Swizzled `w13` / `w2` scales, when the weights' own are linear.
+    swizzled: Option<(Tensor, Tensor)>,
+}
+
+pub struct Fp4Runner {
+    cfg: MoeRunnerConfig,
+    dev: CudaDevice,
+    /// Multiprocessors: the GEMM grid is sized to fill them, its blocks looping over row tiles.
+    sms: usize,
+    kernels: Fp4Kernels,
+    /// Activation code, limit and alpha (as the triton row kernels take them).
+    act: (u8, f32, f32),
+    ws: Mutex<Option<Workspace>>,
+    globals: Mutex<Option<Globals>>,
+}
+
+/// Where the rows of one pass live.
+#[derive(Clone, Copy)]
+struct Rows {
+    /// `[E] i32` valid rows per expert.
+    counts: u64,
+    /// `[E] i32` first row of each expert (128-aligned), or 0 for `e * cap`.
+    row0: u64,
+    /// Rows per expert at most.
+    cap: usize,
+    /// Rows of a GEMM tile: 16 for decode batches, else 64.
+    bm: usize,
+    /// Upper bound of the row tiles of all experts (the GEMM grid).
+    tiles: usize,
+    /// Source rows of GEMM 1's input: 0 when row r reads activation row r, else `[rows] i32`.
+    src: u64,
+    /// `[source rows] f32` router weights to multiply the input by, or 0.
+    in_weight: u64,
+}
+
+fn poisoned() -> MoeError {
+    MoeError::Device("cutedsl_fp4 state poisoned by a panic".into())
+}
+
+/// Rows of a GEMM tile for about `expected` rows per expert: 16 for decode batches (a tile of
+/// 64 would spend four times the tensor-core work on empty rows), else 64.
+fn tile_rows(expected: usize) -> usize {
+    if expected <= 16 {
+        16
+    } else {
+        64
+    }
+}
+
+/// Bytes of the swizzled scales of `rows` rows (a multiple of 128) by `k` values.
+fn scale_bytes(rows: usize, k: usize) -> usize {
+    rows * (k / 16).div_ceil(4) * 4
+}
+
+impl Fp4Runner {
+    pub fn new(cfg: &MoeRunnerConfig, device: &Device) -> Result<Self> {
+        cfg.validate()?;
+        for (what, v) in [
+            ("hidden_size", cfg.hidden_size),
+            ("intermediate_size", cfg.intermediate_size),
+        ] {
+            if !v.is_multiple_of(32) {
+                return Err(MoeError::NotDivisible {
+                    what: format!("{what} for cutedsl_fp4 (FP4 pairs and 16-value blocks)"),
+                    value: v,
+                    divisor: 32,
+                });
+            }
+        }
+        let dev = device.as_cuda()?.clone();
+        let act = act_params(cfg.activation_kernel()?);
+        let sms = dev
+            .context()
+            .attribute(moe_runner_core::cuda::cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| MoeError::Device(e.to_string()))? as usize;
+        Ok(Self {
+            sms,
+            kernels: Fp4Kernels::new(&dev, act.0, cfg.gate_up)?,
+            cfg: cfg.clone(),
+            dev,
+            act,
+            ws: Mutex::new(None),
+            globals: Mutex::new(None),
+        })
+    }
+
+    pub fn device(&self) -> &CudaDevice {
+        &self.dev
+    }
+
+    /// Waits for the device and reports an expert count the kernels rejected.
+    pub fn check(&self) -> Result<()> {
+        let ws = self.ws.lock().map_err(|_| poisoned())?;
+        let Some(ws) = ws.as_ref() else {
+            return Ok(());
+        };
+        if ws.status.to_host()?.as_slice::<i32>()?[0] & 1 != 0 {
+            return Err(MoeError::invalid(
+                "masked_m",
+                "an expert count outside 0..=the rows its buffer holds; the extra rows were not computed",
+            ));
+        }
+        Ok(())
+    }
+
+    fn weights<'a>(&self, quant: &'a dyn QuantInfo) -> Result<&'a Nvfp4Weights> {
+        let w = downcast_quant::<Nvfp4Weights>(quant)?;
+        as_expert_weights(quant)?.dims().check(&self.cfg)?;
+        for t in [&w.w13, &w.w13_scale, &w.w2, &w.w2_scale] {
+            if t.cuda_device().is_none() {
+                return Err(MoeError::invalid(
+                    "weights",
+                    "NVFP4 weights must be on the runner's GPU (Nvfp4Weights::to_device)",
+                ));
+            }
+        }
+        Ok(w)
+    }
+
+    /// The per-expert alphas and input global scales on the device, uploaded on first use of
+    /// these weights (warm-up), then reused.
+    fn globals(&self, w: &Nvfp4Weights) -> Result<MutexGuard<'_, Option<Globals>>> {
+        let key = w.w13.cuda_ptr()?;
+        let mut g = self.globals.lock().map_err(|_| poisoned())?;
+        if g.as_ref().is_some_and(|g| g.key == key) {
+            return Ok(g);
+        }
+        let e = w.w13_global.len();
+        let up = |v: Vec<f32>| -> Result<Tensor> {
+            Tensor::from_slice(&v, &[e], DType::F32)?.to_device(&Device::Cuda(self.dev.clone()))
+        };
+        let alpha = |a: &[f32], b: &[f32]| -> Vec<f32> {
+            a.iter().zip(b).map(|(x, y)| 1.0 / (x * y)).collect()
+        };
+        let swizzled = match w.scale_layout {
+            ScaleLayout::Swizzled128x4 => None,
+            ScaleLayout::Linear => {
+                tracing::debug!("cutedsl_fp4: swizzling linear NVFP4 weight scales once");
+                let k = crate::kernel_layout(w)?;
+                Some((k.w13_scale, k.w2_scale))
+            }
+        };
+        *g = Some(Globals {
+            key,
+            alpha1: up(alpha(&w.a13_global, &w.w13_global))?,
+            alpha2: up(alpha(&w.a2_global, &w.w2_global))?,
+            gs1: up(w.a13_global.clone())?,
+            gs2: up(w.a2_global.clone())?,
+            swizzled,
+        });
+        Ok(g)
+    }
+
+    fn workspace(&self, rows: usize, picks: usize) -> Result<MutexGuard<'_, Option<Workspace>>> {
+        let mut ws = self.ws.lock().map_err(|_| poisoned())?;
+        if ws
+            .as_ref()
+            .is_some_and(|w| w.rows >= rows && w.picks >= picks)
+        {
+            return Ok(ws);
+        }
+        let (rows, picks) = match ws.as_ref() {
+            Some(w) => (rows.max(w.rows), picks.max(w.picks)),
+            None => (rows, picks),
+        };
+        let cfg = &self.cfg;
+        let (h, i, n1, e) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.gemm1_columns(),
+            cfg.num_local_experts,
+        );
+        let z = |n: usize, dt: DType| Tensor::zeros_cuda(&self.dev, &[n.max(1)], dt);
+        let padded = rows.div_ceil(128) * 128;
+        *ws = Some(Workspace {
+            rows,
+            picks,
+            a1: z(rows * h / 2, DType::U8)?,
+            a1_sf: z(scale_bytes(padded, h), DType::U8)?,
+            c1: z(rows * n1, DType::Bf16)?,
+            a2: z(rows * i / 2, DType::U8)?,
+            a2_sf: z(scale_bytes(padded, i), DType::U8)?,
+            y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
+            counts: z(e, DType::I32)?,
+            row0: z(e, DType::I32)?,
+            tile_start: z(e + 1, DType::I32)?,
+            src: z(if picks > 0 { rows } else { 0 }, DType::I32)?,
+            slot_of: z(picks, DType::I32)?,
+            status: z(1, DType::I32)?,
+        });
+        tracing::debug!(rows, picks, "cutedsl_fp4 workspace sized");
+        Ok(ws)
+    }
+
+    /// Quantize, GEMM 1, activation with requantization, GEMM 2 into `out` (`[rows, H]` bf16
+    /// in the row space).
+    fn experts(&self, w: &Nvfp4Weights, ws: &Workspace, r: Rows, x: u64, out: u64) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, i, n1, e) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.gemm1_columns(),
+            cfg.num_local_experts,
+        );
+        let g = self.globals(w)?;
+        let g = g.as_ref().expect("globals were just set");
+        let k = &self.kernels;
+        let (dev, cap, e_i) = (&self.dev, r.cap as i32, e as i32);
+        let ts = ws.tile_start.cuda_ptr()?;
+        let bm = r.bm as i32;
+        launch(
+            dev,
+            &k.tiles,
+            1,
+            32,
+            0,
+            &[&r.counts, &e_i, &cap, &bm, &ts, &ws.status.cuda_ptr()?],
+        )?;
+        let gemm_fn = if r.bm == 16 { &k.gemm_m16 } else { &k.gemm_m64 };
+        // Row kernels: a thread per 16-value block, blocks striding over an expert's rows.
+        let row_grid = |width: usize| (r.cap * width / 16).div_ceil(128 * 8).clamp(1, 64);
+        let (a1, a1_sf, a2, a2_sf, c1) = (
+            ws.a1.cuda_ptr()?,
+            ws.a1_sf.cuda_ptr()?,
+            ws.a2.cuda_ptr()?,
+            ws.a2_sf.cuda_ptr()?,
+            ws.c1.cuda_ptr()?,
+        );
+        let (h_i, i_i, n1_i) = (h as i32, i as i32, n1 as i32);
+        launch_2d(
+            dev,
+            &k.quant_rows,
+            (row_grid(h), e),
+            128,
+            0,
+            &[
+                &x,
+                &r.src,
+                &r.in_weight,
+                &r.counts,
+                &r.row0,
+                &cap,
+                &h_i,
+                &g.gs1.cuda_ptr()?,
+                &a1,
+                &a1_sf,
+            ],
+        )?;
+        let gemm = |a: u64,
+                    a_sf: u64,
+                    wt: &Tensor,
+                    w_sf: &Tensor,
+                    alpha: &Tensor,
+                    c: u64,
+                    n: i32,
+                    kk: i32|
+         -> Result<()> {
+            let args: [&dyn Arg; 13] = [
+                &a,
+                &a_sf,
+                &wt.cuda_ptr()?,
+                &w_sf.cuda_ptr()?,
+                &r.counts,
+                &r.row0,
+                &cap,
+                &ts,
+                &e_i,
+                &alpha.cuda_ptr()?,
+                &c,
+                &n,
+                &kk,
+            ];
+            // Sixteen blocks per SM in all; each loops over row tiles, so experts without rows
+            // cost no launched blocks.
+            let n_tiles = (n as usize).div_ceil(BLOCK_N);
+            let y = r.tiles.min((16 * self.sms).div_ceil(n_tiles)).max(1);
+            launch_2d(dev, gemm_fn, (n_tiles, y), 128, 0, &args)
+        };
+        let (s13, s2) = match &g.swizzled {
+            Some((a, b)) => (a, b),
+            None => (&w.w13_scale, &w.w2_scale),
+        };
+        gemm(a1, a1_sf, &w.w13, s13, &g.alpha1, c1, n1_i, h_i)?;
+        let (_, limit, alpha_act) = self.act;
+        launch_2d(
+            dev,
+            &k.act_quant,
+            (row_grid(i), e),
+            128,
+            0,
+            &[
+                &c1,
+                &r.counts,
+                &r.row0,
+                &cap,
+                &i_i,
+                &limit,
+                &alpha_act,
+                &g.gs2.cuda_ptr()?,
+                &a2,
+                &a2_sf,
+            ],
+        )?;
+        gemm(a2, a2_sf, &w.w2, s2, &g.alpha2, out, h_i, i_i)
+    }
+
+    fn run_masked(
+        &self,
+        d: &DeepEpLlDispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        let w = self.weights(quant)?;
+        let cfg = &self.cfg;
+        if cfg.apply_router_weight_on_input || cfg.no_combine || cfg.inplace {
+            return Err(MoeError::Config(
+                "the masked layout applies router weights and sums in its combine: apply_router_weight_on_input, no_combine and inplace do not apply".into(),
+            ));
+        }
+        let [el, rt, h] = d.dims()?;
+        d.hidden.expect_shape(
+            "masked hidden",
+            &[cfg.num_local_experts, rt, cfg.hidden_size],
+        )?;
+        d.hidden.expect_dtype(
+            "masked hidden (bf16: the runner quantizes to NVFP4)",
+            &[DType::Bf16],
+        )?;
+        if d.hidden_scale.is_some() {
+            return Err(MoeError::invalid(
+                "hidden_scale",
+                "cutedsl_fp4 takes bf16 activations and quantizes them itself",
+            ));
+        }
+        d.masked_m.expect_shape("masked_m", &[el])?;
+        d.masked_m.expect_dtype("masked_m", &[DType::I32])?;
+        if d.masked_m.is_host() {
+            if let Some((e, c)) = d
+                .masked_m
+                .as_slice::<i32>()?
+                .iter()
+                .enumerate()
+                .find(|(_, &c)| c < 0 || c as usize > rt)
+            {
+                return Err(MoeError::invalid(
+                    "masked_m",
+                    format!("expert {e} has {c} rows; the buffer holds 0..={rt}"),
+                ));
+            }
+        }
+        out.expect_shape("masked output", &[el, rt, h])?;
+        out.expect_dtype("masked output", &[DType::Bf16])?;
+        if el * rt == 0 {
+            return Ok(());
+        }
+        let moved;
+        let masked_m = if d.masked_m.is_host() {
+            moved = d.masked_m.to_device(&Device::Cuda(self.dev.clone()))?;
+            &moved
+        } else {
+            &d.masked_m
+        };
+        let ws = self.workspace(el * rt.div_ceil(128) * 128, 0)?;
+        let ws = ws.as_ref().expect("workspace was just sized");
+        let bm = tile_rows(d.expected_m);
+        let rows = Rows {
+            counts: masked_m.cuda_ptr()?,
+            row0: 0,
+            cap: rt,
+            bm,
+            tiles: el * rt.div_ceil(bm),
+            src: 0,
+            in_weight: 0,
+        };
+        self.experts(w, ws, rows, d.hidden.cuda_ptr()?, out.cuda_ptr()?)
+    }
+
+    fn run_standard(
+        &self,
+        d: &StandardDispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        let w = self.weights(quant)?;
+        let cfg = &self.cfg;
+        let (h, e) = (cfg.hidden_size, cfg.num_local_experts);
+        let [m, _] = d.hidden.dims::<2>("hidden")?;
+        d.hidden.expect_shape("hidden", &[m, h])?;
+        d.hidden.expect_dtype(
+            "hidden (bf16: the runner quantizes to NVFP4)",
+            &[DType::Bf16],
+        )?;
+        if d.hidden_scale.is_some() {
+            return Err(MoeError::invalid(
+                "hidden_scale",
+                "cutedsl_fp4 takes bf16 activations and quantizes them itself",
+            ));
+        }
+        let k = cfg.top_k;
+        d.topk.ids.expect_shape("topk_ids", &[m, k])?;
+        out.expect_shape("output", &cfg.output_shape(m))?;
+        out.expect_dtype("output", &[DType::Bf16])?;
+        if m == 0 {
+            return Ok(());
+        }
+        let device = Device::Cuda(self.dev.clone());
+        let moved;
+        let topk = if d.topk.ids.is_host() || d.topk.weights.is_host() {
+            moved = d.topk.to_device(&device)?;
+            &moved
+        } else {
+            &d.topk
+        };
+        let picks = m * k;
+        // Each expert's rows start on a multiple of 128 (its scales are a swizzled matrix of
+        // their own): at most 127 padding rows per expert.
+        let space = picks + 128 * e;
+        let ws = self.workspace(space, picks)?;
+        let ws = ws.as_ref().expect("workspace was just sized");
+        let (counts, row0, src, slot_of) = (
+            ws.counts.cuda_ptr()?,
+            ws.row0.cuda_ptr()?,
+            ws.src.cuda_ptr()?,
+            ws.slot_of.cuda_ptr()?,
+        );
+        let (picks_i, k_i, e_i) = (picks as i32, k as i32, e as i32);
+        launch(
+            &self.dev,
+            &self.kernels.route,
+            1,
+            1024,
+            2 * e * 4,
+            &[
+                &topk.ids.cuda_ptr()?,
+                &picks_i,
+                &k_i,
+                &e_i,
+                &counts,
+                &row0,
+                &src,
+                &slot_of,
+            ],
+        )?;
+        let bm = tile_rows(picks.div_ceil(e));
+        let rows = Rows {
+            counts,
+            row0,
+            // A token picks an expert at most once.
+            cap: m,
+            bm,
+            tiles: picks.div_ceil(bm) + e,
+            src,
+            in_weight: if cfg.apply_router_weight_on_input {
+                topk.weights.cuda_ptr()?
+            } else {
+                0
+            },
+        };
+        let y = ws.y.cuda_ptr()?;
+        self.experts(w, ws, rows, d.hidden.cuda_ptr()?, y)?;
+        let scale = cfg.routed_scaling_factor.unwrap_or(1.0);
+        let items = m * h.div_ceil(8 * 128);
+        launch(
+            &self.dev,
+            &self.kernels.combine,
+            items.clamp(1, 8 * 1024),
+            128,
+            0,
+            &[
+                &y,
+                &slot_of,
+                &if cfg.apply_router_weight_on_input {
+                    0
+                } else {
+                    topk.weights.cuda_ptr()?
+                },
+                &(m as i32),
+                &k_i,
+                &(h as i32),
+                &scale,
+                &i32::from(cfg.no_combine),
+                &out.cuda_ptr()?,
+            ],
+        )
+    }
+}
+
+impl FusedRunner for Fp4Runner {
+    fn run(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+    ) -> Result<Box<dyn CombineInput>> {
+        match input.format() {
+            DispatchFormat::DeepEpLowLatency => {
+                let d = downcast_dispatch::<DeepEpLlDispatchOutput>(
+                    input,
+                    RUNNER,
+                    DispatchFormat::DeepEpLowLatency,
+                )?;
+                let [el, rt, h] = d.dims()?;
+                let out = match &d.out_buffer {
+                    Some(b)
+                        if b.shape() == [el, rt, h] && b.dtype() == DType::Bf16 && !b.is_host() =>
+                    {
+                        b.clone()
+                    }
+                    _ => Tensor::zeros_cuda(&self.dev, &[el, rt, h], DType::Bf16)?,
+                };
+                self.run_masked(d, quant, &out)?;
+                Ok(Box::new(DeepEpLlCombineInput { hidden: out }))
+            }
+            _ => {
+                let d = downcast_dispatch::<StandardDispatchOutput>(
+                    input,
+                    RUNNER,
+                    DispatchFormat::Standard,
+                )?;
+                let m = d.topk.num_tokens();
+                // In place: the top-k sum, the last stage, writes over the hidden buffer, which
+                // the quantization finished reading before (one stream orders them).
+                let out = if self.cfg.inplace {
+                    d.hidden.clone()
+                } else {
+                    Tensor::zeros_cuda(&self.dev, &self.cfg.output_shape(m), DType::Bf16)?
+                };
+                self.run_standard(d, quant, &out)?;
+                Ok(Box::new(StandardCombineInput { hidden: out }))
+            }
+        }
+    }
+
+    fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        match input.format() {
+            DispatchFormat::DeepEpLowLatency => self.run_masked(
+                downcast_dispatch::<DeepEpLlDispatchOutput>(
+                    input,
+                    RUNNER,
+                    DispatchFormat::DeepEpLowLatency,
+                )?,
+                quant,
+                out,
+            ),
+            _ => self.run_standard(
+                downcast_dispatch::<StandardDispatchOutput>(
+                    input,
+                    RUNNER,
+                    DispatchFormat::Standard,
+                )?,
+                quant,
+                out,
+            ),
+        }
+    }
+}
+
+inventory::submit! {
+    FusedFunc {
+        format: DispatchFormat::DeepEpLowLatency,
+        runner: RUNNER,
+        schemes: &[QuantScheme::Nvfp4],
+        device: DeviceKind::Cuda,
+        priority: 10,
+        make: |cfg, device| Ok(Box::new(Fp4Runner::new(cfg, device)?)),
+    }
+}
+
+inventory::submit! {
+    FusedFunc {
+        format: DispatchFormat::Standard,
+        runner: RUNNER,
+        schemes: &[QuantScheme::Nvfp4],
+        device: DeviceKind::Cuda,
+        priority: 10,
+        make: |cfg, device| Ok(Box::new(Fp4Runner::new(cfg, device)?)),
+    }
+}

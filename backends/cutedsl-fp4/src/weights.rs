@@ -1,0 +1,51 @@
+//! NVFP4 weights in the layout the kernels read: block scales in the 128x4 swizzled layout.
+//! Checkpoints (ModelOpt) store them row-major; this rearranges them once, at load.
+
+use moe_runner_core::{DType, Device, Nvfp4Weights, Result, ScaleLayout, Tensor};
+
+/// `w` with its block scales swizzled (unchanged when they already are), on `w`'s device.
+pub fn kernel_layout(w: &Nvfp4Weights) -> Result<Nvfp4Weights> {
+    if w.scale_layout == ScaleLayout::Swizzled128x4 {
+        return Nvfp4Weights::new(
+            w.w13.clone(),
+            w.w13_scale.clone(),
+            w.w13_global.clone(),
+            w.w2.clone(),
+            w.w2_scale.clone(),
+            w.w2_global.clone(),
+            w.a13_global.clone(),
+            w.a2_global.clone(),
+            ScaleLayout::Swizzled128x4,
+        );
+    }
+    let [e, n1, h2] = w.w13.dims::<3>("w13")?;
+    let [_, h, i2] = w.w2.dims::<3>("w2")?;
+    let swizzle = |t: &Tensor, rows: usize, cols: usize| -> Result<Tensor> {
+        let k_sf = cols / moe_runner_core::NVFP4_BLOCK;
+        let per = rows * k_sf;
+        t.expect_shape("linear NVFP4 scales", &[e, per])?;
+        let host = t.to_host()?;
+        let bytes = host.host_bytes()?;
+        let mut out = Vec::with_capacity(e * moe_quant::swizzled_len(rows, k_sf));
+        for chunk in bytes.chunks_exact(per.max(1)).take(e) {
+            out.extend(moe_quant::swizzle_scales_128x4(chunk, rows, k_sf)?);
+        }
+        let len = moe_quant::swizzled_len(rows, k_sf);
+        let t = Tensor::from_slice(&out, &[e, len], DType::F8E4M3)?;
+        match w.w13.cuda_device() {
+            Some(d) => t.to_device(&Device::Cuda(d.clone())),
+            None => Ok(t),
+        }
+    };
+    Nvfp4Weights::new(
+        w.w13.clone(),
+        swizzle(&w.w13_scale, n1, 2 * h2)?,
+        w.w13_global.clone(),
+        w.w2.clone(),
+        swizzle(&w.w2_scale, h, 2 * i2)?,
+        w.w2_global.clone(),
+        w.a13_global.clone(),
+        w.a2_global.clone(),
+        ScaleLayout::Swizzled128x4,
+    )
+}

@@ -1,0 +1,186 @@
+//! Example and benchmark for the `cutedsl_fp4` backend. First one NVFP4 layer on the GPU
+//! (16 experts, H=1024, I=512), checked against the CPU reference, which quantizes the
+//! activations the same way, in both the standard and the masked layout. Then the masked
+//! grouped GEMMs are timed at DeepSeek-V3 expert shapes (256 experts, H=7168, I=2048) for a
+//! range of rows per expert, each as a CUDA graph, beside this project's FP8 `masked_gemm`
+//! runner on the same rows and against the floor: the weight bytes over the measured copy
+//! bandwidth, or the FLOPs over the FP8 tensor-core rate, whichever is larger.
+//!
+//! `cargo run --release --bin cutedsl-fp4 [-- ROWS,ROWS,... [FP8_TFLOPS]]`; the rate defaults
+//! to the dense FP8 rate `scripts/bench_peers.py` measured on an H100 (BENCHMARKS.md).
+
+use moe_conformance::{suite, synthetic, synthetic_gpu};
+use moe_runner_core::cuda::{copy_bandwidth_gbps, fill_uniform, time_graph_ms};
+use moe_runner_core::{
+    DType, DeepEpLlDispatchOutput, Device, DeviceOps, DispatchFormat, MoeRunner, MoeRunnerConfig,
+    QuantInfo, QuantScheme, Tensor, TopK, WeightDims,
+};
+use std::process::ExitCode;
+
+/// Dense FP8 tensor-core rate measured on an H100 (TFLOP/s), the default compute floor.
+const H100_FP8_TFLOPS: f64 = 1256.0;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Box<dyn std::error::Error>> {
+    moe_examples::link_backends();
+    let mut args = std::env::args().skip(1);
+    let rows: Vec<usize> = match args.next() {
+        Some(a) => a.split(',').map(str::parse).collect::<Result<_, _>>()?,
+        None => vec![1, 8, 32, 64, 128],
+    };
+    let fp8_tflops: f64 = args
+        .next()
+        .map(|a| a.parse())
+        .transpose()?
+        .unwrap_or(H100_FP8_TFLOPS);
+    let device = Device::cuda(0)?;
+    check(&device)?;
+    time(&device, &rows, fp8_tflops)
+}
+
+/// The small layer against the reference, in both layouts.
+fn check(device: &Device) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = MoeRunnerConfig::new(16, 1024, 512, 4);
+    let dims = WeightDims {
+        experts: 16,
+        n1: 1024,
+        hidden: 1024,
+        inter: 512,
+    };
+    let weights = synthetic::weights(dims, QuantScheme::Nvfp4, 1, &|_| {})?;
+    let hidden = synthetic::hidden(100, 1024, DType::Bf16, 2)?;
+    let topk = synthetic::topk(100, 4, 16, 3, true, false)?;
+    let tol = suite::tolerance(QuantScheme::Nvfp4);
+    for format in [DispatchFormat::Standard, DispatchFormat::DeepEpLowLatency] {
+        let runner = MoeRunner::on_device(
+            device,
+            "cutedsl_fp4",
+            format,
+            QuantScheme::Nvfp4,
+            cfg.clone(),
+        )?;
+        let c = suite::check_against_reference(
+            &runner,
+            &hidden,
+            &TopK::new(topk.ids.clone(), topk.weights.clone())?,
+            weights.as_ref(),
+        )?;
+        println!(
+            "{}: vs CPU reference rel_l2 {:.3e}, max_abs {:.3e} (tolerance {tol:.0e})",
+            runner.describe(),
+            c.rel_l2,
+            c.max_abs
+        );
+        if !c.within(tol) {
+            return Err(format!("{format}: out of tolerance").into());
+        }
+    }
+    Ok(())
+}
+
+/// Bytes of the experts' weights (both GEMMs, with their scales) in `scheme`.
+fn weight_bytes(d: WeightDims, scheme: QuantScheme) -> f64 {
+    let elems = (d.experts * (d.n1 * d.hidden + d.hidden * d.inter)) as f64;
+    match scheme {
+        // Half a byte a value, one E4M3 scale per 16 values.
+        QuantScheme::Nvfp4 => elems / 2.0 + elems / 16.0,
+        // A byte a value, one f32 per 128x128 block.
+        _ => elems + 4.0 * elems / (128.0 * 128.0),
+    }
+}
+
+fn time(
+    device: &Device,
+    rows: &[usize],
+    fp8_tflops: f64,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = device.as_cuda()?.clone();
+    let (e, h, i) = (256, 7168, 2048);
+    let dims = WeightDims {
+        experts: e,
+        n1: 2 * i,
+        hidden: h,
+        inter: i,
+    };
+    let cfg = MoeRunnerConfig::new(e, h, i, 8);
+    let cap = rows.iter().copied().max().unwrap_or(1).max(1);
+    let gbps = copy_bandwidth_gbps(&dev, 2 << 30, 10)?;
+    println!(
+        "\n{}: copy {gbps:.0} GB/s, FP8 {fp8_tflops:.0} TFLOP/s; DeepSeek-V3 experts (256, H=7168, I=2048), masked layout, bf16 activations",
+        device.name()
+    );
+    let hidden = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
+    fill_uniform(&dev, &hidden, -1.7, 1.7, 11)?;
+    let out = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
+    let runners: Vec<(QuantScheme, &str, Box<dyn QuantInfo>)> = vec![
+        (
+            QuantScheme::Nvfp4,
+            "cutedsl_fp4",
+            synthetic_gpu::device_weights(&dev, dims, QuantScheme::Nvfp4, 5)?,
+        ),
+        (
+            QuantScheme::Fp8Block128,
+            "masked_gemm",
+            synthetic_gpu::device_weights(&dev, dims, QuantScheme::Fp8Block128, 6)?,
+        ),
+    ];
+    println!("| rows/expert | tokens (top-8) | cutedsl_fp4 (us) | FP4 floor (us) | of floor | masked_gemm FP8 (us) | FP4 speedup |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for &m in rows {
+        let masked_m =
+            Tensor::from_slice(&vec![m as i32; e], &[e], DType::I32)?.to_device(device)?;
+        let batch = DeepEpLlDispatchOutput {
+            hidden: hidden.clone(),
+            hidden_scale: None,
+            topk: TopK::from_vecs(&[0], &[1.0], 1, 1)?.to_device(device)?,
+            masked_m,
+            expected_m: m,
+            src_info: Tensor::zeros_cuda(&dev, &[e, cap], DType::I32)?,
+            layout_range: Tensor::zeros_cuda(&dev, &[e, 1], DType::I64)?,
+            out_buffer: None,
+        };
+        let mut us = Vec::new();
+        for (scheme, name, w) in &runners {
+            let r = MoeRunner::on_device(
+                device,
+                name,
+                DispatchFormat::DeepEpLowLatency,
+                *scheme,
+                cfg.clone(),
+            )?;
+            r.run_into(&batch, w.as_ref(), &out)?;
+            let mut t = time_graph_ms(&dev, 3, 20, || r.run_into(&batch, w.as_ref(), &out))?;
+            t.sort_by(f32::total_cmp);
+            us.push(t[t.len() / 2] as f64 * 1e3);
+        }
+        dev.synchronize()?;
+        let act_bytes = (2 * e * m * h * 2) as f64;
+        let mem_us = (weight_bytes(dims, QuantScheme::Nvfp4) + act_bytes) / (gbps * 1e3);
+        let flops = 2.0 * (e * m) as f64 * (dims.n1 * h + h * i) as f64;
+        let compute_us = flops / (fp8_tflops * 1e6);
+        let floor = mem_us.max(compute_us);
+        println!(
+            "| {m} | {} | {:.1} | {floor:.1} ({}) | {:.0}% | {:.1} | {:.2}x |",
+            m * e / 8,
+            us[0],
+            if mem_us >= compute_us {
+                "memory"
+            } else {
+                "compute"
+            },
+            100.0 * floor / us[0],
+            us[1],
+            us[1] / us[0]
+        );
+    }
+    Ok(())
+}

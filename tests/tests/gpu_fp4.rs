@@ -1,0 +1,295 @@
+//! The `cutedsl_fp4` runner on a GPU: the masked layout and the standard layout against the
+//! reference, which quantizes the activations to NVFP4 the same way (same scales, same
+//! rounding); against the unquantized bf16 layer, within NVFP4's error; skewed routing (experts
+//! with no rows and with many); rows past `masked_m` never written; no allocation once warm;
+//! bad input. Every other variant (activations, layouts, flags) runs in the all-paths
+//! conformance test. Ignored where no GPU is present.
+
+use moe_conformance::{suite, synthetic};
+use moe_runner_core::{
+    downcast_combine, quant_to_device, DType, DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device,
+    DispatchFormat, DispatchOutput, MoeError, MoeRunner, MoeRunnerConfig, Nvfp4Weights, QuantInfo,
+    QuantScheme, ScaleLayout, Tensor, TopK, WeightDims,
+};
+
+fn gpu() -> Device {
+    Device::cuda(0).expect("this test needs a CUDA device")
+}
+
+fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
+    WeightDims {
+        experts: cfg.num_local_experts,
+        n1: cfg.gemm1_columns(),
+        hidden: cfg.hidden_size,
+        inter: cfg.intermediate_size,
+    }
+}
+
+fn fp4(cfg: &MoeRunnerConfig, format: DispatchFormat) -> MoeRunner {
+    moe_conformance::link_backends();
+    MoeRunner::on_device(
+        &gpu(),
+        "cutedsl_fp4",
+        format,
+        QuantScheme::Nvfp4,
+        cfg.clone(),
+    )
+    .unwrap()
+}
+
+fn reference(cfg: &MoeRunnerConfig, format: DispatchFormat, scheme: QuantScheme) -> MoeRunner {
+    moe_conformance::link_backends();
+    MoeRunner::new("reference", format, scheme, cfg.clone()).unwrap()
+}
+
+/// NVFP4 weights with swizzled scales (the kernel's layout) from dense bf16 weights, and the
+/// dense ones, for the comparison with the unquantized layer.
+fn weights(cfg: &MoeRunnerConfig, seed: u64) -> (Nvfp4Weights, Box<dyn QuantInfo>) {
+    let dense = synthetic::weights(dims(cfg), QuantScheme::Bf16, seed, &|_| {}).unwrap();
+    let d =
+        moe_runner_core::downcast_quant::<moe_runner_core::DenseWeights>(dense.as_ref()).unwrap();
+    let e = cfg.num_local_experts;
+    let a13 = moe_quant::nvfp4_global_scale(6.0).unwrap();
+    let a2 = moe_quant::nvfp4_global_scale(4.0).unwrap();
+    let q =
+        Nvfp4Weights::quantize(d, vec![a13; e], vec![a2; e], ScaleLayout::Swizzled128x4).unwrap();
+    (q, dense)
+}
+
+/// The masked batch of the local (CPU) low-latency dispatcher for `m` tokens with skewed
+/// routing: some experts get no rows, some many.
+fn masked_batch(cfg: &MoeRunnerConfig, m: usize, seed: u64) -> DeepEpLlDispatchOutput {
+    let hidden = synthetic::hidden(m, cfg.hidden_size, DType::Bf16, seed).unwrap();
+    let topk = synthetic::topk(m, cfg.top_k, cfg.num_experts, seed + 1, true, true).unwrap();
+    let d =
+        suite::dispatcher_for(DispatchFormat::DeepEpLowLatency, cfg, m, &Device::cpu()).unwrap();
+    let out = d.dispatch(&hidden, topk).unwrap();
+    let d = moe_runner_core::downcast_dispatch::<DeepEpLlDispatchOutput>(
+        out.as_ref(),
+        "test",
+        DispatchFormat::DeepEpLowLatency,
+    )
+    .expect("the local masked dispatcher emits the masked layout");
+    DeepEpLlDispatchOutput {
+        hidden: d.hidden.clone(),
+        hidden_scale: None,
+        topk: TopK::new(d.topk.ids.clone(), d.topk.weights.clone()).unwrap(),
+        masked_m: d.masked_m.clone(),
+        expected_m: d.expected_m,
+        src_info: d.src_info.clone(),
+        layout_range: d.layout_range.clone(),
+        out_buffer: None,
+    }
+}
+
+fn to_gpu(d: &DeepEpLlDispatchOutput, out: Option<Tensor>) -> DeepEpLlDispatchOutput {
+    let g = gpu();
+    DeepEpLlDispatchOutput {
+        hidden: d.hidden.to_device(&g).unwrap(),
+        hidden_scale: None,
+        topk: d.topk.to_device(&g).unwrap(),
+        masked_m: d.masked_m.to_device(&g).unwrap(),
+        expected_m: d.expected_m,
+        src_info: d.src_info.to_device(&g).unwrap(),
+        layout_range: d.layout_range.to_device(&g).unwrap(),
+        out_buffer: out,
+    }
+}
+
+/// The valid rows (`< masked_m`) of a masked output, as f32.
+fn valid_rows(y: &Tensor, masked_m: &[i32]) -> Vec<f32> {
+    let [el, rt, h] = y.dims::<3>("y").unwrap();
+    let v = y.to_host().unwrap().to_f32_vec().unwrap();
+    (0..el)
+        .flat_map(|e| v[e * rt * h..(e * rt + masked_m[e] as usize) * h].to_vec())
+        .collect()
+}
+
+fn masked_output(r: &MoeRunner, d: &dyn DispatchOutput, q: &dyn QuantInfo) -> Tensor {
+    downcast_combine::<DeepEpLlCombineInput>(r.run(d, q).unwrap(), DispatchFormat::DeepEpLowLatency)
+        .unwrap()
+        .hidden
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn masked_layout_matches_the_reference_and_leaves_other_rows_alone() {
+    // Two row tiles for the busiest experts, none for the last quarter.
+    let cfg = MoeRunnerConfig::new(8, 512, 256, 4);
+    let (q, dense) = weights(&cfg, 31);
+    let batch = masked_batch(&cfg, 40, 5);
+    let counts = batch.masked_m.as_slice::<i32>().unwrap().to_vec();
+    assert!(
+        counts.contains(&0) && counts.iter().any(|&c| c > 64),
+        "{counts:?}"
+    );
+    let want = valid_rows(
+        &masked_output(
+            &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Nvfp4),
+            &batch,
+            &q,
+        ),
+        &counts,
+    );
+    let unquantized = valid_rows(
+        &masked_output(
+            &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Bf16),
+            &batch,
+            dense.as_ref(),
+        ),
+        &counts,
+    );
+    // The runner writes into a buffer whose rows past masked_m hold a pattern that must stay.
+    let [el, rt, h] = batch.dims().unwrap();
+    let pattern = Tensor::from_f32(&vec![7.5; el * rt * h], &[el, rt, h], DType::Bf16).unwrap();
+    let out = pattern.to_device(&gpu()).unwrap();
+    let on_gpu = to_gpu(&batch, Some(out.clone()));
+    let qg = quant_to_device(&q, &gpu()).unwrap();
+    let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
+    let y = masked_output(&runner, &on_gpu, qg.as_ref());
+    let got = valid_rows(&y, &counts);
+    let c = suite::compare(&got, &want).unwrap();
+    assert!(c.within(1e-2), "against the NVFP4 reference: {c:?}");
+    let u = suite::compare(&got, &unquantized).unwrap();
+    eprintln!("masked: vs NVFP4 reference {c:?}; vs unquantized bf16 {u:?}");
+    assert!(u.within(0.2), "against the unquantized layer: {u:?}");
+    let all = y.to_host().unwrap().to_f32_vec().unwrap();
+    for e in 0..el {
+        for i in counts[e] as usize..rt {
+            let row = &all[(e * rt + i) * h..(e * rt + i + 1) * h];
+            assert!(
+                row.iter().all(|&v| v == 7.5),
+                "expert {e} row {i} past masked_m was written"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn standard_layout_matches_the_reference() {
+    let cfg = MoeRunnerConfig::new(16, 1024, 512, 4);
+    let (q, dense) = weights(&cfg, 41);
+    let runner = fp4(&cfg, DispatchFormat::Standard);
+    let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
+    let dense_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Bf16);
+    for m in [0, 1, 7, 300] {
+        let hidden = synthetic::hidden(m, cfg.hidden_size, DType::Bf16, 100 + m as u64).unwrap();
+        let topk =
+            synthetic::topk(m, cfg.top_k, cfg.num_experts, 200 + m as u64, true, true).unwrap();
+        let copy = |t: &TopK| TopK::new(t.ids.clone(), t.weights.clone()).unwrap();
+        let got = suite::run_path(&runner, &hidden, copy(&topk), &q).unwrap();
+        let want = suite::run_path(&want_runner, &hidden, copy(&topk), &q).unwrap();
+        let plain = suite::run_path(&dense_runner, &hidden, copy(&topk), dense.as_ref()).unwrap();
+        assert_eq!(got.len(), m * cfg.hidden_size);
+        if m == 0 {
+            continue;
+        }
+        let c = suite::compare(&got, &want).unwrap();
+        let u = suite::compare(&got, &plain).unwrap();
+        eprintln!("standard M={m}: vs NVFP4 reference {c:?}; vs unquantized bf16 {u:?}");
+        assert!(c.within(1e-2), "M={m} against the NVFP4 reference: {c:?}");
+        assert!(u.within(0.2), "M={m} against the unquantized layer: {u:?}");
+    }
+}
+
+/// Weights in checkpoint form (linear scales) give the same result as swizzled ones: the
+/// runner swizzles them once.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn linear_scales_are_swizzled_once_and_agree() {
+    let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
+    let linear = synthetic::weights(dims(&cfg), QuantScheme::Nvfp4, 3, &|_| {}).unwrap();
+    let l = moe_runner_core::downcast_quant::<Nvfp4Weights>(linear.as_ref()).unwrap();
+    assert_eq!(l.scale_layout, ScaleLayout::Linear);
+    let swizzled = moe_backend_cutedsl_fp4::kernel_layout(l).unwrap();
+    let runner = fp4(&cfg, DispatchFormat::Standard);
+    let hidden = synthetic::hidden(37, 256, DType::Bf16, 9).unwrap();
+    let topk = synthetic::topk(37, 2, 8, 10, true, false).unwrap();
+    let copy = |t: &TopK| TopK::new(t.ids.clone(), t.weights.clone()).unwrap();
+    let a = suite::run_path(&runner, &hidden, copy(&topk), l).unwrap();
+    let b = suite::run_path(&runner, &hidden, copy(&topk), &swizzled).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn warm_passes_allocate_nothing() {
+    let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
+    let (q, _) = weights(&cfg, 51);
+    let qg = quant_to_device(&q, &gpu()).unwrap();
+    let runner = fp4(&cfg, DispatchFormat::Standard);
+    let hidden = synthetic::hidden(20, 256, DType::Bf16, 1)
+        .unwrap()
+        .to_device(&gpu())
+        .unwrap();
+    let topk = synthetic::topk(20, 2, 8, 2, true, false)
+        .unwrap()
+        .to_device(&gpu())
+        .unwrap();
+    let input = moe_runner_core::StandardDispatchOutput {
+        hidden,
+        hidden_scale: None,
+        topk,
+    };
+    let out = Tensor::zeros_cuda(gpu().as_cuda().unwrap(), &[20, 256], DType::Bf16).unwrap();
+    runner.run_into(&input, qg.as_ref(), &out).unwrap();
+    let before = moe_runner_core::cuda::device_allocations();
+    for _ in 0..3 {
+        runner.run_into(&input, qg.as_ref(), &out).unwrap();
+    }
+    assert_eq!(moe_runner_core::cuda::device_allocations(), before);
+}
+
+#[test]
+#[ignore = "needs a CUDA device"]
+fn bad_input_is_a_typed_error() {
+    moe_conformance::link_backends();
+    // Hidden not a multiple of 32.
+    let err = MoeRunner::on_device(
+        &gpu(),
+        "cutedsl_fp4",
+        DispatchFormat::Standard,
+        QuantScheme::Nvfp4,
+        MoeRunnerConfig::new(8, 48, 128, 2),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, MoeError::NotDivisible { divisor: 32, .. }),
+        "{err}"
+    );
+
+    let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
+    let (q, _) = weights(&cfg, 61);
+    let qg = quant_to_device(&q, &gpu()).unwrap();
+    let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
+    let batch = masked_batch(&cfg, 10, 7);
+    // masked_m beyond the buffer, from the host: rejected before any launch.
+    let mut host_bad = to_gpu(&batch, None);
+    let [el, rt, _] = batch.dims().unwrap();
+    let mut counts = vec![1i32; el];
+    counts[2] = rt as i32 + 1;
+    host_bad.masked_m = Tensor::from_slice(&counts, &[el], DType::I32).unwrap();
+    let Err(err) = runner.run(&host_bad, qg.as_ref()) else {
+        panic!("masked_m past the buffer was accepted");
+    };
+    assert!(matches!(err, MoeError::Invalid { .. }), "{err}");
+    // The same on the device: clamped, and reported by check().
+    let mut dev_bad = to_gpu(&batch, None);
+    dev_bad.masked_m = host_bad.masked_m.to_device(&gpu()).unwrap();
+    let fused = moe_backend_cutedsl_fp4::Fp4Runner::new(&cfg, &gpu()).unwrap();
+    use moe_runner_core::registry::FusedRunner;
+    fused.run(&dev_bad, qg.as_ref()).unwrap();
+    assert!(fused.check().is_err());
+    // FP8 or f32 activations, a scale given with bf16 ones.
+    let mut f32_in = to_gpu(&batch, None);
+    f32_in.hidden =
+        Tensor::zeros_cuda(gpu().as_cuda().unwrap(), &[el, rt, 256], DType::F32).unwrap();
+    assert!(runner.run(&f32_in, qg.as_ref()).is_err());
+    let mut scaled = to_gpu(&batch, None);
+    scaled.hidden_scale =
+        Some(Tensor::zeros_cuda(gpu().as_cuda().unwrap(), &[el, rt, 2], DType::F32).unwrap());
+    assert!(runner.run(&scaled, qg.as_ref()).is_err());
+    // Weights on the host.
+    assert!(runner.run(&to_gpu(&batch, None), &q).is_err());
+}
