@@ -1,7 +1,8 @@
 //! The `cutedsl_fp4` runner. Per forward pass, on the device's stream and with nothing waiting
-//! for the host: the row tiles from the per-expert counts; the activations to NVFP4 (each
-//! expert's input global scale); GEMM 1 (`w13`, alpha = 1 / (gs_a * gs_w)) to bf16; the
-//! activation with its requantization to NVFP4 fused; GEMM 2 (`w2`) to bf16. The masked layout
+//! for the host: the row tiles from the per-expert counts; the activations to NVFP4 values
+//! (each expert's input global scale; kept as code times block scale in f16, which is exact);
+//! GEMM 1 (`w13`, alpha = 1 / (gs_a * gs_w)) to bf16; the activation with its requantization
+//! to NVFP4 fused; GEMM 2 (`w2`) to bf16. The masked layout
 //! writes GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
 //! registered one); the standard layout first groups its tokens per expert (a pre-permute that
 //! the quantization reads through, so no gathered copy is made) and sums the top-k after (or,
@@ -26,11 +27,10 @@ struct Workspace {
     /// Rows of the row space and picks (M * k) it was sized for.
     rows: usize,
     picks: usize,
+    /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16.
     a1: Tensor,
-    a1_sf: Tensor,
     c1: Tensor,
     a2: Tensor,
-    a2_sf: Tensor,
     /// GEMM 2's rows before the top-k sum (standard layout only).
     y: Tensor,
     counts: Tensor,
@@ -98,11 +98,6 @@ fn tile_rows(expected: usize) -> usize {
     } else {
         64
     }
-}
-
-/// Bytes of the swizzled scales of `rows` rows (a multiple of 128) by `k` values.
-fn scale_bytes(rows: usize, k: usize) -> usize {
-    rows * (k / 16).div_ceil(4) * 4
 }
 
 impl Fp4Runner {
@@ -224,15 +219,12 @@ impl Fp4Runner {
             cfg.num_local_experts,
         );
         let z = |n: usize, dt: DType| Tensor::zeros_cuda(&self.dev, &[n.max(1)], dt);
-        let padded = rows.div_ceil(128) * 128;
         *ws = Some(Workspace {
             rows,
             picks,
-            a1: z(rows * h / 2, DType::U8)?,
-            a1_sf: z(scale_bytes(padded, h), DType::U8)?,
+            a1: z(rows * h, DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
-            a2: z(rows * i / 2, DType::U8)?,
-            a2_sf: z(scale_bytes(padded, i), DType::U8)?,
+            a2: z(rows * i, DType::F16)?,
             y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
             counts: z(e, DType::I32)?,
             row0: z(e, DType::I32)?,
@@ -272,13 +264,7 @@ impl Fp4Runner {
         let gemm_fn = if r.bm == 16 { &k.gemm_m16 } else { &k.gemm_m64 };
         // Row kernels: a thread per 16-value block, blocks striding over an expert's rows.
         let row_grid = |width: usize| (r.cap * width / 16).div_ceil(128 * 8).clamp(1, 64);
-        let (a1, a1_sf, a2, a2_sf, c1) = (
-            ws.a1.cuda_ptr()?,
-            ws.a1_sf.cuda_ptr()?,
-            ws.a2.cuda_ptr()?,
-            ws.a2_sf.cuda_ptr()?,
-            ws.c1.cuda_ptr()?,
-        );
+        let (a1, a2, c1) = (ws.a1.cuda_ptr()?, ws.a2.cuda_ptr()?, ws.c1.cuda_ptr()?);
         let (h_i, i_i, n1_i) = (h as i32, i as i32, n1 as i32);
         launch_2d(
             dev,
@@ -296,11 +282,9 @@ impl Fp4Runner {
                 &h_i,
                 &g.gs1.cuda_ptr()?,
                 &a1,
-                &a1_sf,
             ],
         )?;
         let gemm = |a: u64,
-                    a_sf: u64,
                     wt: &Tensor,
                     w_sf: &Tensor,
                     alpha: &Tensor,
@@ -308,9 +292,8 @@ impl Fp4Runner {
                     n: i32,
                     kk: i32|
          -> Result<()> {
-            let args: [&dyn Arg; 13] = [
+            let args: [&dyn Arg; 12] = [
                 &a,
-                &a_sf,
                 &wt.cuda_ptr()?,
                 &w_sf.cuda_ptr()?,
                 &r.counts,
@@ -333,7 +316,7 @@ impl Fp4Runner {
             Some((a, b)) => (a, b),
             None => (&w.w13_scale, &w.w2_scale),
         };
-        gemm(a1, a1_sf, &w.w13, s13, &g.alpha1, c1, n1_i, h_i)?;
+        gemm(a1, &w.w13, s13, &g.alpha1, c1, n1_i, h_i)?;
         let (_, limit, alpha_act) = self.act;
         launch_2d(
             dev,
@@ -351,10 +334,9 @@ impl Fp4Runner {
                 &alpha_act,
                 &g.gs2.cuda_ptr()?,
                 &a2,
-                &a2_sf,
             ],
         )?;
-        gemm(a2, a2_sf, &w.w2, s2, &g.alpha2, out, h_i, i_i)
+        gemm(a2, &w.w2, s2, &g.alpha2, out, h_i, i_i)
     }
 
     fn run_masked(
@@ -413,7 +395,7 @@ impl Fp4Runner {
         } else {
             &d.masked_m
         };
-        let ws = self.workspace(el * rt.div_ceil(128) * 128, 0)?;
+        let ws = self.workspace(el * rt, 0)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let bm = tile_rows(d.expected_m);
         let rows = Rows {
@@ -465,10 +447,7 @@ impl Fp4Runner {
             &d.topk
         };
         let picks = m * k;
-        // Each expert's rows start on a multiple of 128 (its scales are a swizzled matrix of
-        // their own): at most 127 padding rows per expert.
-        let space = picks + 128 * e;
-        let ws = self.workspace(space, picks)?;
+        let ws = self.workspace(picks, picks)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let (counts, row0, src, slot_of) = (
             ws.counts.cuda_ptr()?,

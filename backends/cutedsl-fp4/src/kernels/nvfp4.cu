@@ -1,27 +1,30 @@
-// NVFP4 (w4a4) grouped GEMMs for Hopper, which has FP8 tensor cores and no FP4 ones: FP4 moves
-// through memory, each 16-value block is expanded to E4M3 in registers (E2M1 values are exact
-// in E4M3: a table of eight magnitudes and the sign bit), multiplied on the FP8 units with
-// mma.sync m16n8k16 (one K step per NVFP4 block), and the two E4M3 block scales are applied to
-// that block's partial product in f32. The tensor's alpha = 1 / (gs_a * gs_w) is applied once
-// at the end.
+// NVFP4 (w4a4) grouped GEMMs for Hopper, which has no FP4 tensor cores: the weights move
+// through memory as E2M1 codes with E4M3 block scales and are expanded next to the tensor
+// cores. An E2M1 value times an E4M3 scale has at most six significant bits and lies within
+// [2^-10, 2688], so it is exact in f16: each 16-value block is expanded to E4M3 bytes (a table
+// of eight magnitudes and the sign), converted to f16 and multiplied by its block scale, all
+// exactly, and the products run on the f16 tensor cores (mma.sync m16n8k16) with f32
+// accumulation. No partial sum is rescaled per block, which is what keeps the expansion cheap
+// enough to hide under the weight stream. The activations are quantized to NVFP4 with each
+// expert's global scale and kept as their exact values (code times block scale) in f16; the
+// tensor's alpha = 1 / (gs_a * gs_w) is applied once at the end.
 //
 // Rows: expert e's rows start at row `base(e)` of the row space: e * cap in the masked layout,
-// or row0[e] (a multiple of 128) in the standard path's compact layout. Its block scales use the
-// 128x4 swizzled layout of a matrix whose rows start at `sbase(e)` (e * round128(cap), or
-// row0[e]), so each expert's scales are a swizzled matrix of their own. Only the first
-// counts[e] rows of an expert are read or written.
+// or row0[e] in the standard path's compact layout. Only the first counts[e] rows of an expert
+// are read or written.
 //
-// Quantization (activations, and the intermediate after the activation) follows
-// moe-quant's `quantize_nvfp4` step for step: sf = e4m3((gs * amax) / 6), s = decode(sf),
-// q = e2m1((x * gs) / s), or 0 when s is 0.
+// Quantization (activations, and the intermediate after the activation) follows moe-quant's
+// `quantize_nvfp4` step for step: sf = e4m3((gs * amax) / 6), s = decode(sf),
+// q = e2m1((x * gs) / s), or 0 when s is 0; the value kept is e2m1(q) * s (the division by gs
+// is part of alpha).
 //
 // Compile-time parameters: ACT and GATE_UP (the activation, as the row kernels), ACT_F16.
 
 #define FP4_THREADS 128
 #define BN 128
 #define BK 64           // values per K step: four NVFP4 blocks
-#define STAGES 4
-#define ROW_BYTES (BK / 2)
+#define W_STRIDE 48     // bytes per weight row in shared memory: 32 of codes, padded against bank conflicts
+#define A_STRIDE 72     // f16 values per activation row in shared memory: 64, padded likewise
 
 __device__ __forceinline__ float e4m3_to_f32(u8 v) {
     u32 h2;
@@ -40,6 +43,13 @@ __device__ __forceinline__ u32 e2m1_code(float x) {
     return c | ((__float_as_uint(x) >> 31) << 3);
 }
 
+// The value of an E2M1 code (sign bit 3), e.g. -0 for code 8.
+__device__ __forceinline__ float e2m1_value(u32 c) {
+    const float m[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    const float v = m[c & 7u];
+    return (c & 8u) ? -v : v;
+}
+
 // Byte offset of scale (m, k) in a swizzled [rows, k_sf] matrix with k_tiles = ceil(k_sf / 4).
 __device__ __forceinline__ long long swz(long long m, int k, int k_tiles) {
     return (m >> 7) * (long long)(k_tiles * 512) + (k >> 2) * 512 + (m & 31) * 16 + ((m & 127) >> 5) * 4 + (k & 3);
@@ -48,27 +58,28 @@ __device__ __forceinline__ long long swz(long long m, int k, int k_tiles) {
 __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
     return row0 ? (long long)row0[e] : (long long)e * cap;
 }
-__device__ __forceinline__ long long scale_base(const int* row0, int cap, int e) {
-    return row0 ? (long long)row0[e] : (long long)e * ((cap + 127) / 128 * 128);
-}
 
-// One NVFP4 block of 16 values: 8 packed bytes and the E4M3 scale code.
-__device__ __forceinline__ uint2 nvfp4_block(const float* v, float gs, u8* sf_out) {
+__device__ __forceinline__ u16 f32_to_f16_rn(float f) { return f32_to_f16(f); }
+
+// One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s in f16 (exact).
+__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* out) {
     float amax = 0.0f;
 #pragma unroll
     for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    const u8 sf = f32_to_e4m3(__fdiv_rn(__fmul_rn(gs, amax), 6.0f));
-    const float s = e4m3_to_f32(sf);
-    uint2 p = {0u, 0u};
-    if (s != 0.0f) {
+    const float s = e4m3_to_f32(f32_to_e4m3(__fdiv_rn(__fmul_rn(gs, amax), 6.0f)));
+    u32 h[8];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            p.x |= e2m1_code(__fdiv_rn(__fmul_rn(v[i], gs), s)) << (4 * i);
-            p.y |= e2m1_code(__fdiv_rn(__fmul_rn(v[i + 8], gs), s)) << (4 * i);
+    for (int i = 0; i < 8; ++i) {
+        float q[2];
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const float x = s != 0.0f ? e2m1_value(e2m1_code(__fdiv_rn(__fmul_rn(v[2 * i + j], gs), s))) : 0.0f;
+            q[j] = x * s;  // exact: at most six significant bits
         }
+        h[i] = (u32)f32_to_f16_rn(q[0]) | ((u32)f32_to_f16_rn(q[1]) << 16);
     }
-    *sf_out = sf;
-    return p;
+    *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
+    *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
 }
 
 __device__ __forceinline__ void load16(const u16* p, float* v) {
@@ -81,17 +92,18 @@ __device__ __forceinline__ void load16(const u16* p, float* v) {
     }
 }
 
-// Activations to NVFP4 with the expert's global scale: thread per 16-value block. Row i of
+// Activations to NVFP4 values (f16) with the expert's global scale: thread per 16-value block.
+// Row i of
 // expert e reads x row src[base(e) + i] when `src` is given (the standard path's gather), else
 // x row base(e) + i; times in_weight[that row] first when given (router weight on the input).
 // Grid: (blocks striding over rows * K/16, E).
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     const u16* __restrict__ x, const int* __restrict__ src, const float* __restrict__ in_weight,
     const int* __restrict__ counts, const int* __restrict__ row0, int cap, int K,
-    const float* __restrict__ gs_e, u8* __restrict__ packed, u8* __restrict__ scales) {
-    const int e = blockIdx.y, kb = K / 16, k_tiles = (kb + 3) / 4;
+    const float* __restrict__ gs_e, u16* __restrict__ a) {
+    const int e = blockIdx.y, kb = K / 16;
     const int n = min(max(counts[e], 0), cap);
-    const long long base = row_base(row0, cap, e), sb = scale_base(row0, cap, e);
+    const long long base = row_base(row0, cap, e);
     const float gs = gs_e[e];
     for (long long item = (long long)blockIdx.x * FP4_THREADS + threadIdx.x; item < (long long)n * kb;
          item += (long long)gridDim.x * FP4_THREADS) {
@@ -104,36 +116,47 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
 #pragma unroll
             for (int j = 0; j < 16; ++j) v[j] *= w;
         }
-        u8 sf;
-        *(uint2*)(packed + (base + i) * (K / 2) + b * 8) = nvfp4_block(v, gs, &sf);
-        scales[sb * k_tiles * 4 + swz(i, b, k_tiles)] = sf;
+        nvfp4_block(v, gs, a + (base + i) * K + b * 16);
     }
 }
 
-// Four E2M1 codes (bits 0..15, element j in nibble j) to four E4M3 bytes.
+// Four E2M1 codes (bits 0..15, element j in nibble j) to four E4M3 bytes (exact: every E2M1
+// value is an E4M3 value).
 __device__ __forceinline__ u32 fp4x4_to_e4m3x4(u32 h) {
     const u32 mag = __byte_perm(0x3C383000u, 0x4C484440u, h & 0x7777u);
     const u32 b = (h & 0xFu) | ((h & 0xF0u) << 4) | ((h & 0xF00u) << 8) | ((h & 0xF000u) << 12);
     return mag | ((b & 0x08080808u) << 4);
 }
 
+// Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half).
+__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
+    u32 h;
+    asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(v));
+    return h;
+}
+
+__device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
+    u32 d;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
 }
 
-__device__ __forceinline__ void mma_e4m3_16816(float* d, u32 a0, u32 a1, u32 b0) {
+__device__ __forceinline__ void mma_f16_16816(float* d, const u32* a, u32 b0, u32 b1) {
     asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};"
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(b0));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 template <int TBM>
 struct Fp4Stage {
-    u8 a[TBM * ROW_BYTES];
-    u8 w[BN * ROW_BYTES];
-    u32 sa[TBM];  // the four block scales of each row in this K step
-    u32 sw[BN];
+    u16 a[TBM * A_STRIDE];
+    u8 w[BN * W_STRIDE];
+    u32 sw[BN];  // the four block scales of each weight row in this K step
 };
 
 // The row tiles of the GEMMs, in one block: tile_start[e] = sum over experts before e of
@@ -154,20 +177,22 @@ extern "C" __global__ void fp4_tiles(const int* __restrict__ counts, int E, int 
 }
 
 // C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e], as the
-// activation dtype. W: [E, N, K/2] packed with scales [E, swizzled(N, K/16)]. Grid:
-// (ceil(N / BN), Y): block (x, y) computes columns x * BN.. of row tiles y, y + Y, ... below
-// tile_start[E] (each tile's expert found in tile_start); four warps, each TBM rows by 32
-// columns of the tile. TBM = 16 for
-// decode batches (a row tile of 64 would spend four times the tensor-core work on empty rows),
-// 64 otherwise.
+// activation dtype. A: NVFP4 values in f16 [rows, K]; W: [E, N, K/2] packed codes with block
+// scales [E, swizzled(N, K/16)]. Grid: (ceil(N / BN), Y): block (x, y) computes columns
+// x * BN.. of row tiles y, y + Y, ... below tile_start[E] (each tile's expert found in
+// tile_start); four warps, each TBM rows by 32 columns of the tile. TBM = 16 for decode batches
+// (a row tile of 64 would spend four times the tensor-core work on empty rows), 64 otherwise.
 template <int TBM>
 __device__ __forceinline__ void fp4_gemm_tile(
-    const u8* __restrict__ A, const u8* __restrict__ A_sf, const u8* __restrict__ W,
-    const u8* __restrict__ W_sf, const int* __restrict__ counts, const int* __restrict__ row0, int cap,
-    const int* __restrict__ tile_start, int E, const float* __restrict__ alpha, u16* __restrict__ C, int N,
-    int K) {
+    const u16* __restrict__ A, const u8* __restrict__ W, const u8* __restrict__ W_sf,
+    const int* __restrict__ counts, const int* __restrict__ row0, int cap, const int* __restrict__ tile_start,
+    int E, const float* __restrict__ alpha, u16* __restrict__ C, int N, int K) {
     constexpr int MT = TBM / 16;  // m16 tiles per warp
+    // Pipeline depth within the 48 KB of static shared memory.
+    constexpr int STAGES = TBM == 16 ? 4 : 3;
     __shared__ __align__(16) Fp4Stage<TBM> st[STAGES];
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
+    const int kb_all = K / 16, k_tiles = (kb_all + 3) / 4, steps = (K + BK - 1) / BK;
     const int total = tile_start[E];
     for (int tile = blockIdx.y; tile < total; tile += gridDim.y) {
         int lo = 0, hi = E;  // the expert e with tile_start[e] <= tile < tile_start[e + 1]
@@ -177,39 +202,33 @@ __device__ __forceinline__ void fp4_gemm_tile(
         }
         const int e = lo, m0 = (tile - tile_start[e]) * TBM, n0 = blockIdx.x * BN;
         const int rows = min(max(counts[e], 0), cap);
-        const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
-        const int kb_all = K / 16, k_tiles = (kb_all + 3) / 4, steps = (K + BK - 1) / BK;
-        const long long base = row_base(row0, cap, e), sb = scale_base(row0, cap, e);
-        const u8* a_rows = A + base * (K / 2);
-        const u8* a_sf = A_sf + sb * k_tiles * 4;
+        const long long base = row_base(row0, cap, e);
+        const u16* a_rows = A + base * K;
         const u8* w_rows = W + (long long)e * N * (K / 2);
         const u8* w_sf = W_sf + (long long)e * ((N + 127) / 128 * 128) * k_tiles * 4;
 
         auto load = [&](int slot, int step) {
             Fp4Stage<TBM>& s = st[slot];
             const int k0 = step * BK;
-            // A: TBM rows of 32 bytes, two 16-byte chunks each.
-            if (tid < 2 * TBM) {
-                const int r = tid >> 1, c = tid & 1;
-                const bool ok = m0 + r < rows && k0 + c * 32 < K;
-                cp_async16(s.a + r * ROW_BYTES + c * 16, ok ? a_rows + (long long)(m0 + r) * (K / 2) + k0 / 2 + c * 16 : a_rows, ok ? 16 : 0);
+            // A: TBM rows of 64 f16 values, eight 16-byte chunks each.
+#pragma unroll
+            for (int q = 0; q < (TBM * 8 + FP4_THREADS - 1) / FP4_THREADS; ++q) {
+                const int idx = tid + q * FP4_THREADS, r = idx >> 3, c = idx & 7;
+                if (r < TBM) {
+                    const bool ok = m0 + r < rows && k0 + c * 8 < K;
+                    cp_async16(s.a + r * A_STRIDE + c * 8, ok ? a_rows + (long long)(m0 + r) * K + k0 + c * 8 : a_rows, ok ? 16 : 0);
+                }
             }
-            // W: BN rows, two chunks each (two per thread).
+            // W: BN rows of 32 bytes of codes, two chunks each (two per thread).
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
                 const int idx = tid + q * FP4_THREADS, r = idx >> 1, c = idx & 1;
                 const bool ok = n0 + r < N && k0 + c * 32 < K;
-                cp_async16(s.w + r * ROW_BYTES + c * 16, ok ? w_rows + (long long)(n0 + r) * (K / 2) + k0 / 2 + c * 16 : w_rows, ok ? 16 : 0);
+                cp_async16(s.w + r * W_STRIDE + c * 16, ok ? w_rows + (long long)(n0 + r) * (K / 2) + k0 / 2 + c * 16 : w_rows, ok ? 16 : 0);
             }
-            // Scales: four contiguous bytes per row (one swizzle k-tile).
-            if (tid < TBM) {
-                const bool ok = m0 + tid < rows;
-                cp_async4(&s.sa[tid], ok ? a_sf + swz(m0 + tid, step * 4, k_tiles) : a_sf, ok ? 4 : 0);
-            }
-            {
-                const bool ok = n0 + tid < N;
-                cp_async4(&s.sw[tid], ok ? w_sf + swz(n0 + tid, step * 4, k_tiles) : w_sf, ok ? 4 : 0);
-            }
+            // Weight scales: four contiguous bytes per row (one swizzle k-tile).
+            const bool ok = n0 + tid < N;
+            cp_async4(&s.sw[tid], ok ? w_sf + swz(n0 + tid, step * 4, k_tiles) : w_sf, ok ? 4 : 0);
         };
 
         float acc[MT][4][4];
@@ -232,40 +251,35 @@ __device__ __forceinline__ void fp4_gemm_tile(
             if (next < steps) load(next % STAGES, next);
             cp_async_commit();
             const Fp4Stage<TBM>& s = st[step % STAGES];
+            // This thread's weight rows (n = g of each 8-column tile) and their scales as f16x2
+            // pairs: {s0, s1} and {s2, s3} for the four blocks of the step.
+            u32 sc[4][2];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const u32 v = s.sw[warp * 32 + j * 8 + g];
+                sc[j][0] = e4m3x2_to_f16x2(v & 0xffffu);
+                sc[j][1] = e4m3x2_to_f16x2(v >> 16);
+            }
 #pragma unroll
             for (int kb = 0; kb < 4; ++kb) {
-                // Scales of this thread's rows and columns for block kb.
-                float sa[MT][2], sw[4][2];
-#pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    sa[i][0] = e4m3_to_f32((u8)(s.sa[i * 16 + g] >> (8 * kb)));
-                    sa[i][1] = e4m3_to_f32((u8)(s.sa[i * 16 + g + 8] >> (8 * kb)));
-                }
+                u32 b[4][2];
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int col = warp * 32 + j * 8 + tig * 2;
-                    sw[j][0] = e4m3_to_f32((u8)(s.sw[col] >> (8 * kb)));
-                    sw[j][1] = e4m3_to_f32((u8)(s.sw[col + 1] >> (8 * kb)));
-                }
-                u32 bf[4];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int n = warp * 32 + j * 8 + g;
-                    bf[j] = fp4x4_to_e4m3x4(*(const u16*)(s.w + n * ROW_BYTES + kb * 8 + tig * 2));
+                    const uint2 wb = *(const uint2*)(s.w + (warp * 32 + j * 8 + g) * W_STRIDE + kb * 8);
+                    // Bytes tig (k = 2tig, 2tig+1) and tig + 4 (k = 2tig+8, 2tig+9) of the block.
+                    const u32 e4 = fp4x4_to_e4m3x4(__byte_perm(wb.x, wb.y, tig | ((tig + 4) << 4)));
+                    const u32 pair = sc[j][kb >> 1];
+                    const u32 s2 = __byte_perm(pair, 0, (kb & 1) ? 0x3232 : 0x1010);  // {s, s}
+                    b[j][0] = mul_f16x2(e4m3x2_to_f16x2(e4 & 0xffffu), s2);
+                    b[j][1] = mul_f16x2(e4m3x2_to_f16x2(e4 >> 16), s2);
                 }
 #pragma unroll
                 for (int i = 0; i < MT; ++i) {
-                    const u32 a0 = fp4x4_to_e4m3x4(*(const u16*)(s.a + (i * 16 + g) * ROW_BYTES + kb * 8 + tig * 2));
-                    const u32 a1 = fp4x4_to_e4m3x4(*(const u16*)(s.a + (i * 16 + g + 8) * ROW_BYTES + kb * 8 + tig * 2));
+                    const u16* ar = s.a + (i * 16 + g) * A_STRIDE + kb * 16 + 2 * tig;
+                    const u32 a[4] = {*(const u32*)ar, *(const u32*)(ar + 8 * A_STRIDE), *(const u32*)(ar + 8),
+                                      *(const u32*)(ar + 8 * A_STRIDE + 8)};
 #pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        float t[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-                        mma_e4m3_16816(t, a0, a1, bf[j]);
-                        acc[i][j][0] += t[0] * (sa[i][0] * sw[j][0]);
-                        acc[i][j][1] += t[1] * (sa[i][0] * sw[j][1]);
-                        acc[i][j][2] += t[2] * (sa[i][1] * sw[j][0]);
-                        acc[i][j][3] += t[3] * (sa[i][1] * sw[j][1]);
-                    }
+                    for (int j = 0; j < 4; ++j) mma_f16_16816(acc[i][j], a, b[j][0], b[j][1]);
                 }
             }
         }
@@ -290,26 +304,25 @@ __device__ __forceinline__ void fp4_gemm_tile(
     }
 }
 
-#define FP4_GEMM_ARGS                                                                                         \
-    const u8 *__restrict__ A, const u8 *__restrict__ A_sf, const u8 *__restrict__ W, const u8 *__restrict__ W_sf, \
+#define FP4_GEMM_ARGS                                                                                        \
+    const u16 *__restrict__ A, const u8 *__restrict__ W, const u8 *__restrict__ W_sf,                        \
         const int *__restrict__ counts, const int *__restrict__ row0, int cap, const int *__restrict__ tile_start, \
         int E, const float *__restrict__ alpha, u16 *__restrict__ C, int N, int K
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m16(FP4_GEMM_ARGS) {
-    fp4_gemm_tile<16>(A, A_sf, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
+    fp4_gemm_tile<16>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
 }
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
-    fp4_gemm_tile<64>(A, A_sf, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
+    fp4_gemm_tile<64>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
 }
 
-// GEMM 1's output rows through the activation, quantized to NVFP4 with the expert's GEMM-2
-// global scale: thread per 16-value output block. Grid: (blocks striding over rows * I/16, E).
+// GEMM 1's output rows through the activation, quantized to NVFP4 values (f16) with the
+// expert's GEMM-2 global scale: thread per 16-value output block. Grid: (blocks striding over rows * I/16, E).
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
     const u16* __restrict__ c1, const int* __restrict__ counts, const int* __restrict__ row0, int cap,
-    int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u8* __restrict__ packed,
-    u8* __restrict__ scales) {
-    const int e = blockIdx.y, kb = inter / 16, k_tiles = (kb + 3) / 4;
+    int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u16* __restrict__ a) {
+    const int e = blockIdx.y, kb = inter / 16;
     const int n = min(max(counts[e], 0), cap);
-    const long long base = row_base(row0, cap, e), sb = scale_base(row0, cap, e);
+    const long long base = row_base(row0, cap, e);
     const float gs = gs_e[e];
 #if ACT >= 5
     const int width = inter;
@@ -344,14 +357,12 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
             v[j] = activation(second[j], first[j], limit, alpha_act);
 #endif
 #endif
-        u8 sf;
-        *(uint2*)(packed + (base + i) * (inter / 2) + b * 8) = nvfp4_block(v, gs, &sf);
-        scales[sb * k_tiles * 4 + swz(i, b, k_tiles)] = sf;
+        nvfp4_block(v, gs, a + (base + i) * inter + b * 16);
     }
 }
 
 // The standard path's pre-permute, in one block: counts per local expert (ids outside 0..E are
-// not computed here), 128-aligned starts, and for each (token, pick) its row: src[row] = token,
+// not computed here), their starts, and for each (token, pick) its row: src[row] = token,
 // slot_of[t * K + k] = row (or -1). Rows within an expert follow no particular order; each is
 // computed independently, so the results do not depend on it.
 extern "C" __global__ void __launch_bounds__(1024) fp4_route(
@@ -372,7 +383,7 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
             row0[e] = acc;
             cur[e] = acc;
             counts[e] = cnt[e];
-            acc += (cnt[e] + 127) / 128 * 128;
+            acc += cnt[e];
         }
     }
     __syncthreads();
