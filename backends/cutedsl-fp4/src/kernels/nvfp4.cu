@@ -123,9 +123,11 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
 // Four E2M1 codes (bits 0..15, element j in nibble j) to four E4M3 bytes (exact: every E2M1
 // value is an E4M3 value).
 __device__ __forceinline__ u32 fp4x4_to_e4m3x4(u32 h) {
+    // Magnitudes from a table of eight bytes; the sign bytes from a second lookup whose index
+    // is 0 (0x80) for a negative code and 4 (0x00) for a positive one.
     const u32 mag = __byte_perm(0x3C383000u, 0x4C484440u, h & 0x7777u);
-    const u32 b = (h & 0xFu) | ((h & 0xF0u) << 4) | ((h & 0xF00u) << 8) | ((h & 0xF000u) << 12);
-    return mag | ((b & 0x08080808u) << 4);
+    const u32 sgn = __byte_perm(0x80808080u, 0u, (~h & 0x8888u) >> 1);
+    return mag | sgn;
 }
 
 // Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half).
@@ -133,6 +135,13 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
     u32 h;
     asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(v));
     return h;
+}
+
+// Four E4M3 bytes to two f16x2: bytes 0, 1 and bytes 2, 3.
+__device__ __forceinline__ void e4m3x4_to_f16x2x2(u32 v, u32& lo, u32& hi) {
+    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
+        : "=r"(lo), "=r"(hi)
+        : "r"(v));
 }
 
 __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
@@ -270,8 +279,10 @@ __device__ __forceinline__ void fp4_gemm_tile(
                     const u32 e4 = fp4x4_to_e4m3x4(__byte_perm(wb.x, wb.y, tig | ((tig + 4) << 4)));
                     const u32 pair = sc[j][kb >> 1];
                     const u32 s2 = __byte_perm(pair, 0, (kb & 1) ? 0x3232 : 0x1010);  // {s, s}
-                    b[j][0] = mul_f16x2(e4m3x2_to_f16x2(e4 & 0xffffu), s2);
-                    b[j][1] = mul_f16x2(e4m3x2_to_f16x2(e4 >> 16), s2);
+                    u32 lo, hi;
+                    e4m3x4_to_f16x2x2(e4, lo, hi);
+                    b[j][0] = mul_f16x2(lo, s2);
+                    b[j][1] = mul_f16x2(hi, s2);
                 }
 #pragma unroll
                 for (int i = 0; i < MT; ++i) {
