@@ -319,7 +319,9 @@ __device__ __forceinline__ void fp4_gemm_tile(
     const u16 *__restrict__ A, const u8 *__restrict__ W, const u8 *__restrict__ W_sf,                        \
         const int *__restrict__ counts, const int *__restrict__ row0, int cap, const int *__restrict__ tile_start, \
         int E, const float *__restrict__ alpha, u16 *__restrict__ C, int N, int K
-extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m16(FP4_GEMM_ARGS) {
+// Decode tiles: six blocks an SM (their shared memory allows six), so registers are capped to
+// fit them; more warps in flight hide the expansion's latency under the weight stream.
+extern "C" __global__ void __launch_bounds__(FP4_THREADS, 6) fp4_gemm_m16(FP4_GEMM_ARGS) {
     fp4_gemm_tile<16>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
 }
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
