@@ -1,9 +1,9 @@
 // NVFP4 (w4a4) grouped GEMMs for Hopper, which has no FP4 tensor cores: the weights move
 // through memory as E2M1 codes with E4M3 block scales and are expanded next to the tensor
 // cores. An E2M1 value times an E4M3 scale has at most six significant bits and lies within
-// [2^-10, 2688], so it is exact in f16: each 16-value block is expanded to E4M3 bytes (a table
-// of eight magnitudes and the sign), converted to f16 and multiplied by its block scale, all
-// exactly, and the products run on the f16 tensor cores (mma.sync m16n8k16) with f32
+// [2^-10, 2688], so it is exact in f16: each 16-value block is expanded to f16 by byte permutes
+// (a table of the eight magnitudes' high bytes, and the sign) and multiplied by its block
+// scale, all exactly, and the products run on the f16 tensor cores (mma.sync m16n8k16) with f32
 // accumulation. No partial sum is rescaled per block, which is what keeps the expansion cheap
 // enough to hide under the weight stream. The activations are quantized to NVFP4 with each
 // expert's global scale and kept as their exact values (code times block scale) in f16; the
@@ -120,14 +120,16 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     }
 }
 
-// Four E2M1 codes (bits 0..15, element j in nibble j) to four E4M3 bytes (exact: every E2M1
-// value is an E4M3 value).
-__device__ __forceinline__ u32 fp4x4_to_e4m3x4(u32 h) {
-    // Magnitudes from a table of eight bytes; the sign bytes from a second lookup whose index
-    // is 0 (0x80) for a negative code and 4 (0x00) for a positive one.
-    const u32 mag = __byte_perm(0x3C383000u, 0x4C484440u, h & 0x7777u);
+// Four E2M1 codes (bits 0..15, element j in nibble j) to two f16x2 (elements 0, 1 and 2, 3),
+// exactly, with byte permutes only (conversion instructions issue at a fraction of the rate):
+// an E2M1 value's f16 has a zero low byte, so a table of the eight high bytes and the sign
+// bytes give the four high bytes, which are then interleaved with zeros.
+__device__ __forceinline__ void fp4x4_to_f16x2x2(u32 h, u32& lo, u32& hi) {
+    const u32 mag = __byte_perm(0x3E3C3800u, 0x46444240u, h & 0x7777u);
     const u32 sgn = __byte_perm(0x80808080u, 0u, (~h & 0x8888u) >> 1);
-    return mag | sgn;
+    const u32 top = mag | sgn;
+    lo = __byte_perm(top, 0u, 0x1404);
+    hi = __byte_perm(top, 0u, 0x3424);
 }
 
 // Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half).
@@ -135,13 +137,6 @@ __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
     u32 h;
     asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(v));
     return h;
-}
-
-// Four E4M3 bytes to two f16x2: bytes 0, 1 and bytes 2, 3.
-__device__ __forceinline__ void e4m3x4_to_f16x2x2(u32 v, u32& lo, u32& hi) {
-    asm("{ .reg .b16 a, b; mov.b32 {a, b}, %2; cvt.rn.f16x2.e4m3x2 %0, a; cvt.rn.f16x2.e4m3x2 %1, b; }"
-        : "=r"(lo), "=r"(hi)
-        : "r"(v));
 }
 
 __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
@@ -276,11 +271,10 @@ __device__ __forceinline__ void fp4_gemm_tile(
                 for (int j = 0; j < 4; ++j) {
                     const uint2 wb = *(const uint2*)(s.w + (warp * 32 + j * 8 + g) * W_STRIDE + kb * 8);
                     // Bytes tig (k = 2tig, 2tig+1) and tig + 4 (k = 2tig+8, 2tig+9) of the block.
-                    const u32 e4 = fp4x4_to_e4m3x4(__byte_perm(wb.x, wb.y, tig | ((tig + 4) << 4)));
+                    u32 lo, hi;
+                    fp4x4_to_f16x2x2(__byte_perm(wb.x, wb.y, tig | ((tig + 4) << 4)), lo, hi);
                     const u32 pair = sc[j][kb >> 1];
                     const u32 s2 = __byte_perm(pair, 0, (kb & 1) ? 0x3232 : 0x1010);  // {s, s}
-                    u32 lo, hi;
-                    e4m3x4_to_f16x2x2(e4, lo, hi);
                     b[j][0] = mul_f16x2(lo, s2);
                     b[j][1] = mul_f16x2(hi, s2);
                 }
@@ -319,9 +313,7 @@ __device__ __forceinline__ void fp4_gemm_tile(
     const u16 *__restrict__ A, const u8 *__restrict__ W, const u8 *__restrict__ W_sf,                        \
         const int *__restrict__ counts, const int *__restrict__ row0, int cap, const int *__restrict__ tile_start, \
         int E, const float *__restrict__ alpha, u16 *__restrict__ C, int N, int K
-// Decode tiles: six blocks an SM (their shared memory allows six), so registers are capped to
-// fit them; more warps in flight hide the expansion's latency under the weight stream.
-extern "C" __global__ void __launch_bounds__(FP4_THREADS, 6) fp4_gemm_m16(FP4_GEMM_ARGS) {
+extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m16(FP4_GEMM_ARGS) {
     fp4_gemm_tile<16>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
 }
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
