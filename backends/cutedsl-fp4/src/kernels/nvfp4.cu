@@ -121,15 +121,20 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
 }
 
 // Four E2M1 codes (bits 0..15, element j in nibble j) to two f16x2 (elements 0, 1 and 2, 3),
-// exactly, with byte permutes only (conversion instructions issue at a fraction of the rate):
-// an E2M1 value's f16 has a zero low byte, so a table of the eight high bytes and the sign
-// bytes give the four high bytes, which are then interleaved with zeros.
+// exactly. An E2M1 value's f16 has a zero low byte: one byte permute looks the four high bytes
+// up in a table of the eight magnitudes and two more interleave them with zeros (the integer
+// pipe, which issues at half rate, is this loop's bottleneck, so the sign bits are moved by
+// multiplications on the FMA pipe and merged with one logic operation per pair).
 __device__ __forceinline__ void fp4x4_to_f16x2x2(u32 h, u32& lo, u32& hi) {
-    const u32 mag = __byte_perm(0x3E3C3800u, 0x46444240u, h & 0x7777u);
-    const u32 sgn = __byte_perm(0x80808080u, 0u, (~h & 0x8888u) >> 1);
-    const u32 top = mag | sgn;
+    const u32 top = __byte_perm(0x3E3C3800u, 0x46444240u, h & 0x7777u);
+    const u32 s = h & 0x8888u;
+    // Sign of element 0 (bit 3) to bit 15 and of element 1 (bit 7) to bit 31; 2 (bit 11) to
+    // bit 15 and 3 (bit 15) to bit 31. The other products land on bits the masks drop.
+    const u32 s01 = s * 0x01001000u, s23 = s * 0x00010010u;
     lo = __byte_perm(top, 0u, 0x1404);
     hi = __byte_perm(top, 0u, 0x3424);
+    asm("lop3.b32 %0, %0, %1, 0x80008000, 0xF8;" : "+r"(lo) : "r"(s01));  // lo | (s01 & mask)
+    asm("lop3.b32 %0, %0, %1, 0x80008000, 0xF8;" : "+r"(hi) : "r"(s23));
 }
 
 // Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half).
@@ -266,13 +271,16 @@ __device__ __forceinline__ void fp4_gemm_tile(
             }
 #pragma unroll
             for (int kb = 0; kb < 4; ++kb) {
+                // The MMA sums over k in any order, so both operands take the block's k in the
+                // order that makes each thread's four values contiguous: its fragment positions
+                // 2tig, 2tig+1, 2tig+8, 2tig+9 hold k = 4tig .. 4tig+3 (two bytes of codes, and
+                // one 8-byte load of activations per row).
                 u32 b[4][2];
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const uint2 wb = *(const uint2*)(s.w + (warp * 32 + j * 8 + g) * W_STRIDE + kb * 8);
-                    // Bytes tig (k = 2tig, 2tig+1) and tig + 4 (k = 2tig+8, 2tig+9) of the block.
+                    const u32 codes = *(const u16*)(s.w + (warp * 32 + j * 8 + g) * W_STRIDE + kb * 8 + 2 * tig);
                     u32 lo, hi;
-                    fp4x4_to_f16x2x2(__byte_perm(wb.x, wb.y, tig | ((tig + 4) << 4)), lo, hi);
+                    fp4x4_to_f16x2x2(codes, lo, hi);
                     const u32 pair = sc[j][kb >> 1];
                     const u32 s2 = __byte_perm(pair, 0, (kb & 1) ? 0x3232 : 0x1010);  // {s, s}
                     b[j][0] = mul_f16x2(lo, s2);
@@ -280,9 +288,9 @@ __device__ __forceinline__ void fp4_gemm_tile(
                 }
 #pragma unroll
                 for (int i = 0; i < MT; ++i) {
-                    const u16* ar = s.a + (i * 16 + g) * A_STRIDE + kb * 16 + 2 * tig;
-                    const u32 a[4] = {*(const u32*)ar, *(const u32*)(ar + 8 * A_STRIDE), *(const u32*)(ar + 8),
-                                      *(const u32*)(ar + 8 * A_STRIDE + 8)};
+                    const u16* ar = s.a + (i * 16 + g) * A_STRIDE + kb * 16 + 4 * tig;
+                    const uint2 r0 = *(const uint2*)ar, r8 = *(const uint2*)(ar + 8 * A_STRIDE);
+                    const u32 a[4] = {r0.x, r8.x, r0.y, r8.y};
 #pragma unroll
                     for (int j = 0; j < 4; ++j) mma_f16_16816(acc[i][j], a, b[j][0], b[j][1]);
                 }
