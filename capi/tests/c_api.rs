@@ -36,6 +36,7 @@ fn a_c_program_runs_a_layer_like_rust_does() {
         top_k: 2,
         shared: 0,
         fp8: false,
+        nvfp4: false,
         shards: 1,
     };
     let ckpt = dir.join("ckpt");

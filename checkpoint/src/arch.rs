@@ -115,6 +115,27 @@ pub fn scale_of(weight: &str) -> String {
     format!("{weight}_scale_inv")
 }
 
+/// The tensors NVIDIA ModelOpt stores beside an NVFP4 `...weight` (packed E2M1, U8).
+pub struct Nvfp4Names {
+    /// E4M3 scales of 16-value blocks, `[rows, cols / 16]`.
+    pub scale: String,
+    /// f32 scalar: 1 / the weight's global scale.
+    pub scale_2: String,
+    /// f32 scalar: 1 / the global scale of the activations it multiplies.
+    pub input_scale: String,
+}
+
+impl Nvfp4Names {
+    pub fn of(weight: &str) -> Self {
+        let prefix = weight.strip_suffix("weight").unwrap_or(weight);
+        Self {
+            scale: format!("{weight}_scale"),
+            scale_2: format!("{weight}_scale_2"),
+            input_scale: format!("{prefix}input_scale"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -96,6 +96,14 @@ pub fn load_experts_to_device(
     let (h, i) = (slice.hidden, slice.inter);
     let n = slice.experts.len();
     let first = ck.get(&family.expert(slice.layer, slice.experts.start, Proj::Gate))?;
+    if crate::nvfp4::is_nvfp4(ck, &first) {
+        // Half the bytes of FP8 and stacked on the host in one pass: loaded there, then moved.
+        let host = crate::nvfp4::load_nvfp4_experts(ck, family, slice, progress)?;
+        return moe_runner_core::quant_to_device(
+            host.as_ref(),
+            &moe_runner_core::Device::Cuda(dev.clone()),
+        );
+    }
     let fp8 = first.dtype == Dtype::F8_E4M3;
     let (dtype, elem, accepted) = if fp8 {
         slice.check_fp8_blocks(il)?;

@@ -65,7 +65,8 @@ pub(crate) fn act_dtype(d: Dtype) -> Option<DType> {
 }
 
 /// Loads the experts of `slice`: dense (bf16, f16, f32) as [`DenseWeights`], FP8 E4M3 with
-/// `weight_scale_inv` 128x128 blocks as [`Fp8BlockWeights`]. `progress` is called once per
+/// `weight_scale_inv` 128x128 blocks as [`Fp8BlockWeights`], ModelOpt NVFP4 as
+/// [`Nvfp4Weights`](moe_runner_core::Nvfp4Weights) (linear scales). `progress` is called once per
 /// expert with the bytes read.
 pub fn load_experts(
     ck: &Checkpoint,
@@ -77,6 +78,9 @@ pub fn load_experts(
     let (h, i) = (slice.hidden, slice.inter);
     let n = slice.experts.len();
     let first = ck.get(&family.expert(slice.layer, slice.experts.start, Proj::Gate))?;
+    if crate::nvfp4::is_nvfp4(ck, &first) {
+        return crate::nvfp4::load_nvfp4_experts(ck, family, slice, progress);
+    }
     let fp8 = first.dtype == Dtype::F8_E4M3;
     let (dtype, elem) = if fp8 {
         slice.check_fp8_blocks(il)?;

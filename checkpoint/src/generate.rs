@@ -1,7 +1,7 @@
 //! Writes small checkpoints in the exact layouts of the supported families (config.json, the
-//! Hugging Face tensor names, bf16 or FP8 E4M3 with 128x128 `weight_scale_inv` blocks, one file
-//! or shards with an index), and returns the values it stored, so tests can check a load
-//! against them.
+//! Hugging Face tensor names, bf16, FP8 E4M3 with 128x128 `weight_scale_inv` blocks, or
+//! ModelOpt NVFP4, one file or shards with an index), and returns the values it stored, so tests
+//! can check a load against them.
 
 use moe_quant::quantize_fp8_blocks;
 use moe_runner_core::{MoeError, Result};
@@ -32,6 +32,10 @@ pub struct GenSpec {
     pub shared: usize,
     /// FP8 E4M3 weights with 128x128 block scales instead of bf16.
     pub fp8: bool,
+    /// NVFP4 routed experts in NVIDIA ModelOpt's layout instead (packed E2M1 `weight` U8,
+    /// E4M3 `weight_scale` per 16 values, f32 `weight_scale_2` = 1 / global scale, f32
+    /// `input_scale`); gate and up share one global scale. Shared experts stay bf16.
+    pub nvfp4: bool,
     /// Files the tensors are spread over (1: `model.safetensors`, else shards and an index).
     pub shards: usize,
 }
@@ -94,6 +98,56 @@ fn bf16(values: &[f32], shape: &[usize]) -> (Owned, Vec<f32>) {
 
 /// The tensors of one weight to write, and the values they store.
 type Written = (Vec<(String, Owned)>, Vec<f32>);
+
+/// Input global scale written beside NVFP4 weights (`input_scale` = its inverse): the
+/// activations' amax taken as 16.
+pub const NVFP4_INPUT_AMAX: f32 = 16.0;
+
+fn scalar(v: f32) -> Owned {
+    Owned {
+        dtype: Dtype::F32,
+        shape: vec![],
+        data: v.to_le_bytes().to_vec(),
+    }
+}
+
+/// A weight `[rows, cols]` in ModelOpt's NVFP4 layout with global scale `gs`: the tensors to
+/// write and the values stored, `(e2m1 * block scale) / gs`.
+fn nvfp4_weight(
+    name: String,
+    values: &[f32],
+    rows: usize,
+    cols: usize,
+    gs: f32,
+) -> Result<Written> {
+    let q = moe_quant::quantize_nvfp4(values, rows, cols, gs)?;
+    let stored = q.dequantize();
+    let input_gs = moe_quant::nvfp4_global_scale(NVFP4_INPUT_AMAX)?;
+    let names = crate::arch::Nvfp4Names::of(&name);
+    Ok((
+        vec![
+            (
+                names.scale,
+                Owned {
+                    dtype: Dtype::F8_E4M3,
+                    shape: vec![rows, cols / 16],
+                    data: q.scales,
+                },
+            ),
+            (names.scale_2, scalar(1.0 / gs)),
+            (names.input_scale, scalar(1.0 / input_gs)),
+            (
+                name,
+                Owned {
+                    dtype: Dtype::U8,
+                    shape: vec![rows, cols / 2],
+                    data: q.packed,
+                },
+            ),
+        ],
+        stored,
+    ))
+}
 
 /// A weight `[rows, cols]` stored as bf16, or FP8 with its `weight_scale_inv`: the tensors to
 /// write and the values stored.
@@ -169,6 +223,12 @@ fn config(spec: &GenSpec) -> serde_json::Value {
             json!({"quant_method": "fp8", "weight_block_size": [128, 128]}),
         );
     }
+    if spec.nvfp4 {
+        set(
+            "quantization_config",
+            json!({"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}),
+        );
+    }
     c
 }
 
@@ -209,18 +269,25 @@ fn write_impl(dir: &Path, spec: &GenSpec, seed: u64, keep: bool) -> Result<Gener
                 );
                 let mut tensors = Vec::new();
                 let mut values = Vec::new();
-                for (p, rows, cols, a) in [
-                    (Proj::Gate, i, h, a13),
-                    (Proj::Up, i, h, a13),
-                    (Proj::Down, h, i, a2),
-                ] {
-                    let (t, v) = weight(
-                        family.expert(layer, x, p),
-                        &uniform(&mut rng, rows * cols, a),
-                        rows,
-                        cols,
-                        spec.fp8,
-                    )?;
+                let projections = [
+                    (Proj::Gate, i, h, uniform(&mut rng, i * h, a13)),
+                    (Proj::Up, i, h, uniform(&mut rng, i * h, a13)),
+                    (Proj::Down, h, i, uniform(&mut rng, h * i, a2)),
+                ];
+                // NVFP4: one global scale for gate and up (the stacked w13), one for down.
+                let amax = |v: &[f32]| v.iter().fold(0f32, |m, x| m.max(x.abs()));
+                let gs13 = amax(&projections[0].3).max(amax(&projections[1].3));
+                let gs = [gs13, gs13, amax(&projections[2].3)];
+                for ((p, rows, cols, v), amax) in projections.into_iter().zip(gs) {
+                    let name = family.expert(layer, x, p);
+                    let (t, v) = if spec.nvfp4 {
+                        // The scale a loader recovers is 1 / (the stored 1 / gs): quantize
+                        // with exactly that value, so the written values are what loads.
+                        let inverse = 1.0 / moe_quant::nvfp4_global_scale(amax)?;
+                        nvfp4_weight(name, &v, rows, cols, 1.0 / inverse)?
+                    } else {
+                        weight(name, &v, rows, cols, spec.fp8)?
+                    };
                     tensors.extend(t);
                     values.push(keep_values(v));
                 }

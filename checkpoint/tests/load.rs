@@ -5,7 +5,7 @@
 
 use moe_checkpoint::generate::{self, GenSpec};
 use moe_checkpoint::{load_experts, load_router, load_shared, Checkpoint, ExpertSlice, Family};
-use moe_runner_core::{as_expert_weights, MoeError, Proj, QuantScheme};
+use moe_runner_core::{as_expert_weights, MoeError, Nvfp4Weights, Proj, QuantScheme};
 use std::path::PathBuf;
 
 fn dir(name: &str) -> PathBuf {
@@ -24,6 +24,7 @@ fn spec(arch: &'static str, fp8: bool, shards: usize) -> GenSpec {
         top_k: 2,
         shared: 1,
         fp8,
+        nvfp4: false,
         shards,
     }
 }
@@ -126,6 +127,105 @@ fn every_family_loads_what_was_written() {
     }
 }
 
+/// ModelOpt NVFP4 checkpoints: this rank's experts and tensor-parallel slice, the packed codes,
+/// scales and global scales give back exactly the values written; broken scales are errors
+/// naming the tensor.
+#[test]
+fn nvfp4_checkpoints_load_what_was_written() {
+    for arch in ["DeepseekV3ForCausalLM", "Qwen3MoeForCausalLM"] {
+        let d = dir(&format!("nvfp4-{arch}"));
+        let s = GenSpec {
+            nvfp4: true,
+            ..spec(arch, false, 2)
+        };
+        let written = generate::write(&d, &s, 9).unwrap();
+        let ck = Checkpoint::open(&d).unwrap();
+        let family = Family::of(arch).unwrap();
+        for (experts, tp) in [(4..8, (0, 1)), (0..8, (1, 2))] {
+            let slice = ExpertSlice {
+                layer: 1,
+                experts: experts.clone(),
+                hidden: s.hidden,
+                inter: s.inter,
+                tp,
+            };
+            let w = load_experts(&ck, family, &slice, &|_| {}).unwrap();
+            assert_eq!(w.scheme(), QuantScheme::Nvfp4, "{arch}");
+            let q = moe_runner_core::downcast_quant::<Nvfp4Weights>(w.as_ref()).unwrap();
+            let input = moe_quant::nvfp4_global_scale(generate::NVFP4_INPUT_AMAX).unwrap();
+            assert!(q.a13_global.iter().all(|&g| (g / input - 1.0).abs() < 1e-6));
+            for (local, x) in experts.enumerate() {
+                check_expert(
+                    w.as_ref(),
+                    local,
+                    &written.experts[1][x],
+                    (s.hidden, s.inter),
+                    tp,
+                );
+            }
+        }
+        drop(ck);
+        // A zero global scale, then a scale of the wrong dtype: errors naming the tensor.
+        let base = Family::of(arch)
+            .unwrap()
+            .expert(1, 3, moe_checkpoint::Proj::Down);
+        let names = moe_checkpoint::arch::Nvfp4Names::of(&base);
+        for (name, bad) in [(&names.scale_2, "zero"), (&names.scale, "dtype")] {
+            let d2 = dir(&format!("nvfp4-bad-{arch}-{bad}"));
+            generate::write(&d2, &s, 9).unwrap();
+            rewrite_tensor(&d2, name, bad);
+            let ck = Checkpoint::open(&d2).unwrap();
+            let slice = ExpertSlice {
+                layer: 1,
+                experts: 0..8,
+                hidden: s.hidden,
+                inter: s.inter,
+                tp: (0, 1),
+            };
+            let Err(err) = load_experts(&ck, family, &slice, &|_| {}) else {
+                panic!("{arch}: a broken {bad} scale loaded");
+            };
+            let err = err.to_string();
+            assert!(err.contains(name.as_str()), "{arch} {bad}: {err}");
+            let _ = std::fs::remove_dir_all(&d2);
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+/// Rewrites tensor `name` in the checkpoint at `d`: `zero` stores 0 in it, `dtype` stores its
+/// bytes as another dtype (U8).
+fn rewrite_tensor(d: &std::path::Path, name: &str, how: &str) {
+    use safetensors::tensor::{Dtype, TensorView};
+    for entry in std::fs::read_dir(d).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "safetensors") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        if !st.names().iter().any(|n| *n == name) {
+            continue;
+        }
+        let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
+            .tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec()))
+            .collect();
+        for t in owned.iter_mut().filter(|t| t.0 == name) {
+            match how {
+                "zero" => t.3.iter_mut().for_each(|b| *b = 0),
+                _ => t.1 = Dtype::U8,
+            }
+        }
+        let views: Vec<(String, TensorView<'_>)> = owned
+            .iter()
+            .map(|(n, dt, sh, data)| (n.clone(), TensorView::new(*dt, sh.clone(), data).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+    }
+}
+
 #[test]
 fn bad_checkpoints_name_what_is_wrong() {
     let d = dir("bad");
@@ -209,7 +309,8 @@ fn wrong_dtypes_are_named() {
 }
 
 /// The direct path (mapped file to pinned staging to GPU) places the same values as the host
-/// loader: an expert-parallel slice and a tensor-parallel slice, bf16 and FP8 with scales.
+/// loader: an expert-parallel slice and a tensor-parallel slice, bf16, FP8 with scales, and
+/// NVFP4 (loaded on the host, then moved).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn experts_load_straight_into_gpu_memory() {
@@ -217,12 +318,16 @@ fn experts_load_straight_into_gpu_memory() {
     let Device::Cuda(dev) = Device::cuda(0).expect("this test needs a CUDA device") else {
         unreachable!("Device::cuda gives a CUDA device")
     };
-    for (arch, fp8) in [
-        ("DeepseekV3ForCausalLM", true),
-        ("Qwen3MoeForCausalLM", false),
+    for (arch, fp8, nvfp4) in [
+        ("DeepseekV3ForCausalLM", true, false),
+        ("Qwen3MoeForCausalLM", false, false),
+        ("Qwen3MoeForCausalLM", false, true),
     ] {
-        let d = dir(&format!("device-{arch}"));
-        let s = spec(arch, fp8, 2);
+        let d = dir(&format!("device-{arch}-{nvfp4}"));
+        let s = GenSpec {
+            nvfp4,
+            ..spec(arch, fp8, 2)
+        };
         let written = generate::write(&d, &s, 11).unwrap();
         let ck = Checkpoint::open(&d).unwrap();
         let family = Family::of(arch).unwrap();

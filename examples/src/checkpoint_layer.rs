@@ -44,6 +44,7 @@ impl CheckpointLayer {
         let first = ck.get(&family.expert(layer, 0, Proj::Gate))?;
         let scheme = match first.dtype {
             safetensors::Dtype::F8_E4M3 => QuantScheme::Fp8Block128,
+            safetensors::Dtype::U8 => QuantScheme::Nvfp4,
             safetensors::Dtype::BF16 => QuantScheme::Bf16,
             safetensors::Dtype::F16 => QuantScheme::F16,
             safetensors::Dtype::F32 => QuantScheme::F32,
@@ -180,6 +181,7 @@ pub fn gen_checkpoint(
         top_k: args.top_k,
         shared: args.shared,
         fp8: args.fp8,
+        nvfp4: args.nvfp4,
         shards: args.shards,
     };
     moe_checkpoint::generate::write_only(&args.out, &spec, args.seed)?;

@@ -52,8 +52,12 @@ pub struct GenCheckpointArgs {
     #[arg(long, default_value_t = 0)]
     pub shared: usize,
     /// FP8 E4M3 weights with 128x128 block scales.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "nvfp4")]
     pub fp8: bool,
+    /// NVFP4 routed experts in NVIDIA ModelOpt's layout (E2M1 codes, E4M3 scales per 16,
+    /// global scales).
+    #[arg(long)]
+    pub nvfp4: bool,
     #[arg(long, default_value_t = 1)]
     pub shards: usize,
     #[arg(long, default_value_t = 0)]

@@ -18,10 +18,11 @@ fn run_json(args: &[&str]) -> serde_json::Value {
 
 #[test]
 fn checkpoint_layers_run_and_match_the_reference() {
-    for (arch, fp8, shared) in [
-        ("DeepseekV3ForCausalLM", true, 1),
-        ("Qwen2MoeForCausalLM", false, 1),
-        ("MixtralForCausalLM", false, 0),
+    for (arch, want_scheme, shared) in [
+        ("DeepseekV3ForCausalLM", "fp8-block-128x128", 1),
+        ("Qwen2MoeForCausalLM", "bf16", 1),
+        ("MixtralForCausalLM", "bf16", 0),
+        ("Qwen3MoeForCausalLM", "nvfp4", 0),
     ] {
         let dir = std::env::temp_dir().join(format!("moe-run-ckpt-{}-{arch}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -33,7 +34,8 @@ fn checkpoint_layers_run_and_match_the_reference() {
             inter: 256,
             top_k: 2,
             shared,
-            fp8,
+            fp8: want_scheme.starts_with("fp8"),
+            nvfp4: want_scheme == "nvfp4",
             shards: 2,
         };
         generate::write(&dir, &spec, 11).unwrap();
@@ -57,11 +59,7 @@ fn checkpoint_layers_run_and_match_the_reference() {
             "1",
         ]);
         let scheme = report["shape"]["scheme"].as_str().unwrap();
-        assert_eq!(
-            scheme,
-            if fp8 { "fp8-block-128x128" } else { "bf16" },
-            "{arch}"
-        );
+        assert_eq!(scheme, want_scheme, "{arch}");
         assert_eq!(
             report["shape"]["shared_experts"].as_u64().unwrap(),
             shared as u64
@@ -95,9 +93,10 @@ fn checkpoint_layers_run_and_match_the_reference() {
 
 #[test]
 fn checkpoint_stacks_agree_through_every_path() {
-    for (arch, fp8) in [
-        ("Qwen2MoeForCausalLM", false),
-        ("DeepseekV3ForCausalLM", true),
+    for (arch, fp8, nvfp4) in [
+        ("Qwen2MoeForCausalLM", false, false),
+        ("DeepseekV3ForCausalLM", true, false),
+        ("Qwen3MoeForCausalLM", false, true),
     ] {
         let dir = std::env::temp_dir().join(format!("moe-stack-{}-{arch}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -110,6 +109,7 @@ fn checkpoint_stacks_agree_through_every_path() {
             top_k: 2,
             shared: 1,
             fp8,
+            nvfp4,
             shards: 1,
         };
         generate::write(&dir, &spec, 13).unwrap();

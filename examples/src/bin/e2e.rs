@@ -40,6 +40,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         top_k: 4,
         shared: 1,
         fp8,
+        nvfp4: false,
         shards: 2,
     };
     generate::write(&dir, &spec, 1)?;
