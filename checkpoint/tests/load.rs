@@ -204,7 +204,7 @@ fn rewrite_tensor(d: &std::path::Path, name: &str, how: &str) {
         }
         let bytes = std::fs::read(&path).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        if !st.names().iter().any(|n| *n == name) {
+        if !st.names().contains(&name) {
             continue;
         }
         let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = st
