@@ -29,10 +29,15 @@ pub struct DispatcherConfig {
     /// those dispatchers reject.
     #[serde(default)]
     pub top_k: usize,
-    /// What dispatchers that move tokens send: the activations as they are, or E4M3 with
-    /// per-token, per-128-channel scales.
+    /// What dispatchers that move tokens send: the activations as they are, E4M3 with
+    /// per-token, per-128-channel scales, or NVFP4.
     #[serde(default)]
     pub wire: Wire,
+    /// The global scale NVFP4 on the wire is quantized with (`448 * 6 / amax` of the
+    /// activations); the runner's weights must carry the same input global scale. Only read
+    /// with [`Wire::Nvfp4`], which requires it finite and positive.
+    #[serde(default)]
+    pub nvfp4_global_scale: f32,
 }
 
 /// The number format of dispatched activations.
@@ -46,6 +51,9 @@ pub enum Wire {
     Fp8,
     /// As `Fp8` with each scale rounded up to a power of two (UE8M0-representable).
     Fp8Ue8m0,
+    /// NVFP4: E2M1 codes, an E4M3 scale per 16 channels (row-major), over
+    /// [`DispatcherConfig::nvfp4_global_scale`]: half the bytes of FP8.
+    Nvfp4,
 }
 
 impl DispatcherConfig {
@@ -61,6 +69,7 @@ impl DispatcherConfig {
             routed_scaling_factor: None,
             top_k: 0,
             wire: Wire::Native,
+            nvfp4_global_scale: 0.0,
         }
     }
 
@@ -86,6 +95,12 @@ impl DispatcherConfig {
         }
         if self.hidden_size == 0 {
             return err("hidden_size must be at least 1".into());
+        }
+        let gs = self.nvfp4_global_scale;
+        if self.wire == Wire::Nvfp4 && !(gs.is_finite() && gs > 0.0) {
+            return err(format!(
+                "the NVFP4 wire needs a finite positive nvfp4_global_scale (448 * 6 / amax of the activations), got {gs}"
+            ));
         }
         Ok(())
     }

@@ -72,6 +72,7 @@ impl Dispatcher for LocalMaskedDispatcher {
         Ok(Box::new(DeepEpLlDispatchOutput {
             hidden: Tensor::from_f32(&packed, &[e_local, t, h], hidden.dtype())?,
             hidden_scale: None,
+            hidden_global_scale: None,
             topk,
             masked_m: Tensor::from_slice(&counts, &[e_local], DType::I32)?,
             expected_m: (m * k).div_ceil(e_local.max(1)),

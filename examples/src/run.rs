@@ -253,6 +253,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             routed_scaling_factor: plan.config.routed_scaling_factor,
             top_k: plan.config.top_k,
             wire: Default::default(),
+            nvfp4_global_scale: 0.0,
         },
         runner.device(),
     )?;

@@ -109,10 +109,15 @@ impl DispatchOutput for StandardDispatchOutput {
 /// DeepEP low-latency (masked) format, as received by one rank.
 #[derive(Debug)]
 pub struct DeepEpLlDispatchOutput {
-    /// `[E_local, R*T, H]`: bf16/f32, or FP8 E4M3 with `hidden_scale`.
+    /// `[E_local, R*T, H]`: bf16/f32, or FP8 E4M3 with `hidden_scale`; or NVFP4,
+    /// `[E_local, R*T, H/2]` E2M1 pairs with `hidden_scale` and `hidden_global_scale`.
     pub hidden: Tensor,
-    /// `[E_local, R*T, H/128]` f32 when `hidden` is FP8.
+    /// `[E_local, R*T, H/128]` f32 when `hidden` is FP8; `[E_local, R*T, H/16]` E4M3 (row-major)
+    /// when it is NVFP4.
     pub hidden_scale: Option<Tensor>,
+    /// The global scale NVFP4 `hidden` was quantized with: a value is
+    /// `e2m1 * e4m3 scale / global scale`.
+    pub hidden_global_scale: Option<f32>,
     /// This rank's own tokens' routing (global expert ids), used by the combine.
     pub topk: TopK,
     /// `[E_local] i32`: rows received per local expert; rows past it are never read or written.
@@ -130,9 +135,18 @@ pub struct DeepEpLlDispatchOutput {
 }
 
 impl DeepEpLlDispatchOutput {
-    /// (E_local, R*T, H).
+    /// (E_local, R*T, H), with H counted in values (two per byte for NVFP4).
     pub fn dims(&self) -> Result<[usize; 3]> {
-        self.hidden.dims::<3>("masked hidden")
+        let [e, r, h] = self.hidden.dims::<3>("masked hidden")?;
+        Ok([
+            e,
+            r,
+            if self.hidden.dtype() == DType::E2M1x2 {
+                2 * h
+            } else {
+                h
+            },
+        ])
     }
 }
 
@@ -144,6 +158,6 @@ impl DispatchOutput for DeepEpLlDispatchOutput {
         self.topk.num_tokens()
     }
     fn hidden_size(&self) -> usize {
-        self.hidden.shape().get(2).copied().unwrap_or(0)
+        self.dims().map(|d| d[2]).unwrap_or(0)
     }
 }

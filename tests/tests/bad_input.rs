@@ -189,6 +189,7 @@ fn masked_m_beyond_the_buffer_is_rejected() {
     let out = DeepEpLlDispatchOutput {
         hidden: Tensor::zeros(&[8, 4, 256], DType::Bf16),
         hidden_scale: None,
+        hidden_global_scale: None,
         topk: synthetic::topk(2, 2, 8, 3, false, false).unwrap(),
         masked_m: Tensor::from_slice(&counts, &[8], DType::I32).unwrap(),
         expected_m: 1,

@@ -23,6 +23,8 @@ fn world(ranks: usize, wire: Wire) -> DispatcherConfig {
         num_local_experts: E / ranks,
         routed_scaling_factor: Some(2.5),
         wire,
+        // The synthetic NVFP4 weights' input global scale (an activation amax of 6).
+        nvfp4_global_scale: moe_quant::nvfp4_global_scale(6.0).unwrap(),
         ..DispatcherConfig::single(E, H, T).with_top_k(K)
     }
 }
@@ -34,6 +36,7 @@ fn simulated_ranks_agree_with_the_expert_parallel_reference() {
         (1, Wire::Native, QuantScheme::Bf16),
         (2, Wire::Native, QuantScheme::Bf16),
         (4, Wire::Fp8, QuantScheme::Fp8Block128),
+        (2, Wire::Nvfp4, QuantScheme::Nvfp4),
     ] {
         let dcfg = world(ranks, wire);
         let mut cfg = MoeRunnerConfig::new(E, H, I, K);

@@ -45,6 +45,8 @@ fn world_cfg(ranks: usize, wire: Wire) -> DispatcherConfig {
         num_local_experts: E / ranks,
         routed_scaling_factor: Some(1.5),
         wire,
+        // The activations are O(1): an NVFP4 global scale for an amax of 4.
+        nvfp4_global_scale: 2688.0 / 4.0,
         ..DispatcherConfig::single(E, H, T).with_top_k(K)
     }
 }
@@ -97,7 +99,7 @@ fn dispatch_all(
 /// The received rows of `g` (GPU) and `w` (simulation) agree byte for byte: masked_m,
 /// layout_range, and every valid row's hidden bytes, scales and src_info.
 fn assert_layout(g: &DeepEpLlDispatchOutput, w: &DeepEpLlDispatchOutput, at: &str) {
-    let [el, rt, h] = w.dims().unwrap();
+    let [el, rt, _] = w.dims().unwrap();
     let counts = host::<i32>(&g.masked_m);
     assert_eq!(counts, host::<i32>(&w.masked_m), "{at}: masked_m");
     assert_eq!(
@@ -109,12 +111,16 @@ fn assert_layout(g: &DeepEpLlDispatchOutput, w: &DeepEpLlDispatchOutput, at: &st
     let (gx, wx) = (gx.host_bytes().unwrap(), wx.host_bytes().unwrap());
     let row = gx.len() / (el * rt);
     let (gi, wi) = (host::<i32>(&g.src_info), host::<i32>(&w.src_info));
-    let scales = g.hidden_scale.as_ref().map(|s| {
-        (
-            host::<f32>(s),
-            host::<f32>(w.hidden_scale.as_ref().unwrap()),
-        )
-    });
+    assert_eq!(
+        g.hidden_global_scale, w.hidden_global_scale,
+        "{at}: global scale"
+    );
+    // Scales as bytes: f32 per 128 values (FP8) or E4M3 per 16 (NVFP4).
+    let bytes = |t: &Tensor| t.to_host().unwrap().host_bytes().unwrap().to_vec();
+    let scales = g
+        .hidden_scale
+        .as_ref()
+        .map(|s| (bytes(s), bytes(w.hidden_scale.as_ref().unwrap())));
     for e in 0..el {
         for i in 0..counts[e] as usize {
             let at = format!("{at}: expert {e} row {i}");
@@ -122,14 +128,9 @@ fn assert_layout(g: &DeepEpLlDispatchOutput, w: &DeepEpLlDispatchOutput, at: &st
             assert_eq!(&gx[o..o + row], &wx[o..o + row], "{at}: hidden bytes");
             assert_eq!(gi[e * rt + i], wi[e * rt + i], "{at}: src_info");
             if let Some((gs, ws)) = &scales {
-                let g128 = h / 128;
-                let o = (e * rt + i) * g128;
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&gs[o..o + g128]),
-                    bits(&ws[o..o + g128]),
-                    "{at}: scales"
-                );
+                let per = gs.len() / (el * rt);
+                let o = (e * rt + i) * per;
+                assert_eq!(&gs[o..o + per], &ws[o..o + per], "{at}: scales");
             }
         }
     }
@@ -150,7 +151,7 @@ fn expert_outputs(ranks: usize, r: usize) -> Vec<f32> {
 #[ignore = "needs a CUDA device"]
 fn dispatch_layout_and_combine_match_the_simulation_bit_for_bit() {
     for ranks in rank_counts() {
-        for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0] {
+        for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0, Wire::Nvfp4] {
             let cfg = world_cfg(ranks, wire);
             let ds = LlWorld::in_process(&devices(ranks), &cfg).unwrap();
             match_the_simulation(&ds, &cfg, &format!("R={ranks} {wire:?}"));
@@ -163,7 +164,7 @@ fn dispatch_layout_and_combine_match_the_simulation_bit_for_bit() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn nccl_world_of_one_matches_the_simulation() {
-    for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0] {
+    for wire in [Wire::Native, Wire::Fp8, Wire::Fp8Ue8m0, Wire::Nvfp4] {
         let cfg = world_cfg(1, wire);
         let id = NcclId::new().unwrap();
         let d = LlWorld::nccl(&devices(1)[0], &cfg, &id, Duration::from_secs(60)).unwrap();

@@ -78,6 +78,7 @@ fn masked_batch(cfg: &MoeRunnerConfig, m: usize, seed: u64) -> DeepEpLlDispatchO
     DeepEpLlDispatchOutput {
         hidden: d.hidden.clone(),
         hidden_scale: None,
+        hidden_global_scale: None,
         topk: TopK::new(d.topk.ids.clone(), d.topk.weights.clone()).unwrap(),
         masked_m: d.masked_m.clone(),
         expected_m: d.expected_m,
@@ -91,6 +92,7 @@ fn to_gpu(d: &DeepEpLlDispatchOutput, out: Option<Tensor>, g: &Device) -> DeepEp
     DeepEpLlDispatchOutput {
         hidden: d.hidden.to_device(g).unwrap(),
         hidden_scale: None,
+        hidden_global_scale: None,
         topk: d.topk.to_device(g).unwrap(),
         masked_m: d.masked_m.to_device(g).unwrap(),
         expected_m: d.expected_m,
@@ -317,4 +319,58 @@ fn bad_input_is_a_typed_error() {
     assert!(runner.run(&scaled, qg.as_ref()).is_err());
     // Weights on the host.
     assert!(runner.run(&to_gpu(&batch, None, &g), &q).is_err());
+}
+
+/// NVFP4 on the wire: the low-latency dispatch quantizes each token to NVFP4 (half the bytes
+/// of FP8) with the weights' input global scale, the runner expands the received codes instead
+/// of quantizing, and the combined layer agrees with the reference on the same tokens.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn nvfp4_on_the_low_latency_wire_matches_the_reference() {
+    use moe_backend_deepep_ll::LlWorld;
+    use moe_dispatch::{DispatcherConfig, Wire};
+    let cfg = MoeRunnerConfig::new(8, 512, 256, 4);
+    let (q, _) = weights(&cfg, 71);
+    let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
+    let g = runner.device().clone();
+    let dev = g.as_cuda().unwrap().clone();
+    let m = 60;
+    let dcfg = DispatcherConfig {
+        wire: Wire::Nvfp4,
+        nvfp4_global_scale: q.a13_global[0],
+        ..DispatcherConfig::single(8, 512, m).with_top_k(4)
+    };
+    let d = LlWorld::in_process(std::slice::from_ref(&dev), &dcfg)
+        .unwrap()
+        .remove(0);
+    let hidden = synthetic::hidden(m, 512, DType::Bf16, 3).unwrap();
+    let topk = synthetic::topk(m, 4, 8, 4, true, true).unwrap();
+    let qg = quant_to_device(&q, &g).unwrap();
+    let got = d
+        .dispatch_now(&hidden.to_device(&g).unwrap(), topk.to_device(&g).unwrap())
+        .unwrap();
+    assert_eq!(got.hidden.dtype(), DType::E2M1x2);
+    assert_eq!(got.hidden.shape(), &[8, m, 256]);
+    let y = masked_output(&runner, &got, qg.as_ref());
+    let out = Tensor::zeros_cuda(&dev, &[m, 512], DType::Bf16).unwrap();
+    d.combine_into(&y, &got, &out).unwrap();
+    d.check().unwrap();
+    let got = out.to_host().unwrap().to_f32_vec().unwrap();
+    let copy = TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap();
+    let want = suite::run_path(
+        &reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4),
+        &hidden,
+        copy,
+        &q,
+    )
+    .unwrap();
+    let c = suite::compare(&got, &want).unwrap();
+    eprintln!("NVFP4 wire: vs NVFP4 reference {c:?}");
+    assert!(c.within(1e-2), "{c:?}");
+    // Quantized with another global scale than the weights': refused.
+    let mut other = d
+        .dispatch_now(&hidden.to_device(&g).unwrap(), topk.to_device(&g).unwrap())
+        .unwrap();
+    other.hidden_global_scale = Some(q.a13_global[0] * 2.0);
+    assert!(runner.run(&other, qg.as_ref()).is_err());
 }

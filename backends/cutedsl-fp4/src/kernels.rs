@@ -1,7 +1,7 @@
 //! The NVFP4 kernels (`kernels/nvfp4.cu`), compiled per activation (the triton backend's
 //! `activation`, so both backends apply it identically).
 
-use moe_backend_triton::kernels::{ACTIVATION, COMMON};
+use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
 use moe_runner_core::cuda::compile_module;
 use moe_runner_core::cuda::cudarc::driver::CudaFunction;
 use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Result};
@@ -13,6 +13,7 @@ pub const BLOCK_N: usize = 128;
 
 pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
+    pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
     /// Row tiles of 16 (decode batches) and of 64.
     pub gemm_m16: CudaFunction,
@@ -32,7 +33,7 @@ impl Fp4Kernels {
         let module = compile_module(
             dev,
             "cutedsl_fp4",
-            &format!("{COMMON}\n{ACTIVATION}\n{NVFP4}"),
+            &format!("{COMMON}\n{FP4}\n{ACTIVATION}\n{NVFP4}"),
             &[
                 ("ACT", act.to_string()),
                 ("GATE_UP", gate_up.to_string()),
@@ -47,6 +48,7 @@ impl Fp4Kernels {
         };
         Ok(Self {
             quant_rows: load("fp4_quant_rows")?,
+            expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
             gemm_m16: load("fp4_gemm_m16")?,
             gemm_m64: load("fp4_gemm_m64")?,

@@ -84,6 +84,9 @@ struct Rows {
     src: u64,
     /// `[source rows] f32` router weights to multiply the input by, or 0.
     in_weight: u64,
+    /// NVFP4 rows from the dispatcher (codes, E4M3 scales), already quantized with the weights'
+    /// input global scale: expanded instead of quantized. `None`: bf16 rows at `x`.
+    nvfp4_in: Option<(u64, u64)>,
 }
 
 fn poisoned() -> MoeError {
@@ -266,24 +269,34 @@ impl Fp4Runner {
         let row_grid = |width: usize| (r.cap * width / 16).div_ceil(128 * 8).clamp(1, 64);
         let (a1, a2, c1) = (ws.a1.cuda_ptr()?, ws.a2.cuda_ptr()?, ws.c1.cuda_ptr()?);
         let (h_i, i_i, n1_i) = (h as i32, i as i32, n1 as i32);
-        launch_2d(
-            dev,
-            &k.quant_rows,
-            (row_grid(h), e),
-            128,
-            0,
-            &[
-                &x,
-                &r.src,
-                &r.in_weight,
-                &r.counts,
-                &r.row0,
-                &cap,
-                &h_i,
-                &g.gs1.cuda_ptr()?,
-                &a1,
-            ],
-        )?;
+        match r.nvfp4_in {
+            Some((codes, scales)) => launch_2d(
+                dev,
+                &k.expand_rows,
+                (row_grid(h), e),
+                128,
+                0,
+                &[&codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1],
+            )?,
+            None => launch_2d(
+                dev,
+                &k.quant_rows,
+                (row_grid(h), e),
+                128,
+                0,
+                &[
+                    &x,
+                    &r.src,
+                    &r.in_weight,
+                    &r.counts,
+                    &r.row0,
+                    &cap,
+                    &h_i,
+                    &g.gs1.cuda_ptr()?,
+                    &a1,
+                ],
+            )?,
+        }
         let gemm = |a: u64,
                     wt: &Tensor,
                     w_sf: &Tensor,
@@ -353,20 +366,26 @@ impl Fp4Runner {
             ));
         }
         let [el, rt, h] = d.dims()?;
-        d.hidden.expect_shape(
-            "masked hidden",
-            &[cfg.num_local_experts, rt, cfg.hidden_size],
-        )?;
-        d.hidden.expect_dtype(
-            "masked hidden (bf16: the runner quantizes to NVFP4)",
-            &[DType::Bf16],
-        )?;
-        if d.hidden_scale.is_some() {
-            return Err(MoeError::invalid(
-                "hidden_scale",
-                "cutedsl_fp4 takes bf16 activations and quantizes them itself",
-            ));
-        }
+        let nvfp4_in = match d.hidden.dtype() {
+            DType::E2M1x2 => Some(self.nvfp4_input(d, w, rt)?),
+            _ => {
+                d.hidden.expect_shape(
+                    "masked hidden",
+                    &[cfg.num_local_experts, rt, cfg.hidden_size],
+                )?;
+                d.hidden.expect_dtype(
+                    "masked hidden (bf16, which the runner quantizes, or NVFP4 from the dispatcher)",
+                    &[DType::Bf16],
+                )?;
+                if d.hidden_scale.is_some() {
+                    return Err(MoeError::invalid(
+                        "hidden_scale",
+                        "given for bf16 activations (NVFP4 ones come with E4M3 scales)",
+                    ));
+                }
+                None
+            }
+        };
         d.masked_m.expect_shape("masked_m", &[el])?;
         d.masked_m.expect_dtype("masked_m", &[DType::I32])?;
         if d.masked_m.is_host() {
@@ -406,8 +425,46 @@ impl Fp4Runner {
             tiles: el * rt.div_ceil(bm),
             src: 0,
             in_weight: 0,
+            nvfp4_in,
         };
         self.experts(w, ws, rows, d.hidden.cuda_ptr()?, out.cuda_ptr()?)
+    }
+
+    /// Checks NVFP4 activations from the dispatcher: their shapes, and that they were quantized
+    /// with the weights' input global scale, which the GEMM's alpha assumes. Returns the codes
+    /// and scales.
+    fn nvfp4_input(
+        &self,
+        d: &DeepEpLlDispatchOutput,
+        w: &Nvfp4Weights,
+        rt: usize,
+    ) -> Result<(u64, u64)> {
+        let (el, h) = (self.cfg.num_local_experts, self.cfg.hidden_size);
+        d.hidden
+            .expect_shape("masked hidden (NVFP4)", &[el, rt, h / 2])?;
+        let scales = d.hidden_scale.as_ref().ok_or_else(|| {
+            MoeError::invalid(
+                "hidden_scale",
+                "NVFP4 activations need their E4M3 block scales",
+            )
+        })?;
+        scales.expect_dtype("hidden_scale", &[DType::F8E4M3])?;
+        scales.expect_shape("hidden_scale", &[el, rt, h / 16])?;
+        let gs = d.hidden_global_scale.ok_or_else(|| {
+            MoeError::invalid(
+                "hidden_global_scale",
+                "NVFP4 activations need their global scale",
+            )
+        })?;
+        if let Some((e, &a)) = w.a13_global.iter().enumerate().find(|(_, &a)| a != gs) {
+            return Err(MoeError::invalid(
+                "hidden_global_scale",
+                format!(
+                    "the dispatcher quantized with global scale {gs}; expert {e}'s input global scale is {a} (set DispatcherConfig::nvfp4_global_scale to the weights' a13_global)"
+                ),
+            ));
+        }
+        Ok((d.hidden.cuda_ptr()?, scales.cuda_ptr()?))
     }
 
     fn run_standard(
@@ -487,6 +544,7 @@ impl Fp4Runner {
             } else {
                 0
             },
+            nvfp4_in: None,
         };
         let y = ws.y.cuda_ptr()?;
         self.experts(w, ws, rows, d.hidden.cuda_ptr()?, y)?;

@@ -231,10 +231,11 @@ impl LlDispatcher {
             0,
             &[&ids, &m_i, &(e as i32), &l, &peers, &base],
         )?;
+        // The quantized row and its scales, staged in shared memory.
         let smem = if self.cfg.wire == Wire::Native {
             0
         } else {
-            self.shape.hidden + self.shape.hidden / 128 * 4
+            self.shape.x_bytes() + self.shape.scale_bytes()
         };
         let timeout = self.timeout_ns();
         if let Some(n) = &self.nccl {
@@ -274,18 +275,25 @@ impl LlDispatcher {
         let s = &self.shape;
         let (el, rt, h, r) = (s.local_experts, s.rows(), s.hidden, s.ranks);
         let l = self.layout.kernel;
-        let (x_dtype, scale) = if self.cfg.wire == Wire::Native {
-            (act, None)
-        } else {
-            (
+        let (x_dtype, x_cols, scale) = match self.cfg.wire {
+            Wire::Native => (act, h, None),
+            Wire::Fp8 | Wire::Fp8Ue8m0 => (
                 DType::F8E4M3,
+                h,
                 Some(self.view(set, l.x_scale, &[el, rt, h / 128], DType::F32)),
-            )
+            ),
+            Wire::Nvfp4 => (
+                DType::E2M1x2,
+                h / 2,
+                Some(self.view(set, l.x_scale, &[el, rt, h / 16], DType::F8E4M3)),
+            ),
         };
         let m = topk.num_tokens();
         DeepEpLlDispatchOutput {
-            hidden: self.view(set, l.x, &[el, rt, h], x_dtype),
+            hidden: self.view(set, l.x, &[el, rt, x_cols], x_dtype),
             hidden_scale: scale,
+            hidden_global_scale: (self.cfg.wire == Wire::Nvfp4)
+                .then_some(self.cfg.nvfp4_global_scale),
             masked_m: self.view(set, l.masked_m, &[el], DType::I32),
             expected_m: (r * m * s.top_k).div_ceil(self.cfg.num_experts).max(1),
             src_info: self.view(set, l.src_info, &[el, rt], DType::I32),

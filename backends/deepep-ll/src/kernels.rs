@@ -1,7 +1,7 @@
 //! The all-to-all kernels (`kernels/ll.cu`, and `kernels/ll_nccl.cu` for the NCCL transport),
 //! compiled per (wire format, activation dtype).
 
-use moe_backend_triton::kernels::COMMON;
+use moe_backend_triton::kernels::{COMMON, FP4};
 use moe_backend_triton::stages::Arg;
 use moe_dispatch::Wire;
 use moe_runner_core::cuda::compile_module;
@@ -42,11 +42,12 @@ impl LlKernels {
             Wire::Native => 0,
             Wire::Fp8 => 1,
             Wire::Fp8Ue8m0 => 2,
+            Wire::Nvfp4 => 3,
         };
         let module = compile_module(
             dev,
             "deepep_ll",
-            &format!("{COMMON}\n{LL}\n{LL_NCCL}"),
+            &format!("{COMMON}\n{FP4}\n{LL}\n{LL_NCCL}"),
             &[
                 ("FP8", fp8.to_string()),
                 ("ACT_F16", u8::from(act_f16).to_string()),

@@ -42,6 +42,8 @@ pub struct LlLayout {
     pub rank: i32,
     /// Tokens per routing chunk: a multiple of 32 with at most [`MAX_CHUNKS`] chunks.
     pub chunk: i32,
+    /// The NVFP4 wire's global scale, as f32 bits (the kernels quantize with it).
+    pub gs_bits: u32,
 }
 
 impl LlLayout {
@@ -76,6 +78,8 @@ pub struct LlShape {
     pub wire: Wire,
     /// Bytes of one activation element (2: bf16 or f16).
     pub act_bytes: usize,
+    /// The NVFP4 wire's global scale, as f32 bits (0 for other wires).
+    pub gs_bits: u32,
 }
 
 impl LlShape {
@@ -99,7 +103,12 @@ impl LlShape {
         if cfg.max_tokens_per_rank == 0 {
             return bad("deepep_ll needs max_tokens_per_rank >= 1".into());
         }
-        let need = if cfg.wire == Wire::Native { 8 } else { 128 };
+        // Rows move in 16-byte pieces and scales in 4-byte words.
+        let need = match cfg.wire {
+            Wire::Native => 8,
+            Wire::Fp8 | Wire::Fp8Ue8m0 => 128,
+            Wire::Nvfp4 => 64,
+        };
         if !cfg.hidden_size.is_multiple_of(need) {
             return Err(MoeError::NotDivisible {
                 what: format!("hidden_size for deepep_ll with wire {:?}", cfg.wire),
@@ -115,15 +124,29 @@ impl LlShape {
             top_k: cfg.top_k,
             wire: cfg.wire,
             act_bytes: 2,
+            gs_bits: if cfg.wire == Wire::Nvfp4 {
+                cfg.nvfp4_global_scale.to_bits()
+            } else {
+                0
+            },
         })
     }
 
     /// Bytes of one dispatched row on the wire.
     pub fn x_bytes(&self) -> usize {
-        if self.wire == Wire::Native {
-            self.hidden * self.act_bytes
-        } else {
-            self.hidden
+        match self.wire {
+            Wire::Native => self.hidden * self.act_bytes,
+            Wire::Fp8 | Wire::Fp8Ue8m0 => self.hidden,
+            Wire::Nvfp4 => self.hidden / 2,
+        }
+    }
+
+    /// Bytes of one dispatched row's scales: f32 per 128 values (FP8), E4M3 per 16 (NVFP4).
+    pub fn scale_bytes(&self) -> usize {
+        match self.wire {
+            Wire::Native => 0,
+            Wire::Fp8 | Wire::Fp8Ue8m0 => self.hidden / 128 * 4,
+            Wire::Nvfp4 => self.hidden / 16,
         }
     }
 
@@ -141,8 +164,7 @@ impl LlShape {
             off
         };
         let (el, rt, h) = (self.local_experts, self.rows(), self.hidden);
-        let fp8 = self.wire != Wire::Native;
-        let scale_bytes = if fp8 { el * rt * (h / 128) * 4 } else { 0 };
+        let scale_bytes = el * rt * self.scale_bytes();
         let e = el * self.ranks;
         let kernel = LlLayout {
             x: take(el * rt * self.x_bytes()),
@@ -166,6 +188,7 @@ impl LlShape {
             k: self.top_k as i32,
             rank: rank as i32,
             chunk: 32,
+            gs_bits: self.gs_bits,
         };
         let y = take(el * rt * h * self.act_bytes);
         SetLayout {

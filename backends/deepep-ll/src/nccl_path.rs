@@ -53,14 +53,9 @@ pub(crate) struct NcclPath {
     row_bytes: usize,
 }
 
-/// Bytes of one dispatch packet: the 16-byte header, the row on the wire, its FP8 scales.
+/// Bytes of one dispatch packet: the 16-byte header, the row on the wire, its scales.
 fn packet_bytes(shape: &LlShape) -> usize {
-    let scales = if shape.wire == moe_dispatch::Wire::Native {
-        0
-    } else {
-        shape.hidden / 128 * 4
-    };
-    (16 + shape.x_bytes() + scales).div_ceil(16) * 16
+    (16 + shape.x_bytes() + shape.scale_bytes()).div_ceil(16) * 16
 }
 
 /// Device bytes of one set's packet regions.

@@ -1,9 +1,10 @@
 //! The low-latency all-to-all of R ranks computed on the CPU, with the GPU kernels' exact
 //! layout (source ranks in rank order, each rank's tokens in token order, a token's duplicate
-//! picks in slot order) and FP8 rounding, so tests compare the GPU's buffers byte for byte.
+//! picks in slot order) and FP8 / NVFP4 rounding, so tests compare the GPU's buffers byte for
+//! byte.
 
 use moe_dispatch::{DispatcherConfig, Wire};
-use moe_quant::{quantize_fp8_groups, ScaleFormat};
+use moe_quant::{quantize_fp8_groups, quantize_nvfp4, unpack_e2m1, ScaleFormat};
 use moe_runner_core::{DType, DeepEpLlDispatchOutput, MoeError, Result, Tensor, TopK};
 
 /// Where one (token, slot) pair of a source rank went.
@@ -38,7 +39,15 @@ pub fn dispatch(cfg: &DispatcherConfig, inputs: &[(Tensor, TopK)]) -> Result<Sim
         )));
     }
     let rt = r_n * t;
-    // Per source rank: its rows as sent (quantized once per token).
+    // Values per scale of the wire (0: no scales).
+    let group = match cfg.wire {
+        Wire::Native => 0,
+        Wire::Fp8 | Wire::Fp8Ue8m0 => 128,
+        Wire::Nvfp4 => 16,
+    };
+    let sg = if group > 0 { h / group } else { 0 };
+    // Per source rank: its rows as sent (quantized once per token): values, or codes (one per
+    // value) and scales (f32 values for FP8, E4M3 codes for NVFP4).
     let mut sent = Vec::with_capacity(r_n);
     for (hidden, topk) in inputs {
         cfg.check_batch("simulated deepep_ll", hidden, topk)?;
@@ -56,11 +65,16 @@ pub fn dispatch(cfg: &DispatcherConfig, inputs: &[(Tensor, TopK)]) -> Result<Sim
                 let codes: Vec<f32> = q.data.iter().map(|&b| f32::from(b)).collect();
                 (codes, Some(q.scales))
             }
+            Wire::Nvfp4 => {
+                let q = quantize_nvfp4(&x, m, h, cfg.nvfp4_global_scale)?;
+                let codes = unpack_e2m1(&q.packed).into_iter().map(f32::from).collect();
+                let scales = q.scales.iter().map(|&b| f32::from(b)).collect();
+                (codes, Some(scales))
+            }
         });
     }
-    let fp8 = cfg.wire != Wire::Native;
     let mut x = vec![vec![0f32; el * rt * h]; r_n];
-    let mut scales = vec![vec![0f32; el * rt * (h / 128)]; r_n];
+    let mut scales = vec![vec![0f32; el * rt * sg]; r_n];
     let mut src_info = vec![vec![0i32; el * rt]; r_n];
     let mut counts = vec![vec![0usize; el]; r_n];
     let mut layout = vec![vec![0i64; el * r_n]; r_n];
@@ -85,9 +99,8 @@ pub fn dispatch(cfg: &DispatcherConfig, inputs: &[(Tensor, TopK)]) -> Result<Sim
                         x[dst][(e * rt + row) * h..(e * rt + row + 1) * h]
                             .copy_from_slice(&xs[tok * h..(tok + 1) * h]);
                         if let Some(ss) = ss {
-                            let g = h / 128;
-                            scales[dst][(e * rt + row) * g..(e * rt + row + 1) * g]
-                                .copy_from_slice(&ss[tok * g..(tok + 1) * g]);
+                            scales[dst][(e * rt + row) * sg..(e * rt + row + 1) * sg]
+                                .copy_from_slice(&ss[tok * sg..(tok + 1) * sg]);
                         }
                         src_info[dst][e * rt + row] = tok as i32;
                         place[tok * k + s] = Some(Placement {
@@ -107,24 +120,33 @@ pub fn dispatch(cfg: &DispatcherConfig, inputs: &[(Tensor, TopK)]) -> Result<Sim
     let mut outputs = Vec::with_capacity(r_n);
     for (dst, (_, topk)) in inputs.iter().enumerate() {
         let act = inputs[dst].0.dtype();
-        let hidden = if fp8 {
-            let bytes: Vec<u8> = x[dst].iter().map(|&c| c as u8).collect();
-            Tensor::from_slice(&bytes, &[el, rt, h], DType::F8E4M3)?
-        } else {
-            Tensor::from_f32(&x[dst], &[el, rt, h], act)?
+        let codes = || x[dst].iter().map(|&c| c as u8);
+        let scale_codes = || scales[dst].iter().map(|&c| c as u8).collect::<Vec<u8>>();
+        let (hidden, hidden_scale) = match cfg.wire {
+            Wire::Native => (Tensor::from_f32(&x[dst], &[el, rt, h], act)?, None),
+            Wire::Fp8 | Wire::Fp8Ue8m0 => (
+                Tensor::from_slice(&codes().collect::<Vec<u8>>(), &[el, rt, h], DType::F8E4M3)?,
+                Some(Tensor::from_slice(&scales[dst], &[el, rt, sg], DType::F32)?),
+            ),
+            Wire::Nvfp4 => {
+                // Two codes a byte, element 2i in the low nibble.
+                let c: Vec<u8> = codes().collect();
+                let packed: Vec<u8> = c.chunks_exact(2).map(|p| p[0] | (p[1] << 4)).collect();
+                (
+                    Tensor::from_slice(&packed, &[el, rt, h / 2], DType::E2M1x2)?,
+                    Some(Tensor::from_slice(
+                        &scale_codes(),
+                        &[el, rt, sg],
+                        DType::F8E4M3,
+                    )?),
+                )
+            }
         };
         let masked: Vec<i32> = counts[dst].iter().map(|&c| c as i32).collect();
         outputs.push(DeepEpLlDispatchOutput {
             hidden,
-            hidden_scale: if fp8 {
-                Some(Tensor::from_slice(
-                    &scales[dst],
-                    &[el, rt, h / 128],
-                    DType::F32,
-                )?)
-            } else {
-                None
-            },
+            hidden_scale,
+            hidden_global_scale: (cfg.wire == Wire::Nvfp4).then_some(cfg.nvfp4_global_scale),
             topk: TopK::new(topk.ids.to_host()?, topk.weights.to_host()?)?,
             masked_m: Tensor::from_slice(&masked, &[el], DType::I32)?,
             expected_m: 1,

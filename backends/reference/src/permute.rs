@@ -31,15 +31,35 @@ pub struct ExpertRowsOut {
 }
 
 /// The values of an activation tensor as f32: float dtypes converted, FP8 dequantized with its
-/// per-128-channel scales.
+/// per-128-channel scales, NVFP4 with its per-16 E4M3 scales and global scale.
 fn activations_f32(
     hidden: &Tensor,
     scale: Option<&Tensor>,
+    global: Option<f32>,
     rows: usize,
     h: usize,
 ) -> Result<Vec<f32>> {
     match (hidden.dtype(), scale) {
         (d, None) if d.is_float() => hidden.to_f32_vec(),
+        (DType::E2M1x2, Some(s)) => {
+            s.expect_dtype("hidden_scale", &[DType::F8E4M3])?;
+            let gs = global.ok_or_else(|| {
+                MoeError::invalid(
+                    "hidden_global_scale",
+                    "NVFP4 activations need their global scale",
+                )
+            })?;
+            let mut out = vec![0f32; rows * h];
+            moe_quant::dequantize_nvfp4_into(
+                hidden.as_slice::<u8>()?,
+                s.as_slice::<u8>()?,
+                rows,
+                h,
+                gs,
+                &mut out,
+            )?;
+            Ok(out)
+        }
         (DType::F8E4M3, Some(s)) => {
             if !h.is_multiple_of(128) {
                 return Err(MoeError::NotDivisible {
@@ -71,13 +91,19 @@ fn activations_f32(
         )),
         (got, _) => Err(MoeError::DType {
             what: "hidden".into(),
-            expected: vec![DType::F32, DType::Bf16, DType::F16, DType::F8E4M3],
+            expected: vec![
+                DType::F32,
+                DType::Bf16,
+                DType::F16,
+                DType::F8E4M3,
+                DType::E2M1x2,
+            ],
             got,
         }),
     }
 }
 
-/// Output dtype: the activations' float dtype, bf16 for FP8 inputs.
+/// Output dtype: the activations' float dtype, bf16 for FP8 and NVFP4 inputs.
 fn out_dtype(hidden: DType) -> DType {
     if hidden.is_float() {
         hidden
@@ -96,7 +122,7 @@ pub fn standard_pre(
     d.hidden.expect_shape("hidden", &[m, cfg.hidden_size])?;
     d.topk.ids.expect_shape("topk_ids", &[m, cfg.top_k])?;
     d.topk.check_ids(cfg.num_local_experts)?;
-    let x = activations_f32(&d.hidden, d.hidden_scale.as_ref(), m, h)?;
+    let x = activations_f32(&d.hidden, d.hidden_scale.as_ref(), None, m, h)?;
     let ids = d.topk.ids.as_slice::<i32>()?;
     let weights = d.topk.weights.as_slice::<f32>()?;
     let e_local = cfg.num_local_experts;
@@ -219,12 +245,22 @@ pub fn masked_pre(
         ));
     }
     let [e_local, rt, h] = d.dims()?;
-    d.hidden.expect_shape(
-        "masked hidden",
-        &[cfg.num_local_experts, rt, cfg.hidden_size],
-    )?;
+    // NVFP4 holds two values a byte.
+    let cols = if d.hidden.dtype() == DType::E2M1x2 {
+        cfg.hidden_size / 2
+    } else {
+        cfg.hidden_size
+    };
+    d.hidden
+        .expect_shape("masked hidden", &[cfg.num_local_experts, rt, cols])?;
     let counts = masked_counts(d, e_local)?;
-    let x = activations_f32(&d.hidden, d.hidden_scale.as_ref(), e_local * rt, h)?;
+    let x = activations_f32(
+        &d.hidden,
+        d.hidden_scale.as_ref(),
+        d.hidden_global_scale,
+        e_local * rt,
+        h,
+    )?;
     let mut offsets = vec![0usize; e_local + 1];
     let mut hidden = Vec::with_capacity(counts.iter().sum::<usize>() * h);
     let mut dest = Vec::new();

@@ -19,6 +19,9 @@ const ALIGN: &str = include_str!("kernels/moe_align.cu");
 const ROWS: &str = include_str!("kernels/moe_rows.cu");
 /// `activation(gate, up, limit, alpha)` for the compile-time `ACT` code (see [`RowKind`]).
 pub const ACTIVATION: &str = include_str!("kernels/activation.cuh");
+/// NVFP4 quantization helpers (E2M1 codes, E4M3 block scales), for kernels that write or read
+/// NVFP4; include after [`COMMON`].
+pub const FP4: &str = include_str!("kernels/fp4.cuh");
 
 /// Shared memory a block may use on Hopper (227 KB), less the GEMM's static arrays.
 const MAX_DYNAMIC_SMEM: usize = 227 * 1024 - 1024;

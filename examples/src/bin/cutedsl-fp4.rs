@@ -141,6 +141,7 @@ fn time(
         let batch = DeepEpLlDispatchOutput {
             hidden: hidden.clone(),
             hidden_scale: None,
+            hidden_global_scale: None,
             topk: TopK::from_vecs(&[0], &[1.0], 1, 1)?.to_device(device)?,
             masked_m,
             expected_m: m,

@@ -26,30 +26,6 @@
 #define W_STRIDE 48     // bytes per weight row in shared memory: 32 of codes, padded against bank conflicts
 #define A_STRIDE 72     // f16 values per activation row in shared memory: 64, padded likewise
 
-__device__ __forceinline__ float e4m3_to_f32(u8 v) {
-    u32 h2;
-    asm("{ .reg .b16 t; mov.b16 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h2) : "h"((u16)v));
-    return f16_to_f32((u16)(h2 & 0xffffu));
-}
-
-// E2M1 code of x, as cvt.rn.satfinite.e2m1x2.f32 rounds (that instruction needs sm_100):
-// nearest, ties to the even code, saturating at 6; the sign kept for values that round to 0;
-// NaN gives +6.
-__device__ __forceinline__ u32 e2m1_code(float x) {
-    if (isnan(x)) return 7u;
-    const float a = fabsf(x);
-    const u32 c = a <= 0.25f ? 0u : a < 0.75f ? 1u : a <= 1.25f ? 2u : a < 1.75f ? 3u
-                : a <= 2.5f ? 4u : a < 3.5f ? 5u : a <= 5.0f ? 6u : 7u;
-    return c | ((__float_as_uint(x) >> 31) << 3);
-}
-
-// The value of an E2M1 code (sign bit 3), e.g. -0 for code 8.
-__device__ __forceinline__ float e2m1_value(u32 c) {
-    const float m[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-    const float v = m[c & 7u];
-    return (c & 8u) ? -v : v;
-}
-
 // Byte offset of scale (m, k) in a swizzled [rows, k_sf] matrix with k_tiles = ceil(k_sf / 4).
 __device__ __forceinline__ long long swz(long long m, int k, int k_tiles) {
     return (m >> 7) * (long long)(k_tiles * 512) + (k >> 2) * 512 + (m & 31) * 16 + ((m & 127) >> 5) * 4 + (k & 3);
@@ -59,37 +35,23 @@ __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
     return row0 ? (long long)row0[e] : (long long)e * cap;
 }
 
-__device__ __forceinline__ u16 f32_to_f16_rn(float f) { return f32_to_f16(f); }
-
 // One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s in f16 (exact).
 __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* out) {
-    float amax = 0.0f;
-#pragma unroll
-    for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
-    const float s = e4m3_to_f32(f32_to_e4m3(__fdiv_rn(__fmul_rn(gs, amax), 6.0f)));
+    float s;
+    nvfp4_scale(v, gs, &s);
     u32 h[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
         float q[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-            const float x = s != 0.0f ? e2m1_value(e2m1_code(__fdiv_rn(__fmul_rn(v[2 * i + j], gs), s))) : 0.0f;
-            q[j] = x * s;  // exact: at most six significant bits
+            // Exact: at most six significant bits.
+            q[j] = s != 0.0f ? e2m1_value(nvfp4_code(v[2 * i + j], gs, s)) * s : 0.0f;
         }
-        h[i] = (u32)f32_to_f16_rn(q[0]) | ((u32)f32_to_f16_rn(q[1]) << 16);
+        h[i] = (u32)f32_to_f16(q[0]) | ((u32)f32_to_f16(q[1]) << 16);
     }
     *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
     *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
-}
-
-__device__ __forceinline__ void load16(const u16* p, float* v) {
-    const uint4 a = *(const uint4*)p, b = *(const uint4*)(p + 8);
-    const u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        v[2 * i] = act_to_f32((u16)(w[i] & 0xffffu));
-        v[2 * i + 1] = act_to_f32((u16)(w[i] >> 16));
-    }
 }
 
 // Activations to NVFP4 values (f16) with the expert's global scale: thread per 16-value block.
@@ -326,6 +288,34 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m16(FP4_GEMM_
 }
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
     fp4_gemm_tile<64>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
+}
+
+// NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
+// [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's f16 values (code
+// times block scale, exact). Grid as fp4_quant_rows.
+extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
+    const u8* __restrict__ codes, const u8* __restrict__ scales, const int* __restrict__ counts,
+    const int* __restrict__ row0, int cap, int K, u16* __restrict__ a) {
+    const int e = blockIdx.y, kb = K / 16;
+    const int n = min(max(counts[e], 0), cap);
+    const long long base = row_base(row0, cap, e);
+    for (long long item = (long long)blockIdx.x * FP4_THREADS + threadIdx.x; item < (long long)n * kb;
+         item += (long long)gridDim.x * FP4_THREADS) {
+        const long long row = base + item / kb;
+        const int b = (int)(item % kb);
+        const uint2 p = *(const uint2*)(codes + row * (K / 2) + b * 8);
+        const float s = e4m3_to_f32(scales[row * kb + b]);
+        u32 h[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            const u32 w = i < 4 ? p.x : p.y, sh = 8 * (i & 3);
+            const float lo = e2m1_value((w >> sh) & 0xFu) * s, hi = e2m1_value((w >> (sh + 4)) & 0xFu) * s;
+            h[i] = (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
+        }
+        u16* out = a + row * K + b * 16;
+        *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
+        *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+    }
 }
 
 // GEMM 1's output rows through the activation, quantized to NVFP4 values (f16) with the

@@ -27,7 +27,8 @@
 // 16 a combine row names a token or slot outside the batch.
 //
 // Compile-time parameters: ACT_F16 (activation dtype), FP8 (0 bf16/f16 on the wire, 1 E4M3
-// with f32 scales, 2 E4M3 with scales rounded up to powers of two (UE8M0)).
+// with f32 scales, 2 E4M3 with scales rounded up to powers of two (UE8M0), 3 NVFP4: E2M1
+// codes with E4M3 scales per 16 values over the global scale in the layout).
 
 struct LlLayout {
     u64 x, x_scale, src_info, src_slot; // received rows [El, R*T, ...]
@@ -42,6 +43,7 @@ struct LlLayout {
     u64 chunk_counts; // [MAX_CHUNKS, E] i32, this rank only: counts, then exclusive prefixes
     u64 status;       // i32, this rank only
     int El, R, T, H, K, rank, chunk;  // chunk: tokens per routing chunk (a multiple of 32)
+    unsigned gs_bits;                 // the NVFP4 wire's global scale, as f32 bits
 };
 
 #define EP_COUNT 0
@@ -63,10 +65,17 @@ struct LlLayout {
 // channels).
 #define QUANT_CHUNKS 4
 
-#if FP8
-#define X_BYTES 1
+// Bytes of a row on the wire, and its scales in 4-byte words (they follow the row in shared
+// memory and in packets).
+#if FP8 == 3
+#define ROW_BYTES(h) ((long long)(h) / 2)
+#define SCALE_WORDS(h) ((h) / 64)
+#elif FP8
+#define ROW_BYTES(h) ((long long)(h))
+#define SCALE_WORDS(h) ((h) / 128)
 #else
-#define X_BYTES 2
+#define ROW_BYTES(h) ((long long)(h) * 2)
+#define SCALE_WORDS(h) 0
 #endif
 
 template <typename T> __device__ __forceinline__ T* at(u64 base, u64 off) { return (T*)(base + off); }
@@ -166,11 +175,31 @@ __device__ bool last_block(unsigned long long* done, bool sys) {
     return is_last;
 }
 
-#if FP8
+#if FP8 == 3
+// One bf16 row to NVFP4 in `sm`: packed E2M1 codes (H/2 bytes), then the E4M3 scale of each
+// 16 values (H/16 bytes), over global scale gs; a thread per block of 16.
+__device__ void quantize_row(const u16* __restrict__ x, u8* sm, int H, int tid, float gs) {
+    for (int b = tid; b < H / 16; b += LL_THREADS) {
+        float v[16], s;
+        load16(x + b * 16, v);
+        const u8 sf = nvfp4_scale(v, gs, &s);
+        uint2 p = {0u, 0u};
+        if (s != 0.0f) {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                p.x |= nvfp4_code(v[i], gs, s) << (4 * i);
+                p.y |= nvfp4_code(v[i + 8], gs, s) << (4 * i);
+            }
+        }
+        *(uint2*)(sm + b * 8) = p;
+        sm[H / 2 + b] = sf;
+    }
+}
+#elif FP8
 // One bf16 row to E4M3 codes in `sm` (H bytes) and its per-128 scales after them (H/128 floats),
 // by the whole block. Sixteen threads per 128 channels, eight values each: every load of the
 // row is issued before any is used, then amax (a 16-lane reduction), scale, codes.
-__device__ void quantize_row(const u16* __restrict__ x, u8* sm, int H, int tid) {
+__device__ void quantize_row(const u16* __restrict__ x, u8* sm, int H, int tid, float) {
     float* ssc = (float*)(sm + H);
     const uint4* row = (const uint4*)x;
     const int chunks = H / 8;  // 16-byte chunks of the bf16 row
@@ -324,7 +353,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
     const u64 epoch = state[EP_COUNT];
     const int* slot_of = at<int>(local, L.slot_of);
     const int* prefix = at<int>(local, L.chunk_counts);
-    const long long row_bytes = (long long)H * X_BYTES;
+    const long long row_bytes = ROW_BYTES(H);
     for (int t = blockIdx.x; t < M; t += gridDim.x) {
         // Thread k < K: pick k's expert and its slot among this rank's rows for it, loaded
         // before the cast so their latency hides under it.
@@ -334,8 +363,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
             if (pick >= 0 && pick < E) slot = slot_of[t * K + tid] + prefix[(t / L.chunk) * E + pick];
         }
 #if FP8
-        quantize_row(x + (long long)t * H, sm, H, tid);
-        const float* ssc = (const float*)(sm + H);
+        quantize_row(x + (long long)t * H, sm, H, tid, __uint_as_float(L.gs_bits));
+        const u32* ssc = (const u32*)(sm + row_bytes);
         const uint4* src = (const uint4*)sm;
         const LdPlain ld;
 #else
@@ -363,8 +392,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_dispatch_send(
             const u64 base = peers[rank_of[k]];
             copy16((uint4*)(base + L.x + row * row_bytes), src, (int)(row_bytes / 16), tid, LL_THREADS, ld);
 #if FP8
-            float* ds = at<float>(base, L.x_scale) + row * (H / 128);
-            for (int i = tid; i < H / 128; i += LL_THREADS) ds[i] = ssc[i];
+            u32* ds = at<u32>(base, L.x_scale) + row * SCALE_WORDS(H);
+            for (int i = tid; i < SCALE_WORDS(H); i += LL_THREADS) ds[i] = ssc[i];
 #endif
             if (tid == 0) {
                 at<int>(base, L.src_info)[row] = t;

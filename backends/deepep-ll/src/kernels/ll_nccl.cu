@@ -5,7 +5,7 @@
 // run of packets per destination before NCCL moves them, and unpack them after.
 //
 // A dispatch packet: a 16-byte header {token, pick, local expert, slot}, the row as it goes on
-// the wire (X_BYTES * H), then its FP8 scales (H/128 floats). Packets to destination d sit in
+// the wire (ROW_BYTES(H)), then its scales (SCALE_WORDS(H) words). Packets to destination d sit in
 // run d of `dsend` ([R, TK] packets), ordered by local expert, then by slot (token order); the
 // same order arrives in run s of `drecv` from source s. The combine sends the expert output
 // rows back in the order their packets came, so `pos_of[t, k]` (the packet's place in the
@@ -38,7 +38,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_pack(
     const int* slot_of = at<int>(local, L.slot_of);
     const int* prefix = at<int>(local, L.chunk_counts);
     int* pos_of = (int*)B.pos_of;
-    const long long row_bytes = (long long)H * X_BYTES;
+    const long long row_bytes = ROW_BYTES(H);
     for (int t = blockIdx.x; t < M; t += gridDim.x) {
         if (tid < K) {
             const int pick = __ldg(ids + t * K + tid);
@@ -59,8 +59,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_pack(
             pos_of[t * K + tid] = (int)pos;
         }
 #if FP8
-        quantize_row(x + (long long)t * H, sm, H, tid);
-        const float* ssc = (const float*)(sm + H);
+        quantize_row(x + (long long)t * H, sm, H, tid, __uint_as_float(L.gs_bits));
+        const u32* ssc = (const u32*)(sm + row_bytes);
         const uint4* src = (const uint4*)sm;
         const LdPlain ld;
 #else
@@ -75,8 +75,8 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_pack(
             if (tid == 0) *(int4*)packet = head_at[k];
             copy16((uint4*)(packet + 16), src, (int)(row_bytes / 16), tid, LL_THREADS, ld);
 #if FP8
-            float* ds = (float*)(packet + 16 + row_bytes);
-            for (int i = tid; i < H / 128; i += LL_THREADS) ds[i] = ssc[i];
+            u32* ds = (u32*)(packet + 16 + row_bytes);
+            for (int i = tid; i < SCALE_WORDS(H); i += LL_THREADS) ds[i] = ssc[i];
 #endif
         }
         __syncthreads();
@@ -117,7 +117,7 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_unpack(
     __shared__ int4 head;
     const int H = L.H, s = blockIdx.y, tid = threadIdx.x;
     const u64* counts = at<u64>(local, L.counts);
-    const long long row_bytes = (long long)H * X_BYTES;
+    const long long row_bytes = ROW_BYTES(H);
     const int n = packets_from(counts, L, s);
     for (int i = blockIdx.x; i < n; i += gridDim.x) {
         const u8* packet = (const u8*)B.drecv + ((long long)s * B.tk + i) * B.pbytes;
@@ -134,9 +134,9 @@ extern "C" __global__ void __launch_bounds__(LL_THREADS) ll_nccl_unpack(
             copy16((uint4*)(local + L.x + row * row_bytes), (const uint4*)(packet + 16), (int)(row_bytes / 16), tid,
                    LL_THREADS, LdPlain());
 #if FP8
-            const float* ss = (const float*)(packet + 16 + row_bytes);
-            float* ds = at<float>(local, L.x_scale) + row * (H / 128);
-            for (int j = tid; j < H / 128; j += LL_THREADS) ds[j] = ss[j];
+            const u32* ss = (const u32*)(packet + 16 + row_bytes);
+            u32* ds = at<u32>(local, L.x_scale) + row * SCALE_WORDS(H);
+            for (int j = tid; j < SCALE_WORDS(H); j += LL_THREADS) ds[j] = ss[j];
 #endif
             if (tid == 0) {
                 at<int>(local, L.src_info)[row] = head.x;
