@@ -45,7 +45,7 @@ pub fn dispatch(cfg: &DispatcherConfig, inputs: &[(Tensor, TopK)]) -> Result<Sim
         Wire::Fp8 | Wire::Fp8Ue8m0 => 128,
         Wire::Nvfp4 => 16,
     };
-    let sg = if group > 0 { h / group } else { 0 };
+    let sg = h.checked_div(group).unwrap_or(0);
     // Per source rank: its rows as sent (quantized once per token): values, or codes (one per
     // value) and scales (f32 values for FP8, E4M3 codes for NVFP4).
     let mut sent = Vec::with_capacity(r_n);
