@@ -129,10 +129,11 @@ fn parse_wire(s: &str) -> Result<Wire> {
         "bf16" | "native" => Wire::Native,
         "fp8" => Wire::Fp8,
         "fp8-ue8m0" => Wire::Fp8Ue8m0,
+        "nvfp4" => Wire::Nvfp4,
         other => {
             return Err(MoeError::invalid(
                 "--wire",
-                format!("`{other}`: expected bf16, fp8 or fp8-ue8m0"),
+                format!("`{other}`: expected bf16, fp8, fp8-ue8m0 or nvfp4"),
             )
             .into())
         }
@@ -142,9 +143,11 @@ fn parse_wire(s: &str) -> Result<Wire> {
 /// Bytes each rank writes to other ranks: (dispatch, combine, dispatch total).
 fn traffic(cfg: &DispatcherConfig, rank: usize, topk: &TopK) -> Result<(u64, u64, u64)> {
     let el = cfg.num_local_experts;
+    let h = cfg.hidden_size;
     let row = match cfg.wire {
-        Wire::Native => cfg.hidden_size * 2,
-        _ => cfg.hidden_size + cfg.hidden_size / 128 * 4,
+        Wire::Native => h * 2,
+        Wire::Fp8 | Wire::Fp8Ue8m0 => h + h / 128 * 4,
+        Wire::Nvfp4 => h / 2 + h / 16,
     } as u64;
     let comb_row = cfg.hidden_size as u64 * 2;
     let (mut remote, mut total) = (0u64, 0u64);
@@ -185,6 +188,8 @@ pub fn bench_a2a(args: &A2aBenchArgs, out: &mut dyn Write) -> Result<()> {
             world_size: r_n,
             num_local_experts: args.experts / r_n,
             wire,
+            // The synthetic activations are uniform in +-sqrt(3): their NVFP4 global scale.
+            nvfp4_global_scale: 2688.0 / 3f32.sqrt(),
             ..DispatcherConfig::single(args.experts, args.hidden, t).with_top_k(args.top_k)
         };
         let ds: Vec<LlDispatcher> = LlWorld::in_process(&devs, &cfg)?;

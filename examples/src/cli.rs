@@ -84,7 +84,7 @@ pub struct A2aBenchArgs {
     pub experts: usize,
     #[arg(long, default_value_t = 8)]
     pub top_k: usize,
-    /// Dispatch wire format: fp8, fp8-ue8m0 or bf16 (the combine sends bf16).
+    /// Dispatch wire format: fp8, fp8-ue8m0, nvfp4 or bf16 (the combine sends bf16).
     #[arg(long, default_value = "fp8")]
     pub wire: String,
     /// Also time the whole layer: dispatch, masked_gemm with FP8 block weights, combine.
