@@ -45,8 +45,9 @@ struct Workspace {
 /// The weights' per-expert scalars on the device, and their block scales in the swizzled
 /// layout when they came linear (checkpoint form): made once per set of weights, at warm-up.
 struct Globals {
-    /// `w13`'s device address: which weights these belong to.
-    key: u64,
+    /// Which weights these belong to: the device addresses of their tensors and their
+    /// per-expert scalars (new weights at a freed address still differ in the latter).
+    key: (Vec<u64>, Vec<f32>),
     alpha1: Tensor,
     alpha2: Tensor,
     gs1: Tensor,
@@ -171,11 +172,30 @@ impl Fp4Runner {
     /// The per-expert alphas and input global scales on the device, uploaded on first use of
     /// these weights (warm-up), then reused.
     fn globals(&self, w: &Nvfp4Weights) -> Result<MutexGuard<'_, Option<Globals>>> {
-        let key = w.w13.cuda_ptr()?;
+        let tensors = [&w.w13, &w.w13_scale, &w.w2, &w.w2_scale];
+        let scalars = [&w.w13_global, &w.w2_global, &w.a13_global, &w.a2_global];
         let mut g = self.globals.lock().map_err(|_| poisoned())?;
-        if g.as_ref().is_some_and(|g| g.key == key) {
-            return Ok(g);
+        // Compared in place: nothing is allocated on the warm path.
+        let same = |k: &(Vec<u64>, Vec<f32>)| -> Result<bool> {
+            for (t, &p) in tensors.iter().zip(&k.0) {
+                if t.cuda_ptr()? != p {
+                    return Ok(false);
+                }
+            }
+            Ok(scalars.iter().flat_map(|v| v.iter()).eq(k.1.iter()))
+        };
+        if let Some(old) = g.as_ref() {
+            if same(&old.key)? {
+                return Ok(g);
+            }
         }
+        let key = (
+            tensors
+                .iter()
+                .map(|t| t.cuda_ptr())
+                .collect::<Result<Vec<u64>>>()?,
+            scalars.iter().flat_map(|v| v.iter().copied()).collect(),
+        );
         let e = w.w13_global.len();
         let up = |v: Vec<f32>| -> Result<Tensor> {
             Tensor::from_slice(&v, &[e], DType::F32)?.to_device(&Device::Cuda(self.dev.clone()))
