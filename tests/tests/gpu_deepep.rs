@@ -173,6 +173,25 @@ fn nccl_world_of_one_matches_the_simulation() {
     }
 }
 
+/// The NCCL transport sizes its exchanges from counts the host reads, which a CUDA graph
+/// capture cannot do: capturing a dispatch is an error, not a graph that replays stale sizes.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn the_nccl_transport_refuses_graph_capture() {
+    let cfg = world_cfg(1, Wire::Fp8);
+    let dev = devices(1).remove(0);
+    let d = LlWorld::nccl(&dev, &cfg, &NcclId::new().unwrap(), Duration::from_secs(60)).unwrap();
+    let (h, t) = on(&dev, &inputs(1, 3)[0]);
+    let captured = moe_runner_core::cuda::time_graph_ms(&dev, 0, 1, || {
+        d.dispatch_now(&h, TopK::new(t.ids.clone(), t.weights.clone())?)
+            .map(|_| ())
+    });
+    assert!(
+        captured.is_err(),
+        "a dispatch over NCCL was captured into a graph"
+    );
+}
+
 /// Twice, so both buffer sets (and their epochs) are exercised: first with each half folded
 /// into one launch, then split; every rank's layout and combine against the simulation.
 fn match_the_simulation(ds: &[LlDispatcher], cfg: &DispatcherConfig, label: &str) {
