@@ -198,9 +198,12 @@ pub struct SharedWeights {
 }
 
 /// A weight `[rows, cols]` as f32: float tensors as they are, FP8 E4M3 times its 128x128
-/// `weight_scale_inv` blocks.
+/// `weight_scale_inv` blocks, ModelOpt NVFP4 dequantized.
 fn dense_f32(ck: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
     let t = ck.get(name)?;
+    if crate::nvfp4::is_nvfp4(ck, &t) {
+        return crate::nvfp4::dequantize(ck, name, rows, cols);
+    }
     if t.dtype != Dtype::F8_E4M3 {
         t.expect(&[rows, cols], &[Dtype::BF16, Dtype::F16, Dtype::F32])?;
         return t.to_f32();
@@ -237,13 +240,19 @@ pub fn load_shared(
     if !ck.contains(&g) {
         return Ok(None);
     }
-    let shape = ck.get(&g)?.shape.to_vec();
-    let inter = match shape.as_slice() {
-        [i, h] if *h == hidden => *i,
+    let gate = ck.get(&g)?;
+    // NVFP4 holds two values a byte.
+    let cols = if crate::nvfp4::is_nvfp4(ck, &gate) {
+        hidden / 2
+    } else {
+        hidden
+    };
+    let inter = match gate.shape {
+        [i, h] if *h == cols => *i,
         other => {
             return Err(MoeError::invalid(
                 g.as_str(),
-                format!("shape {other:?}, expected [I_s, {hidden}]"),
+                format!("shape {other:?}, expected [I_s, {cols}]"),
             ))
         }
     };

@@ -32,9 +32,9 @@ pub struct GenSpec {
     pub shared: usize,
     /// FP8 E4M3 weights with 128x128 block scales instead of bf16.
     pub fp8: bool,
-    /// NVFP4 routed experts in NVIDIA ModelOpt's layout instead (packed E2M1 `weight` U8,
-    /// E4M3 `weight_scale` per 16 values, f32 `weight_scale_2` = 1 / global scale, f32
-    /// `input_scale`); gate and up share one global scale. Shared experts stay bf16.
+    /// NVFP4 experts in NVIDIA ModelOpt's layout instead (packed E2M1 `weight` U8, E4M3
+    /// `weight_scale` per 16 values, f32 `weight_scale_2` = 1 / global scale, f32
+    /// `input_scale`); a routed expert's gate and up share one global scale.
     pub nvfp4: bool,
     /// Files the tensors are spread over (1: `model.safetensors`, else shards and an index).
     pub shards: usize,
@@ -336,13 +336,14 @@ fn write_impl(dir: &Path, spec: &GenSpec, seed: u64, keep: bool) -> Result<Gener
             ) {
                 let a_s = (3.0 / si as f32).sqrt();
                 let mut one = |name, rows, cols, a| -> Result<Vec<f32>> {
-                    let (t, v) = weight(
-                        name,
-                        &uniform(&mut rng, rows * cols, a),
-                        rows,
-                        cols,
-                        spec.fp8,
-                    )?;
+                    let values = uniform(&mut rng, rows * cols, a);
+                    let (t, v) = if spec.nvfp4 {
+                        let amax = values.iter().fold(0f32, |m, x| m.max(x.abs()));
+                        let inverse = 1.0 / moe_quant::nvfp4_global_scale(amax)?;
+                        nvfp4_weight(name, &values, rows, cols, 1.0 / inverse)?
+                    } else {
+                        weight(name, &values, rows, cols, spec.fp8)?
+                    };
                     out.extend(t);
                     Ok(v)
                 };

@@ -147,3 +147,26 @@ pub fn load_nvfp4_experts(
         ScaleLayout::Linear,
     )?))
 }
+
+/// One ModelOpt NVFP4 weight `[rows, cols]` dequantized to f32 (shared experts, which run as a
+/// CPU MLP).
+pub fn dequantize(ck: &Checkpoint, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    if !cols.is_multiple_of(16) {
+        return Err(MoeError::NotDivisible {
+            what: format!("columns of NVFP4 `{name}`"),
+            value: cols,
+            divisor: 16,
+        });
+    }
+    let p = projection(ck, name, rows, cols)?;
+    let mut out = vec![0f32; rows * cols];
+    moe_quant::dequantize_nvfp4_into(
+        p.codes.bytes,
+        p.scales.bytes,
+        rows,
+        cols,
+        p.global,
+        &mut out,
+    )?;
+    Ok(out)
+}

@@ -164,6 +164,17 @@ fn nvfp4_checkpoints_load_what_was_written() {
                 );
             }
         }
+        // Shared experts (DeepSeek's), dequantized for the CPU MLP.
+        let shared = load_shared(&ck, family, 1, s.hidden).unwrap();
+        match (&shared, &written.shared[1]) {
+            (Some(got), Some([g, u, d])) => {
+                assert_eq!(&got.w13[..g.len()], &g[..], "{arch} shared gate");
+                assert_eq!(&got.w13[g.len()..], &u[..], "{arch} shared up");
+                assert_eq!(&got.w2, d, "{arch} shared down");
+            }
+            (None, None) => {}
+            _ => panic!("{arch}: shared experts loaded {}", shared.is_some()),
+        }
         drop(ck);
         // A zero global scale, then a scale of the wrong dtype: errors naming the tensor.
         let base = Family::of(arch)

@@ -264,6 +264,29 @@ mod tests {
     }
 
     #[test]
+    fn the_nvfp4_wire_halves_the_fp8_row_and_checks_its_scale() {
+        let mut cfg = DispatcherConfig::single(256, 7168, 128).with_top_k(8);
+        cfg.wire = Wire::Nvfp4;
+        // No global scale given: a configuration error, not a wire of zero scales.
+        assert!(matches!(LlShape::of(&cfg), Err(MoeError::Config(_))));
+        cfg.nvfp4_global_scale = 672.0;
+        let s = LlShape::of(&cfg).unwrap();
+        assert_eq!((s.x_bytes(), s.scale_bytes()), (3584, 448));
+        assert_eq!(s.layout(0).kernel.gs_bits, 672f32.to_bits());
+        cfg.wire = Wire::Fp8;
+        let f = LlShape::of(&cfg).unwrap();
+        assert_eq!((f.x_bytes(), f.scale_bytes()), (7168, 224));
+        // Scales move in 4-byte words of four 16-value blocks.
+        let mut odd = DispatcherConfig::single(8, 96, 4).with_top_k(2);
+        odd.wire = Wire::Nvfp4;
+        odd.nvfp4_global_scale = 1.0;
+        assert!(matches!(
+            LlShape::of(&odd),
+            Err(MoeError::NotDivisible { divisor: 64, .. })
+        ));
+    }
+
+    #[test]
     fn bad_sizes_are_typed_errors() {
         let cfg = DispatcherConfig::single(8, 256, 4);
         assert!(LlShape::of(&cfg).unwrap_err().to_string().contains("top_k"));

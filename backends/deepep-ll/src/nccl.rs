@@ -318,3 +318,22 @@ impl Drop for NcclComm {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_travel_as_hex_and_bad_text_is_an_error() {
+        let mut raw = [0 as c_char; 128];
+        for (i, b) in raw.iter_mut().enumerate() {
+            *b = (i * 37 % 256) as u8 as c_char;
+        }
+        let id = NcclId(raw);
+        let back = NcclId::from_hex(&id.to_hex()).unwrap();
+        assert_eq!(back.0, raw);
+        for bad in ["", "zz", &"0".repeat(255), &"g".repeat(256)] {
+            assert!(NcclId::from_hex(bad).is_err(), "{bad}");
+        }
+    }
+}
