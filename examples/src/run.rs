@@ -213,6 +213,13 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
     };
     let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
     let (tp, ep) = (args.tp.get(), args.ep.get());
+    if args.procs && (args.a2a != "deepep_ll" || ep < 2) {
+        return Err(MoeError::invalid(
+            "--procs",
+            "one process per rank runs an expert-parallel world: give --a2a deepep_ll --ep N with N >= 2",
+        )
+        .into());
+    }
     #[cfg(feature = "cuda")]
     if args.a2a == moe_backend_deepep_ll::A2A && ep > 1 {
         if ckpt.is_some() {
