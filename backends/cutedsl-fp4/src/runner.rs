@@ -343,9 +343,7 @@ impl Fp4Runner {
             // cost no launched blocks.
             let n_tiles = (n as usize).div_ceil(BLOCK_N);
             let y = r.tiles.min((16 * self.sms).div_ceil(n_tiles)).max(1);
-            // Row tiles of 64 run two warps down the rows: 256 threads.
-            let threads = if r.bm == 16 { 128 } else { 256 };
-            launch_2d(dev, gemm_fn, (n_tiles, y), threads, 0, &args)
+            launch_2d(dev, gemm_fn, (n_tiles, y), 128, 0, &args)
         };
         let (s13, s2) = match &g.swizzled {
             Some((a, b)) => (a, b),

@@ -151,23 +151,18 @@ extern "C" __global__ void fp4_tiles(const int* __restrict__ counts, int E, int 
 // activation dtype. A: NVFP4 values in f16 [rows, K]; W: [E, N, K/2] packed codes with block
 // scales [E, swizzled(N, K/16)]. Grid: (ceil(N / BN), Y): block (x, y) computes columns
 // x * BN.. of row tiles y, y + Y, ... below tile_start[E] (each tile's expert found in
-// tile_start); warps of 16 or 32 rows by 32 columns (four across the columns, one or two down the
-// rows). TBM = 16 for decode batches
+// tile_start); four warps, each TBM rows by 32 columns of the tile. TBM = 16 for decode batches
 // (a row tile of 64 would spend four times the tensor-core work on empty rows), 64 otherwise.
 template <int TBM>
 __device__ __forceinline__ void fp4_gemm_tile(
     const u16* __restrict__ A, const u8* __restrict__ W, const u8* __restrict__ W_sf,
     const int* __restrict__ counts, const int* __restrict__ row0, int cap, const int* __restrict__ tile_start,
     int E, const float* __restrict__ alpha, u16* __restrict__ C, int N, int K) {
-    // Tiles of 64 rows take two warps down the rows: 32 rows of accumulators a thread instead of
-    // 64 leave registers for twice the warps in flight.
-    constexpr int WM = TBM == 16 ? 1 : 2, NT = 128 * WM;
-    constexpr int MT = TBM / 16 / WM;  // m16 tiles per warp
+    constexpr int MT = TBM / 16;  // m16 tiles per warp
     // Pipeline depth within the 48 KB of static shared memory.
     constexpr int STAGES = TBM == 16 ? 4 : 3;
     __shared__ __align__(16) Fp4Stage<TBM> st[STAGES];
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
-    const int wn = warp & 3, wm = warp >> 2;  // this warp's 32 columns and rows
     const int kb_all = K / 16, k_tiles = (kb_all + 3) / 4, steps = (K + BK - 1) / BK;
     const int total = tile_start[E];
     for (int tile = blockIdx.y; tile < total; tile += gridDim.y) {
@@ -188,25 +183,23 @@ __device__ __forceinline__ void fp4_gemm_tile(
             const int k0 = step * BK;
             // A: TBM rows of 64 f16 values, eight 16-byte chunks each.
 #pragma unroll
-            for (int q = 0; q < (TBM * 8 + NT - 1) / NT; ++q) {
-                const int idx = tid + q * NT, r = idx >> 3, c = idx & 7;
+            for (int q = 0; q < (TBM * 8 + FP4_THREADS - 1) / FP4_THREADS; ++q) {
+                const int idx = tid + q * FP4_THREADS, r = idx >> 3, c = idx & 7;
                 if (r < TBM) {
                     const bool ok = m0 + r < rows && k0 + c * 8 < K;
                     cp_async16(s.a + r * A_STRIDE + c * 8, ok ? a_rows + (long long)(m0 + r) * K + k0 + c * 8 : a_rows, ok ? 16 : 0);
                 }
             }
-            // W: BN rows of 32 bytes of codes, two chunks each.
+            // W: BN rows of 32 bytes of codes, two chunks each (two per thread).
 #pragma unroll
-            for (int q = 0; q < 2 * BN / NT; ++q) {
-                const int idx = tid + q * NT, r = idx >> 1, c = idx & 1;
+            for (int q = 0; q < 2; ++q) {
+                const int idx = tid + q * FP4_THREADS, r = idx >> 1, c = idx & 1;
                 const bool ok = n0 + r < N && k0 + c * 32 < K;
                 cp_async16(s.w + r * W_STRIDE + c * 16, ok ? w_rows + (long long)(n0 + r) * (K / 2) + k0 / 2 + c * 16 : w_rows, ok ? 16 : 0);
             }
             // Weight scales: four contiguous bytes per row (one swizzle k-tile).
-            if (tid < BN) {
-                const bool ok = n0 + tid < N;
-                cp_async4(&s.sw[tid], ok ? w_sf + swz(n0 + tid, step * 4, k_tiles) : w_sf, ok ? 4 : 0);
-            }
+            const bool ok = n0 + tid < N;
+            cp_async4(&s.sw[tid], ok ? w_sf + swz(n0 + tid, step * 4, k_tiles) : w_sf, ok ? 4 : 0);
         };
 
         float acc[MT][4][4];
@@ -234,7 +227,7 @@ __device__ __forceinline__ void fp4_gemm_tile(
             u32 sc[4][2];
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
-                const u32 v = s.sw[wn * 32 + j * 8 + g];
+                const u32 v = s.sw[warp * 32 + j * 8 + g];
                 sc[j][0] = e4m3x2_to_f16x2(v & 0xffffu);
                 sc[j][1] = e4m3x2_to_f16x2(v >> 16);
             }
@@ -247,7 +240,7 @@ __device__ __forceinline__ void fp4_gemm_tile(
                 u32 b[4][2];
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const u32 codes = *(const u16*)(s.w + (wn * 32 + j * 8 + g) * W_STRIDE + kb * 8 + 2 * tig);
+                    const u32 codes = *(const u16*)(s.w + (warp * 32 + j * 8 + g) * W_STRIDE + kb * 8 + 2 * tig);
                     u32 lo, hi;
                     fp4x4_to_f16x2x2(codes, lo, hi);
                     const u32 pair = sc[j][kb >> 1];
@@ -257,7 +250,7 @@ __device__ __forceinline__ void fp4_gemm_tile(
                 }
 #pragma unroll
                 for (int i = 0; i < MT; ++i) {
-                    const u16* ar = s.a + (wm * MT * 16 + i * 16 + g) * A_STRIDE + kb * 16 + 4 * tig;
+                    const u16* ar = s.a + (i * 16 + g) * A_STRIDE + kb * 16 + 4 * tig;
                     const uint2 r0 = *(const uint2*)ar, r8 = *(const uint2*)(ar + 8 * A_STRIDE);
                     const u32 a[4] = {r0.x, r8.x, r0.y, r8.y};
 #pragma unroll
@@ -271,11 +264,11 @@ __device__ __forceinline__ void fp4_gemm_tile(
         for (int i = 0; i < MT; ++i) {
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int r = m0 + wm * MT * 16 + i * 16 + g + h * 8;
+                const int r = m0 + i * 16 + g + h * 8;
                 if (r >= rows) continue;
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
-                    const int n = n0 + wn * 32 + j * 8 + tig * 2;
+                    const int n = n0 + warp * 32 + j * 8 + tig * 2;
                     if (n >= N) continue;
                     const u32 v = (u32)f32_to_act(acc[i][j][2 * h] * al) | ((u32)f32_to_act(acc[i][j][2 * h + 1] * al) << 16);
                     *(u32*)(C + (base + r) * N + n) = v;
@@ -293,7 +286,7 @@ __device__ __forceinline__ void fp4_gemm_tile(
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m16(FP4_GEMM_ARGS) {
     fp4_gemm_tile<16>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
 }
-extern "C" __global__ void __launch_bounds__(2 * FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
+extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
     fp4_gemm_tile<64>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
 }
 
