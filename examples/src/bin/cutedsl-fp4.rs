@@ -2,9 +2,10 @@
 //! (16 experts, H=1024, I=512), checked against the CPU reference, which quantizes the
 //! activations the same way, in both the standard and the masked layout. Then the masked
 //! grouped GEMMs are timed at DeepSeek-V3 expert shapes (256 experts, H=7168, I=2048) for a
-//! range of rows per expert, each as a CUDA graph, beside this project's FP8 `masked_gemm`
-//! runner on the same rows and against the floor: the weight bytes over the measured copy
-//! bandwidth, or the FLOPs over the FP8 tensor-core rate, whichever is larger.
+//! range of rows per expert (in buffers sized for the tokens those rows come from), each as a
+//! CUDA graph, beside this project's FP8 `masked_gemm` runner on the same rows and against the
+//! floor: the weight bytes over the measured copy bandwidth, or the FLOPs over the FP8
+//! tensor-core rate, whichever is larger.
 //!
 //! `cargo run --release --bin cutedsl-fp4 [-- ROWS,ROWS,... [FP8_TFLOPS]]`; the rate defaults
 //! to the dense FP8 rate `scripts/bench_peers.py` measured on an H100 (BENCHMARKS.md).
@@ -12,8 +13,9 @@
 use moe_conformance::{suite, synthetic, synthetic_gpu};
 use moe_runner_core::cuda::{copy_bandwidth_gbps, fill_uniform, time_graph_ms};
 use moe_runner_core::{
-    DType, DeepEpLlDispatchOutput, Device, DeviceOps, DispatchFormat, MoeRunner, MoeRunnerConfig,
-    QuantInfo, QuantScheme, Tensor, TopK, WeightDims,
+    CudaDevice, DType, DeepEpLlDispatchOutput, Device, DeviceOps, DispatchFormat, DispatchOutput,
+    MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, StandardDispatchOutput, Tensor, TopK,
+    WeightDims,
 };
 use std::process::ExitCode;
 
@@ -35,7 +37,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let rows: Vec<usize> = match args.next() {
         Some(a) => a.split(',').map(str::parse).collect::<Result<_, _>>()?,
-        None => vec![1, 8, 32, 64, 128],
+        None => vec![1, 8, 16, 32, 64, 128],
     };
     let fp8_tflops: f64 = args
         .next()
@@ -98,6 +100,21 @@ fn weight_bytes(d: WeightDims, scheme: QuantScheme) -> f64 {
     }
 }
 
+/// What one runner pass needs: the dispatch output, the weights, the output.
+type Pass<'a> = (&'a dyn DispatchOutput, &'a dyn QuantInfo, &'a Tensor);
+
+/// Median microseconds of `r` over graph replays of one pass.
+fn time_us(
+    dev: &CudaDevice,
+    r: &MoeRunner,
+    (d, w, out): Pass<'_>,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    r.run_into(d, w, out)?;
+    let mut t = time_graph_ms(dev, 3, 20, || r.run_into(d, w, out))?;
+    t.sort_by(f32::total_cmp);
+    Ok(t[t.len() / 2] as f64 * 1e3)
+}
+
 fn time(
     device: &Device,
     rows: &[usize],
@@ -112,76 +129,99 @@ fn time(
         inter: i,
     };
     let cfg = MoeRunnerConfig::new(e, h, i, 8);
-    let cap = rows.iter().copied().max().unwrap_or(1).max(1);
     let gbps = copy_bandwidth_gbps(&dev, 2 << 30, 10)?;
     println!(
-        "\n{}: copy {gbps:.0} GB/s, FP8 {fp8_tflops:.0} TFLOP/s; DeepSeek-V3 experts (256, H=7168, I=2048), masked layout, bf16 activations",
+        "\n{}: copy {gbps:.0} GB/s, FP8 {fp8_tflops:.0} TFLOP/s; DeepSeek-V3 experts (256, H=7168, I=2048), bf16 activations",
         device.name()
     );
-    let hidden = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
-    fill_uniform(&dev, &hidden, -1.7, 1.7, 11)?;
-    let out = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
-    let runners: Vec<(QuantScheme, &str, Box<dyn QuantInfo>)> = vec![
-        (
-            QuantScheme::Nvfp4,
-            "cutedsl_fp4",
-            synthetic_gpu::device_weights(&dev, dims, QuantScheme::Nvfp4, 5)?,
-        ),
-        (
-            QuantScheme::Fp8Block128,
-            "masked_gemm",
-            synthetic_gpu::device_weights(&dev, dims, QuantScheme::Fp8Block128, 6)?,
-        ),
-    ];
-    println!("| rows/expert | tokens (top-8) | cutedsl_fp4 (us) | FP4 floor (us) | of floor | masked_gemm FP8 (us) | FP4 speedup |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let fp4 = synthetic_gpu::device_weights(&dev, dims, QuantScheme::Nvfp4, 5)?;
+    let fp8 = synthetic_gpu::device_weights(&dev, dims, QuantScheme::Fp8Block128, 6)?;
+    let runner = |name: &str, format, scheme| {
+        MoeRunner::on_device(device, name, format, scheme, cfg.clone())
+    };
+    let floor = |m: usize| {
+        let act_bytes = (2 * e * m * h * 2) as f64;
+        let mem_us = (weight_bytes(dims, QuantScheme::Nvfp4) + act_bytes) / (gbps * 1e3);
+        let flops = 2.0 * (e * m) as f64 * (dims.n1 * h + h * i) as f64;
+        let compute_us = flops / (fp8_tflops * 1e6);
+        let bound = if mem_us >= compute_us {
+            "memory"
+        } else {
+            "compute"
+        };
+        (mem_us.max(compute_us), bound)
+    };
+    println!("| layout | rows/expert | tokens (top-8) | cutedsl_fp4 (us) | FP4 floor (us) | of floor | FP8 runner | FP8 (us) | FP4 speedup |");
+    println!("|---|---:|---:|---:|---:|---:|---|---:|---:|");
+    let row = |layout: &str, m: usize, fp4_us: f64, fp8_name: &str, fp8_us: f64| {
+        let (floor, bound) = floor(m);
+        println!(
+            "| {layout} | {m} | {} | {fp4_us:.1} | {floor:.1} ({bound}) | {:.0}% | {fp8_name} | {fp8_us:.1} | {:.2}x |",
+            m * e / 8,
+            100.0 * floor / fp4_us,
+            fp8_us / fp4_us
+        );
+    };
     for &m in rows {
-        let masked_m =
-            Tensor::from_slice(&vec![m as i32; e], &[e], DType::I32)?.to_device(device)?;
+        if m > 32 {
+            // Large batches: the standard layout, every token with 8 distinct experts.
+            let tokens = m * e / 8;
+            let hidden = Tensor::zeros_cuda(&dev, &[tokens, h], DType::Bf16)?;
+            fill_uniform(&dev, &hidden, -1.7, 1.7, 11)?;
+            let topk = synthetic::topk(tokens, 8, e, 12, false, false)?.to_device(device)?;
+            let input = StandardDispatchOutput {
+                hidden,
+                hidden_scale: None,
+                topk,
+            };
+            let out = Tensor::zeros_cuda(&dev, &[tokens, h], DType::Bf16)?;
+            let std = DispatchFormat::Standard;
+            let a = time_us(
+                &dev,
+                &runner("cutedsl_fp4", std, QuantScheme::Nvfp4)?,
+                (&input, fp4.as_ref(), &out),
+            )?;
+            let b = time_us(
+                &dev,
+                &runner("triton", std, QuantScheme::Fp8Block128)?,
+                (&input, fp8.as_ref(), &out),
+            )?;
+            row("standard", m, a, "`triton`", b);
+            continue;
+        }
+        // Decode: the masked layout, in the buffers a dispatch of this many rows has (m rows
+        // on each of 256 experts are m * 32 tokens, each expert's buffer holding every token).
+        // Smaller buffers would cap the rows a top-8 dispatch can deliver, and the FP8 runner
+        // computes no more than that.
+        let cap = (m * e / 8).max(1);
+        let hidden = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
+        fill_uniform(&dev, &hidden, -1.7, 1.7, 11)?;
+        let out = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
         let batch = DeepEpLlDispatchOutput {
-            hidden: hidden.clone(),
+            hidden,
             hidden_scale: None,
             hidden_global_scale: None,
             topk: TopK::from_vecs(&[0], &[1.0], 1, 1)?.to_device(device)?,
-            masked_m,
+            masked_m: Tensor::from_slice(&vec![m as i32; e], &[e], DType::I32)?
+                .to_device(device)?,
             expected_m: m,
             src_info: Tensor::zeros_cuda(&dev, &[e, cap], DType::I32)?,
             layout_range: Tensor::zeros_cuda(&dev, &[e, 1], DType::I64)?,
             out_buffer: None,
         };
-        let mut us = Vec::new();
-        for (scheme, name, w) in &runners {
-            let r = MoeRunner::on_device(
-                device,
-                name,
-                DispatchFormat::DeepEpLowLatency,
-                *scheme,
-                cfg.clone(),
-            )?;
-            r.run_into(&batch, w.as_ref(), &out)?;
-            let mut t = time_graph_ms(&dev, 3, 20, || r.run_into(&batch, w.as_ref(), &out))?;
-            t.sort_by(f32::total_cmp);
-            us.push(t[t.len() / 2] as f64 * 1e3);
-        }
-        dev.synchronize()?;
-        let act_bytes = (2 * e * m * h * 2) as f64;
-        let mem_us = (weight_bytes(dims, QuantScheme::Nvfp4) + act_bytes) / (gbps * 1e3);
-        let flops = 2.0 * (e * m) as f64 * (dims.n1 * h + h * i) as f64;
-        let compute_us = flops / (fp8_tflops * 1e6);
-        let floor = mem_us.max(compute_us);
-        println!(
-            "| {m} | {} | {:.1} | {floor:.1} ({}) | {:.0}% | {:.1} | {:.2}x |",
-            m * e / 8,
-            us[0],
-            if mem_us >= compute_us {
-                "memory"
-            } else {
-                "compute"
-            },
-            100.0 * floor / us[0],
-            us[1],
-            us[1] / us[0]
-        );
+        let ll = DispatchFormat::DeepEpLowLatency;
+        let a = time_us(
+            &dev,
+            &runner("cutedsl_fp4", ll, QuantScheme::Nvfp4)?,
+            (&batch, fp4.as_ref(), &out),
+        )?;
+        let b = time_us(
+            &dev,
+            &runner("masked_gemm", ll, QuantScheme::Fp8Block128)?,
+            (&batch, fp8.as_ref(), &out),
+        )?;
+        row("masked", m, a, "`masked_gemm`", b);
     }
+    dev.synchronize()?;
     Ok(())
 }
