@@ -12,8 +12,8 @@ use moe_runner_core::{
 use rayon::prelude::*;
 use safetensors::tensor::Dtype;
 
-use crate::arch::{scale_of, Family, Proj};
-use crate::experts::{act_dtype, ExpertSlice, BLOCK};
+use crate::arch::{Family, Proj};
+use crate::experts::{act_dtype, ExpertSlice};
 use crate::store::Checkpoint;
 
 fn check(what: &str, r: sys::CUresult) -> Result<()> {
@@ -167,33 +167,12 @@ pub fn load_experts_to_device(
         return Ok(Box::new(DenseWeights::new(w13, w2)?));
     }
     // The block scales are small: built on the host as `load_experts` does, then uploaded.
-    let (hb, ib, ilb, r0) = (h / BLOCK, i.div_ceil(BLOCK), il / BLOCK, row0 / BLOCK);
-    let mut s13 = vec![0f32; n * 2 * ilb * hb];
-    let mut s2 = vec![0f32; n * hb * ilb];
-    s13.par_chunks_mut(2 * ilb * hb)
-        .zip(s2.par_chunks_mut(hb * ilb))
-        .enumerate()
-        .try_for_each(|(j, (a, b))| -> Result<()> {
-            let e = slice.experts.start + j;
-            let get = |p| -> Result<Vec<f32>> {
-                let t = ck.get(&scale_of(&family.expert(slice.layer, e, p)))?;
-                let shape = if p == Proj::Down { [hb, ib] } else { [ib, hb] };
-                t.expect(&shape, &[Dtype::F32, Dtype::BF16])?;
-                t.to_f32()
-            };
-            let (g, u, d) = (get(Proj::Gate)?, get(Proj::Up)?, get(Proj::Down)?);
-            a[..ilb * hb].copy_from_slice(&g[r0 * hb..(r0 + ilb) * hb]);
-            a[ilb * hb..].copy_from_slice(&u[r0 * hb..(r0 + ilb) * hb]);
-            for (r, out) in b.chunks_exact_mut(ilb).enumerate() {
-                out.copy_from_slice(&d[r * ib + r0..r * ib + r0 + ilb]);
-            }
-            Ok(())
-        })?;
+    let (s13, s2) = crate::experts::fp8_block_scales(ck, family, slice)?;
     let device = moe_runner_core::Device::Cuda(dev.clone());
     Ok(Box::new(Fp8BlockWeights::new(
         w13,
-        Tensor::from_slice(&s13, &[n, 2 * ilb, hb], DType::F32)?.to_device(&device)?,
+        s13.to_device(&device)?,
         w2,
-        Tensor::from_slice(&s2, &[n, hb, ilb], DType::F32)?.to_device(&device)?,
+        s2.to_device(&device)?,
     )?))
 }

@@ -24,7 +24,7 @@ pub struct ExpertSlice {
     pub tp: (usize, usize),
 }
 
-pub(crate) const BLOCK: usize = 128;
+const BLOCK: usize = 128;
 
 impl ExpertSlice {
     /// FP8 block checkpoints split into whole 128x128 blocks: hidden and this rank's I.
@@ -125,8 +125,25 @@ pub fn load_experts(
     if !fp8 {
         return Ok(Box::new(DenseWeights::new(w13, w2)?));
     }
-    // Block scales: gate and up tiles stacked like their rows, this rank's I slice.
-    let (hb, ib, ilb, r0) = (h / BLOCK, i.div_ceil(BLOCK), il / BLOCK, row0 / BLOCK);
+    let (s13, s2) = fp8_block_scales(ck, family, slice)?;
+    Ok(Box::new(Fp8BlockWeights::new(w13, s13, w2, s2)?))
+}
+
+/// The 128x128 block scales of `slice`'s FP8 experts, on the host: `[n, 2 I_local / 128, H / 128]`
+/// (gate and up tiles stacked like their rows, this rank's I slice) and `[n, H / 128, I_local / 128]`.
+pub(crate) fn fp8_block_scales(
+    ck: &Checkpoint,
+    family: Family,
+    slice: &ExpertSlice,
+) -> Result<(Tensor, Tensor)> {
+    let il = slice.local_inter()?;
+    let (h, i, n) = (slice.hidden, slice.inter, slice.experts.len());
+    let (hb, ib, ilb, r0) = (
+        h / BLOCK,
+        i.div_ceil(BLOCK),
+        il / BLOCK,
+        slice.tp.0 * il / BLOCK,
+    );
     let mut s13 = vec![0f32; n * 2 * ilb * hb];
     let mut s2 = vec![0f32; n * hb * ilb];
     s13.par_chunks_mut(2 * ilb * hb)
@@ -149,12 +166,10 @@ pub fn load_experts(
             }
             Ok(())
         })?;
-    Ok(Box::new(Fp8BlockWeights::new(
-        w13,
+    Ok((
         Tensor::from_slice(&s13, &[n, 2 * ilb, hb], DType::F32)?,
-        w2,
         Tensor::from_slice(&s2, &[n, hb, ilb], DType::F32)?,
-    )?))
+    ))
 }
 
 /// The router of one layer: `[E, H]` weights as f32 and the score-correction bias when the

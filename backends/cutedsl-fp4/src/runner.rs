@@ -94,6 +94,22 @@ fn poisoned() -> MoeError {
     MoeError::Device("cutedsl_fp4 state poisoned by a panic".into())
 }
 
+/// Checks activations the runner quantizes itself: bf16 of `shape`, with no scales.
+fn bf16_input(hidden: &Tensor, scale: Option<&Tensor>, shape: &[usize]) -> Result<()> {
+    hidden.expect_shape("hidden", shape)?;
+    hidden.expect_dtype(
+        "hidden (bf16, which the runner quantizes, or NVFP4 from the low-latency dispatch)",
+        &[DType::Bf16],
+    )?;
+    if scale.is_some() {
+        return Err(MoeError::invalid(
+            "hidden_scale",
+            "given for bf16 activations, which cutedsl_fp4 quantizes itself",
+        ));
+    }
+    Ok(())
+}
+
 /// Rows of a GEMM tile for about `expected` rows per expert: 16 for decode batches (a tile of
 /// 64 would spend four times the tensor-core work on empty rows), else 64.
 fn tile_rows(expected: usize) -> usize {
@@ -389,20 +405,11 @@ impl Fp4Runner {
         let nvfp4_in = match d.hidden.dtype() {
             DType::E2M1x2 => Some(self.nvfp4_input(d, w, rt)?),
             _ => {
-                d.hidden.expect_shape(
-                    "masked hidden",
+                bf16_input(
+                    &d.hidden,
+                    d.hidden_scale.as_ref(),
                     &[cfg.num_local_experts, rt, cfg.hidden_size],
                 )?;
-                d.hidden.expect_dtype(
-                    "masked hidden (bf16, which the runner quantizes, or NVFP4 from the dispatcher)",
-                    &[DType::Bf16],
-                )?;
-                if d.hidden_scale.is_some() {
-                    return Err(MoeError::invalid(
-                        "hidden_scale",
-                        "given for bf16 activations (NVFP4 ones come with E4M3 scales)",
-                    ));
-                }
                 None
             }
         };
@@ -497,17 +504,7 @@ impl Fp4Runner {
         let cfg = &self.cfg;
         let (h, e) = (cfg.hidden_size, cfg.num_local_experts);
         let [m, _] = d.hidden.dims::<2>("hidden")?;
-        d.hidden.expect_shape("hidden", &[m, h])?;
-        d.hidden.expect_dtype(
-            "hidden (bf16: the runner quantizes to NVFP4)",
-            &[DType::Bf16],
-        )?;
-        if d.hidden_scale.is_some() {
-            return Err(MoeError::invalid(
-                "hidden_scale",
-                "cutedsl_fp4 takes bf16 activations and quantizes them itself",
-            ));
-        }
+        bf16_input(&d.hidden, d.hidden_scale.as_ref(), &[m, h])?;
         let k = cfg.top_k;
         d.topk.ids.expect_shape("topk_ids", &[m, k])?;
         out.expect_shape("output", &cfg.output_shape(m))?;

@@ -35,6 +35,18 @@ pub(crate) struct WorldMemory {
 /// Builds the ranks of a world.
 pub struct LlWorld;
 
+/// One rank's two buffer sets, zeroed.
+fn two_sets(
+    ctx: &Arc<moe_runner_core::cuda::cudarc::driver::CudaContext>,
+    shape: &LlShape,
+) -> Result<[DeviceAlloc; 2]> {
+    let bytes = shape.layout(0).bytes as usize;
+    Ok([
+        DeviceAlloc::zeroed(ctx, bytes)?,
+        DeviceAlloc::zeroed(ctx, bytes)?,
+    ])
+}
+
 impl LlWorld {
     /// One dispatcher per GPU of this process (rank r on `devices[r]`), every rank's buffers
     /// mapped into every other by peer access. `cfg.world_size` must be `devices.len()`; each
@@ -52,15 +64,9 @@ impl LlWorld {
         let shape = LlShape::of(cfg)?;
         let ctxs: Vec<_> = devices.iter().map(|d| d.context().clone()).collect();
         enable_peer_access(&ctxs)?;
-        let bytes = shape.layout(0).bytes as usize;
         let sets: Vec<[DeviceAlloc; 2]> = ctxs
             .iter()
-            .map(|c| {
-                Ok([
-                    DeviceAlloc::zeroed(c, bytes)?,
-                    DeviceAlloc::zeroed(c, bytes)?,
-                ])
-            })
+            .map(|c| two_sets(c, &shape))
             .collect::<Result<_>>()?;
         let bases: [Vec<u64>; 2] = [0, 1].map(|set| sets.iter().map(|s| s[set].ptr()).collect());
         let local = sets
@@ -105,11 +111,7 @@ impl LlWorld {
     ) -> Result<LlDispatcher> {
         let shape = LlShape::of(cfg)?;
         let ctx = device.context();
-        let bytes = shape.layout(0).bytes as usize;
-        let sets = [
-            DeviceAlloc::zeroed(ctx, bytes)?,
-            DeviceAlloc::zeroed(ctx, bytes)?,
-        ];
+        let sets = two_sets(ctx, &shape)?;
         // The zeroing must be done before any peer can write.
         ctx.synchronize()
             .map_err(|e| MoeError::Device(e.to_string()))?;
@@ -192,11 +194,7 @@ impl LlWorld {
     ) -> Result<LlDispatcher> {
         let shape = LlShape::of(cfg)?;
         let ctx = device.context();
-        let bytes = shape.layout(0).bytes as usize;
-        let sets = [
-            DeviceAlloc::zeroed(ctx, bytes)?,
-            DeviceAlloc::zeroed(ctx, bytes)?,
-        ];
+        let sets = two_sets(ctx, &shape)?;
         let comm = NcclComm::init(device, cfg.rank, cfg.world_size, id, timeout)?;
         let path = NcclPath::new(device, &shape, comm)?;
         // Every "peer" address is this rank's own set: the routing kernel's counts stay here
