@@ -38,6 +38,11 @@ pub struct DispatcherConfig {
     /// with [`Wire::Nvfp4`], which requires it finite and positive.
     #[serde(default)]
     pub nvfp4_global_scale: f32,
+    /// The experts' intermediate size, for dispatchers whose buffers also hold the expert
+    /// pass's intermediate rows (MegaMoE's symmetric buffer); 0 = not given, which those
+    /// dispatchers reject.
+    #[serde(default)]
+    pub intermediate_size: usize,
 }
 
 /// The number format of dispatched activations.
@@ -70,7 +75,14 @@ impl DispatcherConfig {
             top_k: 0,
             wire: Wire::Native,
             nvfp4_global_scale: 0.0,
+            intermediate_size: 0,
         }
+    }
+
+    /// The same config with the experts' intermediate size.
+    pub fn with_intermediate(mut self, intermediate_size: usize) -> Self {
+        self.intermediate_size = intermediate_size;
+        self
     }
 
     /// The same config with `top_k` experts per token.

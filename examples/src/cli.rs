@@ -30,6 +30,24 @@ pub enum Command {
     GenCheckpoint(GenCheckpointArgs),
     /// Time the deepep_ll all-to-all over this process's GPUs (dispatch, combine, whole layer).
     BenchA2a(A2aBenchArgs),
+    /// Time MegaMoE against the unfused expert-parallel path on the same routing (GPU).
+    BenchMega(MegaBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MegaBenchArgs {
+    /// Ranks, one per GPU (DeepSeek-V3's 256 experts split evenly).
+    #[arg(long, default_value_t = 1)]
+    pub ranks: usize,
+    /// Tokens per rank.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64,128")]
+    pub tokens: Vec<usize>,
+    /// Timed graph replays per batch size.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Also write the table as markdown here.
+    #[arg(long, value_name = "FILE")]
+    pub markdown: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

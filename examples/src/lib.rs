@@ -17,6 +17,8 @@ pub mod error;
 pub mod gpu_layer;
 pub mod hf_config;
 pub mod list;
+#[cfg(feature = "cuda")]
+pub mod mega_bench;
 pub mod memory;
 pub mod model;
 pub mod output;

@@ -179,7 +179,7 @@ impl LayerPlan {
         let group = match scheme {
             QuantScheme::Fp8Block128 => FP8_BLOCK.1,
             QuantScheme::Nvfp4 => NVFP4_BLOCK,
-            QuantScheme::Mxfp4 => MXFP4_BLOCK,
+            QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => MXFP4_BLOCK,
             _ => return Ok(()),
         };
         for (what, v) in [

@@ -261,6 +261,7 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             top_k: plan.config.top_k,
             wire: Default::default(),
             nvfp4_global_scale: 0.0,
+            intermediate_size: plan.config.intermediate_size,
         },
         runner.device(),
     )?;

@@ -83,6 +83,26 @@ pub struct MoeRunnerConfig {
     /// Output `[M, top_k, H]`: no router weight, no sum.
     #[serde(default)]
     pub no_combine: bool,
+    /// MegaMoE's number-format switches; other runners ignore them.
+    #[serde(default)]
+    pub megamoe: MegaMoeFlags,
+}
+
+/// MegaMoE's switches, each unset by default. An unset switch takes its environment override
+/// (`MOE_MEGA_FP4_ACTS`, `MOE_MEGA_MXF4_KIND`, read once per process), then its default: the
+/// activations of the weights' scheme, and no MXF4 kind. An explicit value is never overridden.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MegaMoeFlags {
+    /// Activations as E2M1 with a UE8M0 scale per 32 values (w4a4); otherwise E4M3 with a
+    /// UE8M0 scale per 32 (w4a8). Must agree with the weights' scheme.
+    #[serde(default)]
+    pub fp4_acts: Option<bool>,
+    /// The FP4 x FP4 product: FP4 activations stay FP4 through the dispatch and both operands
+    /// are widened in registers next to the MMA, instead of the activations being widened to
+    /// E4M3 once when they arrive. Only with FP4 activations.
+    #[serde(default)]
+    pub mxf4_kind: Option<bool>,
 }
 
 fn default_true() -> bool {
@@ -113,6 +133,7 @@ impl MoeRunnerConfig {
             apply_router_weight_on_input: false,
             inplace: false,
             no_combine: false,
+            megamoe: MegaMoeFlags::default(),
         }
     }
 

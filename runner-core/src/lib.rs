@@ -24,7 +24,7 @@ pub use activation::{ActivationKernel, ActivationOp};
 pub use combine_input::{
     downcast_combine, CombineInput, DeepEpLlCombineInput, StandardCombineInput,
 };
-pub use config::{Activation, GateUpLayout, MoeRunnerConfig};
+pub use config::{Activation, GateUpLayout, MegaMoeFlags, MoeRunnerConfig};
 pub use device::{CpuDevice, CudaDevice, Device, DeviceOps};
 pub use dispatch_output::{
     downcast_dispatch, DeepEpLlDispatchOutput, DispatchOutput, StandardDispatchOutput, TopK,
@@ -37,7 +37,7 @@ pub use quant_info::{
     Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights, Mxfp4Weights, Nvfp4Weights, Proj,
     QuantInfo, ScaleLayout, WeightDims, FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK,
 };
-pub use quant_scheme::{scheme_list, QuantScheme};
+pub use quant_scheme::{scheme_list, Mxfp4Acts, QuantScheme};
 pub use registry::{DeviceKind, PathInfo, PathKind};
 pub use runner::MoeRunner;
 pub use shared_experts::SharedExperts;

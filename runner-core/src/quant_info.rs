@@ -2,7 +2,7 @@
 //! scheme needs. Every type here can dequantize one expert to f32, which is what the CPU
 //! reference computes with and what tests compare kernels against.
 
-use crate::{DType, Device, MoeError, MoeRunnerConfig, QuantScheme, Result, Tensor};
+use crate::{DType, Device, MoeError, MoeRunnerConfig, Mxfp4Acts, QuantScheme, Result, Tensor};
 use std::any::Any;
 
 pub trait QuantInfo: Any + Send + Sync {
@@ -123,7 +123,9 @@ pub fn as_expert_weights(quant: &dyn QuantInfo) -> Result<&dyn ExpertWeights> {
         QuantScheme::Fp8PerTensor => downcast_quant::<Fp8PerTensorWeights>(quant)?,
         QuantScheme::Fp8PerChannel => downcast_quant::<Fp8PerChannelWeights>(quant)?,
         QuantScheme::Nvfp4 => downcast_quant::<Nvfp4Weights>(quant)?,
-        QuantScheme::Mxfp4 => downcast_quant::<Mxfp4Weights>(quant)?,
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
+            downcast_quant::<Mxfp4Weights>(quant)?
+        }
     })
 }
 
@@ -143,7 +145,9 @@ pub fn quant_to_device(quant: &dyn QuantInfo, device: &Device) -> Result<Box<dyn
             Box::new(downcast_quant::<Fp8PerChannelWeights>(quant)?.to_device(device)?)
         }
         QuantScheme::Nvfp4 => Box::new(downcast_quant::<Nvfp4Weights>(quant)?.to_device(device)?),
-        QuantScheme::Mxfp4 => Box::new(downcast_quant::<Mxfp4Weights>(quant)?.to_device(device)?),
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
+            Box::new(downcast_quant::<Mxfp4Weights>(quant)?.to_device(device)?)
+        }
     })
 }
 
@@ -744,14 +748,16 @@ impl ExpertWeights for Nvfp4Weights {
 
 // ---------------------------------------------------------------- MXFP4
 
-/// MXFP4 experts (w4a16): packed E2M1 `w13 [E, N1, H/2]`, `w2 [E, H, I/2]`, UE8M0 scales per 32
-/// values `[E, rows, cols/32]`; activations stay bf16.
+/// MXFP4 experts: packed E2M1 `w13 [E, N1, H/2]`, `w2 [E, H, I/2]`, UE8M0 scales per 32 values
+/// `[E, rows, cols/32]`. `acts` says what the GEMMs read: bf16 (w4a16, the default), or
+/// activations quantized per 32 values to E2M1 (w4a4) or E4M3 (w4a8), each with a UE8M0 scale.
 #[derive(Debug)]
 pub struct Mxfp4Weights {
     pub w13: Tensor,
     pub w13_scale: Tensor,
     pub w2: Tensor,
     pub w2_scale: Tensor,
+    pub acts: Mxfp4Acts,
     dims: WeightDims,
 }
 
@@ -778,8 +784,15 @@ impl Mxfp4Weights {
             w13_scale,
             w2,
             w2_scale,
+            acts: Mxfp4Acts::Bf16,
             dims: d,
         })
+    }
+
+    /// The same weights, read with activations in `acts`.
+    pub fn with_acts(mut self, acts: Mxfp4Acts) -> Self {
+        self.acts = acts;
+        self
     }
 
     pub fn quantize(dense: &DenseWeights) -> Result<Self> {
@@ -806,8 +819,25 @@ impl Mxfp4Weights {
     }
 }
 
-scaled_projections!(Mxfp4Weights, new);
-quant_info!(Mxfp4Weights, QuantScheme::Mxfp4);
+scaled_projections!(Mxfp4Weights);
+
+impl Mxfp4Weights {
+    /// A copy with every tensor on `device`, read with the same activations.
+    pub fn to_device(&self, device: &Device) -> Result<Self> {
+        Ok(Self::new(
+            self.w13.to_device(device)?,
+            self.w13_scale.to_device(device)?,
+            self.w2.to_device(device)?,
+            self.w2_scale.to_device(device)?,
+        )?
+        .with_acts(self.acts))
+    }
+}
+impl QuantInfo for Mxfp4Weights {
+    fn scheme(&self) -> QuantScheme {
+        self.acts.scheme()
+    }
+}
 
 impl ExpertWeights for Mxfp4Weights {
     fn dims(&self) -> WeightDims {

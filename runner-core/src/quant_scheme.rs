@@ -24,10 +24,16 @@ pub enum QuantScheme {
     Nvfp4,
     /// MXFP4 weights (E2M1, UE8M0 scale per 32 values) with bf16 activations (w4a16).
     Mxfp4,
+    /// MXFP4 weights with MXFP4 activations (w4a4): both GEMM inputs quantized per row and 32
+    /// values to E2M1 with a UE8M0 scale (MegaMoE's FP4 activations).
+    Mxfp4A4,
+    /// MXFP4 weights with FP8 activations (w4a8): E4M3 with a UE8M0 scale per row and 32
+    /// values (MegaMoE's default activations).
+    Mxfp4A8,
 }
 
 impl QuantScheme {
-    pub const ALL: [QuantScheme; 8] = [
+    pub const ALL: [QuantScheme; 10] = [
         QuantScheme::F32,
         QuantScheme::Bf16,
         QuantScheme::F16,
@@ -36,6 +42,8 @@ impl QuantScheme {
         QuantScheme::Fp8PerChannel,
         QuantScheme::Nvfp4,
         QuantScheme::Mxfp4,
+        QuantScheme::Mxfp4A4,
+        QuantScheme::Mxfp4A8,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -48,6 +56,8 @@ impl QuantScheme {
             QuantScheme::Fp8PerChannel => "fp8-per-channel",
             QuantScheme::Nvfp4 => "nvfp4",
             QuantScheme::Mxfp4 => "mxfp4",
+            QuantScheme::Mxfp4A4 => "mxfp4-w4a4",
+            QuantScheme::Mxfp4A8 => "mxfp4-w4a8",
         }
     }
 
@@ -60,7 +70,9 @@ impl QuantScheme {
             QuantScheme::Fp8PerTensor => "e4m3, f32 scale per expert",
             QuantScheme::Fp8PerChannel => "e4m3, f32 scale per output channel",
             QuantScheme::Nvfp4 => "e2m1, e4m3 scale per 16, f32 global",
-            QuantScheme::Mxfp4 => "e2m1, ue8m0 scale per 32",
+            QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
+                "e2m1, ue8m0 scale per 32"
+            }
         }
     }
 
@@ -73,11 +85,46 @@ impl QuantScheme {
             QuantScheme::Fp8PerTensor => "e4m3, f32 scale per tensor",
             QuantScheme::Fp8PerChannel => "e4m3, f32 scale per token",
             QuantScheme::Nvfp4 => "e2m1, e4m3 scale per 16, f32 global",
+            QuantScheme::Mxfp4A4 => "e2m1, ue8m0 scale per 32",
+            QuantScheme::Mxfp4A8 => "e4m3, ue8m0 scale per 32",
+        }
+    }
+
+    /// The activations' number format of the MXFP4 weight schemes.
+    pub const fn mxfp4_acts(self) -> Option<Mxfp4Acts> {
+        match self {
+            QuantScheme::Mxfp4 => Some(Mxfp4Acts::Bf16),
+            QuantScheme::Mxfp4A4 => Some(Mxfp4Acts::Fp4),
+            QuantScheme::Mxfp4A8 => Some(Mxfp4Acts::Fp8),
+            _ => None,
         }
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+}
+
+/// What the GEMMs of MXFP4 weights read as activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mxfp4Acts {
+    /// bf16 as given (w4a16).
+    #[default]
+    Bf16,
+    /// E2M1 with a UE8M0 scale per 32 values, `ceil_pow2(max(amax, 1e-4) / 6)` (w4a4).
+    Fp4,
+    /// E4M3 with a UE8M0 scale per 32 values, `ceil_pow2(max(amax, 1e-4) / 448)` (w4a8).
+    Fp8,
+}
+
+impl Mxfp4Acts {
+    pub const fn scheme(self) -> QuantScheme {
+        match self {
+            Mxfp4Acts::Bf16 => QuantScheme::Mxfp4,
+            Mxfp4Acts::Fp4 => QuantScheme::Mxfp4A4,
+            Mxfp4Acts::Fp8 => QuantScheme::Mxfp4A8,
+        }
     }
 }
 

@@ -233,8 +233,11 @@ pub fn duplicate_keys() -> Vec<String> {
             .map(|w| format!("{what} {:?}", w[0]))
             .collect()
     }
+    // A runner may register one path per device (its CPU path and its GPU kernels).
     let mut out = dups(
-        fused_funcs().map(|f| (f.format, f.runner)).collect(),
+        fused_funcs()
+            .map(|f| (f.format, f.runner, f.device))
+            .collect(),
         "fused func",
     );
     out.extend(dups(
@@ -242,7 +245,7 @@ pub fn duplicate_keys() -> Vec<String> {
         "pre-permute",
     ));
     out.extend(dups(
-        runner_cores().map(|c| c.runner).collect(),
+        runner_cores().map(|c| (c.runner, c.device)).collect(),
         "runner core",
     ));
     out.extend(dups(

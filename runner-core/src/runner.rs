@@ -45,12 +45,21 @@ impl MoeRunner {
         scheme: QuantScheme,
         config: MoeRunnerConfig,
     ) -> Result<Self> {
-        let info = Self::lookup(runner, format, scheme)?;
-        let device = match info.device {
-            DeviceKind::Cpu => Device::cpu(),
-            DeviceKind::Cuda => Device::cuda(0)?,
-        };
-        Self::on_device(&device, runner, format, scheme, config)
+        // A runner may register a path per device: the preferred one whose device is here.
+        let mut paths = Self::lookup_all(runner, format, scheme)?;
+        paths.sort_by_key(|p| std::cmp::Reverse(p.priority));
+        let mut last = None;
+        for info in paths {
+            let device = match info.device {
+                DeviceKind::Cpu => Ok(Device::cpu()),
+                DeviceKind::Cuda => Device::cuda(0),
+            };
+            match device {
+                Ok(d) => return Self::on_device(&d, runner, format, scheme, config),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| MoeError::Device("no device for this runner".into())))
     }
 
     /// Builds `runner` on a given device (an engine's GPU and stream).
@@ -62,21 +71,29 @@ impl MoeRunner {
         config: MoeRunnerConfig,
     ) -> Result<Self> {
         config.validate()?;
-        let info = Self::lookup(runner, format, scheme)?;
-        if info.device != DeviceKind::of(device) {
-            return Err(MoeError::invalid(
-                "device",
-                format!(
-                    "runner `{runner}` computes on {}, not on {}",
-                    info.device,
-                    DeviceKind::of(device)
-                ),
-            ));
-        }
+        let kind = DeviceKind::of(device);
+        let paths = Self::lookup_all(runner, format, scheme)?;
+        let info = paths
+            .iter()
+            .find(|p| p.device == kind)
+            .cloned()
+            .ok_or_else(|| {
+                MoeError::invalid(
+                    "device",
+                    format!(
+                        "runner `{runner}` computes on {}, not on {kind}",
+                        paths
+                            .iter()
+                            .map(|p| p.device.to_string())
+                            .collect::<Vec<_>>()
+                            .join(" and ")
+                    ),
+                )
+            })?;
         let path = match info.kind {
             PathKind::Fused => {
                 let f = fused_funcs()
-                    .find(|f| f.format == format && f.runner == info.runner)
+                    .find(|f| f.format == format && f.runner == info.runner && f.device == kind)
                     .expect("registered_paths lists only registered fused funcs");
                 ResolvedPath::Fused((f.make)(&config, device)?)
             }
@@ -85,7 +102,7 @@ impl MoeRunner {
                     .find(|p| p.format == format && p.runner == info.runner)
                     .expect("registered_paths lists only complete composed paths");
                 let core = runner_cores()
-                    .find(|c| c.runner == info.runner)
+                    .find(|c| c.runner == info.runner && c.device == kind)
                     .expect("registered_paths lists only complete composed paths");
                 let post = post_permutes()
                     .find(|p| p.format == format && p.runner == info.runner)
@@ -130,8 +147,20 @@ impl MoeRunner {
         Self::on_device(device, best.runner, format, scheme, config)
     }
 
-    /// Finds the registered path for the key, with errors listing what exists.
+    /// Finds the registered path for the key (the preferred one, when the runner registers
+    /// one per device), with errors listing what exists.
     pub fn lookup(runner: &str, format: DispatchFormat, scheme: QuantScheme) -> Result<PathInfo> {
+        let mut paths = Self::lookup_all(runner, format, scheme)?;
+        paths.sort_by_key(|p| std::cmp::Reverse(p.priority));
+        Ok(paths.remove(0))
+    }
+
+    /// Every registered path for the key, one per device it computes on; never empty.
+    pub fn lookup_all(
+        runner: &str,
+        format: DispatchFormat,
+        scheme: QuantScheme,
+    ) -> Result<Vec<PathInfo>> {
         let paths = registered_paths();
         if !paths.iter().any(|p| p.runner == runner) {
             return Err(MoeError::Unknown {
@@ -140,24 +169,30 @@ impl MoeRunner {
                 known: crate::registry::runner_names().join(", "),
             });
         }
-        let info = paths
+        let found: Vec<PathInfo> = paths
             .into_iter()
-            .find(|p| p.runner == runner && p.format == format)
-            .ok_or_else(|| MoeError::NoPath {
+            .filter(|p| p.runner == runner && p.format == format)
+            .collect();
+        let Some(first) = found.first() else {
+            return Err(MoeError::NoPath {
                 runner: runner.to_string(),
                 format,
                 scheme,
                 registered: describe_paths(|p| p.runner == runner || p.format == format),
-            })?;
-        if !info.schemes.contains(&scheme) {
+            });
+        };
+        if !found.iter().any(|p| p.schemes.contains(&scheme)) {
             return Err(MoeError::UnsupportedScheme {
                 runner: runner.to_string(),
                 format,
                 scheme,
-                supported: crate::scheme_list(info.schemes),
+                supported: crate::scheme_list(first.schemes),
             });
         }
-        Ok(info)
+        Ok(found
+            .into_iter()
+            .filter(|p| p.schemes.contains(&scheme))
+            .collect())
     }
 
     pub fn runner(&self) -> &'static str {

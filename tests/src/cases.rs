@@ -9,6 +9,9 @@ pub struct Variant {
     pub apply: fn(&mut MoeRunnerConfig),
     /// Whether formats that sum in their combine (masked) can express it.
     pub masked_ok: bool,
+    /// Whether MegaMoE's fused program expresses it (it sums in its combine, like the masked
+    /// formats, and its GEMM 1 tiles pair gate and up columns).
+    pub megamoe_ok: bool,
 }
 
 pub const VARIANTS: &[Variant] = &[
@@ -16,11 +19,13 @@ pub const VARIANTS: &[Variant] = &[
         name: "silu",
         apply: |_| {},
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "swiglu_limit",
         apply: |c| c.swiglu_limit = Some(0.75),
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "gpt_oss",
@@ -30,31 +35,37 @@ pub const VARIANTS: &[Variant] = &[
             c.gate_up = GateUpLayout::Interleaved;
         },
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "clamp_after_silu",
         apply: |c| c.gemm1_clamp_limit = Some(0.2),
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "gelu",
         apply: |c| c.activation = Activation::Gelu,
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "up_gate",
         apply: |c| c.gate_up = GateUpLayout::UpGate,
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "not_gated",
         apply: |c| c.is_gated = false,
         masked_ok: true,
+        megamoe_ok: false,
     },
     Variant {
         name: "routed_scaling",
         apply: |c| c.routed_scaling_factor = Some(2.5),
         masked_ok: true,
+        megamoe_ok: true,
     },
     Variant {
         name: "weight_on_input",
@@ -63,16 +74,19 @@ pub const VARIANTS: &[Variant] = &[
             c.apply_router_weight_on_input = true;
         },
         masked_ok: false,
+        megamoe_ok: false,
     },
     Variant {
         name: "no_combine",
         apply: |c| c.no_combine = true,
         masked_ok: false,
+        megamoe_ok: false,
     },
     Variant {
         name: "inplace",
         apply: |c| c.inplace = true,
         masked_ok: false,
+        megamoe_ok: false,
     },
 ];
 

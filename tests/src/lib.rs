@@ -15,4 +15,5 @@ pub fn link_backends() {
     moe_backend_triton::link();
     moe_backend_deepep_ll::link();
     moe_backend_cutedsl_fp4::link();
+    moe_backend_megamoe::link();
 }

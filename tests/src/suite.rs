@@ -73,6 +73,14 @@ pub fn tolerance(scheme: QuantScheme) -> f64 {
         QuantScheme::F16 => 5e-3,
         QuantScheme::Fp8Block128 | QuantScheme::Fp8PerTensor | QuantScheme::Fp8PerChannel => 3e-2,
         QuantScheme::Nvfp4 => 6e-2,
+        // MegaMoE requantizes GEMM 2's input after the router weight; the reference weights
+        // GEMM 2's output. The weight does not commute with a rounding to a power-of-two-scaled
+        // grid, so the two paths round the intermediate independently: for E2M1 that is a
+        // difference of the size of FP4's own error (measured 0.12 to 0.24 on the suite's
+        // shapes). The GPU program is held to the CPU path of the same order (`megamoe::cpu`)
+        // far more tightly.
+        QuantScheme::Mxfp4A4 => 3e-1,
+        QuantScheme::Mxfp4A8 => 6e-2,
     }
 }
 
@@ -84,7 +92,8 @@ pub fn dispatcher_for(
     device: &Device,
 ) -> Result<Box<dyn moe_dispatch::Dispatcher>> {
     let mut dcfg = DispatcherConfig::single(cfg.num_experts, cfg.hidden_size, max_tokens)
-        .with_top_k(cfg.top_k);
+        .with_top_k(cfg.top_k)
+        .with_intermediate(cfg.intermediate_size);
     dcfg.routed_scaling_factor = cfg.routed_scaling_factor;
     a2a_backends()
         .filter(|b| b.format == format)

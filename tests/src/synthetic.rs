@@ -149,7 +149,7 @@ fn quantize_matrix(
                 global: gs,
             }
         }
-        QuantScheme::Mxfp4 => {
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
             let q = moe_quant::quantize_mxfp4(x, r, c)?;
             Quantized {
                 data: q.packed,
@@ -189,7 +189,9 @@ fn storage(
                 ScaleLayout::Swizzled128x4 => moe_quant::swizzled_len(r, c / NVFP4_BLOCK),
             },
         ),
-        QuantScheme::Mxfp4 => (DType::E2M1x2, 2, DType::Ue8m0, r * c / MXFP4_BLOCK),
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
+            (DType::E2M1x2, 2, DType::Ue8m0, r * c / MXFP4_BLOCK)
+        }
     }
 }
 
@@ -312,14 +314,17 @@ pub fn weights(
                 layout,
             )?)
         }
-        QuantScheme::Mxfp4 => Box::new(Mxfp4Weights::new(
-            w13.data,
-            w13.scales
-                .reshape(&[e, dims.n1, dims.hidden / MXFP4_BLOCK])?,
-            w2.data,
-            w2.scales
-                .reshape(&[e, dims.hidden, dims.inter / MXFP4_BLOCK])?,
-        )?),
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => Box::new(
+            Mxfp4Weights::new(
+                w13.data,
+                w13.scales
+                    .reshape(&[e, dims.n1, dims.hidden / MXFP4_BLOCK])?,
+                w2.data,
+                w2.scales
+                    .reshape(&[e, dims.hidden, dims.inter / MXFP4_BLOCK])?,
+            )?
+            .with_acts(scheme.mxfp4_acts().unwrap_or_default()),
+        ),
     })
 }
 

@@ -4,8 +4,7 @@
 use moe_runner_core::cuda::fill_uniform;
 use moe_runner_core::{
     CudaDevice, DType, DenseWeights, Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights,
-    MoeError, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout, Tensor, WeightDims,
-    FP8_BLOCK,
+    Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout, Tensor, WeightDims, FP8_BLOCK,
 };
 
 /// Weights of `dims` in `scheme` on `dev`: values uniform with unit-variance products, scales
@@ -87,11 +86,32 @@ pub fn device_weights(
                 ScaleLayout::Swizzled128x4,
             )?)
         }
-        other => {
-            return Err(MoeError::invalid(
-                "scheme",
-                format!("no GPU generator for {other}"),
-            ))
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
+            // Random bytes are random pairs of E2M1 codes; UE8M0 scales near sqrt(3 / fan_in)
+            // / 3, drawn as E4M3 values whose bytes are the exponents wanted (+-1).
+            let codes = |shape: &[usize], s: u64| fp8(shape, s)?.cuda_view(0, shape, DType::E2M1x2);
+            let sf = |rows: usize, cols: usize, s: u64| -> Result<Tensor> {
+                let want = 127.0 + ((3.0f32 / cols as f32).sqrt() / 3.0).log2();
+                let b = want.round().clamp(2.0, 125.0) as u8;
+                let shape = [e, rows, cols / moe_runner_core::MXFP4_BLOCK];
+                let t = mk(
+                    &shape,
+                    DType::F8E4M3,
+                    moe_quant::e4m3_to_f32(b - 1),
+                    moe_quant::e4m3_to_f32(b + 1),
+                    s,
+                )?;
+                t.cuda_view(0, &shape, DType::Ue8m0)
+            };
+            Box::new(
+                moe_runner_core::Mxfp4Weights::new(
+                    codes(&[e, n1, h / 2], 3)?,
+                    sf(n1, h, 4)?,
+                    codes(&[e, h, i / 2], 5)?,
+                    sf(h, i, 6)?,
+                )?
+                .with_acts(scheme.mxfp4_acts().unwrap_or_default()),
+            )
         }
     })
 }

@@ -229,6 +229,7 @@ fn expert_parallel_partials_sum_to_the_single_rank_result() {
             top_k: K,
             wire: Default::default(),
             nvfp4_global_scale: 0.0,
+            intermediate_size: 0,
         };
         let (a, b) = (rank * local * 2 * I * H, (rank + 1) * local * 2 * I * H);
         let (c, d) = (rank * local * H * I, (rank + 1) * local * H * I);

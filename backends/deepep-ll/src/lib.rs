@@ -13,7 +13,7 @@ pub mod layout;
 pub mod sim;
 
 #[cfg(feature = "cuda")]
-mod alloc;
+pub mod alloc;
 #[cfg(feature = "cuda")]
 mod dispatcher;
 #[cfg(feature = "cuda")]

@@ -6,6 +6,7 @@ use half::{bf16, f16};
 use moe_quant::{quantize_fp8_groups, quantize_nvfp4, ScaleFormat};
 use moe_runner_core::{
     downcast_quant, Fp8PerTensorWeights, MoeError, Nvfp4Weights, QuantInfo, QuantScheme, Result,
+    MXFP4_BLOCK,
 };
 
 /// Which GEMM's input is being rounded.
@@ -23,7 +24,9 @@ pub fn check_widths(scheme: QuantScheme, hidden: usize, inter: usize) -> Result<
     let group = match scheme {
         QuantScheme::Fp8Block128 => FP8_ACT_GROUP,
         QuantScheme::Nvfp4 => moe_runner_core::NVFP4_BLOCK,
-        QuantScheme::Mxfp4 => moe_runner_core::MXFP4_BLOCK,
+        QuantScheme::Mxfp4 | QuantScheme::Mxfp4A4 | QuantScheme::Mxfp4A8 => {
+            moe_runner_core::MXFP4_BLOCK
+        }
         _ => return Ok(()),
     };
     for (what, v) in [("hidden_size", hidden), ("intermediate_size", inter)] {
@@ -84,6 +87,16 @@ pub fn round_activations(
                 *v = moe_quant::e4m3_to_f32(moe_quant::e4m3_from_f32(*v / tensor_scale))
                     * tensor_scale;
             }
+        }
+        QuantScheme::Mxfp4A4 => {
+            let q = moe_quant::quantize_mxfp4(x, rows, cols)?;
+            let mut out = vec![0f32; x.len()];
+            moe_quant::dequantize_mxfp4_into(&q.packed, &q.scales, rows, cols, &mut out)?;
+            x.copy_from_slice(&out);
+        }
+        QuantScheme::Mxfp4A8 => {
+            let q = quantize_fp8_groups(x, rows, cols, MXFP4_BLOCK, ScaleFormat::Ue8m0)?;
+            x.copy_from_slice(&q.dequantize());
         }
         QuantScheme::Nvfp4 => {
             let w = downcast_quant::<Nvfp4Weights>(quant)?;

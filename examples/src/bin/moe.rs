@@ -30,8 +30,10 @@ fn main() -> ExitCode {
         Command::Tune(args) => moe_examples::tune::tune(args, &mut out),
         #[cfg(feature = "cuda")]
         Command::BenchA2a(args) => moe_examples::a2a_bench::bench_a2a(args, &mut out),
+        #[cfg(feature = "cuda")]
+        Command::BenchMega(args) => moe_examples::mega_bench::bench_mega(args, &mut out),
         #[cfg(not(feature = "cuda"))]
-        Command::Bench(_) | Command::Tune(_) | Command::BenchA2a(_) => {
+        Command::Bench(_) | Command::Tune(_) | Command::BenchA2a(_) | Command::BenchMega(_) => {
             Err(moe_runner_core::MoeError::NoCuda("this build has no `cuda` feature".into()).into())
         }
     };

@@ -1,0 +1,226 @@
+//! The compiled program (`kernels/megamoe.cu`) and its launch: one cooperative grid per rank,
+//! as many blocks as fit on the GPU at once (the grid barriers need every block resident).
+
+use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
+use moe_runner_core::cuda::compile_module;
+use moe_runner_core::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+use moe_runner_core::cuda::cudarc::driver::{
+    CudaFunction, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Result, Tensor};
+
+use super::weights::PackedWeights;
+use super::world::RankHandle;
+use crate::dispatch_output::MegaMoeDispatchOutput;
+use crate::flags::Resolved;
+
+const SOURCE: &str = include_str!("../kernels/megamoe.cu");
+/// Threads of a block (eight warps).
+pub const THREADS: u32 = 256;
+/// Shared memory for the cross-warp sums: eight warps of 16 x 64 f32.
+const RED_BYTES: usize = 8 * 16 * 64 * 4;
+/// How long a rank waits for the others before flagging a timeout.
+pub const TIMEOUT_MS: u64 = 10_000;
+/// The same in SM clock cycles, at 2 GHz (Hopper's clocks are below, so the wait is longer).
+pub const TIMEOUT_CYCLES: i64 = TIMEOUT_MS as i64 * 2_000_000;
+
+/// The kernel's parameter block (`struct MegaParams` in `megamoe.cu`, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MegaParams {
+    pub hidden: u64,
+    pub topk_ids: u64,
+    pub topk_w: u64,
+    pub peers: u64,
+    pub sym: u64,
+    pub out: u64,
+    pub w13: u64,
+    pub w13s: u64,
+    pub w2: u64,
+    pub w2s: u64,
+    pub error: u64,
+    pub off: [u64; 13],
+    pub timeout_cycles: i64,
+    pub rank: i32,
+    pub ranks: i32,
+    pub m: i32,
+    pub kin: i32,
+    pub tmax: i32,
+    pub k: i32,
+    pub hidden_size: i32,
+    pub inter: i32,
+    pub local_experts: i32,
+    pub num_experts: i32,
+    pub limit: f32,
+    pub alpha: f32,
+    pub scale: f32,
+}
+
+// SAFETY: plain old data laid out as the C struct the kernel declares.
+unsafe impl DeviceRepr for MegaParams {}
+
+impl MegaParams {
+    /// The block for `out`'s batch on `rank`, writing `[m, H]` into `dst`; no weights yet.
+    pub fn new(rank: &RankHandle, out: &MegaMoeDispatchOutput, dst: &Tensor) -> Result<Self> {
+        let mem = rank.mem();
+        let l = rank.layout();
+        let s = out.shape;
+        Ok(Self {
+            hidden: out.hidden.cuda_ptr()?,
+            topk_ids: out.topk.ids.cuda_ptr()?,
+            topk_w: out.topk.weights.cuda_ptr()?,
+            peers: mem.peers.ptr(),
+            sym: mem.sym.ptr(),
+            out: dst.cuda_ptr()?,
+            error: mem.error.ptr(),
+            off: [
+                l.ctrl, l.counts, l.x, l.xs, l.ids, l.weights, l.y, l.list, l.xg, l.xgs, l.wg, l.h,
+                l.hs,
+            ],
+            timeout_cycles: TIMEOUT_CYCLES,
+            rank: s.rank as i32,
+            ranks: s.ranks as i32,
+            m: out.topk.num_tokens() as i32,
+            kin: out.topk.top_k() as i32,
+            tmax: s.max_tokens as i32,
+            k: s.top_k as i32,
+            hidden_size: s.hidden as i32,
+            inter: s.inter as i32,
+            local_experts: s.local_experts as i32,
+            num_experts: s.num_experts as i32,
+            scale: 1.0,
+            ..Self::default()
+        })
+    }
+
+    /// The same block with the packed weights, the activation's limit and alpha, and the
+    /// routed scaling factor.
+    pub fn with_weights(
+        mut self,
+        w: &PackedWeights,
+        limit: f32,
+        alpha: f32,
+        scale: f32,
+    ) -> Result<Self> {
+        self.w13 = w.w13.cuda_ptr()?;
+        self.w13s = w.w13s.cuda_ptr()?;
+        self.w2 = w.w2.cuda_ptr()?;
+        self.w2s = w.w2s.cuda_ptr()?;
+        self.limit = limit;
+        self.alpha = alpha;
+        self.scale = scale;
+        Ok(self)
+    }
+}
+
+pub struct Program {
+    pub fused: CudaFunction,
+    pub pre_dispatch: CudaFunction,
+    pub pack: CudaFunction,
+    /// Blocks of the cooperative grid.
+    pub blocks: u32,
+    pub smem: u32,
+}
+
+impl Program {
+    pub fn new(
+        dev: &CudaDevice,
+        flags: Resolved,
+        act: u8,
+        gate_up: GateUpLayout,
+        local_experts: usize,
+    ) -> Result<Self> {
+        let gate_up = match gate_up {
+            GateUpLayout::GateUp => 0,
+            GateUpLayout::UpGate => 1,
+            GateUpLayout::Interleaved => 2,
+        };
+        let module = compile_module(
+            dev,
+            "megamoe",
+            &format!("{COMMON}\n{FP4}\n{ACTIVATION}\n{SOURCE}"),
+            &[
+                ("ACT", act.to_string()),
+                ("GATE_UP", gate_up.to_string()),
+                ("ACT_F16", "0".into()),
+                ("FP4_ACTS", u8::from(flags.fp4_acts).to_string()),
+                ("MXF4", u8::from(flags.mxf4_kind).to_string()),
+                (
+                    "MIN_BLOCKS",
+                    std::env::var("MOE_MEGA_MIN_BLOCKS").unwrap_or_else(|_| "1".into()),
+                ),
+            ],
+        )?;
+        let load = |name: &str| {
+            module.load_function(name).map_err(|e| MoeError::Kernel {
+                name: name.into(),
+                log: e.to_string(),
+            })
+        };
+        let kerr = |e: moe_runner_core::cuda::cudarc::driver::DriverError| MoeError::Kernel {
+            name: "megamoe_fused".into(),
+            log: e.to_string(),
+        };
+        let fused = load("megamoe_fused")?;
+        let smem = (RED_BYTES + 2 * (local_experts + 1) * 4) as u32;
+        fused
+            .set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(kerr)?;
+        let per_sm = fused
+            .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem as usize, None)
+            .map_err(kerr)?;
+        let attr = |a| {
+            dev.context()
+                .attribute(a)
+                .map_err(|e| MoeError::Device(e.to_string()))
+        };
+        let sms = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        if per_sm < 1 {
+            return Err(MoeError::Kernel {
+                name: "megamoe_fused".into(),
+                log: format!("no block of {THREADS} threads with {smem} B of shared memory fits on an SM ({local_experts} local experts)"),
+            });
+        }
+        Ok(Self {
+            fused,
+            pre_dispatch: load("megamoe_pre_dispatch")?,
+            pack: load("megamoe_pack_weights")?,
+            blocks: per_sm as u32 * sms as u32,
+            smem,
+        })
+    }
+
+    /// Launches the whole layer on `dev`'s stream.
+    pub fn launch(&self, dev: &CudaDevice, p: &MegaParams) -> Result<()> {
+        let mut b = dev.stream().launch_builder(&self.fused);
+        b.arg(p);
+        let cfg = LaunchConfig {
+            grid_dim: (self.blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: self.smem,
+        };
+        // SAFETY: the parameter block addresses live buffers sized by the layout and checked
+        // shapes; the grid fits on the device (occupancy above), as a cooperative launch needs.
+        unsafe { b.launch_cooperative(cfg) }
+            .map(|_| ())
+            .map_err(|e| MoeError::Device(format!("launching megamoe_fused: {e}")))
+    }
+
+    /// Launches the pre-dispatch alone (a checkable step of the program).
+    pub fn launch_pre_dispatch(&self, dev: &CudaDevice, p: &MegaParams) -> Result<()> {
+        let mut b = dev.stream().launch_builder(&self.pre_dispatch);
+        b.arg(p);
+        let cfg = LaunchConfig {
+            grid_dim: (self.blocks, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as for `launch`; this kernel writes only this rank's pre-dispatch regions.
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| MoeError::Device(format!("launching megamoe_pre_dispatch: {e}")))
+    }
+}

@@ -1,0 +1,141 @@
+//! The GPU runner: compiles the program for the switches in force (once per switch pair),
+//! repacks the weights once, and launches the layer.
+
+use moe_backend_triton::stages::act_params;
+use moe_runner_core::registry::FusedRunner;
+use moe_runner_core::{
+    CombineInput, CudaDevice, DType, DispatchOutput, MoeError, MoeRunnerConfig, QuantInfo, Result,
+    Tensor,
+};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::program::{MegaParams, Program};
+use super::weights::PackedWeights;
+use crate::dispatch_output::MegaMoeCombineInput;
+use crate::flags::Resolved;
+use crate::runner::prepare;
+
+pub(crate) struct GpuMega {
+    cfg: MoeRunnerConfig,
+    dev: CudaDevice,
+    act: (u8, f32, f32),
+    programs: Mutex<HashMap<Resolved, Arc<Program>>>,
+    packed: Mutex<Option<Arc<PackedWeights>>>,
+}
+
+impl GpuMega {
+    pub fn new(cfg: &MoeRunnerConfig, dev: &CudaDevice) -> Result<Self> {
+        Ok(Self {
+            cfg: cfg.clone(),
+            dev: dev.clone(),
+            act: act_params(cfg.activation_kernel()?),
+            programs: Mutex::new(HashMap::new()),
+            packed: Mutex::new(None),
+        })
+    }
+
+    fn program(&self, flags: Resolved) -> Result<Arc<Program>> {
+        let mut map = self
+            .programs
+            .lock()
+            .map_err(|_| MoeError::Device("megamoe program cache poisoned".into()))?;
+        if let Some(p) = map.get(&flags) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(Program::new(
+            &self.dev,
+            flags,
+            self.act.0,
+            self.cfg.gate_up,
+            self.cfg.num_local_experts,
+        )?);
+        map.insert(flags, p.clone());
+        Ok(p)
+    }
+
+    fn packed(
+        &self,
+        program: &Program,
+        w: &moe_runner_core::Mxfp4Weights,
+    ) -> Result<Arc<PackedWeights>> {
+        let mut slot = self
+            .packed
+            .lock()
+            .map_err(|_| MoeError::Device("megamoe weight cache poisoned".into()))?;
+        let source = PackedWeights::source_of(w)?;
+        if let Some(p) = slot.as_ref().filter(|p| p.source == source) {
+            return Ok(p.clone());
+        }
+        let p = Arc::new(PackedWeights::pack(&self.dev, program, w)?);
+        *slot = Some(p.clone());
+        Ok(p)
+    }
+
+    /// Runs the layer into `dst` (`[m, H]` bf16 on this GPU).
+    fn run_to(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        dst: &Tensor,
+    ) -> Result<()> {
+        let (out, w, flags) = prepare(&self.cfg, input, quant)?;
+        let m = out.topk.num_tokens();
+        dst.expect_dtype("out", &[DType::Bf16])?;
+        dst.expect_shape("out", &[m, out.shape.hidden])?;
+        if dst.cuda_ptr()? % 16 != 0 {
+            return Err(MoeError::invalid(
+                "out",
+                "device address must be 16-byte aligned",
+            ));
+        }
+        let rank = out.rank.as_ref().ok_or_else(|| {
+            MoeError::Device(
+                "this megamoe dispatch output has no GPU buffers: dispatch with the megamoe a2a on this GPU"
+                    .into(),
+            )
+        })?;
+        let ordinal = rank.mem().dev.context().ordinal();
+        if ordinal != self.dev.context().ordinal() {
+            return Err(MoeError::invalid(
+                "dispatch output",
+                format!(
+                    "its buffers are on GPU {ordinal}, this runner on GPU {}",
+                    self.dev.context().ordinal()
+                ),
+            ));
+        }
+        let program = self.program(flags)?;
+        let packed = self.packed(&program, w)?;
+        let (_, limit, alpha) = self.act;
+        let p = MegaParams::new(rank, out, dst)?.with_weights(
+            &packed,
+            limit,
+            alpha,
+            self.cfg.routed_scaling_factor.unwrap_or(1.0),
+        )?;
+        program.launch(&self.dev, &p)
+    }
+}
+
+impl FusedRunner for GpuMega {
+    fn run(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+    ) -> Result<Box<dyn CombineInput>> {
+        let m = input.num_tokens();
+        let dst = Tensor::zeros_cuda(&self.dev, &[m, input.hidden_size()], DType::Bf16)?;
+        self.run_to(input, quant, &dst)?;
+        Ok(Box::new(MegaMoeCombineInput { hidden: dst }))
+    }
+
+    fn run_into(
+        &self,
+        input: &dyn DispatchOutput,
+        quant: &dyn QuantInfo,
+        out: &Tensor,
+    ) -> Result<()> {
+        self.run_to(input, quant, out)
+    }
+}
