@@ -297,6 +297,13 @@ pub fn bench_mega(args: &MegaBenchArgs, out: &mut dyn Write) -> Result<()> {
                 d.check()?;
             }
             *us = time_us(&devs, &steps, args.iters)?;
+            let phases = mega_world[0]
+                .phase_times_us()?
+                .iter()
+                .map(|(n, t)| format!("{n} {t:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            eprintln!("  megamoe variant {v}, {m} tokens, rank 0's phases (us): {phases}");
         }
         let mut ll_us = [0f64; 2];
         for (v, us) in ll_us.iter_mut().enumerate() {

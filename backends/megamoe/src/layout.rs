@@ -10,6 +10,18 @@ use moe_runner_core::{MoeError, Result};
 pub const MAX_RANKS: usize = 1024;
 /// k values per load group of the kernel; both GEMMs' inner sizes must be multiples of it.
 pub const K_GROUP: usize = 128;
+/// Phase-boundary timestamps the program keeps (u64 nanoseconds after the flags).
+pub const PHASES: usize = 8;
+/// The phases between consecutive timestamps.
+pub const PHASE_NAMES: [&str; PHASES - 1] = [
+    "pre-dispatch",
+    "ready wait",
+    "dispatch",
+    "GEMM 1",
+    "GEMM 2",
+    "done wait",
+    "combine",
+];
 
 /// What the buffer is sized for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,7 +40,8 @@ pub struct MegaShape {
 /// Byte offsets of each region, and the total.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
-    /// Epoch, grid barrier, and one ready and one done flag per rank (u32 each).
+    /// Epoch, grid barrier, one ready and one done flag per rank (u32 each), then the phase
+    /// timestamps of the last call.
     pub ctrl: u64,
     /// `[E_local] u32`: rows received per local expert (zero between calls).
     pub counts: u64,
@@ -47,13 +60,13 @@ pub struct Layout {
     pub list: u64,
     /// `[R*T*k, H]` bytes: received rows in the GEMM's operand layout.
     pub xg: u64,
-    /// `[R*T*k, H/32]` their scales.
+    /// `[R*T*k, ceil32(H/32)]` their scales.
     pub xgs: u64,
     /// `[R*T*k] f32` their router weights.
     pub wg: u64,
     /// `[R*T*k, I]` bytes: GEMM 2's quantized input.
     pub h: u64,
-    /// `[R*T*k, I/32]` its scales.
+    /// `[R*T*k, ceil32(I/32)]` its scales.
     pub hs: u64,
     pub bytes: u64,
 }
@@ -128,7 +141,7 @@ impl MegaShape {
             Ok(off)
         };
         Ok(Layout {
-            ctrl: take(((16 + 2 * MAX_RANKS) * 4) as u64)?,
+            ctrl: take(((16 + 2 * MAX_RANKS) * 4 + 8 * PHASES) as u64)?,
             counts: take(mul(&[self.local_experts, 4])?)?,
             x: take(mul(&[t, h])?)?,
             xs: take(mul(&[t, h / 32])?)?,
@@ -137,13 +150,19 @@ impl MegaShape {
             y: take(mul(&[t, k, h, 2])?)?,
             list: take(mul(&[self.local_experts, cap, 4])?)?,
             xg: take(mul(&[cap, h])?)?,
-            xgs: take(mul(&[cap, h / 32])?)?,
+            xgs: take(mul(&[cap, scale_pitch(h)])?)?,
             wg: take(mul(&[cap, 4])?)?,
             h: take(mul(&[cap, i])?)?,
-            hs: take(mul(&[cap, i / 32])?)?,
+            hs: take(mul(&[cap, scale_pitch(i)])?)?,
             bytes: take(0)?,
         })
     }
+}
+
+/// Bytes per row of the received rows' (and the intermediate's) scales: `K / 32` rounded up to
+/// 32, so the kernel copies each stage's 32 scale bytes of a row as one aligned block.
+fn scale_pitch(k: usize) -> usize {
+    (k / 32).div_ceil(32) * 32
 }
 
 fn mul(v: &[usize]) -> Result<u64> {

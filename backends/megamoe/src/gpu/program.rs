@@ -15,10 +15,18 @@ use crate::dispatch_output::MegaMoeDispatchOutput;
 use crate::flags::Resolved;
 
 const SOURCE: &str = include_str!("../kernels/megamoe.cu");
-/// Threads of a block (eight warps).
-pub const THREADS: u32 = 256;
-/// Shared memory for the cross-warp sums: eight warps of 16 x 64 f32.
-const RED_BYTES: usize = 8 * 16 * 64 * 4;
+/// Threads of a block: eight consumer warps and the producer warp.
+pub const THREADS: u32 = 288;
+/// Threads of the standalone pre-dispatch (the consumer warps).
+const CONSUMERS: u32 = 256;
+/// Stages of the weight ring and the other shared-memory regions of `megamoe_fused`, as the
+/// kernel lays them out (`STAGE_BYTES`, `RED_FLOATS`, the item prefixes, the mbarriers).
+const STAGES: usize = 3;
+fn fused_smem(flags: Resolved, local_experts: usize) -> usize {
+    let a_group = if flags.mxf4_kind { 64 } else { 128 };
+    let stage = 8 * 8 * 512 + 8 * 8 * 32 + 16 * (8 * a_group + 16) + 16 * 32;
+    STAGES * stage + 8 * 16 * 64 * 4 + 2 * (local_experts + 1) * 4 + 8 + 2 * STAGES * 8
+}
 /// How long a rank waits for the others before flagging a timeout.
 pub const TIMEOUT_MS: u64 = 10_000;
 /// The same in SM clock cycles, at 2 GHz (Hopper's clocks are below, so the wait is longer).
@@ -162,7 +170,7 @@ impl Program {
             log: e.to_string(),
         };
         let fused = load("megamoe_fused")?;
-        let smem = (RED_BYTES + 2 * (local_experts + 1) * 4) as u32;
+        let smem = fused_smem(flags, local_experts) as u32;
         fused
             .set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -215,7 +223,7 @@ impl Program {
         b.arg(p);
         let cfg = LaunchConfig {
             grid_dim: (self.blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
+            block_dim: (CONSUMERS, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: as for `launch`; this kernel writes only this rank's pre-dispatch regions.

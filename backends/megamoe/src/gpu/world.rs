@@ -239,6 +239,31 @@ impl MegaMoeWorld {
 }
 
 impl MegaMoeDispatcher {
+    /// Microseconds each phase of this rank's last call took on its first block (the phases of
+    /// [`crate::layout::PHASE_NAMES`]); waits for the device.
+    pub fn phase_times_us(&self) -> Result<Vec<(&'static str, f64)>> {
+        let rank = self
+            .rank
+            .as_ref()
+            .ok_or_else(|| MoeError::Device("this megamoe dispatcher has no GPU buffers".into()))?;
+        let mem = rank.mem();
+        mem.dev
+            .stream()
+            .synchronize()
+            .map_err(|e| MoeError::Device(e.to_string()))?;
+        let mut ns = [0u64; crate::layout::PHASES];
+        let off = rank.layout().ctrl + ((16 + 2 * crate::layout::MAX_RANKS) * 4) as u64;
+        // SAFETY: the stamps lie inside this rank's control region; the stream is idle.
+        check("reading megamoe phase times", unsafe {
+            sys::cuMemcpyDtoH_v2(ns.as_mut_ptr().cast(), mem.sym.ptr() + off, 8 * ns.len())
+        })?;
+        Ok(crate::layout::PHASE_NAMES
+            .iter()
+            .zip(ns.windows(2))
+            .map(|(name, w)| (*name, w[1].saturating_sub(w[0]) as f64 / 1e3))
+            .collect())
+    }
+
     /// Runs only the program's pre-dispatch for `hidden`/`topk` (as [`Dispatcher::dispatch`]
     /// takes them) with FP4 (`fp4_acts`) or FP8 activations, and reads back this rank's
     /// regions: the layout the other ranks read, for checks against [`crate::cpu::pre_dispatch`].

@@ -14,10 +14,13 @@
 // Defines: FP4_ACTS (E2M1 activations, else E4M3), MXF4 (FP4 activations kept as FP4 and widened
 // in registers next to the MMA), ACT (activation.cuh).
 //
-// Products run on the FP8 tensor cores (mma.m16n8k32.e4m3). An E2M1 nibble s|e1 e0 m placed as
-// the E4M3 byte s|0 0 e1 e0 m|0 0 is the E2M1 value times 2^-6 (subnormal 0.5 included), so
-// widening is a shift and a mask and the 2^6 goes into the final scale. Each k32 step is one
-// scale block of both operands: its product is added with the two power-of-two scales.
+// Products run on the tensor cores as f16 mma.m16n8k16 with the weights as the 16-row operand and
+// up to eight tokens as the 8 columns (decode batches fill an n8 tile, not an m16 one; Hopper's
+// mma.sync has no FP8 form, its e4m3 variant is emulated through f16). An E2M1 nibble s|e1 e0 m
+// placed as the E4M3 byte s|0 0 e1 e0 m|0 0 is the E2M1 value times 2^-6 (subnormal 0.5
+// included), so widening is a shift and a mask, then one exact e4m3x2 -> f16x2 conversion per
+// pair; the 2^6 goes into the final scale. Each k32 step is one scale block of both operands: its
+// two k16 products are added with the two power-of-two scales.
 
 #define KGROUP 128      // k values per load group (four k32 steps)
 #define ITEM_ROWS 16    // rows of one work item (one m16 tile: decode batches; more rows, more items)
@@ -29,7 +32,8 @@
 #else
 #define WIDEN_FACTOR 64.0f
 #endif
-#define THREADS (WARPS * 32)
+#define CONSUMERS (WARPS * 32)        // the consumer warps: every phase but the weight stream
+#define THREADS (CONSUMERS + 32)      // plus the producer warp
 
 struct MegaParams {
     const u16* hidden;    // [m, H] bf16, this rank's tokens
@@ -54,6 +58,16 @@ struct MegaParams {
 // rank r, [CTRL_DONE + r] done from rank r.
 #define CTRL_READY 16
 #define CTRL_DONE (16 + 1024)
+// u64 words after the flags: block 0's global timer (ns) at each phase boundary of the last call.
+#define CTRL_STAMPS (16 + 2048)
+
+__device__ __forceinline__ void stamp(u32* ctrl, int i) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        u64 t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        ((u64*)(ctrl + CTRL_STAMPS))[i] = t;
+    }
+}
 
 __device__ __forceinline__ u32 ld_acquire_gpu(const u32* p) {
     u32 v;
@@ -71,27 +85,13 @@ __device__ __forceinline__ void st_release_gpu(u32* p, u32 v) {
 __device__ __forceinline__ void st_release_sys(u32* p, u32 v) {
     asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
 }
-// Streamed weights: read once, kept out of L1.
-__device__ __forceinline__ uint4 ld_stream16(const void* p) {
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-    return v;
-}
-__device__ __forceinline__ u64 ld_stream8(const void* p) {
-    u64 v;
-    asm volatile("ld.global.nc.L1::no_allocate.u64 %0, [%1];" : "=l"(v) : "l"(p));
-    return v;
-}
 
-// Starts pulling `bytes` (a multiple of 16) at `p` into L2, in the background.
-__device__ __forceinline__ void prefetch_l2(const void* p, u32 bytes) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
+// The consumer warps' own barrier (the producer warp does not take part).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory"); }
 
 // Sense-reversing grid barrier (the launch is cooperative, so every block is resident).
 __device__ void grid_sync(u32* ctrl) {
-    __syncthreads();
+    consumers_sync();
     if (threadIdx.x == 0) {
         const u32 gen = ld_acquire_gpu(ctrl + 2);
         __threadfence();
@@ -104,7 +104,7 @@ __device__ void grid_sync(u32* ctrl) {
             }
         }
     }
-    __syncthreads();
+    consumers_sync();
 }
 
 // Waits until every rank has written `epoch` (or later) into flags[0..ranks).
@@ -120,7 +120,7 @@ __device__ void await_ranks(const MegaParams& p, const u32* flags, u32 epoch) {
             }
         }
     }
-    __syncthreads();
+    consumers_sync();
 }
 
 // Writes `epoch` into slot `rank` of flags at `off` in every rank's buffer (after this rank's
@@ -159,16 +159,23 @@ __device__ __forceinline__ u32 quant_value(float v, float s) {
 #endif
 __device__ __forceinline__ u32 e2m1_to_e4m3_scaled(u32 c) { return ((c & 7u) << 2) | ((c & 8u) << 4); }
 
-// The operand layout of a K-wide row (gathered activations, GEMM 2's input), so that lane t of an
-// mma quad reads its A fragments of four k32 steps with contiguous loads. Per group of four k32
-// blocks (b = 4 kg + s), per lane t:
-//   E4M3: 32 bytes, step s at 8 s: k 4t..4t+3 of block b, then k 16+4t..16+4t+3;
-//   FP4 (MXF4): 16 bytes, step s at 4 s: byte i holds k 4t+i (low nibble), k 16+4t+i (high).
+// The operand layout of a K-wide token row (gathered activations, GEMM 2's input), so that lane
+// t of an mma quad reads its fragments of four k32 steps with contiguous loads. In a k32 block
+// the lane's eight values are k = 2t, 2t+1, 2t+8, 2t+9 (first k16 half) and the same plus 16;
+// value index i of them is k = kmap(t, i). Per group of four k32 blocks (b = 4 kg + s), per
+// lane t:
+//   E4M3: 32 bytes, step s at 8 s, the eight values in index order;
+//   FP4 (MXF4): 16 bytes, step s at 4 s: byte i holds index i (low nibble), index i + 4 (high).
+__device__ __forceinline__ int kmap(int t, int i) { return 2 * t + (i & 1) + ((i >> 1) & 1) * 8 + (i >> 2) * 16; }
+// Offset of column c (0..31) of block b.
 __device__ __forceinline__ long long e4_off(int b, int c) {
-    return (long long)(b >> 2) * 128 + ((c & 15) >> 2) * 32 + (b & 3) * 8 + (c >> 4) * 4 + (c & 3);
+    const int t = (c & 7) >> 1, i = (c & 1) + ((c >> 3) & 1) * 2 + (c >> 4) * 4;
+    return (long long)(b >> 2) * 128 + t * 32 + (b & 3) * 8 + i;
 }
+// Byte of column c of block b (column c in its low nibble when c < 16, c - 16's high nibble).
 __device__ __forceinline__ long long f4_off(int b, int c) {
-    return (long long)(b >> 2) * 64 + (c >> 2) * 16 + (b & 3) * 4 + (c & 3);
+    const int t = (c & 7) >> 1, i = (c & 1) + ((c >> 3) & 1) * 2;
+    return (long long)(b >> 2) * 64 + t * 16 + (b & 3) * 4 + i;
 }
 
 // ------------------------------------------------------------------ phase 0: pre-dispatch
@@ -178,8 +185,8 @@ __device__ void pre_dispatch(const MegaParams& p) {
     u8* x = p.sym + p.off_x;
     u8* xs = p.sym + p.off_xs;
     const long long total = (long long)p.m * blocks;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = blockIdx.x * (long long)CONSUMERS + threadIdx.x; i < total;
+         i += (long long)gridDim.x * CONSUMERS) {
         const int t = (int)(i / blocks), b = (int)(i % blocks);
         const uint4* src = (const uint4*)(p.hidden + (long long)t * H + b * 32);
         float v[32];
@@ -225,7 +232,7 @@ __device__ void pre_dispatch(const MegaParams& p) {
     }
     int* ids = (int*)(p.sym + p.off_ids);
     float* w = (float*)(p.sym + p.off_w);
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < p.tmax * p.k; i += gridDim.x * blockDim.x) {
+    for (int i = blockIdx.x * CONSUMERS + threadIdx.x; i < p.tmax * p.k; i += gridDim.x * CONSUMERS) {
         const int t = i / p.k, kk = i % p.k;
         const bool real = t < p.m && kk < p.kin;
         ids[i] = real ? p.topk_ids[t * p.kin + kk] : -1;
@@ -234,7 +241,7 @@ __device__ void pre_dispatch(const MegaParams& p) {
 }
 
 // Kernel entry for the pre-dispatch alone (its layout is checked against the CPU's).
-extern "C" __global__ void __launch_bounds__(THREADS) megamoe_pre_dispatch(MegaParams p) { pre_dispatch(p); }
+extern "C" __global__ void __launch_bounds__(CONSUMERS) megamoe_pre_dispatch(MegaParams p) { pre_dispatch(p); }
 
 // ------------------------------------------------------------------ phase 1: dispatch
 // Block b (32 values) of a source row (DESIGN layout) into the operand layout of row `dst`.
@@ -248,29 +255,33 @@ __device__ __forceinline__ void gather_block(const u8* src, u8* dst, int b) {
     for (int t = 0; t < 4; ++t) {
         u32 v = 0;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) v |= (NIB(4 * t + j) | (NIB(16 + 4 * t + j) << 4)) << (8 * j);
-        *(u32*)(dst + f4_off(b, 4 * t)) = v;
+        for (int i = 0; i < 4; ++i) v |= (NIB(kmap(t, i)) | (NIB(kmap(t, i + 4)) << 4)) << (8 * i);
+        *(u32*)(dst + f4_off(b, 2 * t)) = v;
     }
 #else
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
         u32 lo = 0, hi = 0;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            lo |= e2m1_to_e4m3_scaled(NIB(4 * t + j)) << (8 * j);
-            hi |= e2m1_to_e4m3_scaled(NIB(16 + 4 * t + j)) << (8 * j);
+        for (int i = 0; i < 4; ++i) {
+            lo |= e2m1_to_e4m3_scaled(NIB(kmap(t, i))) << (8 * i);
+            hi |= e2m1_to_e4m3_scaled(NIB(kmap(t, i + 4))) << (8 * i);
         }
-        *(uint2*)(dst + e4_off(b, 4 * t)) = make_uint2(lo, hi);
+        *(uint2*)(dst + e4_off(b, 2 * t)) = make_uint2(lo, hi);
     }
 #endif
 #undef NIB
 #else
     const uint4 lo = __ldcg((const uint4*)src), hi = __ldcg((const uint4*)src + 1);
-    // words k/4: lo = k0..15, hi = k16..31; lane t takes words t and 4 + t.
-    *(uint2*)(dst + e4_off(b, 0)) = make_uint2(lo.x, hi.x);
-    *(uint2*)(dst + e4_off(b, 4)) = make_uint2(lo.y, hi.y);
-    *(uint2*)(dst + e4_off(b, 8)) = make_uint2(lo.z, hi.z);
-    *(uint2*)(dst + e4_off(b, 12)) = make_uint2(lo.w, hi.w);
+    // words k/4: w[0..3] = k0..15, w[4..7] = k16..31. Lane t: k 2t, 2t+1 (word t/2), 2t+8, 2t+9
+    // (word 2 + t/2), and the same from the second half.
+    const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const u32 sel = (t & 1) ? 0x7632u : 0x5410u;
+        *(uint2*)(dst + e4_off(b, 2 * t)) =
+            make_uint2(__byte_perm(w[t >> 1], w[2 + (t >> 1)], sel), __byte_perm(w[4 + (t >> 1)], w[6 + (t >> 1)], sel));
+    }
 #endif
 }
 
@@ -279,6 +290,9 @@ __device__ __forceinline__ void gather_block(const u8* src, u8* dst, int b) {
 #else
 #define XG_ROW(K) (K)
 #endif
+// Bytes per row of the operand rows' scales: K / 32 rounded up to 32, so every stage's 32 bytes
+// of a row are one aligned bulk copy inside the row.
+#define SCALE_PITCH(K) ((((K) / 32) + 31) / 32 * 32)
 
 __device__ void dispatch(const MegaParams& p) {
     const int H = p.hidden_size, blocks = H / 32, xrow = FP4_ACTS ? H / 2 : H;
@@ -312,142 +326,80 @@ __device__ void dispatch(const MegaParams& p) {
         u8* dst = xg + (long long)entry * XG_ROW(H);
         for (int b = lane; b < blocks; b += 32) {
             gather_block(row + b * (FP4_ACTS ? 16 : 32), dst, b);
-            xgs[(long long)entry * blocks + b] = __ldcg(srow + b);
+            xgs[(long long)entry * SCALE_PITCH(H) + b] = __ldcg(srow + b);
         }
     }
 }
 
 // ------------------------------------------------------------------ GEMM work items
-__device__ __forceinline__ void mma_e4m3(float* d, const u32* a, u32 b0, u32 b1) {
+// d = a * b + c, f16 operands, f32 accumulators.
+__device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1, const float* c) {
     asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%10,%10,%10,%10};"
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};"
         : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(0.0f));
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+}
+// Two E4M3 values (the low and high byte of v) as f16x2, exactly.
+__device__ __forceinline__ u32 f16x2_of_e4m3x2(u32 v) {
+    u32 r;
+    asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(r) : "r"(v));
+    return r;
 }
 // The E4M3 bytes (times 2^-6) of the four low nibbles, and of the four high nibbles, of w.
 __device__ __forceinline__ u32 widen_lo(u32 w) { return ((w << 2) & 0x1c1c1c1cu) | ((w << 4) & 0x80808080u); }
 __device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu) | (w & 0x80808080u); }
 
-// Rows of one work item: entries from the expert's list (clamped to its last row past the count,
-// those results are dropped).
-struct ItemRows {
-    const int* entries;
-    int rows;
-};
 
-// One k group (four k32 steps) of a warp's operands: the B words and scale pairs of the eight
-// tiles, and the A words and scales of its two rows (g and g + 8).
-struct Group {
-    uint4 b[8];
-    u64 bs[8];
-#if MXF4
-    uint4 a[2][1];
-#else
-    uint4 a[2][2];
-#endif
-    u32 sa[2];
-};
+// ------------------------------------------------------------------ the GEMM stream
+// A block's GEMM work is one stream of stages: for each of its work items (GEMM 1's, then GEMM
+// 2's), the item's k groups eight at a time. The producer warp copies each stage (the eight k
+// groups' packed weights and scale pairs, and the item's rows of A and their scales for them)
+// into a ring of STAGES shared-memory slots with bulk copies that complete on the slot's
+// mbarrier; consumer warp w multiplies k group w of the stage and releases the slot. The
+// producer runs ahead across item boundaries, so HBM keeps streaming through each item's
+// cross-warp reduction and epilogue.
+#define STAGES 3
+#define STAGE_W (8 * 8 * 512)                   // eight k groups x eight tiles x 512 B
+#define STAGE_S (8 * 8 * 32)                    // their scale pairs
+#define A_GROUP (MXF4 ? 64 : 128)               // bytes of one row for one k group
+#define A_PITCH (8 * A_GROUP + 16)              // a row's eight k groups, padded against bank conflicts
+#define STAGE_A (ITEM_ROWS * A_PITCH)
+#define STAGE_AS (ITEM_ROWS * 32)               // a row's scales for eight k groups
+#define STAGE_BYTES (STAGE_W + STAGE_S + STAGE_A + STAGE_AS)
+#define RED_FLOATS (WARPS * ITEM_ROWS * ITEM_COLS)
 
-__device__ __forceinline__ void load_group(Group& f, const u8* a, const u8* as, long long arow,
-                                           const long long* rowoff, const u8* wt, const u8* ws, int kb, int kg) {
-    const int lane = threadIdx.x & 31, t = lane & 3;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        f.b[j] = ld_stream16(wt + ((long long)kg * 8 + j) * 512 + lane * 16);
-        f.bs[j] = ld_stream8(ws + ((long long)kg * 8 + j) * 32 + t * 8);
-    }
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const u8* row = a + rowoff[h] * arow;
-#if MXF4
-        f.a[h][0] = __ldcg((const uint4*)(row + f4_off(kg * 4, 4 * t)));
-#else
-        const uint4* rp = (const uint4*)(row + e4_off(kg * 4, 4 * t));
-        f.a[h][0] = __ldcg(rp);
-        f.a[h][1] = __ldcg(rp + 1);
-#endif
-        f.sa[h] = __ldcg((const u32*)(as + rowoff[h] * kb + kg * 4));
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
     }
 }
-
-__device__ __forceinline__ void mma_group(const Group& f, float (*acc)[4]) {
-    u32 af[2][4][2];  // [row half][k step][lo, hi word]
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-#if MXF4
-        const u32 w[4] = {f.a[h][0].x, f.a[h][0].y, f.a[h][0].z, f.a[h][0].w};
-#pragma unroll
-        for (int s = 0; s < 4; ++s) {
-            af[h][s][0] = widen_lo(w[s]);
-            af[h][s][1] = widen_hi(w[s]);
-        }
-#else
-        const uint4 v0 = f.a[h][0], v1 = f.a[h][1];
-        af[h][0][0] = v0.x; af[h][0][1] = v0.y; af[h][1][0] = v0.z; af[h][1][1] = v0.w;
-        af[h][2][0] = v1.x; af[h][2][1] = v1.y; af[h][3][0] = v1.z; af[h][3][1] = v1.w;
-#endif
-    }
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-        const float sg = ue8m0_value((f.sa[0] >> (8 * s)) & 0xffu);
-        const float sg8 = ue8m0_value((f.sa[1] >> (8 * s)) & 0xffu);
-        const u32 afr[4] = {af[0][s][0], af[1][s][0], af[0][s][1], af[1][s][1]};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-            const u32 bw = s == 0 ? f.b[j].x : s == 1 ? f.b[j].y : s == 2 ? f.b[j].z : f.b[j].w;
-            float d[4];
-            mma_e4m3(d, afr, widen_lo(bw), widen_hi(bw));
-            const u32 sc = (u32)(f.bs[j] >> (16 * s));
-            const float s0 = ue8m0_value(sc & 0xffu), s1 = ue8m0_value((sc >> 8) & 0xffu);
-            acc[j][0] = fmaf(d[0], sg * s0, acc[j][0]);
-            acc[j][1] = fmaf(d[1], sg * s1, acc[j][1]);
-            acc[j][2] = fmaf(d[2], sg8 * s0, acc[j][2]);
-            acc[j][3] = fmaf(d[3], sg8 * s1, acc[j][3]);
-        }
-    }
+// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
+// completing on `bar`.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
 }
-
-// One work item's partial sums over this warp's share of K: one m16 tile by eight n8 tiles.
-// A rows in the operand layout (`arow` bytes per row, scales `K/32` bytes per row), B in the
-// packed weight layout at `wt` (item base) and `ws`; the item was prefetched into L2.
-__device__ void item_mma(const u8* a, const u8* as, long long arow, const ItemRows& ir, const u8* wt,
-                         const u8* ws, int K, float (*acc)[4]) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
-    const int KG = K / KGROUP, kb = K / 32;
-    const int kg0 = warp * KG / WARPS, kg1 = (warp + 1) * KG / WARPS;
-#pragma unroll
-    for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
-    long long rowoff[2];
-#pragma unroll
-    for (int h = 0; h < 2; ++h) rowoff[h] = (long long)__ldcg(ir.entries + min(h * 8 + g, ir.rows - 1));
-    for (int kg = kg0; kg < kg1; ++kg) {
-        Group cur;
-        load_group(cur, a, as, arow, rowoff, wt, ws, kb, kg);
-        mma_group(cur, acc);
-    }
-}
-
-// Writes this warp's partial sums into red[warp][row][col] (ITEM_ROWS x ITEM_COLS per warp).
-__device__ void stash(float* red, float (*acc)[4]) {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    float* w = red + warp * ITEM_ROWS * ITEM_COLS;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-        const int c = j * 8 + 2 * t;
-        *(float2*)(w + g * ITEM_COLS + c) = make_float2(acc[j][0], acc[j][1]);
-        *(float2*)(w + (g + 8) * ITEM_COLS + c) = make_float2(acc[j][2], acc[j][3]);
-    }
-}
-
-__device__ __forceinline__ float reduced(const float* red, int r, int c) {
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) v += red[(w * ITEM_ROWS + r) * ITEM_COLS + c];
-    return v;
-}
+// Consumers and producer: hands the item prefixes (and, before GEMM 2, the grid barrier) over.
+__device__ __forceinline__ void handoff_sync() { asm volatile("bar.sync 2, %0;" ::"n"(THREADS) : "memory"); }
 
 // Per-expert item counts into smem: pref[e] = first item of expert e, pref[E] = total.
 __device__ void item_prefix(const MegaParams& p, int* pref, int tiles) {
@@ -468,7 +420,6 @@ __device__ void item_prefix(const MegaParams& p, int* pref, int tiles) {
         }
         if (threadIdx.x == 0) pref[p.local_experts] = carry;
     }
-    __syncthreads();
 }
 
 __device__ __forceinline__ int find_expert(const int* pref, int E, int item) {
@@ -480,47 +431,229 @@ __device__ __forceinline__ int find_expert(const int* pref, int E, int item) {
     return lo;
 }
 
-// Starts pulling work item `item`'s weights and scales into L2 (one thread), so HBM keeps
-// streaming through each item's reduction and epilogue and the warps' loads find L2.
-__device__ void prefetch_item(const int* pref, int E, int item, int tiles, const u8* w, const u8* ws,
-                              long long wstride, long long sstride) {
-    if (item >= pref[E]) return;
-    const int e = find_expert(pref, E, item);
-    const long long wi = (long long)e * tiles + (item - pref[e]) % tiles;
-    const u8* base = w + wi * wstride;
-    for (long long off = 0; off < wstride; off += 65536)
-        prefetch_l2(base + off, (u32)min(65536LL, wstride - off));
-    prefetch_l2(ws + wi * sstride, (u32)sstride);
+// A work item: ITEM_ROWS rows of one expert by ITEM_COLS B rows (GEMM 1: 32 gate and the same 32
+// up columns; GEMM 2: 64 output columns).
+struct Item {
+    int nt, rows, kgroups;
+    const int* entries;  // the rows' entries (src rank, token, k)
+    const u8* w;         // the item's packed weights and scale pairs
+    const u8* ws;
+    const u8* a;         // A rows by entry, `arow` bytes each; scales `apitch` bytes each
+    const u8* as;
+    long long arow, apitch;
+};
+
+__device__ __forceinline__ Item item_at(const MegaParams& p, const int* pref, int gemm, int item) {
+    const int H = p.hidden_size, I = p.inter, cap = p.ranks * p.tmax * p.k;
+    const int tiles = gemm == 1 ? I / 32 : H / ITEM_COLS, K = gemm == 1 ? H : I;
+    const int e = find_expert(pref, p.local_experts, item);
+    const int local = item - pref[e], chunk = local / tiles;
+    const int cnt = (int)__ldcg((const u32*)(p.sym + p.off_counts) + e);
+    Item it;
+    it.nt = local % tiles;
+    it.rows = min(ITEM_ROWS, cnt - chunk * ITEM_ROWS);
+    it.kgroups = K / KGROUP;
+    it.entries = (const int*)(p.sym + p.off_list) + (long long)e * cap + chunk * ITEM_ROWS;
+    const long long wi = (long long)e * tiles + it.nt;
+    it.w = (gemm == 1 ? p.w13 : p.w2) + wi * it.kgroups * 8 * 512;
+    it.ws = (gemm == 1 ? p.w13s : p.w2s) + wi * it.kgroups * 8 * 32;
+    it.a = p.sym + (gemm == 1 ? p.off_xg : p.off_h);
+    it.as = p.sym + (gemm == 1 ? p.off_xgs : p.off_hs);
+    it.arow = XG_ROW(K);
+    it.apitch = SCALE_PITCH(K);
+    return it;
 }
 
-// GEMM 1 (w13), the activation, the router weight and requantization of GEMM 2's input. Ends
-// with GEMM 2's item prefix in `pref2` and this block's first GEMM 2 item on its way to L2.
-__device__ void gemm1(const MegaParams& p, float* red, int* pref, int* pref2) {
-    const int H = p.hidden_size, I = p.inter, tiles = I / 32, cap = p.ranks * p.tmax * p.k;
-    item_prefix(p, pref, tiles);
-    const u32* counts = (const u32*)(p.sym + p.off_counts);
-    const int* list = (const int*)(p.sym + p.off_list);
+// The producer: every stage of this block's GEMM 1 items, then (once the consumers are past the
+// grid barrier that makes GEMM 2's input whole) of its GEMM 2 items.
+__device__ void produce(const MegaParams& p, const int* pref1, const int* pref2, u8* ring, u64* full, u64* empty) {
+    const int lane = threadIdx.x & 31;
+    u32 n = 0;
+    for (int gemm = 1; gemm <= 2; ++gemm) {
+        const int* pref = gemm == 1 ? pref1 : pref2;
+        handoff_sync();
+        // A was written by generic stores (dispatch, GEMM 1); the bulk copies read it.
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
+            const Item it = item_at(p, pref, gemm, item);
+            const long long entry = lane < it.rows ? (long long)__ldcg(it.entries + lane) : 0;
+            for (int st = 0; st * 8 < it.kgroups; ++st, ++n) {
+                const int slot = n % STAGES;
+                if (n >= STAGES) mbar_wait(empty + slot, (n / STAGES - 1) & 1);
+                const int kgs = min(8, it.kgroups - 8 * st);
+                u8* base = ring + slot * STAGE_BYTES;
+                if (lane == 0) {
+                    mbar_expect_tx(full + slot, kgs * (4096 + 256) + it.rows * (kgs * A_GROUP + 32));
+                    bulk_copy(base, it.w + (long long)st * STAGE_W, kgs * 4096, full + slot);
+                    bulk_copy(base + STAGE_W, it.ws + (long long)st * STAGE_S, kgs * 256, full + slot);
+                }
+                __syncwarp();
+                if (lane < it.rows) {
+                    bulk_copy(base + STAGE_W + STAGE_S + lane * A_PITCH, it.a + entry * it.arow + st * 8 * A_GROUP,
+                              kgs * A_GROUP, full + slot);
+                    bulk_copy(base + STAGE_W + STAGE_S + STAGE_A + lane * 32, it.as + entry * it.apitch + st * 32, 32,
+                              full + slot);
+                }
+            }
+        }
+    }
+}
+
+// One k group (four k32 steps) of a warp's operands, read from a stage: per 16-row weight tile its
+// two words per step and its rows' (g, g + 8) scales; per half of the item's tokens the lane's
+// token g fragment and the scales of tokens 2t and 2t + 1.
+struct Group {
+    uint4 w[4][2];
+    u64 ws[4];
+#if MXF4
+    uint4 a[2][1];
+#else
+    uint4 a[2][2];
+#endif
+    u32 sa[2][2];
+};
+
+__device__ __forceinline__ void load_group(Group& f, const u8* stage, int kg, int rows, int halves) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        const uint4* wp = (const uint4*)(stage + kg * 4096 + j * 1024 + lane * 32);
+        f.w[j][0] = wp[0];
+        f.w[j][1] = wp[1];
+        f.ws[j] = *(const u64*)(stage + STAGE_W + kg * 256 + j * 64 + g * 8);
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (h >= halves) break;
+        // Tokens past the item's count read its last row; their results are dropped.
+        const u8* row = stage + STAGE_W + STAGE_S + min(h * 8 + g, rows - 1) * A_PITCH + kg * A_GROUP;
+#if MXF4
+        f.a[h][0] = *(const uint4*)(row + t * 16);
+#else
+        f.a[h][0] = *(const uint4*)(row + t * 32);
+        f.a[h][1] = *(const uint4*)(row + t * 32 + 16);
+#endif
+        const u8* sc = stage + STAGE_W + STAGE_S + STAGE_A + kg * 4;
+        f.sa[h][0] = *(const u32*)(sc + min(h * 8 + 2 * t, rows - 1) * 32);
+        f.sa[h][1] = *(const u32*)(sc + min(h * 8 + 2 * t + 1, rows - 1) * 32);
+    }
+}
+
+__device__ __forceinline__ u32 word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+
+// acc[tile][token half][4]: rows g, g + 8 of the tile by tokens 2t, 2t + 1 of the half.
+template <int HALVES>
+__device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+        // The tokens' fragments (both k16 halves) and the (scale - 127) << 23 of tokens 2t, 2t+1.
+        u32 bf[HALVES][4];
+        int ea[HALVES][2];
+#pragma unroll
+        for (int h = 0; h < HALVES; ++h) {
+#if MXF4
+            const u32 v = word_of(f.a[h][0], s);
+            const u32 lo = widen_lo(v), hi = widen_hi(v);
+#else
+            const u32 lo = word_of(f.a[h][s >> 1], (s & 1) * 2), hi = word_of(f.a[h][s >> 1], (s & 1) * 2 + 1);
+#endif
+            bf[h][0] = f16x2_of_e4m3x2(lo);
+            bf[h][1] = f16x2_of_e4m3x2(lo >> 16);
+            bf[h][2] = f16x2_of_e4m3x2(hi);
+            bf[h][3] = f16x2_of_e4m3x2(hi >> 16);
+            ea[h][0] = ((int)((f.sa[h][0] >> (8 * s)) & 0xffu) - 127) << 23;
+            ea[h][1] = ((int)((f.sa[h][1] >> (8 * s)) & 0xffu) - 127) << 23;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            u32 af[2][4];  // per k16 half: rows g (k 2t, 2t+1), g + 8 (same), g (k + 8), g + 8 (k + 8)
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const u32 w = word_of(f.w[j][s >> 1], (s & 1) * 2 + q);
+                const u32 lo = widen_lo(w), hi = widen_hi(w);
+                af[q][0] = f16x2_of_e4m3x2(lo);
+                af[q][1] = f16x2_of_e4m3x2(lo >> 16);
+                af[q][2] = f16x2_of_e4m3x2(hi);
+                af[q][3] = f16x2_of_e4m3x2(hi >> 16);
+            }
+            // The product of two UE8M0 scales is 2^(sa + sw - 254): its f32 bits are
+            // (sw << 23) + ((sa - 127) << 23), an integer add per pair (exponents stay in range
+            // for any scales the quantizers give: both lie far inside 2^-63..2^63).
+            const u32 bytes = (s < 2 ? (u32)f.ws[j] : (u32)(f.ws[j] >> 32));
+            const u32 pair = __byte_perm(bytes, 0, (s & 1) ? 0x4342 : 0x4140) << 7;
+            const int wg = (int)(pair << 16), wg8 = (int)(pair & 0xffff0000u);
+#pragma unroll
+            for (int h = 0; h < HALVES; ++h) {
+                const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                float d[4];
+                mma_f16(d, af[0], bf[h][0], bf[h][1], zero);
+                mma_f16(d, af[1], bf[h][2], bf[h][3], d);
+                acc[j][h][0] = fmaf(d[0], __int_as_float(wg + ea[h][0]), acc[j][h][0]);
+                acc[j][h][1] = fmaf(d[1], __int_as_float(wg + ea[h][1]), acc[j][h][1]);
+                acc[j][h][2] = fmaf(d[2], __int_as_float(wg8 + ea[h][0]), acc[j][h][2]);
+                acc[j][h][3] = fmaf(d[3], __int_as_float(wg8 + ea[h][1]), acc[j][h][3]);
+            }
+        }
+    }
+}
+
+// One work item's sums over K into red[warp][token][col] (this warp's k groups: w, w + 8, ...).
+__device__ void item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32& n, float* red) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int halves = it.rows > 8 ? 2 : 1;
+    float acc[4][2][4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) acc[j][h][q] = 0.0f;
+    for (int st = 0; st * 8 < it.kgroups; ++st, ++n) {
+        const int slot = n % STAGES;
+        mbar_wait(full + slot, (n / STAGES) & 1);
+        if (8 * st + warp < it.kgroups) {
+            Group f;
+            load_group(f, ring + slot * STAGE_BYTES, warp, it.rows, halves);
+            if (halves == 2) mma_group<2>(f, acc);
+            else mma_group<1>(f, acc);
+        }
+        __syncwarp();
+        if (lane == 0) mbar_arrive(empty + slot);
+    }
+    float* w = red + warp * ITEM_ROWS * ITEM_COLS;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int tok = h * 8 + 2 * t, col = j * 16 + g;
+            w[tok * ITEM_COLS + col] = acc[j][h][0];
+            w[(tok + 1) * ITEM_COLS + col] = acc[j][h][1];
+            w[tok * ITEM_COLS + col + 8] = acc[j][h][2];
+            w[(tok + 1) * ITEM_COLS + col + 8] = acc[j][h][3];
+        }
+    consumers_sync();
+}
+
+__device__ __forceinline__ float reduced(const float* red, int r, int c) {
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += red[(w * ITEM_ROWS + r) * ITEM_COLS + c];
+    return v;
+}
+
+// GEMM 1 (w13), the activation, the router weight and requantization of GEMM 2's input.
+__device__ void gemm1(const MegaParams& p, const int* pref, u8* ring, u64* full, u64* empty, u32& n, float* red) {
+    const int I = p.inter;
     const float* wg = (const float*)(p.sym + p.off_wg);
     u8* h = p.sym + p.off_h;
     u8* hs = p.sym + p.off_hs;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long wstride = (long long)(H / KGROUP) * 8 * 512, sstride = (long long)(H / KGROUP) * 8 * 32;
-    if (threadIdx.x == 0) prefetch_item(pref, p.local_experts, blockIdx.x, tiles, p.w13, p.w13s, wstride, sstride);
     for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
-        if (threadIdx.x == 0)
-            prefetch_item(pref, p.local_experts, item + gridDim.x, tiles, p.w13, p.w13s, wstride, sstride);
-        const int e = find_expert(pref, p.local_experts, item);
-        const int local = item - pref[e], chunk = local / tiles, nt = local % tiles;
-        const int cnt = (int)__ldcg(counts + e);
-        ItemRows ir{list + (long long)e * cap + chunk * ITEM_ROWS, min(ITEM_ROWS, cnt - chunk * ITEM_ROWS)};
-        const long long wi = (long long)e * tiles + nt;
-        float acc[8][4];
-        item_mma(p.sym + p.off_xg, p.sym + p.off_xgs, XG_ROW(H), ir, p.w13 + wi * wstride, p.w13s + wi * sstride, H, acc);
-        stash(red, acc);
-        __syncthreads();
-        // Warp w: rows w, w + 8, ...; lane: column nt * 32 + lane of the intermediate.
-        for (int r = warp; r < ir.rows; r += WARPS) {
-            const int entry = __ldcg(ir.entries + r);
+        const Item it = item_at(p, pref, 1, item);
+        item_sums(it, ring, full, empty, n, red);
+        // Warp w: rows w, w + 8; lane: column nt * 32 + lane of the intermediate.
+        for (int r = warp; r < it.rows; r += WARPS) {
+            const int entry = __ldcg(it.entries + r);
             const float gate = reduced(red, r, lane) * WIDEN_FACTOR;
             const float up = reduced(red, r, 32 + lane) * WIDEN_FACTOR;
             const float v = activation(gate, up, p.limit, p.alpha) * __ldcg(wg + entry);
@@ -530,51 +663,34 @@ __device__ void gemm1(const MegaParams& p, float* red, int* pref, int* pref2) {
             u8* row = h + (long long)entry * XG_ROW(I);
 #if MXF4
             const u32 other = __shfl_down_sync(0xffffffffu, q, 16);
-            if (lane < 16) row[f4_off(nt, lane)] = (u8)(q | (other << 4));
+            if (lane < 16) row[f4_off(it.nt, lane)] = (u8)(q | (other << 4));
 #elif FP4_ACTS
-            row[e4_off(nt, lane)] = (u8)e2m1_to_e4m3_scaled(q);
+            row[e4_off(it.nt, lane)] = (u8)e2m1_to_e4m3_scaled(q);
 #else
-            row[e4_off(nt, lane)] = (u8)q;
+            row[e4_off(it.nt, lane)] = (u8)q;
 #endif
-            if (lane == 0) hs[(long long)entry * tiles + nt] = (u8)sb;
+            if (lane == 0) hs[(long long)entry * SCALE_PITCH(I) + it.nt] = (u8)sb;
         }
-        __syncthreads();
+        consumers_sync();
     }
-    const int tiles2 = H / ITEM_COLS;
-    item_prefix(p, pref2, tiles2);
-    if (threadIdx.x == 0)
-        prefetch_item(pref2, p.local_experts, blockIdx.x, tiles2, p.w2, p.w2s, (long long)(I / KGROUP) * 8 * 512,
-                      (long long)(I / KGROUP) * 8 * 32);
 }
 
-// GEMM 2 (w2) into the source ranks' combine slots `y [T, k, H]` bf16 (`pref` from gemm1).
-__device__ void gemm2(const MegaParams& p, float* red, const int* pref) {
-    const int H = p.hidden_size, I = p.inter, tiles = H / ITEM_COLS, cap = p.ranks * p.tmax * p.k;
-    const u32* counts = (const u32*)(p.sym + p.off_counts);
-    const int* list = (const int*)(p.sym + p.off_list);
+// GEMM 2 (w2) into the source ranks' combine slots `y [T, k, H]` bf16.
+__device__ void gemm2(const MegaParams& p, const int* pref, u8* ring, u64* full, u64* empty, u32& n, float* red) {
+    const int H = p.hidden_size;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const long long wstride = (long long)(I / KGROUP) * 8 * 512, sstride = (long long)(I / KGROUP) * 8 * 32;
     for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
-        if (threadIdx.x == 0)
-            prefetch_item(pref, p.local_experts, item + gridDim.x, tiles, p.w2, p.w2s, wstride, sstride);
-        const int e = find_expert(pref, p.local_experts, item);
-        const int local = item - pref[e], chunk = local / tiles, nt = local % tiles;
-        const int cnt = (int)__ldcg(counts + e);
-        ItemRows ir{list + (long long)e * cap + chunk * ITEM_ROWS, min(ITEM_ROWS, cnt - chunk * ITEM_ROWS)};
-        const long long wi = (long long)e * tiles + nt;
-        float acc[8][4];
-        item_mma(p.sym + p.off_h, p.sym + p.off_hs, XG_ROW(I), ir, p.w2 + wi * wstride, p.w2s + wi * sstride, I, acc);
-        stash(red, acc);
-        __syncthreads();
-        for (int r = warp; r < ir.rows; r += WARPS) {
-            const int entry = __ldcg(ir.entries + r);
+        const Item it = item_at(p, pref, 2, item);
+        item_sums(it, ring, full, empty, n, red);
+        for (int r = warp; r < it.rows; r += WARPS) {
+            const int entry = __ldcg(it.entries + r);
             const int src = entry / (p.tmax * p.k), tk = entry % (p.tmax * p.k);
             const float v0 = reduced(red, r, 2 * lane) * WIDEN_FACTOR;
             const float v1 = reduced(red, r, 2 * lane + 1) * WIDEN_FACTOR;
-            u16* y = (u16*)(p.peers[src] + p.off_y) + (long long)tk * H + nt * ITEM_COLS + 2 * lane;
+            u16* y = (u16*)(p.peers[src] + p.off_y) + (long long)tk * H + it.nt * ITEM_COLS + 2 * lane;
             *(u32*)y = (u32)f32_to_bf16(v0) | ((u32)f32_to_bf16(v1) << 16);
         }
-        __syncthreads();
+        consumers_sync();
     }
 }
 
@@ -584,8 +700,8 @@ __device__ void combine(const MegaParams& p) {
     const int* ids = (const int*)(p.sym + p.off_ids);
     const u16* y = (const u16*)(p.sym + p.off_y);
     const long long total = (long long)p.m * chunks;
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-         i += (long long)gridDim.x * blockDim.x) {
+    for (long long i = blockIdx.x * (long long)CONSUMERS + threadIdx.x; i < total;
+         i += (long long)gridDim.x * CONSUMERS) {
         const int t = (int)(i / chunks), c = (int)(i % chunks) * 8;
         float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int kk = 0; kk < p.k; ++kk) {
@@ -606,48 +722,80 @@ __device__ void combine(const MegaParams& p) {
     }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) megamoe_fused(MegaParams p) {
+// Shared memory: the stage ring, the cross-warp sums, both GEMMs' item prefixes, the mbarriers.
+// One block an SM: nine warps put three on one scheduler, which caps a thread at 168 registers.
+extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParams p) {
     extern __shared__ float4 smem4[];
-    float* red = (float*)smem4;
-    int* pref = (int*)(red + WARPS * ITEM_ROWS * ITEM_COLS);
-    int* pref2 = pref + p.local_experts + 1;
+    u8* ring = (u8*)smem4;
+    float* red = (float*)(ring + STAGES * STAGE_BYTES);
+    int* pref1 = (int*)(red + RED_FLOATS);
+    int* pref2 = pref1 + p.local_experts + 1;
+    u64* full = (u64*)(((unsigned long long)(pref2 + p.local_experts + 1) + 7) & ~7ull);
+    u64* empty = full + STAGES;
     u32* ctrl = (u32*)(p.sym + p.off_ctrl);
     const u32 epoch = ld_acquire_gpu(ctrl) + 1;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < STAGES; ++i) {
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    if (threadIdx.x >= CONSUMERS) {
+        produce(p, pref1, pref2, ring, full, empty);
+        return;
+    }
 
+    stamp(ctrl, 0);
     pre_dispatch(p);
     grid_sync(ctrl);
+    stamp(ctrl, 1);
     tell_ranks(p, p.off_ctrl + CTRL_READY * 4, epoch);
     await_ranks(p, ctrl + CTRL_READY, epoch);
+    stamp(ctrl, 2);
 
     dispatch(p);
     grid_sync(ctrl);
-    gemm1(p, red, pref, pref2);
+    stamp(ctrl, 3);
+    item_prefix(p, pref1, p.inter / 32);
+    item_prefix(p, pref2, p.hidden_size / ITEM_COLS);
+    consumers_sync();
+    u32 n = 0;
+    handoff_sync();
+    gemm1(p, pref1, ring, full, empty, n, red);
     grid_sync(ctrl);
-    gemm2(p, red, pref2);
+    stamp(ctrl, 4);
+    handoff_sync();
+    gemm2(p, pref2, ring, full, empty, n, red);
     grid_sync(ctrl);
+    stamp(ctrl, 5);
     tell_ranks(p, p.off_ctrl + CTRL_DONE * 4, epoch);
     await_ranks(p, ctrl + CTRL_DONE, epoch);
+    stamp(ctrl, 6);
     // Every block has read the epoch and finished with the counts: reset them for the next call.
     if (blockIdx.x == 0) {
         u32* counts = (u32*)(p.sym + p.off_counts);
-        for (int e = threadIdx.x; e < p.local_experts; e += blockDim.x) counts[e] = 0;
+        for (int e = threadIdx.x; e < p.local_experts; e += CONSUMERS) counts[e] = 0;
         if (threadIdx.x == 0) st_release_gpu(ctrl, epoch);
     }
     combine(p);
+    stamp(ctrl, 7);
 }
 
 // ------------------------------------------------------------------ weights, once at load
 // Standard MXFP4 `w [E, N, K/2]` (element 2i in the low nibble), scales `[E, N, K/32]`, to the
-// layout item_mma streams: per expert, per item of ITEM_COLS B rows, per KGROUP of k, per n8 tile
-// j, per lane (g = lane / 4 the tile's column, t = lane % 4) 16 bytes = four k32 steps s, each a
-// word whose byte i holds k 4t+i (low nibble) and k 16+4t+i (high nibble); scales per
-// (item, kgroup, tile, t) 8 bytes = four steps of (column 2t, column 2t+1).
-// GEMM 1 items take gate columns [32 nt, 32 nt + 32) as tiles 0..3 and the same up columns as
-// tiles 4..7 (GATE_UP: 0 gate then up, 1 up then gate, 2 interleaved).
-__device__ __forceinline__ long long b_row(int gemm1, int N, int nt, int j, int col) {
-    if (!gemm1) return (long long)nt * ITEM_COLS + j * 8 + col;
-    const int c = nt * 32 + (j & 3) * 8 + col;
-    const bool up = j >= 4;
+// layout the GEMM stream copies: per expert, per item of ITEM_COLS B rows, per KGROUP of k, per
+// 16-row tile j, per lane (g = lane / 4, t = lane % 4) 32 bytes = four k32 steps s of two words
+// q (k16 halves), whose byte i holds row g (i < 2) or g + 8 at k 32 s + 16 q + 2t + (i & 1) (low
+// nibble) and the same k + 8 (high nibble); then per (item, kgroup, tile, g) 8 bytes of scales =
+// four steps of (row g, row g + 8).
+// GEMM 1 items take gate columns [32 nt, 32 nt + 32) as tiles 0, 1 and the same up columns as
+// tiles 2, 3 (GATE_UP: 0 gate then up, 1 up then gate, 2 interleaved).
+__device__ __forceinline__ long long b_row(int gemm1, int N, int nt, int j, int r) {
+    if (!gemm1) return (long long)nt * ITEM_COLS + j * 16 + r;
+    const int c = nt * 32 + (j & 1) * 16 + r;
+    const bool up = j >= 2;
 #if GATE_UP == 0
     return up ? N / 2 + c : c;
 #elif GATE_UP == 1
@@ -659,35 +807,35 @@ __device__ __forceinline__ long long b_row(int gemm1, int N, int nt, int j, int 
 
 extern "C" __global__ void megamoe_pack_weights(const u8* w, const u8* s, u8* wk, u8* sk, int E, int N, int K,
                                                 int gemm1) {
-    const int tiles = gemm1 ? N / 64 : N / ITEM_COLS, KG = K / KGROUP;
-    const long long words = (long long)E * tiles * KG * 8 * 32 * 4;
+    const int tiles = N / ITEM_COLS, KG = K / KGROUP;
+    const long long words = (long long)E * tiles * KG * 4 * 32 * 8;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < words;
          i += (long long)gridDim.x * blockDim.x) {
         long long r = i;
+        const int q = (int)(r % 2); r /= 2;
         const int st = (int)(r % 4); r /= 4;
         const int lane = (int)(r % 32); r /= 32;
-        const int j = (int)(r % 8); r /= 8;
+        const int j = (int)(r % 4); r /= 4;
         const int kg = (int)(r % KG); r /= KG;
         const int nt = (int)(r % tiles);
         const int e = (int)(r / tiles);
         const int g = lane >> 2, t = lane & 3;
-        const long long row = (long long)e * N + b_row(gemm1, N, nt, j, g);
-        const int k0 = (kg * 4 + st) * 32;
-        const u8* wr = w + row * (K / 2);
+        const int k0 = (kg * 4 + st) * 32 + 16 * q + 2 * t;
         u32 word = 0;
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-            const int klo = k0 + 4 * t + b, khi = klo + 16;
+            const long long row = (long long)e * N + b_row(gemm1, N, nt, j, b < 2 ? g : g + 8);
+            const u8* wr = w + row * (K / 2);
+            const int klo = k0 + (b & 1), khi = klo + 8;
             const u32 lo = (wr[klo >> 1] >> (4 * (klo & 1))) & 15u;
             const u32 hi = (wr[khi >> 1] >> (4 * (khi & 1))) & 15u;
             word |= (lo | (hi << 4)) << (8 * b);
         }
         *(u32*)(wk + i * 4) = word;
-        if (g == 0) {
-            // Lanes of column 0 write the scale pairs of their t: columns 2t, 2t + 1.
-            const long long base = (((long long)(e * tiles + nt) * KG + kg) * 8 + j) * 32 + t * 8 + st * 2;
-            const long long r0 = (long long)e * N + b_row(gemm1, N, nt, j, 2 * t);
-            const long long r1 = (long long)e * N + b_row(gemm1, N, nt, j, 2 * t + 1);
+        if (t == 0 && q == 0) {
+            const long long base = ((((long long)e * tiles + nt) * KG + kg) * 4 + j) * 64 + g * 8 + st * 2;
+            const long long r0 = (long long)e * N + b_row(gemm1, N, nt, j, g);
+            const long long r1 = (long long)e * N + b_row(gemm1, N, nt, j, g + 8);
             sk[base] = s[r0 * (K / 32) + kg * 4 + st];
             sk[base + 1] = s[r1 * (K / 32) + kg * 4 + st];
         }
