@@ -19,6 +19,8 @@ pub mod hf_config;
 pub mod list;
 #[cfg(feature = "cuda")]
 pub mod mega_bench;
+#[cfg(feature = "cuda")]
+pub mod mega_world;
 pub mod memory;
 pub mod model;
 pub mod output;

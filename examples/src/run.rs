@@ -209,6 +209,13 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             .into())
         }
         (Some(c), _) => c.scheme,
+        // MegaMoE reads MXFP4 weights; its activations follow MOE_MEGA_FP4_ACTS (FP8 unset).
+        (None, None) if args.runner == moe_backend_megamoe::RUNNER => {
+            moe_backend_megamoe::flags::default_scheme(
+                Default::default(),
+                moe_backend_megamoe::flags::EnvFlags::process()?,
+            )
+        }
         (None, s) => s.unwrap_or(spec.default_scheme),
     };
     let tokens = args.tokens.unwrap_or_else(|| spec.default_tokens());
@@ -219,6 +226,14 @@ pub fn run(args: &RunArgs, out: &mut dyn Write) -> Result<()> {
             "one process per rank runs an expert-parallel world: give --a2a deepep_ll --ep N with N >= 2",
         )
         .into());
+    }
+    #[cfg(feature = "cuda")]
+    if args.a2a == moe_backend_megamoe::A2A && ep > 1 {
+        let seeds = (
+            args.seed.wrapping_add(SEED_HIDDEN),
+            args.seed.wrapping_add(SEED_LOGITS),
+        );
+        return crate::mega_world::run_world(args, &spec, scheme, tokens, seeds, out);
     }
     #[cfg(feature = "cuda")]
     if args.a2a == moe_backend_deepep_ll::A2A && ep > 1 {

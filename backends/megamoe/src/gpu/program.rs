@@ -19,13 +19,37 @@ const SOURCE: &str = include_str!("../kernels/megamoe.cu");
 pub const THREADS: u32 = 288;
 /// Threads of the standalone pre-dispatch (the consumer warps).
 const CONSUMERS: u32 = 256;
-/// Stages of the weight ring and the other shared-memory regions of `megamoe_fused`, as the
-/// kernel lays them out (`STAGE_BYTES`, `RED_FLOATS`, the item prefixes, the mbarriers).
-const STAGES: usize = 3;
-fn fused_smem(flags: Resolved, local_experts: usize) -> usize {
-    let a_group = if flags.mxf4_kind { 64 } else { 128 };
-    let stage = 8 * 8 * 512 + 8 * 8 * 32 + 16 * (8 * a_group + 16) + 16 * 32;
-    STAGES * stage + 8 * 16 * 64 * 4 + 2 * (local_experts + 1) * 4 + 8 + 2 * STAGES * 8
+/// The work-item shape: tokens per item and the depth of the weight ring. The 8-token items
+/// leave shared memory for a fourth stage, which latency-bound decode batches want; larger
+/// batches want 16-token items, so an expert's weights stream once for up to 16 rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tiling {
+    pub item_rows: usize,
+    pub stages: usize,
+}
+
+impl Tiling {
+    pub const DECODE: Tiling = Tiling {
+        item_rows: 8,
+        stages: 4,
+    };
+    pub const BATCH: Tiling = Tiling {
+        item_rows: 16,
+        stages: 3,
+    };
+
+    /// Shared memory of `megamoe_fused` as the kernel lays it out: the stage ring (weights,
+    /// their scales, the item's token rows and their scales), the cross-warp sums, both GEMMs'
+    /// item prefixes, the mbarriers.
+    fn smem(self, flags: Resolved, local_experts: usize) -> usize {
+        let a_group = if flags.mxf4_kind { 64 } else { 128 };
+        let stage = 8 * 8 * 512 + 8 * 8 * 32 + self.item_rows * (8 * a_group + 16 + 32);
+        self.stages * stage
+            + 8 * self.item_rows * 64 * 4
+            + 2 * (local_experts + 1) * 4
+            + 8
+            + 2 * self.stages * 8
+    }
 }
 /// How long a rank waits for the others before flagging a timeout.
 pub const TIMEOUT_MS: u64 = 10_000;
@@ -134,6 +158,7 @@ impl Program {
     pub fn new(
         dev: &CudaDevice,
         flags: Resolved,
+        tiling: Tiling,
         act: u8,
         gate_up: GateUpLayout,
         local_experts: usize,
@@ -153,6 +178,8 @@ impl Program {
                 ("ACT_F16", "0".into()),
                 ("FP4_ACTS", u8::from(flags.fp4_acts).to_string()),
                 ("MXF4", u8::from(flags.mxf4_kind).to_string()),
+                ("ITEM_ROWS", tiling.item_rows.to_string()),
+                ("STAGES", tiling.stages.to_string()),
                 (
                     "MIN_BLOCKS",
                     std::env::var("MOE_MEGA_MIN_BLOCKS").unwrap_or_else(|_| "1".into()),
@@ -170,7 +197,7 @@ impl Program {
             log: e.to_string(),
         };
         let fused = load("megamoe_fused")?;
-        let smem = fused_smem(flags, local_experts) as u32;
+        let smem = tiling.smem(flags, local_experts) as u32;
         fused
             .set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,

@@ -10,7 +10,7 @@ use moe_runner_core::{
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::program::{MegaParams, Program};
+use super::program::{MegaParams, Program, Tiling};
 use super::weights::PackedWeights;
 use crate::dispatch_output::MegaMoeCombineInput;
 use crate::flags::Resolved;
@@ -20,7 +20,7 @@ pub(crate) struct GpuMega {
     cfg: MoeRunnerConfig,
     dev: CudaDevice,
     act: (u8, f32, f32),
-    programs: Mutex<HashMap<Resolved, Arc<Program>>>,
+    programs: Mutex<HashMap<(Resolved, Tiling), Arc<Program>>>,
     packed: Mutex<Option<Arc<PackedWeights>>>,
 }
 
@@ -35,22 +35,23 @@ impl GpuMega {
         })
     }
 
-    fn program(&self, flags: Resolved) -> Result<Arc<Program>> {
+    fn program(&self, flags: Resolved, tiling: Tiling) -> Result<Arc<Program>> {
         let mut map = self
             .programs
             .lock()
             .map_err(|_| MoeError::Device("megamoe program cache poisoned".into()))?;
-        if let Some(p) = map.get(&flags) {
+        if let Some(p) = map.get(&(flags, tiling)) {
             return Ok(p.clone());
         }
         let p = Arc::new(Program::new(
             &self.dev,
             flags,
+            tiling,
             self.act.0,
             self.cfg.gate_up,
             self.cfg.num_local_experts,
         )?);
-        map.insert(flags, p.clone());
+        map.insert((flags, tiling), p.clone());
         Ok(p)
     }
 
@@ -105,7 +106,15 @@ impl GpuMega {
                 ),
             ));
         }
-        let program = self.program(flags)?;
+        let s = out.shape;
+        // Rows an expert gets if every rank sends this many tokens.
+        let expected = out.topk.num_tokens() * s.ranks * s.top_k / s.num_experts.max(1);
+        let tiling = if expected <= 4 {
+            Tiling::DECODE
+        } else {
+            Tiling::BATCH
+        };
+        let program = self.program(flags, tiling)?;
         let packed = self.packed(&program, w)?;
         let (_, limit, alpha) = self.act;
         let p = MegaParams::new(rank, out, dst)?.with_weights(

@@ -7,7 +7,7 @@ use moe_runner_core::cuda::cudarc::driver::sys;
 use moe_runner_core::{CudaDevice, DType, MoeError, Result, Tensor, TopK};
 use std::sync::Arc;
 
-use super::program::{MegaParams, Program};
+use super::program::{MegaParams, Program, Tiling};
 use crate::dispatch_output::MegaMoeDispatchOutput;
 use crate::dispatcher::MegaMoeDispatcher;
 use crate::flags::Resolved;
@@ -288,7 +288,14 @@ impl MegaMoeDispatcher {
             fp4_acts,
             mxf4_kind: false,
         };
-        let program = Program::new(&mem.dev, flags, 0, GateUpLayout::GateUp, s.local_experts)?;
+        let program = Program::new(
+            &mem.dev,
+            flags,
+            Tiling::BATCH,
+            0,
+            GateUpLayout::GateUp,
+            s.local_experts,
+        )?;
         let dst = Tensor::zeros_cuda(&mem.dev, &[m, s.hidden], DType::Bf16)?;
         program.launch_pre_dispatch(&mem.dev, &MegaParams::new(&rank, &out, &dst)?)?;
         mem.dev

@@ -23,7 +23,8 @@
 // two k16 products are added with the two power-of-two scales.
 
 #define KGROUP 128      // k values per load group (four k32 steps)
-#define ITEM_ROWS 16    // rows of one work item (one m16 tile: decode batches; more rows, more items)
+// ITEM_ROWS (8 or 16): tokens of one work item, one or two n8 tiles; an expert with more rows
+// takes more items. STAGES: depth of the weight ring (the 8-row items leave room for four).
 #define ITEM_COLS 64    // B rows (output columns) of one work item (eight n8 tiles)
 #define WARPS 8
 // Each FP4 operand is widened to E4M3 as its value times 2^-6.
@@ -244,10 +245,11 @@ __device__ void pre_dispatch(const MegaParams& p) {
 extern "C" __global__ void __launch_bounds__(CONSUMERS) megamoe_pre_dispatch(MegaParams p) { pre_dispatch(p); }
 
 // ------------------------------------------------------------------ phase 1: dispatch
-// Block b (32 values) of a source row (DESIGN layout) into the operand layout of row `dst`.
-__device__ __forceinline__ void gather_block(const u8* src, u8* dst, int b) {
+// Block b (32 values, `src` as loaded from the DESIGN layout: 16 bytes of E2M1 or 32 of E4M3) into
+// the operand layout of row `dst`.
+__device__ __forceinline__ void gather_block(const uint4* src, u8* dst, int b) {
 #if FP4_ACTS
-    const uint4 w = __ldcg((const uint4*)src);
+    const uint4 w = src[0];
     const u32 n[4] = {w.x, w.y, w.z, w.w};  // nibble k at bits 4*(k%8) of word k/8
 #define NIB(k) ((n[(k) >> 3] >> (4 * ((k) & 7))) & 15u)
 #if MXF4
@@ -272,7 +274,7 @@ __device__ __forceinline__ void gather_block(const u8* src, u8* dst, int b) {
 #endif
 #undef NIB
 #else
-    const uint4 lo = __ldcg((const uint4*)src), hi = __ldcg((const uint4*)src + 1);
+    const uint4 lo = src[0], hi = src[1];
     // words k/4: w[0..3] = k0..15, w[4..7] = k16..31. Lane t: k 2t, 2t+1 (word t/2), 2t+8, 2t+9
     // (word 2 + t/2), and the same from the second half.
     const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
@@ -293,6 +295,9 @@ __device__ __forceinline__ void gather_block(const u8* src, u8* dst, int b) {
 // Bytes per row of the operand rows' scales: K / 32 rounded up to 32, so every stage's 32 bytes
 // of a row are one aligned bulk copy inside the row.
 #define SCALE_PITCH(K) ((((K) / 32) + 31) / 32 * 32)
+
+// Blocks of 32 values one lane reads at once when it pulls a row.
+#define GATHER_BATCH 8
 
 __device__ void dispatch(const MegaParams& p) {
     const int H = p.hidden_size, blocks = H / 32, xrow = FP4_ACTS ? H / 2 : H;
@@ -324,9 +329,29 @@ __device__ void dispatch(const MegaParams& p) {
         const u8* row = base + p.off_x + (long long)t * xrow;
         const u8* srow = base + p.off_xs + (long long)t * blocks;
         u8* dst = xg + (long long)entry * XG_ROW(H);
-        for (int b = lane; b < blocks; b += 32) {
-            gather_block(row + b * (FP4_ACTS ? 16 : 32), dst, b);
-            xgs[(long long)entry * SCALE_PITCH(H) + b] = __ldcg(srow + b);
+        // Every block this lane copies in a batch is read before any is written, so the (remote)
+        // reads overlap instead of queuing one round trip each.
+        for (int b0 = 0; b0 < blocks; b0 += 32 * GATHER_BATCH) {
+            uint4 v[GATHER_BATCH][FP4_ACTS ? 1 : 2];
+            u8 sc[GATHER_BATCH];
+#pragma unroll
+            for (int i = 0; i < GATHER_BATCH; ++i) {
+                const int b = b0 + 32 * i + lane;
+                if (b >= blocks) break;
+                const uint4* src = (const uint4*)(row + b * (FP4_ACTS ? 16 : 32));
+                v[i][0] = __ldcg(src);
+#if !FP4_ACTS
+                v[i][1] = __ldcg(src + 1);
+#endif
+                sc[i] = __ldcg(srow + b);
+            }
+#pragma unroll
+            for (int i = 0; i < GATHER_BATCH; ++i) {
+                const int b = b0 + 32 * i + lane;
+                if (b >= blocks) break;
+                gather_block(v[i], dst, b);
+                xgs[(long long)entry * SCALE_PITCH(H) + b] = sc[i];
+            }
         }
     }
 }
@@ -360,7 +385,6 @@ __device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu)
 // mbarrier; consumer warp w multiplies k group w of the stage and releases the slot. The
 // producer runs ahead across item boundaries, so HBM keeps streaming through each item's
 // cross-warp reduction and epilogue.
-#define STAGES 3
 #define STAGE_W (8 * 8 * 512)                   // eight k groups x eight tiles x 512 B
 #define STAGE_S (8 * 8 * 32)                    // their scale pairs
 #define A_GROUP (MXF4 ? 64 : 128)               // bytes of one row for one k group
@@ -464,20 +488,49 @@ __device__ __forceinline__ Item item_at(const MegaParams& p, const int* pref, in
     return it;
 }
 
-// The producer: every stage of this block's GEMM 1 items, then (once the consumers are past the
-// grid barrier that makes GEMM 2's input whole) of its GEMM 2 items.
+// The rows of A (and their scales) one stage of an item needs, each lane a row.
+__device__ __forceinline__ void copy_rows(const Item& it, int st, u8* base, u64* bar) {
+    const int lane = threadIdx.x & 31;
+    if (lane >= it.rows) return;
+    const int kgs = min(8, it.kgroups - 8 * st);
+    const long long entry = __ldcg(it.entries + lane);
+    bulk_copy(base + STAGE_W + STAGE_S + lane * A_PITCH, it.a + entry * it.arow + st * 8 * A_GROUP, kgs * A_GROUP, bar);
+    bulk_copy(base + STAGE_W + STAGE_S + STAGE_A + lane * 32, it.as + entry * it.apitch + st * 32, 32, bar);
+}
+
+// The producer: every stage of this block's GEMM 1 items, then of its GEMM 2 items. GEMM 2's
+// first STAGES stages get their weights while GEMM 1 finishes across the grid; their rows of A
+// (GEMM 1's output) only once the consumers are past the grid barrier that completes it.
 __device__ void produce(const MegaParams& p, const int* pref1, const int* pref2, u8* ring, u64* full, u64* empty) {
     const int lane = threadIdx.x & 31;
     u32 n = 0;
     for (int gemm = 1; gemm <= 2; ++gemm) {
         const int* pref = gemm == 1 ? pref1 : pref2;
-        handoff_sync();
-        // A was written by generic stores (dispatch, GEMM 1); the bulk copies read it.
-        asm volatile("fence.proxy.async.global;" ::: "memory");
-        for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
+        // GEMM 1 waits for the item prefixes; GEMM 2 waits later, for its input.
+        bool released = gemm == 1;
+        if (released) {
+            handoff_sync();
+            // A was written by generic stores (the dispatch); the bulk copies read it.
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+        }
+        const u32 first = n;
+        const int total = pref[p.local_experts];
+        auto release = [&]() {
+            handoff_sync();
+            asm volatile("fence.proxy.async.global;" ::: "memory");
+            // The rows of the stages issued before the release.
+            u32 m = first;
+            for (int item = blockIdx.x; item < total && m < n; item += gridDim.x) {
+                const Item it = item_at(p, pref, gemm, item);
+                for (int st = 0; st * 8 < it.kgroups && m < n; ++st, ++m)
+                    copy_rows(it, st, ring + (m % STAGES) * STAGE_BYTES, full + m % STAGES);
+            }
+            released = true;
+        };
+        for (int item = blockIdx.x; item < total; item += gridDim.x) {
             const Item it = item_at(p, pref, gemm, item);
-            const long long entry = lane < it.rows ? (long long)__ldcg(it.entries + lane) : 0;
             for (int st = 0; st * 8 < it.kgroups; ++st, ++n) {
+                if (!released && n - first == STAGES) release();
                 const int slot = n % STAGES;
                 if (n >= STAGES) mbar_wait(empty + slot, (n / STAGES - 1) & 1);
                 const int kgs = min(8, it.kgroups - 8 * st);
@@ -488,14 +541,10 @@ __device__ void produce(const MegaParams& p, const int* pref1, const int* pref2,
                     bulk_copy(base + STAGE_W, it.ws + (long long)st * STAGE_S, kgs * 256, full + slot);
                 }
                 __syncwarp();
-                if (lane < it.rows) {
-                    bulk_copy(base + STAGE_W + STAGE_S + lane * A_PITCH, it.a + entry * it.arow + st * 8 * A_GROUP,
-                              kgs * A_GROUP, full + slot);
-                    bulk_copy(base + STAGE_W + STAGE_S + STAGE_A + lane * 32, it.as + entry * it.apitch + st * 32, 32,
-                              full + slot);
-                }
+                if (released) copy_rows(it, st, base, full + slot);
             }
         }
+        if (!released) release();
     }
 }
 
@@ -624,7 +673,7 @@ __device__ void item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32& 
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
+        for (int h = 0; h < ITEM_ROWS / 8; ++h) {
             const int tok = h * 8 + 2 * t, col = j * 16 + g;
             w[tok * ITEM_COLS + col] = acc[j][h][0];
             w[(tok + 1) * ITEM_COLS + col] = acc[j][h][1];
@@ -751,8 +800,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParam
     pre_dispatch(p);
     grid_sync(ctrl);
     stamp(ctrl, 1);
-    tell_ranks(p, p.off_ctrl + CTRL_READY * 4, epoch);
-    await_ranks(p, ctrl + CTRL_READY, epoch);
+    // One rank needs no flags: the grid barrier orders its own buffer.
+    if (p.ranks > 1) {
+        tell_ranks(p, p.off_ctrl + CTRL_READY * 4, epoch);
+        await_ranks(p, ctrl + CTRL_READY, epoch);
+    }
     stamp(ctrl, 2);
 
     dispatch(p);
@@ -770,8 +822,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParam
     gemm2(p, pref2, ring, full, empty, n, red);
     grid_sync(ctrl);
     stamp(ctrl, 5);
-    tell_ranks(p, p.off_ctrl + CTRL_DONE * 4, epoch);
-    await_ranks(p, ctrl + CTRL_DONE, epoch);
+    if (p.ranks > 1) {
+        tell_ranks(p, p.off_ctrl + CTRL_DONE * 4, epoch);
+        await_ranks(p, ctrl + CTRL_DONE, epoch);
+    }
     stamp(ctrl, 6);
     // Every block has read the epoch and finished with the counts: reset them for the next call.
     if (blockIdx.x == 0) {
