@@ -39,18 +39,19 @@ impl Tiling {
     };
 
     /// Shared memory of `megamoe_fused` as the kernel lays it out: the stage ring (weights,
-    /// their scales, the item's token rows and their scales), the cross-warp sums, both GEMMs'
-    /// item prefixes, the mbarriers.
+    /// their scales, the item's token rows and their scales), two buffers of cross-warp sums,
+    /// both GEMMs' item prefixes, the mbarriers.
     fn smem(self, flags: Resolved, local_experts: usize) -> usize {
         let a_group = if flags.mxf4_kind { 64 } else { 128 };
         let stage = 8 * 8 * 512 + 8 * 8 * 32 + self.item_rows * (8 * a_group + 16 + 32);
         self.stages * stage
-            + 8 * self.item_rows * 64 * 4
+            + 2 * 8 * self.item_rows * 64 * 4
             + 2 * (local_experts + 1) * 4
             + 8
             + 2 * self.stages * 8
     }
 }
+
 /// How long a rank waits for the others before flagging a timeout.
 pub const TIMEOUT_MS: u64 = 10_000;
 /// The same in SM clock cycles, at 2 GHz (Hopper's clocks are below, so the wait is longer).

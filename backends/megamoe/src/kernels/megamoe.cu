@@ -646,8 +646,11 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
     }
 }
 
-// One work item's sums over K into red[warp][token][col] (this warp's k groups: w, w + 8, ...).
-__device__ void item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32& n, float* red) {
+// One work item's sums over K into red[warp][token][col] (this warp's k groups: w, w + 8, ...)
+// of one of two buffers, alternating per item: a warp goes on to the next item while the others
+// finish this one's epilogue, and the barrier after the next item's sums proves they have
+// before the buffer is written again. Returns the buffer.
+__device__ float* item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32& n, float* red, u32& items) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int halves = it.rows > 8 ? 2 : 1;
     float acc[4][2][4];
@@ -669,7 +672,8 @@ __device__ void item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32& 
         __syncwarp();
         if (lane == 0) mbar_arrive(empty + slot);
     }
-    float* w = red + warp * ITEM_ROWS * ITEM_COLS;
+    float* buf = red + (items++ & 1) * RED_FLOATS;
+    float* w = buf + warp * ITEM_ROWS * ITEM_COLS;
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -681,6 +685,7 @@ __device__ void item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32& 
             w[(tok + 1) * ITEM_COLS + col + 8] = acc[j][h][3];
         }
     consumers_sync();
+    return buf;
 }
 
 __device__ __forceinline__ float reduced(const float* red, int r, int c) {
@@ -691,7 +696,8 @@ __device__ __forceinline__ float reduced(const float* red, int r, int c) {
 }
 
 // GEMM 1 (w13), the activation, the router weight and requantization of GEMM 2's input.
-__device__ void gemm1(const MegaParams& p, const int* pref, u8* ring, u64* full, u64* empty, u32& n, float* red) {
+__device__ void gemm1(const MegaParams& p, const int* pref, u8* ring, u64* full, u64* empty, u32& n, float* red2,
+                      u32& items) {
     const int I = p.inter;
     const float* wg = (const float*)(p.sym + p.off_wg);
     u8* h = p.sym + p.off_h;
@@ -699,7 +705,7 @@ __device__ void gemm1(const MegaParams& p, const int* pref, u8* ring, u64* full,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
         const Item it = item_at(p, pref, 1, item);
-        item_sums(it, ring, full, empty, n, red);
+        const float* red = item_sums(it, ring, full, empty, n, red2, items);
         // Warp w: rows w, w + 8; lane: column nt * 32 + lane of the intermediate.
         for (int r = warp; r < it.rows; r += WARPS) {
             const int entry = __ldcg(it.entries + r);
@@ -720,17 +726,17 @@ __device__ void gemm1(const MegaParams& p, const int* pref, u8* ring, u64* full,
 #endif
             if (lane == 0) hs[(long long)entry * SCALE_PITCH(I) + it.nt] = (u8)sb;
         }
-        consumers_sync();
     }
 }
 
 // GEMM 2 (w2) into the source ranks' combine slots `y [T, k, H]` bf16.
-__device__ void gemm2(const MegaParams& p, const int* pref, u8* ring, u64* full, u64* empty, u32& n, float* red) {
+__device__ void gemm2(const MegaParams& p, const int* pref, u8* ring, u64* full, u64* empty, u32& n, float* red2,
+                      u32& items) {
     const int H = p.hidden_size;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
         const Item it = item_at(p, pref, 2, item);
-        item_sums(it, ring, full, empty, n, red);
+        const float* red = item_sums(it, ring, full, empty, n, red2, items);
         for (int r = warp; r < it.rows; r += WARPS) {
             const int entry = __ldcg(it.entries + r);
             const int src = entry / (p.tmax * p.k), tk = entry % (p.tmax * p.k);
@@ -739,7 +745,6 @@ __device__ void gemm2(const MegaParams& p, const int* pref, u8* ring, u64* full,
             u16* y = (u16*)(p.peers[src] + p.off_y) + (long long)tk * H + it.nt * ITEM_COLS + 2 * lane;
             *(u32*)y = (u32)f32_to_bf16(v0) | ((u32)f32_to_bf16(v1) << 16);
         }
-        consumers_sync();
     }
 }
 
@@ -771,13 +776,14 @@ __device__ void combine(const MegaParams& p) {
     }
 }
 
-// Shared memory: the stage ring, the cross-warp sums, both GEMMs' item prefixes, the mbarriers.
+// Shared memory: the stage ring, two buffers of cross-warp sums, both GEMMs' item prefixes, the
+// mbarriers.
 // One block an SM: nine warps put three on one scheduler, which caps a thread at 168 registers.
 extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParams p) {
     extern __shared__ float4 smem4[];
     u8* ring = (u8*)smem4;
     float* red = (float*)(ring + STAGES * STAGE_BYTES);
-    int* pref1 = (int*)(red + RED_FLOATS);
+    int* pref1 = (int*)(red + 2 * RED_FLOATS);
     int* pref2 = pref1 + p.local_experts + 1;
     u64* full = (u64*)(((unsigned long long)(pref2 + p.local_experts + 1) + 7) & ~7ull);
     u64* empty = full + STAGES;
@@ -815,11 +821,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParam
     consumers_sync();
     u32 n = 0;
     handoff_sync();
-    gemm1(p, pref1, ring, full, empty, n, red);
+    u32 items = 0;
+    gemm1(p, pref1, ring, full, empty, n, red, items);
     grid_sync(ctrl);
     stamp(ctrl, 4);
     handoff_sync();
-    gemm2(p, pref2, ring, full, empty, n, red);
+    gemm2(p, pref2, ring, full, empty, n, red, items);
     grid_sync(ctrl);
     stamp(ctrl, 5);
     if (p.ranks > 1) {
