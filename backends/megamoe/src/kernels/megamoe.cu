@@ -498,39 +498,19 @@ __device__ __forceinline__ void copy_rows(const Item& it, int st, u8* base, u64*
     bulk_copy(base + STAGE_W + STAGE_S + STAGE_A + lane * 32, it.as + entry * it.apitch + st * 32, 32, bar);
 }
 
-// The producer: every stage of this block's GEMM 1 items, then of its GEMM 2 items. GEMM 2's
-// first STAGES stages get their weights while GEMM 1 finishes across the grid; their rows of A
-// (GEMM 1's output) only once the consumers are past the grid barrier that completes it.
+// The producer: every stage of this block's GEMM 1 items, then (once the consumers are past the
+// grid barrier that makes GEMM 2's input whole) of its GEMM 2 items.
 __device__ void produce(const MegaParams& p, const int* pref1, const int* pref2, u8* ring, u64* full, u64* empty) {
     const int lane = threadIdx.x & 31;
     u32 n = 0;
     for (int gemm = 1; gemm <= 2; ++gemm) {
         const int* pref = gemm == 1 ? pref1 : pref2;
-        // GEMM 1 waits for the item prefixes; GEMM 2 waits later, for its input.
-        bool released = gemm == 1;
-        if (released) {
-            handoff_sync();
-            // A was written by generic stores (the dispatch); the bulk copies read it.
-            asm volatile("fence.proxy.async.global;" ::: "memory");
-        }
-        const u32 first = n;
-        const int total = pref[p.local_experts];
-        auto release = [&]() {
-            handoff_sync();
-            asm volatile("fence.proxy.async.global;" ::: "memory");
-            // The rows of the stages issued before the release.
-            u32 m = first;
-            for (int item = blockIdx.x; item < total && m < n; item += gridDim.x) {
-                const Item it = item_at(p, pref, gemm, item);
-                for (int st = 0; st * 8 < it.kgroups && m < n; ++st, ++m)
-                    copy_rows(it, st, ring + (m % STAGES) * STAGE_BYTES, full + m % STAGES);
-            }
-            released = true;
-        };
-        for (int item = blockIdx.x; item < total; item += gridDim.x) {
+        handoff_sync();
+        // A was written by generic stores (the dispatch, GEMM 1); the bulk copies read it.
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        for (int item = blockIdx.x; item < pref[p.local_experts]; item += gridDim.x) {
             const Item it = item_at(p, pref, gemm, item);
             for (int st = 0; st * 8 < it.kgroups; ++st, ++n) {
-                if (!released && n - first == STAGES) release();
                 const int slot = n % STAGES;
                 if (n >= STAGES) mbar_wait(empty + slot, (n / STAGES - 1) & 1);
                 const int kgs = min(8, it.kgroups - 8 * st);
@@ -541,10 +521,9 @@ __device__ void produce(const MegaParams& p, const int* pref1, const int* pref2,
                     bulk_copy(base + STAGE_W, it.ws + (long long)st * STAGE_S, kgs * 256, full + slot);
                 }
                 __syncwarp();
-                if (released) copy_rows(it, st, base, full + slot);
+                copy_rows(it, st, base, full + slot);
             }
         }
-        if (!released) release();
     }
 }
 
