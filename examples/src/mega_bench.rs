@@ -190,7 +190,7 @@ fn mega_step<'a>(
 pub fn bench_mega(args: &MegaBenchArgs, out: &mut dyn Write) -> Result<()> {
     crate::link_backends();
     let ranks = args.ranks;
-    if ranks == 0 || E % ranks != 0 {
+    if ranks == 0 || !E.is_multiple_of(ranks) {
         return Err(MoeError::Config(format!("--ranks must divide {E}, got {ranks}")).into());
     }
     let devs: Vec<CudaDevice> = (0..ranks)

@@ -36,6 +36,7 @@ fn simulated_ranks_agree_with_the_expert_parallel_reference() {
         (1, Wire::Native, QuantScheme::Bf16),
         (2, Wire::Native, QuantScheme::Bf16),
         (4, Wire::Fp8, QuantScheme::Fp8Block128),
+        (8, Wire::Fp8, QuantScheme::Fp8Block128),
         (2, Wire::Nvfp4, QuantScheme::Nvfp4),
     ] {
         let dcfg = world(ranks, wire);
@@ -51,10 +52,10 @@ fn simulated_ranks_agree_with_the_expert_parallel_reference() {
         let weights: Vec<_> = (0..ranks)
             .map(|r| synthetic::weights(dims, scheme, 40 + r as u64, &|_| {}).unwrap())
             .collect();
-        // Ranks with a full batch, a partial one and (with 4 ranks) none.
+        // Ranks with a full batch, a partial one and (with 4 or 8 ranks) none.
         let inputs: Vec<_> = (0..ranks)
             .map(|r| {
-                let m = [T, 9, 0, 5][r];
+                let m = [T, 9, 0, 5, 1, T, 0, 3][r];
                 (
                     synthetic::hidden(m, H, DType::Bf16, 7 + r as u64).unwrap(),
                     synthetic::topk(m, K, E, 11 + r as u64, r == 0, true).unwrap(),

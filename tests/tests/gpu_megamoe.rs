@@ -143,11 +143,12 @@ fn pre_dispatch_matches_the_design_layout() {
         let want = cpu::pre_dispatch(
             &hidden.to_f32_vec().unwrap(),
             H,
-            topk.ids.as_slice::<i32>().unwrap(),
-            topk.weights.as_slice::<f32>().unwrap(),
-            3,
-            40,
-            K,
+            (
+                topk.ids.as_slice::<i32>().unwrap(),
+                topk.weights.as_slice::<f32>().unwrap(),
+                3,
+            ),
+            (40, K),
             fp4,
         )
         .unwrap();

@@ -173,7 +173,7 @@ fn pre_dispatch_pads_rows_and_slots_past_the_batch() {
     let ids = [1, 2, 3, 4, 5, 6];
     let w = [0.5, 0.25, 0.5, 0.25, 0.5, 0.25];
     for fp4 in [false, true] {
-        let p = cpu::pre_dispatch(&hidden, 256, &ids, &w, 2, 5, 3, fp4).unwrap();
+        let p = cpu::pre_dispatch(&hidden, 256, (&ids, &w, 2), (5, 3), fp4).unwrap();
         assert_eq!(
             p.ids,
             [1, 2, -1, 3, 4, -1, 5, 6, -1, -1, -1, -1, -1, -1, -1]

@@ -17,6 +17,9 @@ use crate::flags::Resolved;
 /// Values per activation scale.
 const BLOCK: usize = 32;
 
+/// One expert's (token, slot) rows and their GEMM 2 outputs `[rows, H]`.
+type ExpertRows = (Vec<(usize, usize)>, Vec<f32>);
+
 /// This rank's pre-dispatched tokens, byte for byte as the symmetric buffer holds them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PreDispatch {
@@ -59,19 +62,16 @@ fn quantize_rows(x: &[f32], rows: usize, cols: usize, fp4: bool) -> Result<Rows>
     }
 }
 
-/// The pre-dispatch of `m` tokens (`hidden [m, H]`, routing `ids`/`weights [m, kin]`) into a
-/// buffer of `tmax` tokens and `k` slots.
+/// The pre-dispatch of `m` tokens (`hidden [m, H]`, routing `(ids, weights, kin)` of `[m, kin]`)
+/// into a buffer of `(tmax, k)` tokens and slots.
 pub fn pre_dispatch(
     hidden: &[f32],
     h: usize,
-    ids: &[i32],
-    weights: &[f32],
-    kin: usize,
-    tmax: usize,
-    k: usize,
+    (ids, weights, kin): (&[i32], &[f32], usize),
+    (tmax, k): (usize, usize),
     fp4: bool,
 ) -> Result<PreDispatch> {
-    let m = if h == 0 { 0 } else { hidden.len() / h };
+    let m = hidden.len().checked_div(h).unwrap_or(0);
     let q = quantize_rows(hidden, m, h, fp4)?;
     let mut out_ids = vec![-1i32; tmax * k];
     let mut out_w = vec![0f32; tmax * k];
@@ -110,7 +110,7 @@ pub fn forward(
     let ew = as_expert_weights(weights)?;
     let d = ew.dims();
     let (h, i) = (d.hidden, d.inter);
-    if hidden.len() % h.max(1) != 0 || d.n1 != 2 * i {
+    if !hidden.len().is_multiple_of(h.max(1)) || d.n1 != 2 * i {
         return Err(MoeError::invalid(
             "megamoe input",
             format!(
@@ -143,7 +143,7 @@ pub fn forward(
         }
     }
     // y[t, kk, :] for every routed slot, bf16-rounded.
-    let results: Vec<(Vec<(usize, usize)>, Vec<f32>)> = per_expert
+    let results: Vec<ExpertRows> = per_expert
         .into_par_iter()
         .enumerate()
         .filter(|(_, rows)| !rows.is_empty())

@@ -224,7 +224,7 @@ impl Program {
             fused,
             pre_dispatch: load("megamoe_pre_dispatch")?,
             pack: load("megamoe_pack_weights")?,
-            blocks: per_sm as u32 * sms as u32,
+            blocks: per_sm * sms as u32,
             smem,
         })
     }
