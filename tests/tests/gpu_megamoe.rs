@@ -17,8 +17,10 @@ use moe_runner_core::{
 };
 
 const E: usize = 16;
-const H: usize = 512;
-const I: usize = 256;
+// 9 and 5 groups of 128 k values: GEMM 1 streams a full stage of eight groups and a partial one,
+// GEMM 2 one partial stage; every consumer warp multiplies.
+const H: usize = 1152;
+const I: usize = 640;
 const K: usize = 4;
 const T: usize = 128;
 
@@ -189,10 +191,11 @@ fn fused_layer_matches_the_cpu_path() {
             .unwrap();
             // 1 and 16 tokens run the 8-token items (16 with experts over 8 rows, so several
             // items each), 37 and 128 the 16-token items.
-            for m in [0usize, 1, 16, 37, T] {
-                let seed = 100 * vi as u64 + m as u64;
+            // 37 tokens also with fewer experts per token than the buffers' top-k.
+            for (m, kin) in [(0usize, K), (1, K), (16, K), (37, K), (37, K - 1), (T, K)] {
+                let seed = 100 * vi as u64 + m as u64 + kin as u64;
                 let hidden = synthetic::hidden(m, H, DType::Bf16, seed).unwrap();
-                let topk = synthetic::topk(m, K, E, seed + 1, true, m > 8).unwrap();
+                let topk = synthetic::topk(m, kin, E, seed + 1, true, m > 8).unwrap();
                 let gh = hidden.to_device(&device).unwrap();
                 let gt = topk.to_device(&device).unwrap();
                 let first = run_rank(&d, &runner, dw.as_ref(), &gh, &gt).unwrap();
@@ -209,14 +212,18 @@ fn fused_layer_matches_the_cpu_path() {
                     &hidden.to_f32_vec().unwrap(),
                     topk.ids.as_slice::<i32>().unwrap(),
                     topk.weights.as_slice::<f32>().unwrap(),
-                    K,
+                    kin,
                     hw,
                     &c,
                     flags,
                 )
                 .unwrap();
                 let e = rel_l2(&got, &want);
-                println!("{flags:?} {name} m={m}: rel_l2 {e:.2e}");
+                let same = got.iter().zip(&want).filter(|(g, w)| g == w).count();
+                println!(
+                    "{flags:?} {name} m={m} k={kin}: rel_l2 {e:.2e}, {same} of {} values identical",
+                    got.len()
+                );
                 if m > 0 {
                     assert!(
                         want.iter().any(|&v| v != 0.0),
@@ -225,7 +232,7 @@ fn fused_layer_matches_the_cpu_path() {
                 }
                 // f32 sums in another order, and the rare requantization that lands on the
                 // other side of a rounding boundary.
-                if e > 1e-2 {
+                if e > 5e-3 {
                     failures.push(format!("{flags:?} {name} m={m}: rel_l2 {e:.3e}"));
                 }
             }
@@ -329,6 +336,32 @@ fn bad_input_is_refused() {
     assert!(e.to_string().contains("free"), "{e}");
     // Nothing went wrong on the device through all of this.
     d.check().unwrap();
+    // Expert ids the host cannot see (on the GPU) and out of range: their slots are skipped and
+    // the check after the call says so.
+    let w = quant_to_device(weights(QuantScheme::Mxfp4A8, 5).as_ref(), &device).unwrap();
+    let runner = MoeRunner::on_device(
+        &device,
+        "megamoe",
+        DispatchFormat::MegaMoe,
+        QuantScheme::Mxfp4A8,
+        MoeRunnerConfig::new(E, H, I, K),
+    )
+    .unwrap();
+    for bad in [E as i32, -2] {
+        let mut ids = vec![0i32, 1, 2, 3].repeat(4);
+        ids[5] = bad;
+        let t = TopK::from_vecs(&ids, &[0.25; 16], 4, K)
+            .unwrap()
+            .to_device(&device)
+            .unwrap();
+        let g = d.dispatch(&ok, t).unwrap();
+        let _ = runner.run(g.as_ref(), w.as_ref()).unwrap();
+        assert!(
+            matches!(d.check(), Err(MoeError::Invalid { .. })),
+            "id {bad}"
+        );
+    }
+    d.check().unwrap();
 }
 
 #[test]
@@ -410,7 +443,7 @@ fn two_gpus_two_ranks_match_the_cpu_path() {
                 .unwrap();
                 let e = rel_l2(&got, &want);
                 println!("{flags:?} rank {r}: rel_l2 {e:.2e}");
-                assert!(e <= 1e-2, "{flags:?} rank {r}: rel_l2 {e:.3e}");
+                assert!(e <= 5e-3, "{flags:?} rank {r}: rel_l2 {e:.3e}");
             }
         }
     }

@@ -68,11 +68,13 @@ impl Dispatcher for MegaMoeDispatcher {
     fn dispatch(&self, hidden: &Tensor, topk: TopK) -> Result<Box<dyn DispatchOutput>> {
         self.cfg.check_batch(crate::A2A, hidden, &topk)?;
         #[cfg(feature = "cuda")]
-        if let Some(rank) = &self.rank {
-            rank.check_inputs(hidden, &topk)?;
-        } else {
-            hidden.expect_dtype("hidden", &[DType::F32, DType::Bf16])?;
-        }
+        let topk = match &self.rank {
+            Some(rank) => rank.place_inputs(hidden, topk)?,
+            None => {
+                hidden.expect_dtype("hidden", &[DType::F32, DType::Bf16])?;
+                topk
+            }
+        };
         #[cfg(not(feature = "cuda"))]
         hidden.expect_dtype("hidden", &[DType::F32, DType::Bf16])?;
         Ok(Box::new(MegaMoeDispatchOutput {

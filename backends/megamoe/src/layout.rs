@@ -6,12 +6,17 @@
 use moe_dispatch::DispatcherConfig;
 use moe_runner_core::{MoeError, Result};
 
-/// Most ranks the control words have room for.
-pub const MAX_RANKS: usize = 1024;
+/// Most ranks: each is told "ready" and "done" by one consumer thread of block 0 (256 of them);
+/// the control words have room for 1024.
+pub const MAX_RANKS: usize = 256;
+/// Flags the control region holds per kind (ready, done).
+const FLAG_SLOTS: usize = 1024;
 /// k values per load group of the kernel; both GEMMs' inner sizes must be multiples of it.
 pub const K_GROUP: usize = 128;
 /// Phase-boundary timestamps the program keeps (u64 nanoseconds after the flags).
 pub const PHASES: usize = 8;
+/// Byte offset of the phase timestamps in the control region.
+pub const STAMPS_OFFSET: u64 = ((16 + 2 * FLAG_SLOTS) * 4) as u64;
 /// The phases between consecutive timestamps.
 pub const PHASE_NAMES: [&str; PHASES - 1] = [
     "pre-dispatch",
@@ -40,7 +45,7 @@ pub struct MegaShape {
 /// Byte offsets of each region, and the total.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
-    /// Epoch, grid barrier, one ready and one done flag per rank (u32 each), then the phase
+    /// Epoch, grid barrier, ready and done flags (u32 each, one per rank), then the phase
     /// timestamps of the last call.
     pub ctrl: u64,
     /// `[E_local] u32`: rows received per local expert (zero between calls).
@@ -141,7 +146,7 @@ impl MegaShape {
             Ok(off)
         };
         Ok(Layout {
-            ctrl: take(((16 + 2 * MAX_RANKS) * 4 + 8 * PHASES) as u64)?,
+            ctrl: take(((16 + 2 * FLAG_SLOTS) * 4 + 8 * PHASES) as u64)?,
             counts: take(mul(&[self.local_experts, 4])?)?,
             x: take(mul(&[t, h])?)?,
             xs: take(mul(&[t, h / 32])?)?,

@@ -44,6 +44,17 @@ pub(crate) fn prepare<'a>(
     let flags = resolve(cfg.megamoe, EnvFlags::process()?, quant.scheme())?;
     let d = moe_runner_core::ExpertWeights::dims(w);
     let s = out.shape;
+    if cfg.num_local_experts != s.local_experts
+        || cfg.num_experts != s.num_experts
+        || cfg.hidden_size != s.hidden
+        || cfg.intermediate_size != s.inter
+    {
+        return Err(MoeError::Config(format!(
+            "the runner is configured for {} of {} experts, hidden {}, intermediate {}; the megamoe buffers for {} of {}, hidden {}, intermediate {}",
+            cfg.num_local_experts, cfg.num_experts, cfg.hidden_size, cfg.intermediate_size,
+            s.local_experts, s.num_experts, s.hidden, s.inter
+        )));
+    }
     if d.experts != s.local_experts
         || d.hidden != s.hidden
         || d.inter != s.inter

@@ -204,7 +204,12 @@ impl Program {
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
-            .map_err(kerr)?;
+            .map_err(|e| MoeError::Kernel {
+                name: "megamoe_fused".into(),
+                log: format!(
+                    "{smem} B of shared memory ({local_experts} local experts, {tiling:?}) do not fit on an SM: {e}"
+                ),
+            })?;
         let per_sm = fused
             .occupancy_max_active_blocks_per_multiprocessor(THREADS, smem as usize, None)
             .map_err(kerr)?;

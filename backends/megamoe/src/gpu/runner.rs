@@ -20,7 +20,7 @@ pub(crate) struct GpuMega {
     cfg: MoeRunnerConfig,
     dev: CudaDevice,
     act: (u8, f32, f32),
-    programs: Mutex<HashMap<(Resolved, Tiling), Arc<Program>>>,
+    programs: Mutex<HashMap<(Resolved, Tiling, usize), Arc<Program>>>,
     packed: Mutex<Option<Arc<PackedWeights>>>,
 }
 
@@ -35,12 +35,19 @@ impl GpuMega {
         })
     }
 
-    fn program(&self, flags: Resolved, tiling: Tiling) -> Result<Arc<Program>> {
+    /// The program for these switches and tiling, its shared memory sized for
+    /// `local_experts` (the buffers' count, which the kernel reads).
+    fn program(
+        &self,
+        flags: Resolved,
+        tiling: Tiling,
+        local_experts: usize,
+    ) -> Result<Arc<Program>> {
         let mut map = self
             .programs
             .lock()
             .map_err(|_| MoeError::Device("megamoe program cache poisoned".into()))?;
-        if let Some(p) = map.get(&(flags, tiling)) {
+        if let Some(p) = map.get(&(flags, tiling, local_experts)) {
             return Ok(p.clone());
         }
         let p = Arc::new(Program::new(
@@ -49,9 +56,9 @@ impl GpuMega {
             tiling,
             self.act.0,
             self.cfg.gate_up,
-            self.cfg.num_local_experts,
+            local_experts,
         )?);
-        map.insert((flags, tiling), p.clone());
+        map.insert((flags, tiling, local_experts), p.clone());
         Ok(p)
     }
 
@@ -106,6 +113,31 @@ impl GpuMega {
                 ),
             ));
         }
+        // The program reads the batch and writes the buffers in the order of one stream: the
+        // dispatcher's (the engine's) must be the runner's.
+        if rank.mem().dev.stream().cu_stream() != self.dev.stream().cu_stream() {
+            return Err(MoeError::invalid(
+                "dispatch output",
+                "the megamoe dispatcher and runner must be built on the same device handle (one stream)",
+            ));
+        }
+        for (what, t) in [
+            ("out", dst),
+            ("w13", &w.w13),
+            ("w13_scale", &w.w13_scale),
+            ("w2", &w.w2),
+            ("w2_scale", &w.w2_scale),
+        ] {
+            if t.cuda_device().map(|d| d.context().ordinal()) != Some(ordinal) {
+                return Err(MoeError::invalid(
+                    what,
+                    format!(
+                        "must be on GPU {ordinal} (this rank's), got {}",
+                        t.location()
+                    ),
+                ));
+            }
+        }
         let s = out.shape;
         // Rows an expert gets if every rank sends this many tokens.
         let expected = out.topk.num_tokens() * s.ranks * s.top_k / s.num_experts.max(1);
@@ -114,7 +146,7 @@ impl GpuMega {
         } else {
             Tiling::BATCH
         };
-        let program = self.program(flags, tiling)?;
+        let program = self.program(flags, tiling, s.local_experts)?;
         let packed = self.packed(&program, w)?;
         let (_, limit, alpha) = self.act;
         let p = MegaParams::new(rank, out, dst)?.with_weights(

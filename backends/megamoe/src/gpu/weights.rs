@@ -12,8 +12,11 @@ pub struct PackedWeights {
     pub w13s: Tensor,
     pub w2: Tensor,
     pub w2s: Tensor,
-    /// The device tensors these were packed from: (w13, w13_scale, w2, w2_scale) addresses.
+    /// The device tensors these were packed from: (w13, w13_scale, w2, w2_scale) addresses,
+    /// and the tensors themselves, held so that their memory (and so the addresses that say
+    /// whether a cached packing is still of these weights) cannot be reused while cached.
     pub source: [u64; 4],
+    _held: [Tensor; 4],
 }
 
 impl PackedWeights {
@@ -66,6 +69,12 @@ impl PackedWeights {
             w2,
             w2s,
             source: Self::source_of(w)?,
+            _held: [
+                w.w13.clone(),
+                w.w13_scale.clone(),
+                w.w2.clone(),
+                w.w2_scale.clone(),
+            ],
         })
     }
 }

@@ -46,10 +46,16 @@ impl RankHandle {
         &self.world.layout
     }
 
-    /// The batch must be bf16 on this rank's GPU, 16-byte aligned, with routing there too.
-    pub fn check_inputs(&self, hidden: &Tensor, topk: &TopK) -> Result<()> {
+    /// The batch must be bf16 on this rank's GPU, 16-byte aligned. Routing on the host is copied
+    /// there (routers often run on the host); routing on another GPU is refused.
+    pub fn place_inputs(&self, hidden: &Tensor, topk: TopK) -> Result<TopK> {
         hidden.expect_dtype("hidden", &[DType::Bf16])?;
         let dev = &self.mem().dev;
+        let topk = if topk.ids.is_host() && topk.weights.is_host() {
+            topk.to_device(&moe_runner_core::Device::Cuda(dev.clone()))?
+        } else {
+            topk
+        };
         for (what, t) in [
             ("hidden", hidden),
             ("topk_ids", &topk.ids),
@@ -75,7 +81,7 @@ impl RankHandle {
                 "device address must be 16-byte aligned",
             ));
         }
-        Ok(())
+        Ok(topk)
     }
 
     /// Waits for this rank's stream and reports (and clears) what the program flagged.
@@ -90,7 +96,8 @@ impl RankHandle {
             .context()
             .bind_to_thread()
             .map_err(|e| MoeError::Device(e.to_string()))?;
-        // SAFETY: `error` holds one i32 in this context; the stream is idle.
+        // SAFETY: `error` holds one i32 in this context; the stream is idle, and the clear is
+        // ordered on it before any later launch.
         unsafe {
             check(
                 "reading megamoe errors",
@@ -98,7 +105,7 @@ impl RankHandle {
             )?;
             check(
                 "clearing megamoe errors",
-                sys::cuMemsetD8_v2(m.error.ptr(), 0, 4),
+                sys::cuMemsetD8Async(m.error.ptr(), 0, 4, m.dev.stream().cu_stream()),
             )?;
         }
         if bits & 1 != 0 {
@@ -252,7 +259,7 @@ impl MegaMoeDispatcher {
             .synchronize()
             .map_err(|e| MoeError::Device(e.to_string()))?;
         let mut ns = [0u64; crate::layout::PHASES];
-        let off = rank.layout().ctrl + ((16 + 2 * crate::layout::MAX_RANKS) * 4) as u64;
+        let off = rank.layout().ctrl + crate::layout::STAMPS_OFFSET;
         // SAFETY: the stamps lie inside this rank's control region; the stream is idle.
         check("reading megamoe phase times", unsafe {
             sys::cuMemcpyDtoH_v2(ns.as_mut_ptr().cast(), mem.sym.ptr() + off, 8 * ns.len())

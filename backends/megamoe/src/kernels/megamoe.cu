@@ -313,8 +313,8 @@ __device__ void dispatch(const MegaParams& p) {
         const int src = entry / (p.tmax * p.k), tk = entry % (p.tmax * p.k);
         const u8* base = (const u8*)p.peers[src];
         const int id = __ldcg((const int*)(base + p.off_ids) + tk);
-        if (id < 0) continue;
-        if (id >= p.num_experts) {
+        if (id == -1) continue;
+        if (id < -1 || id >= p.num_experts) {
             if (lane == 0) atomicOr(p.error, 2);
             continue;
         }
@@ -576,7 +576,7 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
     for (int s = 0; s < 4; ++s) {
         // The tokens' fragments (both k16 halves) and the (scale - 127) << 23 of tokens 2t, 2t+1.
         u32 bf[HALVES][4];
-        int ea[HALVES][2];
+        float sa[HALVES][2];
 #pragma unroll
         for (int h = 0; h < HALVES; ++h) {
 #if MXF4
@@ -589,8 +589,8 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
             bf[h][1] = f16x2_of_e4m3x2(lo >> 16);
             bf[h][2] = f16x2_of_e4m3x2(hi);
             bf[h][3] = f16x2_of_e4m3x2(hi >> 16);
-            ea[h][0] = ((int)((f.sa[h][0] >> (8 * s)) & 0xffu) - 127) << 23;
-            ea[h][1] = ((int)((f.sa[h][1] >> (8 * s)) & 0xffu) - 127) << 23;
+            sa[h][0] = ue8m0_value((f.sa[h][0] >> (8 * s)) & 0xffu);
+            sa[h][1] = ue8m0_value((f.sa[h][1] >> (8 * s)) & 0xffu);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
@@ -604,22 +604,21 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
                 af[q][2] = f16x2_of_e4m3x2(hi);
                 af[q][3] = f16x2_of_e4m3x2(hi >> 16);
             }
-            // The product of two UE8M0 scales is 2^(sa + sw - 254): its f32 bits are
-            // (sw << 23) + ((sa - 127) << 23), an integer add per pair (exponents stay in range
-            // for any scales the quantizers give: both lie far inside 2^-63..2^63).
+            // The rows' UE8M0 scales as f32 (bits: the byte << 23), from one byte permute: the
+            // two bytes as 16-bit lanes shifted to bit 7, then each lane moved to bit 23.
             const u32 bytes = (s < 2 ? (u32)f.ws[j] : (u32)(f.ws[j] >> 32));
             const u32 pair = __byte_perm(bytes, 0, (s & 1) ? 0x4342 : 0x4140) << 7;
-            const int wg = (int)(pair << 16), wg8 = (int)(pair & 0xffff0000u);
+            const float wg = __uint_as_float(pair << 16), wg8 = __uint_as_float(pair & 0xffff0000u);
 #pragma unroll
             for (int h = 0; h < HALVES; ++h) {
                 const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
                 float d[4];
                 mma_f16(d, af[0], bf[h][0], bf[h][1], zero);
                 mma_f16(d, af[1], bf[h][2], bf[h][3], d);
-                acc[j][h][0] = fmaf(d[0], __int_as_float(wg + ea[h][0]), acc[j][h][0]);
-                acc[j][h][1] = fmaf(d[1], __int_as_float(wg + ea[h][1]), acc[j][h][1]);
-                acc[j][h][2] = fmaf(d[2], __int_as_float(wg8 + ea[h][0]), acc[j][h][2]);
-                acc[j][h][3] = fmaf(d[3], __int_as_float(wg8 + ea[h][1]), acc[j][h][3]);
+                acc[j][h][0] = fmaf(d[0], wg * sa[h][0], acc[j][h][0]);
+                acc[j][h][1] = fmaf(d[1], wg * sa[h][1], acc[j][h][1]);
+                acc[j][h][2] = fmaf(d[2], wg8 * sa[h][0], acc[j][h][2]);
+                acc[j][h][3] = fmaf(d[3], wg8 * sa[h][1], acc[j][h][3]);
             }
         }
     }
@@ -648,8 +647,8 @@ __device__ float* item_sums(const Item& it, u8* ring, u64* full, u64* empty, u32
             if (halves == 2) mma_group<2>(f, acc);
             else mma_group<1>(f, acc);
         }
-        __syncwarp();
-        if (lane == 0) mbar_arrive(empty + slot);
+        // Every consumer thread releases the slot after its own reads of it.
+        mbar_arrive(empty + slot);
     }
     float* buf = red + (items++ & 1) * RED_FLOATS;
     float* w = buf + warp * ITEM_ROWS * ITEM_COLS;
@@ -738,7 +737,9 @@ __device__ void combine(const MegaParams& p) {
         const int t = (int)(i / chunks), c = (int)(i % chunks) * 8;
         float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
         for (int kk = 0; kk < p.k; ++kk) {
-            if (__ldcg(ids + t * p.k + kk) < 0) continue;
+            // Padding, and ids the dispatch refused (flagged there): no expert wrote this slot.
+            const int id = __ldcg(ids + t * p.k + kk);
+            if (id < 0 || id >= p.num_experts) continue;
             const uint4 v = __ldcg((const uint4*)(y + ((long long)t * p.k + kk) * H + c));
             const u32 w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
@@ -771,7 +772,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParam
     if (threadIdx.x == 0) {
         for (int i = 0; i < STAGES; ++i) {
             mbar_init(full + i, 1);
-            mbar_init(empty + i, WARPS);
+            mbar_init(empty + i, CONSUMERS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
