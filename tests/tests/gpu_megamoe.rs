@@ -348,7 +348,7 @@ fn bad_input_is_refused() {
     )
     .unwrap();
     for bad in [E as i32, -2] {
-        let mut ids = vec![0i32, 1, 2, 3].repeat(4);
+        let mut ids = [0i32, 1, 2, 3].repeat(4);
         ids[5] = bad;
         let t = TopK::from_vecs(&ids, &[0.25; 16], 4, K)
             .unwrap()
