@@ -4,7 +4,7 @@
 // symmetric buffers):
 //   0. pre-dispatch: this rank's tokens quantized per 32 values (E2M1 or E4M3, UE8M0 scale) and
 //      its top-k copied into its own symmetric buffer; rows past num_tokens get id -1, weight 0;
-//      then every rank is told "ready" and every rank's "ready" is awaited;
+//      then, with several ranks, every rank is told "ready" and every rank's "ready" is awaited;
 //   1. dispatch: every (source rank, token, k) entry whose expert lives here is pulled over peer
 //      memory into this rank's gathered rows, in the operand layout the GEMM reads;
 //   2. GEMM 1 with the activation, the router weight and requantization (an MX block of GEMM 2's
@@ -12,7 +12,8 @@
 //   3. GEMM 2, written straight into the source rank's combine slots; then "done" to every rank;
 //   4. the top-k sum of this rank's tokens once every rank is done.
 // Defines: FP4_ACTS (E2M1 activations, else E4M3), MXF4 (FP4 activations kept as FP4 and widened
-// in registers next to the MMA), ACT (activation.cuh).
+// in registers next to the MMA), ACT (activation.cuh), GATE_UP (the w13 row order), ITEM_ROWS
+// and STAGES (the work-item tiling).
 //
 // Products run on the tensor cores as f16 mma.m16n8k16 with the weights as the 16-row operand and
 // up to eight tokens as the 8 columns (decode batches fill an n8 tile, not an m16 one; Hopper's
@@ -25,7 +26,7 @@
 #define KGROUP 128      // k values per load group (four k32 steps)
 // ITEM_ROWS (8 or 16): tokens of one work item, one or two n8 tiles; an expert with more rows
 // takes more items. STAGES: depth of the weight ring (the 8-row items leave room for four).
-#define ITEM_COLS 64    // B rows (output columns) of one work item (eight n8 tiles)
+#define ITEM_COLS 64    // weight rows (output columns) of one work item (four 16-row tiles)
 #define WARPS 8
 // Each FP4 operand is widened to E4M3 as its value times 2^-6.
 #if FP4_ACTS
