@@ -145,6 +145,15 @@ fn registry_paths(device: &Device, shape: &LayerShape) -> Result<(MoeRunner, Vec
 }
 
 pub fn bench(args: &BenchArgs, out: &mut dyn Write) -> Result<()> {
+    if args.megamoe {
+        let mega = crate::cli::MegaBenchArgs {
+            ranks: 1,
+            tokens: args.tokens.clone(),
+            iters: args.iters,
+            markdown: args.markdown.clone(),
+        };
+        return crate::mega_bench::bench_mega(&mega, out);
+    }
     let device = Device::cuda(0)?;
     let dev = device.as_cuda()?.clone();
     let peers: Option<PeersFile> = match &args.peers {

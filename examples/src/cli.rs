@@ -140,6 +140,10 @@ pub struct BenchArgs {
     /// Timed graph replays per batch size.
     #[arg(long, default_value_t = 15)]
     pub iters: usize,
+    /// Instead: MegaMoE beside the unfused expert-parallel path on one GPU at DeepSeek-V3
+    /// expert shapes, for --tokens (`moe bench-mega` takes more ranks).
+    #[arg(long)]
+    pub megamoe: bool,
 }
 
 #[derive(Debug, Args)]

@@ -279,3 +279,74 @@ fn bad_input_gives_typed_errors() {
         .unwrap();
     assert_eq!(out.shape(), &[0, 256]);
 }
+
+#[test]
+fn a_moe_layer_routes_and_runs_megamoe() {
+    moe_conformance::link_backends();
+    let (e, h, i, k, m) = (8, 256, 128, 2, 12);
+    let mut cfg = MoeRunnerConfig::new(e, h, i, k);
+    cfg.routed_scaling_factor = Some(1.5);
+    let dcfg = DispatcherConfig {
+        routed_scaling_factor: Some(1.5),
+        ..DispatcherConfig::single(e, h, 16)
+            .with_top_k(k)
+            .with_intermediate(i)
+    };
+    let router = moe_dispatch::Router {
+        method: moe_dispatch::RoutingMethod::Softmax { renormalize: true },
+        num_experts: e,
+        top_k: k,
+        fused_shared_experts: 0,
+        fused_shared_weight: 1.0,
+    };
+    let dims = moe_runner_core::WeightDims {
+        experts: e,
+        n1: 2 * i,
+        hidden: h,
+        inter: i,
+    };
+    let weights = synthetic::weights(dims, QuantScheme::Mxfp4A4, 9, &|_| {}).unwrap();
+    let host = moe_runner_core::downcast_quant::<moe_runner_core::Mxfp4Weights>(weights.as_ref())
+        .unwrap()
+        .to_device(&Device::cpu())
+        .unwrap();
+    let hidden = synthetic::hidden(m, h, DType::Bf16, 10).unwrap();
+    let logits = synthetic::logits(m, e, 11).unwrap();
+    let topk = router.route(&logits).unwrap();
+    let runner = MoeRunner::on_device(
+        &Device::cpu(),
+        "megamoe",
+        DispatchFormat::MegaMoe,
+        QuantScheme::Mxfp4A4,
+        cfg.clone(),
+    )
+    .unwrap();
+    let layer = moe_dispatch::MoeLayer::new(
+        router,
+        Box::new(MegaMoeDispatcher::cpu(&dcfg).unwrap()),
+        runner,
+        weights,
+        None,
+    )
+    .unwrap();
+    let got = layer
+        .forward(&hidden, &logits)
+        .unwrap()
+        .to_f32_vec()
+        .unwrap();
+    let want = cpu::forward(
+        &hidden.to_f32_vec().unwrap(),
+        topk.ids.as_slice::<i32>().unwrap(),
+        topk.weights.as_slice::<f32>().unwrap(),
+        k,
+        &host,
+        &cfg,
+        Resolved {
+            fp4_acts: true,
+            mxf4_kind: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(got, want);
+    assert!(got.iter().any(|&v| v != 0.0));
+}
