@@ -2,6 +2,7 @@
 //! `activation`, so both backends apply it identically).
 
 use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
+use moe_backend_triton::stages::gate_up_code;
 use moe_runner_core::cuda::compile_module;
 use moe_runner_core::cuda::cudarc::driver::CudaFunction;
 use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Result};
@@ -25,11 +26,7 @@ pub struct Fp4Kernels {
 
 impl Fp4Kernels {
     pub fn new(dev: &CudaDevice, act: u8, gate_up: GateUpLayout) -> Result<Self> {
-        let gate_up = match gate_up {
-            GateUpLayout::GateUp => 0,
-            GateUpLayout::UpGate => 1,
-            GateUpLayout::Interleaved => 2,
-        };
+        let gate_up = gate_up_code(gate_up);
         let module = compile_module(
             dev,
             "cutedsl_fp4",

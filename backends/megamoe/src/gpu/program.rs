@@ -2,6 +2,7 @@
 //! as many blocks as fit on the GPU at once (the grid barriers need every block resident).
 
 use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
+use moe_backend_triton::stages::gate_up_code;
 use moe_runner_core::cuda::compile_module;
 use moe_runner_core::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
 use moe_runner_core::cuda::cudarc::driver::{
@@ -164,11 +165,7 @@ impl Program {
         gate_up: GateUpLayout,
         local_experts: usize,
     ) -> Result<Self> {
-        let gate_up = match gate_up {
-            GateUpLayout::GateUp => 0,
-            GateUpLayout::UpGate => 1,
-            GateUpLayout::Interleaved => 2,
-        };
+        let gate_up = gate_up_code(gate_up);
         let module = compile_module(
             dev,
             "megamoe",
