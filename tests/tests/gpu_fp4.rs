@@ -374,3 +374,27 @@ fn nvfp4_on_the_low_latency_wire_matches_the_reference() {
     other.hidden_global_scale = Some(q.a13_global[0] * 2.0);
     assert!(runner.run(&other, qg.as_ref()).is_err());
 }
+
+/// Every item size of the GEMM (8 to 64 rows of an expert), at widths that are not whole
+/// stages or weight tiles: H = 352 (a partial 256-value stage and k-tile), I = 160, so GEMM 1
+/// has 320 columns (a partial 128-row weight tile) and GEMM 2 a K of 160.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn every_item_size_and_partial_tiles_match_the_reference() {
+    let cfg = MoeRunnerConfig::new(8, 352, 160, 2);
+    let (q, _) = weights(&cfg, 61);
+    let runner = fp4(&cfg, DispatchFormat::Standard);
+    let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
+    // 2, 10, 25 and 50 rows per expert on average: items of 8, 16, 32 and 64 rows.
+    for m in [5, 40, 100, 200] {
+        let hidden = synthetic::hidden(m, cfg.hidden_size, DType::Bf16, 300 + m as u64).unwrap();
+        let topk =
+            synthetic::topk(m, cfg.top_k, cfg.num_experts, 400 + m as u64, true, true).unwrap();
+        let copy = |t: &TopK| TopK::new(t.ids.clone(), t.weights.clone()).unwrap();
+        let got = suite::run_path(&runner, &hidden, copy(&topk), &q).unwrap();
+        let want = suite::run_path(&want_runner, &hidden, copy(&topk), &q).unwrap();
+        let c = suite::compare(&got, &want).unwrap();
+        eprintln!("H=352 I=160 M={m}: vs NVFP4 reference {c:?}");
+        assert!(c.within(1e-2), "M={m} against the NVFP4 reference: {c:?}");
+    }
+}

@@ -3,22 +3,36 @@
 
 use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
 use moe_backend_triton::stages::gate_up_code;
+use moe_backend_triton::stages::Arg;
 use moe_runner_core::cuda::compile_module;
-use moe_runner_core::cuda::cudarc::driver::CudaFunction;
+use moe_runner_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
+use moe_runner_core::cuda::cudarc::driver::{
+    CudaFunction, DeviceRepr, DriverError, LaunchArgs, PushKernelArg,
+};
 use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Result};
 
 const NVFP4: &str = include_str!("kernels/nvfp4.cu");
 
-/// Columns of one GEMM tile (`BN`).
-pub const BLOCK_N: usize = 128;
+/// The GEMM's threads: eight consumer warps and the producer warp.
+pub const GEMM_THREADS: usize = 288;
+/// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
+pub const SEGMENT: usize = 256;
+
+/// One variant of the GEMM: up to `8 * nt` rows of an expert per work item.
+pub struct Gemm {
+    pub f: CudaFunction,
+    pub nt: usize,
+    /// Dynamic shared memory of a launch, and the blocks that fit on an SM with it.
+    pub smem: usize,
+    pub per_sm: usize,
+}
 
 pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
-    /// Row tiles of 16 (decode batches) and of 64.
-    pub gemm_m16: CudaFunction,
-    pub gemm_m64: CudaFunction,
+    /// The GEMM for 8, 16, 32 and 64 rows per work item.
+    pub gemm: [Gemm; 4],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
@@ -43,15 +57,77 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
+        // (rows per item / 8, ring stages), as nvfp4.cu instantiates them.
+        let gemm = |nt: usize, stages: usize| -> Result<Gemm> {
+            let name = format!("fp4_gemm_n{nt}");
+            let f = load(&name)?;
+            let kerr = |e: DriverError| MoeError::Kernel {
+                name: name.clone(),
+                log: e.to_string(),
+            };
+            // A stage: the weight box, four boxes of rows, the scales; then a barrier pair per
+            // stage, and 1024 bytes to align the ring for the swizzle.
+            let smem = stages * (128 * 128 + 4 * 8 * nt * 128 + 2048) + stages * 16 + 1024;
+            f.set_attribute(
+                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(kerr)?;
+            let per_sm = f
+                .occupancy_max_active_blocks_per_multiprocessor(GEMM_THREADS as u32, smem, None)
+                .map_err(kerr)?
+                .max(1) as usize;
+            Ok(Gemm {
+                f,
+                nt,
+                smem,
+                per_sm,
+            })
+        };
         Ok(Self {
             quant_rows: load("fp4_quant_rows")?,
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
-            gemm_m16: load("fp4_gemm_m16")?,
-            gemm_m64: load("fp4_gemm_m64")?,
+            gemm: [gemm(1, 4)?, gemm(2, 4)?, gemm(4, 3)?, gemm(8, 4)?],
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             combine: load("fp4_combine")?,
         })
+    }
+
+    /// The GEMM variant for about `expected` rows per expert: the smallest item that holds
+    /// them, so decode batches compute no empty n8 tiles.
+    pub fn gemm_for(&self, expected: usize) -> &Gemm {
+        self.gemm
+            .iter()
+            .find(|g| 8 * g.nt >= expected)
+            .unwrap_or(&self.gemm[3])
+    }
+}
+
+/// The GEMM's scalar arguments (`GemmArgs` in nvfp4.cu, field for field).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct GemmArgs {
+    /// `[E, swizzled(N, K / 16)]` E4M3 block scales.
+    pub w_sf: u64,
+    pub counts: u64,
+    pub row0: u64,
+    pub tile_start: u64,
+    pub alpha: u64,
+    /// `[rows, N]` output in the activation dtype.
+    pub c: u64,
+    pub cap: i32,
+    pub experts: i32,
+    pub n: i32,
+    pub k: i32,
+}
+
+// SAFETY: a plain C struct of the kernel's layout (six pointers, four ints).
+unsafe impl DeviceRepr for GemmArgs {}
+
+impl Arg for GemmArgs {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(self);
     }
 }

@@ -1,7 +1,9 @@
 //! NVFP4 (w4a4) grouped GEMMs for Hopper, the runner `cutedsl_fp4`. Hopper has no FP4 tensor
 //! cores, so the value of FP4 there is bytes: weights and activations move as E2M1 with E4M3
-//! block scales, and each 16-value block is expanded to E4M3 in registers just before the FP8
-//! tensor cores, its two block scales applied to its partial product.
+//! block scales. A producer warp streams the weights through shared memory by TMA; the
+//! consumer warps widen each code to f16 and multiply it by its block scale, exactly, just
+//! before the f16 tensor cores, with the weights as the MMA's 16 rows and the tokens as its
+//! columns (decode batches fill an n8 tile, not an m16 one).
 //!
 //! One runner serves both layouts: the masked `[E_local, R*T, H]` layout of the low-latency
 //! all-to-all (rows past `masked_m` never read or written), and the standard layout, whose
@@ -15,6 +17,8 @@
 mod kernels;
 #[cfg(feature = "cuda")]
 mod runner;
+#[cfg(feature = "cuda")]
+mod tma;
 #[cfg(feature = "cuda")]
 mod weights;
 

@@ -9,7 +9,7 @@
 //! with `no_combine`, leaves `[M, k, H]`; in place over the input with `inplace`; the router
 //! weight on the input with `apply_router_weight_on_input`).
 
-use moe_backend_triton::stages::{act_params, launch, launch_2d, Arg};
+use moe_backend_triton::stages::{act_params, launch, launch_2d};
 use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
 use moe_runner_core::{
     as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
@@ -19,7 +19,8 @@ use moe_runner_core::{
 };
 use std::sync::{Mutex, MutexGuard};
 
-use crate::kernels::{Fp4Kernels, BLOCK_N};
+use crate::kernels::{Fp4Kernels, GemmArgs, GEMM_THREADS, SEGMENT};
+use crate::tma::{Elem, TensorMap};
 use crate::RUNNER;
 
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
@@ -27,7 +28,8 @@ struct Workspace {
     /// Rows of the row space and picks (M * k) it was sized for.
     rows: usize,
     picks: usize,
-    /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16.
+    /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16, rows of
+    /// whole 256-value segments in the GEMM's block order.
     a1: Tensor,
     c1: Tensor,
     a2: Tensor,
@@ -59,7 +61,7 @@ struct Globals {
 pub struct Fp4Runner {
     cfg: MoeRunnerConfig,
     dev: CudaDevice,
-    /// Multiprocessors: the GEMM grid is sized to fill them, its blocks looping over row tiles.
+    /// Multiprocessors: the GEMM grid is sized to fill them, its blocks looping over work items.
     sms: usize,
     kernels: Fp4Kernels,
     /// Activation code, limit and alpha (as the triton row kernels take them).
@@ -77,10 +79,10 @@ struct Rows {
     row0: u64,
     /// Rows per expert at most.
     cap: usize,
-    /// Rows of a GEMM tile: 16 for decode batches, else 64.
-    bm: usize,
-    /// Upper bound of the row tiles of all experts (the GEMM grid).
-    tiles: usize,
+    /// Rows of the row space (the GEMM inputs' rows).
+    total: usize,
+    /// Rows per expert expected (tokens * top-k / experts): picks the GEMM's item size.
+    expected: usize,
     /// Source rows of GEMM 1's input: 0 when row r reads activation row r, else `[rows] i32`.
     src: u64,
     /// `[source rows] f32` router weights to multiply the input by, or 0.
@@ -110,14 +112,9 @@ fn bf16_input(hidden: &Tensor, scale: Option<&Tensor>, shape: &[usize]) -> Resul
     Ok(())
 }
 
-/// Rows of a GEMM tile for about `expected` rows per expert: 16 for decode batches (a tile of
-/// 64 would spend four times the tensor-core work on empty rows), else 64.
-fn tile_rows(expected: usize) -> usize {
-    if expected <= 16 {
-        16
-    } else {
-        64
-    }
+/// Values per row of a GEMM input of width `k`: whole segments.
+fn padded(k: usize) -> usize {
+    k.div_ceil(SEGMENT) * SEGMENT
 }
 
 impl Fp4Runner {
@@ -261,9 +258,10 @@ impl Fp4Runner {
         *ws = Some(Workspace {
             rows,
             picks,
-            a1: z(rows * h, DType::F16)?,
+            // Zeros, which the padding of a partial segment stays.
+            a1: z(rows * padded(h), DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
-            a2: z(rows * i, DType::F16)?,
+            a2: z(rows * padded(i), DType::F16)?,
             y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
             counts: z(e, DType::I32)?,
             row0: z(e, DType::I32)?,
@@ -291,20 +289,23 @@ impl Fp4Runner {
         let k = &self.kernels;
         let (dev, cap, e_i) = (&self.dev, r.cap as i32, e as i32);
         let ts = ws.tile_start.cuda_ptr()?;
-        let bm = r.bm as i32;
+        let gk = k.gemm_for(r.expected);
+        let bm = 8 * gk.nt;
+        // Upper bound of the row tiles: each expert's count rounds up once.
+        let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
+        let bm_i = bm as i32;
         launch(
             dev,
             &k.tiles,
             1,
             32,
             0,
-            &[&r.counts, &e_i, &cap, &bm, &ts, &ws.status.cuda_ptr()?],
+            &[&r.counts, &e_i, &cap, &bm_i, &ts, &ws.status.cuda_ptr()?],
         )?;
-        let gemm_fn = if r.bm == 16 { &k.gemm_m16 } else { &k.gemm_m64 };
         // Row kernels: a thread per 16-value block, blocks striding over an expert's rows.
         let row_grid = |width: usize| (r.cap * width / 16).div_ceil(128 * 8).clamp(1, 64);
         let (a1, a2, c1) = (ws.a1.cuda_ptr()?, ws.a2.cuda_ptr()?, ws.c1.cuda_ptr()?);
-        let (h_i, i_i, n1_i) = (h as i32, i as i32, n1 as i32);
+        let (h_i, i_i) = (h as i32, i as i32);
         match r.nvfp4_in {
             Some((codes, scales)) => launch_2d(
                 dev,
@@ -333,39 +334,60 @@ impl Fp4Runner {
                 ],
             )?,
         }
+        // C[rows, n] = A[rows, kk] W[e, n, kk]^T: the weights' codes and A's rows through TMA
+        // maps made for this pass's buffers.
         let gemm = |a: u64,
                     wt: &Tensor,
                     w_sf: &Tensor,
                     alpha: &Tensor,
                     c: u64,
-                    n: i32,
-                    kk: i32|
+                    n: usize,
+                    kk: usize|
          -> Result<()> {
-            let args: [&dyn Arg; 12] = [
-                &a,
-                &wt.cuda_ptr()?,
-                &w_sf.cuda_ptr()?,
-                &r.counts,
-                &r.row0,
-                &cap,
-                &ts,
-                &e_i,
-                &alpha.cuda_ptr()?,
-                &c,
-                &n,
-                &kk,
-            ];
-            // Sixteen blocks per SM in all; each loops over row tiles, so experts without rows
-            // cost no launched blocks.
-            let n_tiles = (n as usize).div_ceil(BLOCK_N);
-            let y = r.tiles.min((16 * self.sms).div_ceil(n_tiles)).max(1);
-            launch_2d(dev, gemm_fn, (n_tiles, y), 128, 0, &args)
+            let w_map = TensorMap::tiled(
+                wt.cuda_ptr()?,
+                Elem::U8,
+                &[kk as u64 / 2, n as u64, e as u64],
+                &[kk as u64 / 2, (n * kk / 2) as u64],
+                &[128, 128, 1],
+            )?;
+            let a_map = TensorMap::tiled(
+                a,
+                Elem::F16,
+                &[padded(kk) as u64, r.total as u64],
+                &[2 * padded(kk) as u64],
+                &[64, bm as u32],
+            )?;
+            let args = GemmArgs {
+                w_sf: w_sf.cuda_ptr()?,
+                counts: r.counts,
+                row0: r.row0,
+                tile_start: ts,
+                alpha: alpha.cuda_ptr()?,
+                c,
+                cap,
+                experts: e_i,
+                n: n as i32,
+                k: kk as i32,
+            };
+            // Persistent blocks, as many as fit; each loops over work items, so experts
+            // without rows cost nothing.
+            let items = tiles * n.div_ceil(128);
+            let grid = items.min(gk.per_sm * self.sms);
+            launch(
+                dev,
+                &gk.f,
+                grid,
+                GEMM_THREADS,
+                gk.smem,
+                &[&w_map, &a_map, &args],
+            )
         };
         let (s13, s2) = match &g.swizzled {
             Some((a, b)) => (a, b),
             None => (&w.w13_scale, &w.w2_scale),
         };
-        gemm(a1, &w.w13, s13, &g.alpha1, c1, n1_i, h_i)?;
+        gemm(a1, &w.w13, s13, &g.alpha1, c1, n1, h)?;
         let (_, limit, alpha_act) = self.act;
         launch_2d(
             dev,
@@ -385,7 +407,7 @@ impl Fp4Runner {
                 &a2,
             ],
         )?;
-        gemm(a2, &w.w2, s2, &g.alpha2, out, h_i, i_i)
+        gemm(a2, &w.w2, s2, &g.alpha2, out, h, i)
     }
 
     fn run_masked(
@@ -443,13 +465,12 @@ impl Fp4Runner {
         };
         let ws = self.workspace(el * rt, 0)?;
         let ws = ws.as_ref().expect("workspace was just sized");
-        let bm = tile_rows(d.expected_m);
         let rows = Rows {
             counts: masked_m.cuda_ptr()?,
             row0: 0,
             cap: rt,
-            bm,
-            tiles: el * rt.div_ceil(bm),
+            total: el * rt,
+            expected: d.expected_m,
             src: 0,
             in_weight: 0,
             nvfp4_in,
@@ -547,14 +568,13 @@ impl Fp4Runner {
                 &slot_of,
             ],
         )?;
-        let bm = tile_rows(picks.div_ceil(e));
         let rows = Rows {
             counts,
             row0,
             // A token picks an expert at most once.
             cap: m,
-            bm,
-            tiles: picks.div_ceil(bm) + e,
+            total: picks,
+            expected: picks.div_ceil(e),
             src,
             in_weight: if cfg.apply_router_weight_on_input {
                 topk.weights.cuda_ptr()?

@@ -1,17 +1,17 @@
 // NVFP4 (w4a4) grouped GEMMs for Hopper, which has no FP4 tensor cores: the weights move
 // through memory as E2M1 codes with E4M3 block scales and are expanded next to the tensor
-// cores. An E2M1 value times an E4M3 scale has at most six significant bits and lies within
-// [2^-10, 2688], so it is exact in f16: each 16-value block is expanded to f16 by byte permutes
-// (a table of the eight magnitudes' high bytes, and the sign) and multiplied by its block
-// scale, all exactly, and the products run on the f16 tensor cores (mma.sync m16n8k16) with f32
-// accumulation. No partial sum is rescaled per block, which is what keeps the expansion cheap
-// enough to hide under the weight stream. The activations are quantized to NVFP4 with each
-// expert's global scale and kept as their exact values (code times block scale) in f16; the
-// tensor's alpha = 1 / (gs_a * gs_w) is applied once at the end.
+// cores. An E2M1 value times an E4M3 scale has at most six significant bits, so it is exact in
+// f16: each code is widened to E4M3 by a shift and a mask, converted to f16 and multiplied by its
+// block scale, all exactly, and the products run on the f16 tensor cores (mma.sync m16n8k16;
+// Hopper's e4m3 mma.sync is itself emulated through f16) with f32 accumulation. No partial sum
+// is rescaled per block, which is what keeps the expansion cheap enough to hide under the
+// weight stream. The activations are quantized to NVFP4 with each expert's global scale and
+// kept as their exact values (code times block scale) in f16; the tensor's
+// alpha = 1 / (gs_a * gs_w) is applied once at the end.
 //
 // Rows: expert e's rows start at row `base(e)` of the row space: e * cap in the masked layout,
 // or row0[e] in the standard path's compact layout. Only the first counts[e] rows of an expert
-// are read or written.
+// are computed or written.
 //
 // Quantization (activations, and the intermediate after the activation) follows moe-quant's
 // `quantize_nvfp4` step for step: sf = e4m3((gs * amax) / 6), s = decode(sf),
@@ -21,37 +21,48 @@
 // Compile-time parameters: ACT and GATE_UP (the activation, as the row kernels), ACT_F16.
 
 #define FP4_THREADS 128
-#define BN 128
-#define BK 64           // values per K step: four NVFP4 blocks
-#define W_STRIDE 48     // bytes per weight row in shared memory: 32 of codes, padded against bank conflicts
-#define A_STRIDE 72     // f16 values per activation row in shared memory: 64, padded likewise
-
-// Byte offset of scale (m, k) in a swizzled [rows, k_sf] matrix with k_tiles = ceil(k_sf / 4).
-__device__ __forceinline__ long long swz(long long m, int k, int k_tiles) {
-    return (m >> 7) * (long long)(k_tiles * 512) + (k >> 2) * 512 + (m & 31) * 16 + ((m & 127) >> 5) * 4 + (k & 3);
-}
+#define KS 256  // k values per GEMM stage, and the segment of the GEMM input layout
 
 __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
     return row0 ? (long long)row0[e] : (long long)e * cap;
+}
+
+// The layout of GEMM inputs: block b (16 values) of a row lies at a_pos(b) within a row of
+// ceil(K / 256) * 256 values, and value v of the block at position perm(v). Within each 256-value
+// segment the 4 x 4 blocks are transposed, so that the stage's k range of lane t (blocks 4t..4t+3)
+// lies across the four TMA boxes of 64 values at the same offset (conflict-free with the swizzle);
+// within a block the values pair as the widened weight codes do ((0 2), (1 3), (4 6), (5 7) of
+// each 8: the low nibbles of a word's bytes, then the high ones).
+__device__ __forceinline__ int fp4_a_pos(int b) {
+    const int bi = b & 15;
+    return (b >> 4) * 256 + (((bi & 3) << 2) | (bi >> 2)) * 16;
+}
+// A block's sixteen f16 values q stored at `out` in the block's order.
+__device__ __forceinline__ void store_block(const u16* q, u16* out) {
+    u32 h[8];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const u16* v = q + 8 * half;
+        h[4 * half + 0] = (u32)v[0] | ((u32)v[2] << 16);
+        h[4 * half + 1] = (u32)v[1] | ((u32)v[3] << 16);
+        h[4 * half + 2] = (u32)v[4] | ((u32)v[6] << 16);
+        h[4 * half + 3] = (u32)v[5] | ((u32)v[7] << 16);
+    }
+    *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
+    *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
 }
 
 // One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s in f16 (exact).
 __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* out) {
     float s;
     nvfp4_scale(v, gs, &s);
-    u32 h[8];
+    u16 q[16];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) {
-        float q[2];
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            // Exact: at most six significant bits.
-            q[j] = s != 0.0f ? e2m1_value(nvfp4_code(v[2 * i + j], gs, s)) * s : 0.0f;
-        }
-        h[i] = (u32)f32_to_f16(q[0]) | ((u32)f32_to_f16(q[1]) << 16);
+    for (int i = 0; i < 16; ++i) {
+        // Exact: at most six significant bits.
+        q[i] = f32_to_f16(s != 0.0f ? e2m1_value(nvfp4_code(v[i], gs, s)) * s : 0.0f);
     }
-    *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
-    *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+    store_block(q, out);
 }
 
 // Activations to NVFP4 values (f16) with the expert's global scale: thread per 16-value block.
@@ -63,7 +74,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     const u16* __restrict__ x, const int* __restrict__ src, const float* __restrict__ in_weight,
     const int* __restrict__ counts, const int* __restrict__ row0, int cap, int K,
     const float* __restrict__ gs_e, u16* __restrict__ a) {
-    const int e = blockIdx.y, kb = K / 16;
+    const int e = blockIdx.y, kb = K / 16, pitch = (K + KS - 1) / KS * KS;
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
     const float gs = gs_e[e];
@@ -78,28 +89,11 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
 #pragma unroll
             for (int j = 0; j < 16; ++j) v[j] *= w;
         }
-        nvfp4_block(v, gs, a + (base + i) * K + b * 16);
+        nvfp4_block(v, gs, a + (base + i) * pitch + fp4_a_pos(b));
     }
 }
 
-// Four E2M1 codes (bits 0..15, element j in nibble j) to two f16x2 (elements 0, 1 and 2, 3),
-// exactly. An E2M1 value's f16 has a zero low byte: one byte permute looks the four high bytes
-// up in a table of the eight magnitudes and two more interleave them with zeros (the integer
-// pipe, which issues at half rate, is this loop's bottleneck, so the sign bits are moved by
-// multiplications on the FMA pipe and merged with one logic operation per pair).
-__device__ __forceinline__ void fp4x4_to_f16x2x2(u32 h, u32& lo, u32& hi) {
-    const u32 top = __byte_perm(0x3E3C3800u, 0x46444240u, h & 0x7777u);
-    const u32 s = h & 0x8888u;
-    // Sign of element 0 (bit 3) to bit 15 and of element 1 (bit 7) to bit 31; 2 (bit 11) to
-    // bit 15 and 3 (bit 15) to bit 31. The other products land on bits the masks drop.
-    const u32 s01 = s * 0x01001000u, s23 = s * 0x00010010u;
-    lo = __byte_perm(top, 0u, 0x1404);
-    hi = __byte_perm(top, 0u, 0x3424);
-    asm("lop3.b32 %0, %0, %1, 0x80008000, 0xF8;" : "+r"(lo) : "r"(s01));  // lo | (s01 & mask)
-    asm("lop3.b32 %0, %0, %1, 0x80008000, 0xF8;" : "+r"(hi) : "r"(s23));
-}
-
-// Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half).
+// Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half), exactly.
 __device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
     u32 h;
     asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(v));
@@ -112,10 +106,6 @@ __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
     return d;
 }
 
-__device__ __forceinline__ void cp_async4(void* dst, const void* src, int src_bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src), "r"(src_bytes));
-}
-
 __device__ __forceinline__ void mma_f16_16816(float* d, const u32* a, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -123,17 +113,83 @@ __device__ __forceinline__ void mma_f16_16816(float* d, const u32* a, u32 b0, u3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-template <int TBM>
-struct Fp4Stage {
-    u16 a[TBM * A_STRIDE];
-    u8 w[BN * W_STRIDE];
-    u32 sw[BN];  // the four block scales of each weight row in this K step
+// The E4M3 bytes (value times 2^-6) of the four low nibbles of w, and of the four high ones: an
+// E2M1 nibble s|e1 e0 m placed as the E4M3 byte s|0 0 e1 e0 m|0 0 is its value times 2^-6
+// (the subnormal 0.5 included), so widening is a shift and a mask.
+__device__ __forceinline__ u32 widen_lo(u32 w) { return ((w << 2) & 0x1c1c1c1cu) | ((w << 4) & 0x80808080u); }
+__device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu) | (w & 0x80808080u); }
+
+// ------------------------------------------------------------------ the grouped GEMM
+// C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e].
+//
+// Decode batches fill an n8 tile of the MMA, not an m16 one, so the weights are the 16-row
+// operand and up to 8 * NT rows of A the columns: a work item is 128 weight rows (output
+// columns) of one expert by one chunk of 8 * NT of its rows, over the whole of K. A producer warp
+// streams each item's K in stages of 256 through a ring of shared-memory slots: the weight box
+// (128 rows x 128 bytes) and A's boxes by TMA with the 128-byte swizzle, the block scales (four
+// swizzled k-tiles, contiguous) by one bulk copy, all completing on the slot's mbarrier. Eight
+// consumer warps take 16 weight rows each; lane (g, t) multiplies rows g and g + 8 over the
+// stage's k range 64t.. 64t + 63 (four scale blocks): its codes are widened to E4M3, converted to
+// f16 and multiplied by their block scale in f16, all exactly (an E2M1 value times an E4M3
+// scale times 2^-6 is a multiple of 2^-16 with at most six significant bits), so partial sums
+// are never rescaled and the MMA may take k in any order. A is written in the order that makes
+// this lane's fragments one 16-byte read each (fp4_a_pos), and its rows hold the exact NVFP4
+// values (code times block scale) in f16.
+#define GEMM_CONSUMERS 256
+#define GEMM_THREADS (GEMM_CONSUMERS + 32)
+#define W_BOX (128 * 128)             // the stage's weight box: 128 rows x 128 bytes of codes
+#define S_BYTES 2048                  // its scales: four swizzled k-tiles of 512 bytes
+
+// A CUtensorMap (opaque, 64-byte aligned) passed by value.
+struct __align__(64) TmaMap {
+    u64 v[16];
 };
 
+__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(u64* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
+    u32 done = 0;
+    while (!done) {
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(done)
+            : "r"(smem_addr(bar)), "r"(parity)
+            : "memory");
+    }
+}
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+__device__ __forceinline__ void tma_2d(void* dst, const TmaMap* map, int x, int y, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+            smem_addr(dst)),
+        "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar))
+        : "memory");
+}
+__device__ __forceinline__ void tma_3d(void* dst, const TmaMap* map, int x, int y, int z, u64* bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(
+            smem_addr(dst)),
+        "l"(map), "r"(x), "r"(y), "r"(z), "r"(smem_addr(bar))
+        : "memory");
+}
+
 // The row tiles of the GEMMs, in one block: tile_start[e] = sum over experts before e of
-// ceil(min(counts, cap) / bm), tile_start[E] the total. The GEMM grid covers an upper bound of
-// the total, so no host ever waits for the counts. A count outside 0..=cap sets bit 0 of
-// `status` (and is clamped).
+// ceil(min(counts, cap) / bm), tile_start[E] the total. The GEMM grid is sized from an upper
+// bound of the total, so no host ever waits for the counts. A count outside 0..=cap sets bit 0
+// of `status` (and is clamped).
 extern "C" __global__ void fp4_tiles(const int* __restrict__ counts, int E, int cap, int bm,
                                      int* __restrict__ tile_start, int* __restrict__ status) {
     if (threadIdx.x != 0) return;
@@ -147,148 +203,161 @@ extern "C" __global__ void fp4_tiles(const int* __restrict__ counts, int E, int 
     tile_start[E] = acc;
 }
 
-// C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e], as the
-// activation dtype. A: NVFP4 values in f16 [rows, K]; W: [E, N, K/2] packed codes with block
-// scales [E, swizzled(N, K/16)]. Grid: (ceil(N / BN), Y): block (x, y) computes columns
-// x * BN.. of row tiles y, y + Y, ... below tile_start[E] (each tile's expert found in
-// tile_start); four warps, each TBM rows by 32 columns of the tile. TBM = 16 for decode batches
-// (a row tile of 64 would spend four times the tensor-core work on empty rows), 64 otherwise.
-template <int TBM>
-__device__ __forceinline__ void fp4_gemm_tile(
-    const u16* __restrict__ A, const u8* __restrict__ W, const u8* __restrict__ W_sf,
-    const int* __restrict__ counts, const int* __restrict__ row0, int cap, const int* __restrict__ tile_start,
-    int E, const float* __restrict__ alpha, u16* __restrict__ C, int N, int K) {
-    constexpr int MT = TBM / 16;  // m16 tiles per warp
-    // Pipeline depth within the 48 KB of static shared memory.
-    constexpr int STAGES = TBM == 16 ? 4 : 3;
-    __shared__ __align__(16) Fp4Stage<TBM> st[STAGES];
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, tig = lane & 3;
-    const int kb_all = K / 16, k_tiles = (kb_all + 3) / 4, steps = (K + BK - 1) / BK;
-    const int total = tile_start[E];
-    for (int tile = blockIdx.y; tile < total; tile += gridDim.y) {
-        int lo = 0, hi = E;  // the expert e with tile_start[e] <= tile < tile_start[e + 1]
-        while (hi - lo > 1) {
-            const int mid = (lo + hi) >> 1;
-            if (tile_start[mid] <= tile) lo = mid; else hi = mid;
-        }
-        const int e = lo, m0 = (tile - tile_start[e]) * TBM, n0 = blockIdx.x * BN;
-        const int rows = min(max(counts[e], 0), cap);
-        const long long base = row_base(row0, cap, e);
-        const u16* a_rows = A + base * K;
-        const u8* w_rows = W + (long long)e * N * (K / 2);
-        const u8* w_sf = W_sf + (long long)e * ((N + 127) / 128 * 128) * k_tiles * 4;
+struct GemmArgs {
+    const u8* w_sf;  // [E, swizzled(N, K/16)] E4M3 block scales
+    const int* counts;
+    const int* row0;
+    const int* tile_start;
+    const float* alpha;
+    u16* c;
+    int cap, E, N, K;
+};
 
-        auto load = [&](int slot, int step) {
-            Fp4Stage<TBM>& s = st[slot];
-            const int k0 = step * BK;
-            // A: TBM rows of 64 f16 values, eight 16-byte chunks each.
+// The item's expert, first row and weight tile.
+struct GemmItem {
+    int e, m0, n0;
+};
+__device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n_tiles, int bm) {
+    const int tile = item / n_tiles;
+    int lo = 0, hi = p.E;  // the expert e with tile_start[e] <= tile < tile_start[e + 1]
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (p.tile_start[mid] <= tile) lo = mid; else hi = mid;
+    }
+    GemmItem it;
+    it.e = lo;
+    it.m0 = (tile - p.tile_start[lo]) * bm;
+    it.n0 = (item % n_tiles) * 128;
+    return it;
+}
+
+template <int NT, int STAGES>
+__device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
+    constexpr int A_BOX = 8 * NT * 128;        // one 64-value box of the item's rows
+    constexpr int STAGE = W_BOX + 4 * A_BOX + S_BYTES;
+    extern __shared__ u8 smem_raw[];
+    // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary.
+    u8* ring = (u8*)(((unsigned long long)smem_raw + 1023) & ~1023ull);
+    u64* full = (u64*)(ring + STAGES * STAGE);
+    u64* empty = full + STAGES;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbar_init(full + s, 1);
+            mbar_init(empty + s, GEMM_CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const int n_tiles = (p.N + 127) / 128, stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
+    const int items = p.tile_start[p.E] * n_tiles;
+    if (warp == GEMM_CONSUMERS / 32) {
+        // The producer.
+        if (lane != 0) return;
+        u32 n = 0;
+        for (int item = blockIdx.x; item < items; item += gridDim.x) {
+            const GemmItem it = gemm_item(p, item, n_tiles, 8 * NT);
+            const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
+            const u8* sf = p.w_sf + ((long long)it.e * n_tiles + it.n0 / 128) * k_tiles * 512;
+            for (int st = 0; st < stages; ++st, ++n) {
+                const int slot = n % STAGES;
+                if (n >= STAGES) mbar_wait(empty + slot, (n / STAGES - 1) & 1);
+                u8* base = ring + slot * STAGE;
+                const int kt = min(4, k_tiles - 4 * st);
+                mbar_expect_tx(full + slot, W_BOX + 4 * A_BOX + kt * 512);
+                tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, full + slot);
 #pragma unroll
-            for (int q = 0; q < (TBM * 8 + FP4_THREADS - 1) / FP4_THREADS; ++q) {
-                const int idx = tid + q * FP4_THREADS, r = idx >> 3, c = idx & 7;
-                if (r < TBM) {
-                    const bool ok = m0 + r < rows && k0 + c * 8 < K;
-                    cp_async16(s.a + r * A_STRIDE + c * 8, ok ? a_rows + (long long)(m0 + r) * K + k0 + c * 8 : a_rows, ok ? 16 : 0);
+                for (int c = 0; c < 4; ++c) tma_2d(base + W_BOX + c * A_BOX, a_map, st * KS + 64 * c, rows0, full + slot);
+                bulk_copy(base + W_BOX + 4 * A_BOX, sf + st * 2048, kt * 512, full + slot);
+            }
+        }
+        return;
+    }
+    const int g = lane >> 2, t = lane & 3;
+    const int r0 = warp * 16 + g, r1 = r0 + 8;  // this lane's weight rows in the tile
+    u32 n = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const GemmItem it = gemm_item(p, item, n_tiles, 8 * NT);
+        float acc[NT][4];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
+        for (int st = 0; st < stages; ++st, ++n) {
+            const int slot = n % STAGES;
+            mbar_wait(full + slot, (n / STAGES) & 1);
+            const u8* base = ring + slot * STAGE;
+            // Rows r0 and r1 (both r & 7 = g): blocks 4t, 4t + 1 in logical chunk 2t, 4t + 2,
+            // 4t + 3 in chunk 2t + 1, each chunk stored at index chunk ^ g.
+            const uint4 wa0 = *(const uint4*)(base + r0 * 128 + ((2 * t) ^ g) * 16);
+            const uint4 wb0 = *(const uint4*)(base + r0 * 128 + ((2 * t + 1) ^ g) * 16);
+            const uint4 wa1 = *(const uint4*)(base + r1 * 128 + ((2 * t) ^ g) * 16);
+            const uint4 wb1 = *(const uint4*)(base + r1 * 128 + ((2 * t + 1) ^ g) * 16);
+            // Word 2c + h: codes 8h.. 8h + 7 of block 4t + c.
+            const u32 w0[8] = {wa0.x, wa0.y, wa0.z, wa0.w, wb0.x, wb0.y, wb0.z, wb0.w};
+            const u32 w1[8] = {wa1.x, wa1.y, wa1.z, wa1.w, wb1.x, wb1.y, wb1.z, wb1.w};
+            // Scales of blocks 4t.. 4t + 3 (swizzled k-tile t) of rows r0 and r1; zero past K,
+            // where the last stage copied no k-tile (its codes are the TMA's zeros).
+            const u8* sc = base + W_BOX + 4 * A_BOX + t * 512;
+            const bool live = st * KS + 64 * t < p.K;
+            const u32 s0 = live ? *(const u32*)(sc + (r0 & 31) * 16 + (r0 >> 5) * 4) : 0u;
+            const u32 s1 = live ? *(const u32*)(sc + (r1 & 31) * 16 + (r1 >> 5) * 4) : 0u;
+            const u32 s0lo = e4m3x2_to_f16x2(s0), s0hi = e4m3x2_to_f16x2(s0 >> 16);
+            const u32 s1lo = e4m3x2_to_f16x2(s1), s1hi = e4m3x2_to_f16x2(s1 >> 16);
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const u32 sel = (c & 1) ? 0x3232 : 0x1010;
+                const u32 sc0 = __byte_perm(c < 2 ? s0lo : s0hi, 0, sel), sc1 = __byte_perm(c < 2 ? s1lo : s1hi, 0, sel);
+                // Block 4t + c of A: box c, logical chunks 2t and 2t + 1 of each row.
+                const u8* ab = base + W_BOX + c * A_BOX;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const u32 x0 = w0[2 * c + h], x1 = w1[2 * c + h];
+                    const u32 lo0 = widen_lo(x0), hi0 = widen_hi(x0), lo1 = widen_lo(x1), hi1 = widen_hi(x1);
+                    // Codes (0 2 | 1 3) and (4 6 | 5 7) of rows r0, r1.
+                    const u32 fa[4] = {mul_f16x2(e4m3x2_to_f16x2(lo0), sc0), mul_f16x2(e4m3x2_to_f16x2(lo1), sc1),
+                                       mul_f16x2(e4m3x2_to_f16x2(hi0), sc0), mul_f16x2(e4m3x2_to_f16x2(hi1), sc1)};
+                    const u32 fb[4] = {mul_f16x2(e4m3x2_to_f16x2(lo0 >> 16), sc0), mul_f16x2(e4m3x2_to_f16x2(lo1 >> 16), sc1),
+                                       mul_f16x2(e4m3x2_to_f16x2(hi0 >> 16), sc0), mul_f16x2(e4m3x2_to_f16x2(hi1 >> 16), sc1)};
+#pragma unroll
+                    for (int j = 0; j < NT; ++j) {
+                        const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
+                        mma_f16_16816(acc[j], fa, b.x, b.y);
+                        mma_f16_16816(acc[j], fb, b.z, b.w);
+                    }
                 }
             }
-            // W: BN rows of 32 bytes of codes, two chunks each (two per thread).
+            mbar_arrive(empty + slot);
+        }
+        // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r0, r1. The weight
+        // codes were widened as value times 2^-6.
+        const int rows = min(max(p.counts[it.e], 0), p.cap);
+        const long long base = row_base(p.row0, p.cap, it.e);
+        const float al = p.alpha[it.e] * 64.0f;
+        const int n_a = it.n0 + r0, n_b = it.n0 + r1;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
 #pragma unroll
             for (int q = 0; q < 2; ++q) {
-                const int idx = tid + q * FP4_THREADS, r = idx >> 1, c = idx & 1;
-                const bool ok = n0 + r < N && k0 + c * 32 < K;
-                cp_async16(s.w + r * W_STRIDE + c * 16, ok ? w_rows + (long long)(n0 + r) * (K / 2) + k0 / 2 + c * 16 : w_rows, ok ? 16 : 0);
-            }
-            // Weight scales: four contiguous bytes per row (one swizzle k-tile).
-            const bool ok = n0 + tid < N;
-            cp_async4(&s.sw[tid], ok ? w_sf + swz(n0 + tid, step * 4, k_tiles) : w_sf, ok ? 4 : 0);
-        };
-
-        float acc[MT][4][4];
-#pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
-
-#pragma unroll
-        for (int s = 0; s < STAGES - 1; ++s) {
-            if (s < steps) load(s, s);
-            cp_async_commit();
-        }
-        for (int step = 0; step < steps; ++step) {
-            cp_async_wait<STAGES - 2>();
-            __syncthreads();
-            const int next = step + STAGES - 1;
-            if (next < steps) load(next % STAGES, next);
-            cp_async_commit();
-            const Fp4Stage<TBM>& s = st[step % STAGES];
-            // This thread's weight rows (n = g of each 8-column tile) and their scales as f16x2
-            // pairs: {s0, s1} and {s2, s3} for the four blocks of the step.
-            u32 sc[4][2];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) {
-                const u32 v = s.sw[warp * 32 + j * 8 + g];
-                sc[j][0] = e4m3x2_to_f16x2(v & 0xffffu);
-                sc[j][1] = e4m3x2_to_f16x2(v >> 16);
-            }
-#pragma unroll
-            for (int kb = 0; kb < 4; ++kb) {
-                // The MMA sums over k in any order, so both operands take the block's k in the
-                // order that makes each thread's four values contiguous: its fragment positions
-                // 2tig, 2tig+1, 2tig+8, 2tig+9 hold k = 4tig .. 4tig+3 (two bytes of codes, and
-                // one 8-byte load of activations per row).
-                u32 b[4][2];
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const u32 codes = *(const u16*)(s.w + (warp * 32 + j * 8 + g) * W_STRIDE + kb * 8 + 2 * tig);
-                    u32 lo, hi;
-                    fp4x4_to_f16x2x2(codes, lo, hi);
-                    const u32 pair = sc[j][kb >> 1];
-                    const u32 s2 = __byte_perm(pair, 0, (kb & 1) ? 0x3232 : 0x1010);  // {s, s}
-                    b[j][0] = mul_f16x2(lo, s2);
-                    b[j][1] = mul_f16x2(hi, s2);
-                }
-#pragma unroll
-                for (int i = 0; i < MT; ++i) {
-                    const u16* ar = s.a + (i * 16 + g) * A_STRIDE + kb * 16 + 4 * tig;
-                    const uint2 r0 = *(const uint2*)ar, r8 = *(const uint2*)(ar + 8 * A_STRIDE);
-                    const u32 a[4] = {r0.x, r8.x, r0.y, r8.y};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) mma_f16_16816(acc[i][j], a, b[j][0], b[j][1]);
-                }
+                const int i = it.m0 + 8 * j + 2 * t + q;
+                if (i >= rows) continue;
+                u16* crow = p.c + (base + i) * p.N;
+                if (n_a < p.N) crow[n_a] = f32_to_act(acc[j][q] * al);
+                if (n_b < p.N) crow[n_b] = f32_to_act(acc[j][2 + q] * al);
             }
         }
-        cp_async_wait<0>();
-        const float al = alpha[e];
-#pragma unroll
-        for (int i = 0; i < MT; ++i) {
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int r = m0 + i * 16 + g + h * 8;
-                if (r >= rows) continue;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    const int n = n0 + warp * 32 + j * 8 + tig * 2;
-                    if (n >= N) continue;
-                    const u32 v = (u32)f32_to_act(acc[i][j][2 * h] * al) | ((u32)f32_to_act(acc[i][j][2 * h + 1] * al) << 16);
-                    *(u32*)(C + (base + r) * N + n) = v;
-                }
-            }
-        }
-        __syncthreads();  // the next tile's loads reuse the stages
     }
 }
 
-#define FP4_GEMM_ARGS                                                                                        \
-    const u16 *__restrict__ A, const u8 *__restrict__ W, const u8 *__restrict__ W_sf,                        \
-        const int *__restrict__ counts, const int *__restrict__ row0, int cap, const int *__restrict__ tile_start, \
-        int E, const float *__restrict__ alpha, u16 *__restrict__ C, int N, int K
-extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m16(FP4_GEMM_ARGS) {
-    fp4_gemm_tile<16>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
-}
-extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_ARGS) {
-    fp4_gemm_tile<64>(A, W, W_sf, counts, row0, cap, tile_start, E, alpha, C, N, K);
-}
+#define FP4_GEMM(NT, STAGES, MINB)                                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, MINB) fp4_gemm_n##NT(                           \
+        const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {              \
+        fp4_gemm<NT, STAGES>(p, &w_map, &a_map);                                                                \
+    }
+FP4_GEMM(1, 4, 2)
+FP4_GEMM(2, 4, 2)
+FP4_GEMM(4, 3, 2)
+FP4_GEMM(8, 4, 1)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's f16 values (code
@@ -296,7 +365,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gemm_m64(FP4_GEMM_
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
     const u8* __restrict__ codes, const u8* __restrict__ scales, const int* __restrict__ counts,
     const int* __restrict__ row0, int cap, int K, u16* __restrict__ a) {
-    const int e = blockIdx.y, kb = K / 16;
+    const int e = blockIdx.y, kb = K / 16, pitch = (K + KS - 1) / KS * KS;
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
     for (long long item = (long long)blockIdx.x * FP4_THREADS + threadIdx.x; item < (long long)n * kb;
@@ -305,16 +374,10 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
         const int b = (int)(item % kb);
         const uint2 p = *(const uint2*)(codes + row * (K / 2) + b * 8);
         const float s = e4m3_to_f32(scales[row * kb + b]);
-        u32 h[8];
+        u16 q[16];
 #pragma unroll
-        for (int i = 0; i < 8; ++i) {
-            const u32 w = i < 4 ? p.x : p.y, sh = 8 * (i & 3);
-            const float lo = e2m1_value((w >> sh) & 0xFu) * s, hi = e2m1_value((w >> (sh + 4)) & 0xFu) * s;
-            h[i] = (u32)f32_to_f16(lo) | ((u32)f32_to_f16(hi) << 16);
-        }
-        u16* out = a + row * K + b * 16;
-        *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
-        *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+        for (int i = 0; i < 16; ++i) q[i] = f32_to_f16(e2m1_value(((i < 8 ? p.x : p.y) >> (4 * (i & 7))) & 0xFu) * s);
+        store_block(q, a + row * pitch + fp4_a_pos(b));
     }
 }
 
@@ -323,7 +386,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
     const u16* __restrict__ c1, const int* __restrict__ counts, const int* __restrict__ row0, int cap,
     int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u16* __restrict__ a) {
-    const int e = blockIdx.y, kb = inter / 16;
+    const int e = blockIdx.y, kb = inter / 16, pitch = (inter + KS - 1) / KS * KS;
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
     const float gs = gs_e[e];
@@ -360,7 +423,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
             v[j] = activation(second[j], first[j], limit, alpha_act);
 #endif
 #endif
-        nvfp4_block(v, gs, a + (base + i) * inter + b * 16);
+        nvfp4_block(v, gs, a + (base + i) * pitch + fp4_a_pos(b));
     }
 }
 
