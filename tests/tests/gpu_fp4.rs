@@ -375,7 +375,7 @@ fn nvfp4_on_the_low_latency_wire_matches_the_reference() {
     assert!(runner.run(&other, qg.as_ref()).is_err());
 }
 
-/// Every item size of the GEMM (8 to 64 rows of an expert), at widths that are not whole
+/// Every item size of the GEMM (8 to 128 rows of an expert), at widths that are not whole
 /// stages or weight tiles: H = 352 (a partial 256-value stage and k-tile), I = 160, so GEMM 1
 /// has 320 columns (a partial 128-row weight tile) and GEMM 2 a K of 160.
 #[test]
@@ -385,8 +385,8 @@ fn every_item_size_and_partial_tiles_match_the_reference() {
     let (q, _) = weights(&cfg, 61);
     let runner = fp4(&cfg, DispatchFormat::Standard);
     let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
-    // 2, 10, 25 and 50 rows per expert on average: items of 8, 16, 32 and 64 rows.
-    for m in [5, 40, 100, 200] {
+    // 2, 10, 25, 50 and 125 rows per expert on average: items of 8 to 128 rows.
+    for m in [5, 40, 100, 200, 500] {
         let hidden = synthetic::hidden(m, cfg.hidden_size, DType::Bf16, 300 + m as u64).unwrap();
         let topk =
             synthetic::topk(m, cfg.top_k, cfg.num_experts, 400 + m as u64, true, true).unwrap();

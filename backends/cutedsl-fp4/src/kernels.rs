@@ -22,6 +22,8 @@ pub const SEGMENT: usize = 256;
 pub struct Gemm {
     pub f: CudaFunction,
     pub nt: usize,
+    /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
+    pub wg: bool,
     /// Dynamic shared memory of a launch, and the blocks that fit on an SM with it.
     pub smem: usize,
     pub per_sm: usize,
@@ -31,11 +33,34 @@ pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
-    /// The GEMM for 8, 16, 32 and 64 rows per work item.
-    pub gemm: [Gemm; 4],
+    /// The GEMM for 8, 16, 32 (mma.sync), 64 and 128 (wgmma) rows per work item.
+    pub gemm: [Gemm; 5],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
+}
+
+/// `wgmma_rs_n{8 nt}`: one m64 x (8 nt) x k16 product, A (f16) from registers, B from shared
+/// memory, accumulating in f32. The accumulator list of a wgmma instruction is one operand per
+/// register, so it is generated.
+fn wgmma_rs_source(nt: usize) -> String {
+    let regs = 4 * nt;
+    let list: Vec<String> = (0..regs).map(|i| format!("%{i}")).collect();
+    let outs: Vec<String> = (0..regs).map(|i| format!("\"+f\"(d[{i}])")).collect();
+    format!(
+        "__device__ __forceinline__ void wgmma_rs_n{n}(float* d, const u32* a, u64 b) {{\n\
+         asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n\
+         wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{list}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, 0;\\n}}\\n\"\n\
+         : {outs} : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b));\n}}\n",
+        n = 8 * nt,
+        a0 = regs,
+        a1 = regs + 1,
+        a2 = regs + 2,
+        a3 = regs + 3,
+        b = regs + 4,
+        list = list.join(", "),
+        outs = outs.join(", "),
+    )
 }
 
 impl Fp4Kernels {
@@ -44,7 +69,10 @@ impl Fp4Kernels {
         let module = compile_module(
             dev,
             "cutedsl_fp4",
-            &format!("{COMMON}\n{FP4}\n{ACTIVATION}\n{NVFP4}"),
+            &format!(
+                "{COMMON}\n{FP4}\n{ACTIVATION}\n{}\n{NVFP4}",
+                [8, 16].map(wgmma_rs_source).join("\n")
+            ),
             &[
                 ("ACT", act.to_string()),
                 ("GATE_UP", gate_up.to_string()),
@@ -57,9 +85,9 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
-        // (rows per item / 8, ring stages), as nvfp4.cu instantiates them.
-        let gemm = |nt: usize, stages: usize| -> Result<Gemm> {
-            let name = format!("fp4_gemm_n{nt}");
+        // (rows per item / 8, ring stages, wgmma), as nvfp4.cu instantiates them.
+        let gemm = |nt: usize, stages: usize, wg: bool| -> Result<Gemm> {
+            let name = format!("fp4_{}_n{nt}", if wg { "wgmma" } else { "gemm" });
             let f = load(&name)?;
             let kerr = |e: DriverError| MoeError::Kernel {
                 name: name.clone(),
@@ -80,6 +108,7 @@ impl Fp4Kernels {
             Ok(Gemm {
                 f,
                 nt,
+                wg,
                 smem,
                 per_sm,
             })
@@ -88,7 +117,13 @@ impl Fp4Kernels {
             quant_rows: load("fp4_quant_rows")?,
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
-            gemm: [gemm(1, 4)?, gemm(2, 4)?, gemm(4, 3)?, gemm(8, 4)?],
+            gemm: [
+                gemm(1, 4, false)?,
+                gemm(2, 4, false)?,
+                gemm(4, 3, false)?,
+                gemm(8, 4, true)?,
+                gemm(16, 2, true)?,
+            ],
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             combine: load("fp4_combine")?,
@@ -101,7 +136,7 @@ impl Fp4Kernels {
         self.gemm
             .iter()
             .find(|g| 8 * g.nt >= expected)
-            .unwrap_or(&self.gemm[3])
+            .unwrap_or(&self.gemm[self.gemm.len() - 1])
     }
 }
 

@@ -291,6 +291,7 @@ impl Fp4Runner {
         let ts = ws.tile_start.cuda_ptr()?;
         let gk = k.gemm_for(r.expected);
         let bm = 8 * gk.nt;
+        let wg = i32::from(gk.wg);
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
         let bm_i = bm as i32;
@@ -298,7 +299,7 @@ impl Fp4Runner {
             dev,
             &k.tiles,
             1,
-            32,
+            1024,
             0,
             &[&r.counts, &e_i, &cap, &bm_i, &ts, &ws.status.cuda_ptr()?],
         )?;
@@ -313,7 +314,7 @@ impl Fp4Runner {
                 (row_grid(h), e),
                 128,
                 0,
-                &[&codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1],
+                &[&codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1, &wg],
             )?,
             None => launch_2d(
                 dev,
@@ -331,6 +332,7 @@ impl Fp4Runner {
                     &h_i,
                     &g.gs1.cuda_ptr()?,
                     &a1,
+                    &wg,
                 ],
             )?,
         }
@@ -405,6 +407,7 @@ impl Fp4Runner {
                 &alpha_act,
                 &g.gs2.cuda_ptr()?,
                 &a2,
+                &wg,
             ],
         )?;
         gemm(a2, &w.w2, s2, &g.alpha2, out, h, i)

@@ -27,33 +27,42 @@ __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
     return row0 ? (long long)row0[e] : (long long)e * cap;
 }
 
-// The layout of GEMM inputs: block b (16 values) of a row lies at a_pos(b) within a row of
-// ceil(K / 256) * 256 values, and value v of the block at position perm(v). Within each 256-value
-// segment the 4 x 4 blocks are transposed, so that the stage's k range of lane t (blocks 4t..4t+3)
-// lies across the four TMA boxes of 64 values at the same offset (conflict-free with the swizzle);
-// within a block the values pair as the widened weight codes do ((0 2), (1 3), (4 6), (5 7) of
-// each 8: the low nibbles of a word's bytes, then the high ones).
-__device__ __forceinline__ int fp4_a_pos(int b) {
-    const int bi = b & 15;
-    return (b >> 4) * 256 + (((bi & 3) << 2) | (bi >> 2)) * 16;
-}
-// A block's sixteen f16 values q stored at `out` in the block's order.
-__device__ __forceinline__ void store_block(const u16* q, u16* out) {
-    u32 h[8];
+// The layouts of GEMM inputs: rows of ceil(K / 256) * 256 values (whole stages), each
+// 256-value segment holding its sixteen blocks in the order the GEMM's lanes read them.
+//  - mma.sync (wg = 0): block b = 4t + c of a segment lies at slot 4c + t (so that lane t's
+//    stage range, blocks 4t..4t+3, lies across the four TMA boxes of 64 values at the same
+//    offset, conflict-free with the swizzle); within a block the values pair as the widened
+//    weight codes do: (0 2), (1 3), (4 6), (5 7), then the same for 8..15.
+//  - wgmma (wg = 1): value v = 4s + 2e + h of block 4t + c lies at 64c + 16s + 8h + 2t + e, so
+//    that k16 step s of box c gives lane t codes 4s..4s+3 of its own block, as its A fragment
+//    takes them (k 2t, 2t + 1 <- codes 4s, 4s + 2; k 2t + 8, 2t + 9 <- codes 4s + 1, 4s + 3).
+// A block's sixteen f16 values q, block b of a row starting at `row`.
+__device__ __forceinline__ void store_block(const u16* q, u16* row, int b, int wg) {
+    const int seg = (b >> 4) * KS, t = (b & 15) >> 2, c = b & 3;
+    if (wg) {
+#pragma unroll
+        for (int s = 0; s < 4; ++s)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+                *(u32*)(row + seg + 64 * c + 16 * s + 8 * h + 2 * t) = (u32)q[4 * s + h] | ((u32)q[4 * s + 2 + h] << 16);
+        return;
+    }
+    u32 w[8];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const u16* v = q + 8 * half;
-        h[4 * half + 0] = (u32)v[0] | ((u32)v[2] << 16);
-        h[4 * half + 1] = (u32)v[1] | ((u32)v[3] << 16);
-        h[4 * half + 2] = (u32)v[4] | ((u32)v[6] << 16);
-        h[4 * half + 3] = (u32)v[5] | ((u32)v[7] << 16);
+        w[4 * half + 0] = (u32)v[0] | ((u32)v[2] << 16);
+        w[4 * half + 1] = (u32)v[1] | ((u32)v[3] << 16);
+        w[4 * half + 2] = (u32)v[4] | ((u32)v[6] << 16);
+        w[4 * half + 3] = (u32)v[5] | ((u32)v[7] << 16);
     }
-    *(uint4*)out = make_uint4(h[0], h[1], h[2], h[3]);
-    *(uint4*)(out + 8) = make_uint4(h[4], h[5], h[6], h[7]);
+    u16* out = row + seg + (4 * c + t) * 16;
+    *(uint4*)out = make_uint4(w[0], w[1], w[2], w[3]);
+    *(uint4*)(out + 8) = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
 // One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s in f16 (exact).
-__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* out) {
+__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* row, int b, int wg) {
     float s;
     nvfp4_scale(v, gs, &s);
     u16 q[16];
@@ -62,7 +71,7 @@ __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* out) 
         // Exact: at most six significant bits.
         q[i] = f32_to_f16(s != 0.0f ? e2m1_value(nvfp4_code(v[i], gs, s)) * s : 0.0f);
     }
-    store_block(q, out);
+    store_block(q, row, b, wg);
 }
 
 // Activations to NVFP4 values (f16) with the expert's global scale: thread per 16-value block.
@@ -73,7 +82,7 @@ __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* out) 
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     const u16* __restrict__ x, const int* __restrict__ src, const float* __restrict__ in_weight,
     const int* __restrict__ counts, const int* __restrict__ row0, int cap, int K,
-    const float* __restrict__ gs_e, u16* __restrict__ a) {
+    const float* __restrict__ gs_e, u16* __restrict__ a, int wg) {
     const int e = blockIdx.y, kb = K / 16, pitch = (K + KS - 1) / KS * KS;
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
@@ -89,17 +98,17 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
 #pragma unroll
             for (int j = 0; j < 16; ++j) v[j] *= w;
         }
-        nvfp4_block(v, gs, a + (base + i) * pitch + fp4_a_pos(b));
+        nvfp4_block(v, gs, a + (base + i) * pitch, b, wg);
     }
 }
 
-// Two E4M3 bytes (bits 0..15) to f16x2 (the low byte to the low half), exactly.
-__device__ __forceinline__ u32 e4m3x2_to_f16x2(u32 v) {
-    u32 h;
-    asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(h) : "r"(v));
-    return h;
+// Four E4M3 bytes to two f16x2 (bytes 0, 1 and bytes 2, 3), exactly: the halves are read as
+// 16-bit operands, with no shift.
+__device__ __forceinline__ void e4m3x4_to_f16x2x2(u32 v, u32& lo, u32& hi) {
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h; }"
+        : "=r"(lo), "=r"(hi)
+        : "r"(v));
 }
-
 __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
     u32 d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -111,6 +120,22 @@ __device__ __forceinline__ void mma_f16_16816(float* d, const u32* a, u32 b0, u3
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Shared-memory matrix descriptor of a K-major operand with the 128-byte swizzle (8-row groups
+// 1024 bytes apart).
+__device__ __forceinline__ u64 wgmma_desc(const void* p) {
+    return (u64)((smem_addr(p) & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+// d (m64 x 8NT, f32) += a (this warp's 16 rows of the warpgroup's 64, f16 fragments) x b.
+template <int NT>
+__device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b) {
+    if constexpr (NT == 8) wgmma_rs_n64(d, a, b);
+    else if constexpr (NT == 16) wgmma_rs_n128(d, a, b);
 }
 
 // The E4M3 bytes (value times 2^-6) of the four low nibbles of w, and of the four high ones: an
@@ -133,7 +158,7 @@ __device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu)
 // f16 and multiplied by their block scale in f16, all exactly (an E2M1 value times an E4M3
 // scale times 2^-6 is a multiple of 2^-16 with at most six significant bits), so partial sums
 // are never rescaled and the MMA may take k in any order. A is written in the order that makes
-// this lane's fragments one 16-byte read each (fp4_a_pos), and its rows hold the exact NVFP4
+// this lane's fragments one 16-byte read each (store_block), and its rows hold the exact NVFP4
 // values (code times block scale) in f16.
 #define GEMM_CONSUMERS 256
 #define GEMM_THREADS (GEMM_CONSUMERS + 32)
@@ -189,18 +214,43 @@ __device__ __forceinline__ void tma_3d(void* dst, const TmaMap* map, int x, int 
 // The row tiles of the GEMMs, in one block: tile_start[e] = sum over experts before e of
 // ceil(min(counts, cap) / bm), tile_start[E] the total. The GEMM grid is sized from an upper
 // bound of the total, so no host ever waits for the counts. A count outside 0..=cap sets bit 0
-// of `status` (and is clamped).
-extern "C" __global__ void fp4_tiles(const int* __restrict__ counts, int E, int cap, int bm,
-                                     int* __restrict__ tile_start, int* __restrict__ status) {
-    if (threadIdx.x != 0) return;
-    int acc = 0;
-    for (int e = 0; e < E; ++e) {
-        tile_start[e] = acc;
+// of `status` (and is clamped). Each thread sums a run of experts, then one block-wide scan.
+#define TILES_THREADS 1024
+extern "C" __global__ void __launch_bounds__(TILES_THREADS) fp4_tiles(
+    const int* __restrict__ counts, int E, int cap, int bm, int* __restrict__ tile_start, int* __restrict__ status) {
+    __shared__ int warp_sum[TILES_THREADS / 32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int per = (E + TILES_THREADS - 1) / TILES_THREADS, e0 = min(tid * per, E), e1 = min(e0 + per, E);
+    int own = 0;
+    for (int e = e0; e < e1; ++e) {
         const int c = counts[e];
-        if (c < 0 || c > cap) *status |= 1;
-        acc += (min(max(c, 0), cap) + bm - 1) / bm;
+        if (c < 0 || c > cap) atomicOr(status, 1);
+        own += (min(max(c, 0), cap) + bm - 1) / bm;
     }
-    tile_start[E] = acc;
+    int x = own;  // inclusive scan within the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sum[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = warp_sum[lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        warp_sum[lane] = w;
+    }
+    __syncthreads();
+    int acc = x - own + (warp > 0 ? warp_sum[warp - 1] : 0);
+    for (int e = e0; e < e1; ++e) {
+        tile_start[e] = acc;
+        acc += (min(max(counts[e], 0), cap) + bm - 1) / bm;
+    }
+    if (tid == TILES_THREADS - 1) tile_start[E] = acc;
 }
 
 struct GemmArgs {
@@ -231,13 +281,14 @@ __device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n
     return it;
 }
 
-template <int NT, int STAGES>
+template <int NT, int STAGES, bool WG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
     constexpr int A_BOX = 8 * NT * 128;        // one 64-value box of the item's rows
     constexpr int STAGE = W_BOX + 4 * A_BOX + S_BYTES;
     extern __shared__ u8 smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary.
-    u8* ring = (u8*)(((unsigned long long)smem_raw + 1023) & ~1023ull);
+    // (Offset from the shared array itself, so that reads stay shared-memory loads.)
+    u8* ring = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     u64* full = (u64*)(ring + STAGES * STAGE);
     u64* empty = full + STAGES;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -302,8 +353,9 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             const bool live = st * KS + 64 * t < p.K;
             const u32 s0 = live ? *(const u32*)(sc + (r0 & 31) * 16 + (r0 >> 5) * 4) : 0u;
             const u32 s1 = live ? *(const u32*)(sc + (r1 & 31) * 16 + (r1 >> 5) * 4) : 0u;
-            const u32 s0lo = e4m3x2_to_f16x2(s0), s0hi = e4m3x2_to_f16x2(s0 >> 16);
-            const u32 s1lo = e4m3x2_to_f16x2(s1), s1hi = e4m3x2_to_f16x2(s1 >> 16);
+            u32 s0lo, s0hi, s1lo, s1hi;
+            e4m3x4_to_f16x2x2(s0, s0lo, s0hi);
+            e4m3x4_to_f16x2x2(s1, s1lo, s1hi);
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const u32 sel = (c & 1) ? 0x3232 : 0x1010;
@@ -313,19 +365,36 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     const u32 x0 = w0[2 * c + h], x1 = w1[2 * c + h];
-                    const u32 lo0 = widen_lo(x0), hi0 = widen_hi(x0), lo1 = widen_lo(x1), hi1 = widen_hi(x1);
                     // Codes (0 2 | 1 3) and (4 6 | 5 7) of rows r0, r1.
-                    const u32 fa[4] = {mul_f16x2(e4m3x2_to_f16x2(lo0), sc0), mul_f16x2(e4m3x2_to_f16x2(lo1), sc1),
-                                       mul_f16x2(e4m3x2_to_f16x2(hi0), sc0), mul_f16x2(e4m3x2_to_f16x2(hi1), sc1)};
-                    const u32 fb[4] = {mul_f16x2(e4m3x2_to_f16x2(lo0 >> 16), sc0), mul_f16x2(e4m3x2_to_f16x2(lo1 >> 16), sc1),
-                                       mul_f16x2(e4m3x2_to_f16x2(hi0 >> 16), sc0), mul_f16x2(e4m3x2_to_f16x2(hi1 >> 16), sc1)};
+                    u32 l0[2], h0[2], l1[2], h1[2];
+                    e4m3x4_to_f16x2x2(widen_lo(x0), l0[0], l0[1]);
+                    e4m3x4_to_f16x2x2(widen_hi(x0), h0[0], h0[1]);
+                    e4m3x4_to_f16x2x2(widen_lo(x1), l1[0], l1[1]);
+                    e4m3x4_to_f16x2x2(widen_hi(x1), h1[0], h1[1]);
+                    const u32 fa[4] = {mul_f16x2(l0[0], sc0), mul_f16x2(l1[0], sc1), mul_f16x2(h0[0], sc0), mul_f16x2(h1[0], sc1)};
+                    const u32 fb[4] = {mul_f16x2(l0[1], sc0), mul_f16x2(l1[1], sc1), mul_f16x2(h0[1], sc0), mul_f16x2(h1[1], sc1)};
+                    if constexpr (WG) {
+                        // k16 steps 2h and 2h + 1 of box c: 32 bytes each along its rows.
+                        const u64 d = wgmma_desc(ab) + 4 * h;
+                        wgmma_fence();
+                        wgmma_rs<NT>(&acc[0][0], fa, d);
+                        wgmma_rs<NT>(&acc[0][0], fb, d + 2);
+                    } else {
 #pragma unroll
-                    for (int j = 0; j < NT; ++j) {
-                        const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
-                        mma_f16_16816(acc[j], fa, b.x, b.y);
-                        mma_f16_16816(acc[j], fb, b.z, b.w);
+                        for (int j = 0; j < NT; ++j) {
+                            const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
+                            mma_f16_16816(acc[j], fa, b.x, b.y);
+                            mma_f16_16816(acc[j], fb, b.z, b.w);
+                        }
                     }
                 }
+            }
+            if constexpr (WG) {
+                // The slot's rows are read by the warpgroup's MMAs: done before it is released
+                // (keeping them running into the next stage, released a stage later, measured
+                // slower).
+                wgmma_commit();
+                wgmma_wait<0>();
             }
             mbar_arrive(empty + slot);
         }
@@ -349,22 +418,26 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     }
 }
 
-#define FP4_GEMM(NT, STAGES, MINB)                                                                              \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, MINB) fp4_gemm_n##NT(                           \
-        const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {              \
-        fp4_gemm<NT, STAGES>(p, &w_map, &a_map);                                                                \
+#define FP4_GEMM(NAME, NT, STAGES, MINB, WG)                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, MINB) NAME(                                \
+        const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {        \
+        fp4_gemm<NT, STAGES, WG>(p, &w_map, &a_map);                                                      \
     }
-FP4_GEMM(1, 4, 2)
-FP4_GEMM(2, 4, 2)
-FP4_GEMM(4, 3, 2)
-FP4_GEMM(8, 4, 1)
+// Up to 32 rows an item, mma.sync per warp; from 64, the warpgroup's wgmma, which reads each
+// k16 step of the rows from shared memory once for four warps (mma.sync would read it once per
+// warp, and shared-memory bandwidth bounds that at 64 rows).
+FP4_GEMM(fp4_gemm_n1, 1, 4, 2, false)
+FP4_GEMM(fp4_gemm_n2, 2, 4, 2, false)
+FP4_GEMM(fp4_gemm_n4, 4, 3, 2, false)
+FP4_GEMM(fp4_wgmma_n8, 8, 4, 1, true)
+FP4_GEMM(fp4_wgmma_n16, 16, 2, 1, true)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's f16 values (code
 // times block scale, exact). Grid as fp4_quant_rows.
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
     const u8* __restrict__ codes, const u8* __restrict__ scales, const int* __restrict__ counts,
-    const int* __restrict__ row0, int cap, int K, u16* __restrict__ a) {
+    const int* __restrict__ row0, int cap, int K, u16* __restrict__ a, int wg) {
     const int e = blockIdx.y, kb = K / 16, pitch = (K + KS - 1) / KS * KS;
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
@@ -377,7 +450,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
         u16 q[16];
 #pragma unroll
         for (int i = 0; i < 16; ++i) q[i] = f32_to_f16(e2m1_value(((i < 8 ? p.x : p.y) >> (4 * (i & 7))) & 0xFu) * s);
-        store_block(q, a + row * pitch + fp4_a_pos(b));
+        store_block(q, a + row * pitch, b, wg);
     }
 }
 
@@ -385,7 +458,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
 // expert's GEMM-2 global scale: thread per 16-value output block. Grid: (blocks striding over rows * I/16, E).
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
     const u16* __restrict__ c1, const int* __restrict__ counts, const int* __restrict__ row0, int cap,
-    int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u16* __restrict__ a) {
+    int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u16* __restrict__ a, int wg) {
     const int e = blockIdx.y, kb = inter / 16, pitch = (inter + KS - 1) / KS * KS;
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
@@ -423,7 +496,7 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
             v[j] = activation(second[j], first[j], limit, alpha_act);
 #endif
 #endif
-        nvfp4_block(v, gs, a + (base + i) * pitch + fp4_a_pos(b));
+        nvfp4_block(v, gs, a + (base + i) * pitch, b, wg);
     }
 }
 
