@@ -22,6 +22,8 @@ pub const SEGMENT: usize = 256;
 pub struct Gemm {
     pub f: CudaFunction,
     pub nt: usize,
+    /// Weight tiles of 16 rows per warp: an item is `128 * mt` weight rows.
+    pub mt: usize,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
     /// Dynamic shared memory of a launch, and the blocks that fit on an SM with it.
@@ -33,7 +35,8 @@ pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
-    /// The GEMM for 8, 16, 32 (mma.sync), 64 and 128 (wgmma) rows per work item.
+    /// The GEMM for 8, 16, 32 (mma.sync), 64 and 128 (wgmma) rows per work item, in that
+    /// order.
     pub gemm: [Gemm; 5],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
@@ -85,9 +88,18 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
-        // (rows per item / 8, ring stages, wgmma), as nvfp4.cu instantiates them.
-        let gemm = |nt: usize, stages: usize, wg: bool| -> Result<Gemm> {
-            let name = format!("fp4_{}_n{nt}", if wg { "wgmma" } else { "gemm" });
+        // (rows per item / 8, weight tiles per warp, ring stages, wgmma), as nvfp4.cu
+        // instantiates them.
+        let gemm = |nt: usize, mt: usize, stages: usize, wg: bool| -> Result<Gemm> {
+            let name = format!(
+                "fp4_{}_n{nt}{}",
+                if wg { "wgmma" } else { "gemm" },
+                if mt > 1 {
+                    format!("m{mt}")
+                } else {
+                    String::new()
+                }
+            );
             let f = load(&name)?;
             let kerr = |e: DriverError| MoeError::Kernel {
                 name: name.clone(),
@@ -95,7 +107,8 @@ impl Fp4Kernels {
             };
             // A stage: the weight box, four boxes of rows, the scales; then a barrier pair per
             // stage, and 1024 bytes to align the ring for the swizzle.
-            let smem = stages * (128 * 128 + 4 * 8 * nt * 128 + 2048) + stages * 16 + 1024;
+            let smem =
+                stages * (128 * 128 * mt + 4 * 8 * nt * 128 + 2048 * mt) + stages * 16 + 1024;
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -108,6 +121,7 @@ impl Fp4Kernels {
             Ok(Gemm {
                 f,
                 nt,
+                mt,
                 wg,
                 smem,
                 per_sm,
@@ -118,11 +132,11 @@ impl Fp4Kernels {
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
             gemm: [
-                gemm(1, 4, false)?,
-                gemm(2, 4, false)?,
-                gemm(4, 3, false)?,
-                gemm(8, 4, true)?,
-                gemm(16, 2, true)?,
+                gemm(1, 1, 4, false)?,
+                gemm(2, 1, 4, false)?,
+                gemm(4, 2, 3, false)?,
+                gemm(8, 1, 4, true)?,
+                gemm(16, 1, 2, true)?,
             ],
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,

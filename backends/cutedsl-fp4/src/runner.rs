@@ -351,7 +351,7 @@ impl Fp4Runner {
                 Elem::U8,
                 &[kk as u64 / 2, n as u64, e as u64],
                 &[kk as u64 / 2, (n * kk / 2) as u64],
-                &[128, 128, 1],
+                &[128, 128 * gk.mt as u32, 1],
             )?;
             let a_map = TensorMap::tiled(
                 a,
@@ -374,7 +374,7 @@ impl Fp4Runner {
             };
             // Persistent blocks, as many as fit; each loops over work items, so experts
             // without rows cost nothing.
-            let items = tiles * n.div_ceil(128);
+            let items = tiles * n.div_ceil(128 * gk.mt);
             let grid = items.min(gk.per_sm * self.sms);
             launch(
                 dev,

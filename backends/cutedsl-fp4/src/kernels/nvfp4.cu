@@ -162,8 +162,7 @@ __device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu)
 // values (code times block scale) in f16.
 #define GEMM_CONSUMERS 256
 #define GEMM_THREADS (GEMM_CONSUMERS + 32)
-#define W_BOX (128 * 128)             // the stage's weight box: 128 rows x 128 bytes of codes
-#define S_BYTES 2048                  // its scales: four swizzled k-tiles of 512 bytes
+#define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
 // A CUtensorMap (opaque, 64-byte aligned) passed by value.
 struct __align__(64) TmaMap {
@@ -267,7 +266,7 @@ struct GemmArgs {
 struct GemmItem {
     int e, m0, n0;
 };
-__device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n_tiles, int bm) {
+__device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n_tiles, int item_n, int bm) {
     const int tile = item / n_tiles;
     int lo = 0, hi = p.E;  // the expert e with tile_start[e] <= tile < tile_start[e + 1]
     while (hi - lo > 1) {
@@ -277,14 +276,17 @@ __device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n
     GemmItem it;
     it.e = lo;
     it.m0 = (tile - p.tile_start[lo]) * bm;
-    it.n0 = (item % n_tiles) * 128;
+    it.n0 = (item % n_tiles) * item_n;
     return it;
 }
 
-template <int NT, int STAGES, bool WG>
+template <int NT, int MT, int STAGES, bool WG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
+    static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
+    constexpr int W_BYTES = 128 * 128 * MT;    // the weight box: 128 MT rows x 128 bytes
     constexpr int A_BOX = 8 * NT * 128;        // one 64-value box of the item's rows
-    constexpr int STAGE = W_BOX + 4 * A_BOX + S_BYTES;
+    constexpr int STAGE = W_BYTES + 4 * A_BOX + MT * S_BYTES;
+    constexpr int ITEM_N = 128 * MT;           // weight rows (output columns) of an item
     extern __shared__ u8 smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary.
     // (Offset from the shared array itself, so that reads stay shared-memory loads.)
@@ -300,91 +302,119 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    const int n_tiles = (p.N + 127) / 128, stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
+    const int n_tiles = (p.N + ITEM_N - 1) / ITEM_N, stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
+    const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
     const int items = p.tile_start[p.E] * n_tiles;
     if (warp == GEMM_CONSUMERS / 32) {
         // The producer.
         if (lane != 0) return;
         u32 n = 0;
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
-            const GemmItem it = gemm_item(p, item, n_tiles, 8 * NT);
+            const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, 8 * NT);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
-            const u8* sf = p.w_sf + ((long long)it.e * n_tiles + it.n0 / 128) * k_tiles * 512;
+            // Scale tiles past N are not copied (their rows' codes are the TMA's zeros).
+            const int sf0 = it.n0 / 128, sfn = min(MT, sf_tiles - sf0);
+            const u8* sf = p.w_sf + ((long long)it.e * sf_tiles + sf0) * k_tiles * 512;
             for (int st = 0; st < stages; ++st, ++n) {
                 const int slot = n % STAGES;
                 if (n >= STAGES) mbar_wait(empty + slot, (n / STAGES - 1) & 1);
                 u8* base = ring + slot * STAGE;
                 const int kt = min(4, k_tiles - 4 * st);
-                mbar_expect_tx(full + slot, W_BOX + 4 * A_BOX + kt * 512);
+                mbar_expect_tx(full + slot, W_BYTES + 4 * A_BOX + sfn * kt * 512);
                 tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, full + slot);
 #pragma unroll
-                for (int c = 0; c < 4; ++c) tma_2d(base + W_BOX + c * A_BOX, a_map, st * KS + 64 * c, rows0, full + slot);
-                bulk_copy(base + W_BOX + 4 * A_BOX, sf + st * 2048, kt * 512, full + slot);
+                for (int c = 0; c < 4; ++c) tma_2d(base + W_BYTES + c * A_BOX, a_map, st * KS + 64 * c, rows0, full + slot);
+                for (int i = 0; i < sfn; ++i)
+                    bulk_copy(base + W_BYTES + 4 * A_BOX + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
+                              kt * 512, full + slot);
             }
         }
         return;
     }
     const int g = lane >> 2, t = lane & 3;
-    const int r0 = warp * 16 + g, r1 = r0 + 8;  // this lane's weight rows in the tile
+    // This lane's weight rows in the item: r[i][0] and r[i][1] = r[i][0] + 8 of each of the
+    // warp's MT tiles of 16 (all with r & 7 = g).
+    int r[MT][2];
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+        r[i][0] = warp * 16 * MT + 16 * i + g;
+        r[i][1] = r[i][0] + 8;
+    }
     u32 n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const GemmItem it = gemm_item(p, item, n_tiles, 8 * NT);
-        float acc[NT][4];
+        const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, 8 * NT);
+        float acc[MT][NT][4];
 #pragma unroll
-        for (int j = 0; j < NT; ++j)
+        for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
         for (int st = 0; st < stages; ++st, ++n) {
             const int slot = n % STAGES;
             mbar_wait(full + slot, (n / STAGES) & 1);
             const u8* base = ring + slot * STAGE;
-            // Rows r0 and r1 (both r & 7 = g): blocks 4t, 4t + 1 in logical chunk 2t, 4t + 2,
-            // 4t + 3 in chunk 2t + 1, each chunk stored at index chunk ^ g.
-            const uint4 wa0 = *(const uint4*)(base + r0 * 128 + ((2 * t) ^ g) * 16);
-            const uint4 wb0 = *(const uint4*)(base + r0 * 128 + ((2 * t + 1) ^ g) * 16);
-            const uint4 wa1 = *(const uint4*)(base + r1 * 128 + ((2 * t) ^ g) * 16);
-            const uint4 wb1 = *(const uint4*)(base + r1 * 128 + ((2 * t + 1) ^ g) * 16);
-            // Word 2c + h: codes 8h.. 8h + 7 of block 4t + c.
-            const u32 w0[8] = {wa0.x, wa0.y, wa0.z, wa0.w, wb0.x, wb0.y, wb0.z, wb0.w};
-            const u32 w1[8] = {wa1.x, wa1.y, wa1.z, wa1.w, wb1.x, wb1.y, wb1.z, wb1.w};
-            // Scales of blocks 4t.. 4t + 3 (swizzled k-tile t) of rows r0 and r1; zero past K,
-            // where the last stage copied no k-tile (its codes are the TMA's zeros).
-            const u8* sc = base + W_BOX + 4 * A_BOX + t * 512;
             const bool live = st * KS + 64 * t < p.K;
-            const u32 s0 = live ? *(const u32*)(sc + (r0 & 31) * 16 + (r0 >> 5) * 4) : 0u;
-            const u32 s1 = live ? *(const u32*)(sc + (r1 & 31) * 16 + (r1 >> 5) * 4) : 0u;
-            u32 s0lo, s0hi, s1lo, s1hi;
-            e4m3x4_to_f16x2x2(s0, s0lo, s0hi);
-            e4m3x4_to_f16x2x2(s1, s1lo, s1hi);
+            // Per row: word 2c + h holds codes 8h.. 8h + 7 of block 4t + c (blocks 4t, 4t + 1 in
+            // logical chunk 2t, 4t + 2, 4t + 3 in chunk 2t + 1, each chunk stored at index
+            // chunk ^ g); the f16x2 block scales {s0, s1} and {s2, s3} of those blocks
+            // (swizzled k-tile t of the row's 128-row scale tile), zero past K and past N,
+            // where no scale was copied.
+            u32 w[MT][2][8], sl[MT][2][2];
+#pragma unroll
+            for (int i = 0; i < MT; ++i)
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int row = r[i][q];
+                    const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
+                    const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
+                    w[i][q][0] = a.x, w[i][q][1] = a.y, w[i][q][2] = a.z, w[i][q][3] = a.w;
+                    w[i][q][4] = b.x, w[i][q][5] = b.y, w[i][q][6] = b.z, w[i][q][7] = b.w;
+                    const int rr = row & 127;
+                    const u8* sc = base + W_BYTES + 4 * A_BOX + (row >> 7) * S_BYTES + t * 512;
+                    const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
+                    e4m3x4_to_f16x2x2(s4, sl[i][q][0], sl[i][q][1]);
+                }
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const u32 sel = (c & 1) ? 0x3232 : 0x1010;
-                const u32 sc0 = __byte_perm(c < 2 ? s0lo : s0hi, 0, sel), sc1 = __byte_perm(c < 2 ? s1lo : s1hi, 0, sel);
                 // Block 4t + c of A: box c, logical chunks 2t and 2t + 1 of each row.
-                const u8* ab = base + W_BOX + c * A_BOX;
+                const u8* ab = base + W_BYTES + c * A_BOX;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const u32 x0 = w0[2 * c + h], x1 = w1[2 * c + h];
-                    // Codes (0 2 | 1 3) and (4 6 | 5 7) of rows r0, r1.
-                    u32 l0[2], h0[2], l1[2], h1[2];
-                    e4m3x4_to_f16x2x2(widen_lo(x0), l0[0], l0[1]);
-                    e4m3x4_to_f16x2x2(widen_hi(x0), h0[0], h0[1]);
-                    e4m3x4_to_f16x2x2(widen_lo(x1), l1[0], l1[1]);
-                    e4m3x4_to_f16x2x2(widen_hi(x1), h1[0], h1[1]);
-                    const u32 fa[4] = {mul_f16x2(l0[0], sc0), mul_f16x2(l1[0], sc1), mul_f16x2(h0[0], sc0), mul_f16x2(h1[0], sc1)};
-                    const u32 fb[4] = {mul_f16x2(l0[1], sc0), mul_f16x2(l1[1], sc1), mul_f16x2(h0[1], sc0), mul_f16x2(h1[1], sc1)};
+                    // Per tile: codes (0 2 | 1 3) and (4 6 | 5 7) of its rows r0, r1, times their
+                    // block scales.
+                    u32 fa[MT][4], fb[MT][4];
+#pragma unroll
+                    for (int i = 0; i < MT; ++i) {
+                        u32 l[2][2], hi[2][2], sc[2];
+#pragma unroll
+                        for (int q = 0; q < 2; ++q) {
+                            const u32 x = w[i][q][2 * c + h];
+                            e4m3x4_to_f16x2x2(widen_lo(x), l[q][0], l[q][1]);
+                            e4m3x4_to_f16x2x2(widen_hi(x), hi[q][0], hi[q][1]);
+                            sc[q] = __byte_perm(sl[i][q][c >> 1], 0, sel);
+                        }
+                        fa[i][0] = mul_f16x2(l[0][0], sc[0]), fa[i][1] = mul_f16x2(l[1][0], sc[1]);
+                        fa[i][2] = mul_f16x2(hi[0][0], sc[0]), fa[i][3] = mul_f16x2(hi[1][0], sc[1]);
+                        fb[i][0] = mul_f16x2(l[0][1], sc[0]), fb[i][1] = mul_f16x2(l[1][1], sc[1]);
+                        fb[i][2] = mul_f16x2(hi[0][1], sc[0]), fb[i][3] = mul_f16x2(hi[1][1], sc[1]);
+                    }
                     if constexpr (WG) {
                         // k16 steps 2h and 2h + 1 of box c: 32 bytes each along its rows.
                         const u64 d = wgmma_desc(ab) + 4 * h;
                         wgmma_fence();
-                        wgmma_rs<NT>(&acc[0][0], fa, d);
-                        wgmma_rs<NT>(&acc[0][0], fb, d + 2);
+                        wgmma_rs<NT>(&acc[0][0][0], fa[0], d);
+                        wgmma_rs<NT>(&acc[0][0][0], fb[0], d + 2);
                     } else {
 #pragma unroll
                         for (int j = 0; j < NT; ++j) {
                             const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
-                            mma_f16_16816(acc[j], fa, b.x, b.y);
-                            mma_f16_16816(acc[j], fb, b.z, b.w);
+#pragma unroll
+                            for (int i = 0; i < MT; ++i) {
+                                mma_f16_16816(acc[i][j], fa[i], b.x, b.y);
+                                mma_f16_16816(acc[i][j], fb[i], b.z, b.w);
+                            }
                         }
                     }
                 }
@@ -398,39 +428,44 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             }
             mbar_arrive(empty + slot);
         }
-        // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r0, r1. The weight
-        // codes were widened as value times 2^-6.
+        // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
+        // weight codes were widened as value times 2^-6.
         const int rows = min(max(p.counts[it.e], 0), p.cap);
         const long long base = row_base(p.row0, p.cap, it.e);
         const float al = p.alpha[it.e] * 64.0f;
-        const int n_a = it.n0 + r0, n_b = it.n0 + r1;
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
+        for (int i = 0; i < MT; ++i) {
+            const int n_a = it.n0 + r[i][0], n_b = it.n0 + r[i][1];
 #pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int i = it.m0 + 8 * j + 2 * t + q;
-                if (i >= rows) continue;
-                u16* crow = p.c + (base + i) * p.N;
-                if (n_a < p.N) crow[n_a] = f32_to_act(acc[j][q] * al);
-                if (n_b < p.N) crow[n_b] = f32_to_act(acc[j][2 + q] * al);
+            for (int j = 0; j < NT; ++j) {
+#pragma unroll
+                for (int q = 0; q < 2; ++q) {
+                    const int m = it.m0 + 8 * j + 2 * t + q;
+                    if (m >= rows) continue;
+                    u16* crow = p.c + (base + m) * p.N;
+                    if (n_a < p.N) crow[n_a] = f32_to_act(acc[i][j][q] * al);
+                    if (n_b < p.N) crow[n_b] = f32_to_act(acc[i][j][2 + q] * al);
+                }
             }
         }
     }
 }
 
-#define FP4_GEMM(NAME, NT, STAGES, MINB, WG)                                                              \
+#define FP4_GEMM(NAME, NT, MT, STAGES, MINB, WG)                                                          \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, MINB) NAME(                                \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {        \
-        fp4_gemm<NT, STAGES, WG>(p, &w_map, &a_map);                                                      \
+        fp4_gemm<NT, MT, STAGES, WG>(p, &w_map, &a_map);                                                  \
     }
-// Up to 32 rows an item, mma.sync per warp; from 64, the warpgroup's wgmma, which reads each
-// k16 step of the rows from shared memory once for four warps (mma.sync would read it once per
-// warp, and shared-memory bandwidth bounds that at 64 rows).
-FP4_GEMM(fp4_gemm_n1, 1, 4, 2, false)
-FP4_GEMM(fp4_gemm_n2, 2, 4, 2, false)
-FP4_GEMM(fp4_gemm_n4, 4, 3, 2, false)
-FP4_GEMM(fp4_wgmma_n8, 8, 4, 1, true)
-FP4_GEMM(fp4_wgmma_n16, 16, 2, 1, true)
+// Up to 32 rows an item, mma.sync per warp, where every warp reads the whole stage of rows from
+// shared memory: at 32 rows, warps of two weight tiles (items of 256 weight rows) halve that
+// traffic, which bounded the one-tile version (H100: 3% to 7% faster, at half the occupancy).
+// From 64 rows, the warpgroup's wgmma, which reads each k16 step of the rows once for four
+// warps. (At 32 rows, wgmma measured 11% slower than mma.sync.)
+FP4_GEMM(fp4_gemm_n1, 1, 1, 4, 2, false)
+FP4_GEMM(fp4_gemm_n2, 2, 1, 4, 2, false)
+FP4_GEMM(fp4_gemm_n4m2, 4, 2, 3, 1, false)
+FP4_GEMM(fp4_wgmma_n8, 8, 1, 4, 1, true)
+FP4_GEMM(fp4_wgmma_n16, 16, 1, 2, 1, true)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's f16 values (code
