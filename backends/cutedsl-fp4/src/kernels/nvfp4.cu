@@ -69,7 +69,7 @@ __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* row, 
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
         // Exact: at most six significant bits.
-        q[i] = f32_to_f16(s != 0.0f ? e2m1_value(nvfp4_code(v[i], gs, s)) * s : 0.0f);
+        q[i] = f32_to_f16(s != 0.0f ? e2m1_round(__fdiv_rn(__fmul_rn(v[i], gs), s)) * s : 0.0f);
     }
     store_block(q, row, b, wg);
 }
@@ -148,18 +148,20 @@ __device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu)
 // C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e].
 //
 // Decode batches fill an n8 tile of the MMA, not an m16 one, so the weights are the 16-row
-// operand and up to 8 * NT rows of A the columns: a work item is 128 weight rows (output
+// operand and up to 8 * NT rows of A the columns: a work item is 128 * MT weight rows (output
 // columns) of one expert by one chunk of 8 * NT of its rows, over the whole of K. A producer warp
 // streams each item's K in stages of 256 through a ring of shared-memory slots: the weight box
-// (128 rows x 128 bytes) and A's boxes by TMA with the 128-byte swizzle, the block scales (four
-// swizzled k-tiles, contiguous) by one bulk copy, all completing on the slot's mbarrier. Eight
-// consumer warps take 16 weight rows each; lane (g, t) multiplies rows g and g + 8 over the
-// stage's k range 64t.. 64t + 63 (four scale blocks): its codes are widened to E4M3, converted to
-// f16 and multiplied by their block scale in f16, all exactly (an E2M1 value times an E4M3
-// scale times 2^-6 is a multiple of 2^-16 with at most six significant bits), so partial sums
-// are never rescaled and the MMA may take k in any order. A is written in the order that makes
-// this lane's fragments one 16-byte read each (store_block), and its rows hold the exact NVFP4
-// values (code times block scale) in f16.
+// (128 MT rows x 128 bytes) and A's four boxes of 64 values by TMA with the 128-byte swizzle,
+// the block scales (four swizzled k-tiles per 128 weight rows, contiguous) by bulk copies, all
+// completing on the slot's mbarrier. Eight consumer warps take 16 MT weight rows each; lane
+// (g, t) multiplies rows g and g + 8 of each of its tiles over the stage's k range
+// 64t.. 64t + 63 (four scale blocks): its codes are widened to E4M3, converted to f16 and
+// multiplied by their block scale in f16, all exactly (an E2M1 value times an E4M3 scale times
+// 2^-6 is a multiple of 2^-16 with at most six significant bits), so partial sums are never
+// rescaled and the MMA may take k in any order. The products are mma.sync per warp, or a
+// warpgroup's wgmma with these f16 fragments as its register operand and A's rows read from
+// the ring. A is written in the order the chosen MMA reads it (store_block), and its rows hold
+// the exact NVFP4 values (code times block scale) in f16.
 #define GEMM_CONSUMERS 256
 #define GEMM_THREADS (GEMM_CONSUMERS + 32)
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes

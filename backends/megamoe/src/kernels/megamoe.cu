@@ -367,11 +367,12 @@ __device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1, 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
           "f"(c[3]));
 }
-// Two E4M3 values (the low and high byte of v) as f16x2, exactly.
-__device__ __forceinline__ u32 f16x2_of_e4m3x2(u32 v) {
-    u32 r;
-    asm("{ .reg .b16 t; cvt.u16.u32 t, %1; cvt.rn.f16x2.e4m3x2 %0, t; }" : "=r"(r) : "r"(v));
-    return r;
+// Four E4M3 values as two f16x2 (bytes 0, 1 into `lo`, bytes 2, 3 into `hi`), exactly: the
+// halves are read as 16-bit operands, so no shift precedes the second conversion.
+__device__ __forceinline__ void f16x2_of_e4m3x4(u32 v, u32& lo, u32& hi) {
+    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h; }"
+        : "=r"(lo), "=r"(hi)
+        : "r"(v));
 }
 // The E4M3 bytes (times 2^-6) of the four low nibbles, and of the four high nibbles, of w.
 __device__ __forceinline__ u32 widen_lo(u32 w) { return ((w << 2) & 0x1c1c1c1cu) | ((w << 4) & 0x80808080u); }
@@ -586,10 +587,8 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
 #else
             const u32 lo = word_of(f.a[h][s >> 1], (s & 1) * 2), hi = word_of(f.a[h][s >> 1], (s & 1) * 2 + 1);
 #endif
-            bf[h][0] = f16x2_of_e4m3x2(lo);
-            bf[h][1] = f16x2_of_e4m3x2(lo >> 16);
-            bf[h][2] = f16x2_of_e4m3x2(hi);
-            bf[h][3] = f16x2_of_e4m3x2(hi >> 16);
+            f16x2_of_e4m3x4(lo, bf[h][0], bf[h][1]);
+            f16x2_of_e4m3x4(hi, bf[h][2], bf[h][3]);
             sa[h][0] = ue8m0_value((f.sa[h][0] >> (8 * s)) & 0xffu);
             sa[h][1] = ue8m0_value((f.sa[h][1] >> (8 * s)) & 0xffu);
         }
@@ -600,10 +599,8 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
             for (int q = 0; q < 2; ++q) {
                 const u32 w = word_of(f.w[j][s >> 1], (s & 1) * 2 + q);
                 const u32 lo = widen_lo(w), hi = widen_hi(w);
-                af[q][0] = f16x2_of_e4m3x2(lo);
-                af[q][1] = f16x2_of_e4m3x2(lo >> 16);
-                af[q][2] = f16x2_of_e4m3x2(hi);
-                af[q][3] = f16x2_of_e4m3x2(hi >> 16);
+                f16x2_of_e4m3x4(lo, af[q][0], af[q][1]);
+                f16x2_of_e4m3x4(hi, af[q][2], af[q][3]);
             }
             // The rows' UE8M0 scales as f32 (bits: the byte << 23), from one byte permute: the
             // two bytes as 16-bit lanes shifted to bit 7, then each lane moved to bit 23.

@@ -20,6 +20,18 @@ __device__ __forceinline__ u32 e2m1_code(float x) {
     return c | ((__float_as_uint(x) >> 31) << 3);
 }
 
+// e2m1_value(e2m1_code(y)) without the code: |y| rounded on the E2M1 grid of its range (steps of
+// 0.5 below 2, of 1 below 4, of 2 above) by adding and subtracting a constant whose ulp is the
+// step, which rounds to nearest with ties to the even multiple, the even code, as e2m1_code's
+// thresholds do; saturated at 6, the sign kept (so -0), NaN giving +6. A dozen instructions
+// instead of the comparisons and the table.
+__device__ __forceinline__ float e2m1_round(float y) {
+    const float a = fabsf(y);
+    const float c = a < 2.0f ? 4194304.0f : a < 4.0f ? 8388608.0f : 16777216.0f;  // 2^22, 2^23, 2^24
+    const float r = fminf(__fsub_rn(__fadd_rn(a, c), c), 6.0f);
+    return isnan(y) ? 6.0f : copysignf(r, y);
+}
+
 // The value of an E2M1 code (sign bit 3), e.g. -0 for code 8. Built from bits, not a table: a
 // table indexed per value lives in local memory, which made the quantizing row kernels slow.
 // Codes 2..7 are 2^((a >> 1) - 1) * (1 + (a & 1) / 2); codes 0 and 1 are 0 and 0.5.
