@@ -144,14 +144,20 @@ __device__ __forceinline__ u32 ue8m0_ceil(float s) {
     return c > 254u ? 254u : c;
 }
 __device__ __forceinline__ float ue8m0_value(u32 b) { return __uint_as_float(b << 23); }
+// 1 / ue8m0_value(b), exactly: a power of two (2^-127, subnormal, for b = 254; 0 for the NaN
+// scale 255, whose value is infinite). Multiplying by it rounds v / s once, as the division does,
+// so every code is the same, at the cost of one multiplication instead of a division.
+__device__ __forceinline__ float ue8m0_recip(u32 b) {
+    return b < 254u ? __uint_as_float((254u - b) << 23) : b == 254u ? __uint_as_float(0x00400000u) : 0.0f;
+}
 
-// One activation value quantized with its block's scale value s: an E2M1 code (FP4) or an E4M3
-// byte (FP8).
-__device__ __forceinline__ u32 quant_value(float v, float s) {
+// One activation value quantized with its block's scale byte sb (v / s as v times the exact
+// reciprocal): an E2M1 code (FP4) or an E4M3 byte (FP8).
+__device__ __forceinline__ u32 quant_value(float v, u32 sb) {
 #if FP4_ACTS
-    return e2m1_code(__fdiv_rn(v, s));
+    return e2m1_code(v * ue8m0_recip(sb));
 #else
-    return f32_to_e4m3(__fdiv_rn(v, s));
+    return f32_to_e4m3(v * ue8m0_recip(sb));
 #endif
 }
 #if FP4_ACTS
@@ -180,7 +186,78 @@ __device__ __forceinline__ long long f4_off(int b, int c) {
     return (long long)(b >> 2) * 64 + t * 16 + (b & 3) * 4 + i;
 }
 
+// ------------------------------------------------------------------ phase 1: dispatch
+// Block b (32 values, `src` as loaded from the DESIGN layout: 16 bytes of E2M1 or 32 of E4M3) in
+// the operand layout: lane quad t's piece (8 bytes, or 4 with MXF4 in .x) goes to e4_off(b, 2t)
+// (f4_off with MXF4). Computed once per block, stored once per row it goes to.
+struct Gathered {
+    uint2 v[4];
+};
+__device__ __forceinline__ Gathered gather_of(const uint4* src) {
+    Gathered g;
+#if FP4_ACTS
+    const uint4 w = src[0];
+    const u32 n[4] = {w.x, w.y, w.z, w.w};  // nibble k at bits 4*(k%8) of word k/8
+#define NIB(k) ((n[(k) >> 3] >> (4 * ((k) & 7))) & 15u)
+#if MXF4
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        u32 v = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) v |= (NIB(kmap(t, i)) | (NIB(kmap(t, i + 4)) << 4)) << (8 * i);
+        g.v[t] = make_uint2(v, 0u);
+    }
+#else
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        u32 lo = 0, hi = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            lo |= e2m1_to_e4m3_scaled(NIB(kmap(t, i))) << (8 * i);
+            hi |= e2m1_to_e4m3_scaled(NIB(kmap(t, i + 4))) << (8 * i);
+        }
+        g.v[t] = make_uint2(lo, hi);
+    }
+#endif
+#undef NIB
+#else
+    const uint4 lo = src[0], hi = src[1];
+    // words k/4: w[0..3] = k0..15, w[4..7] = k16..31. Lane t: k 2t, 2t+1 (word t/2), 2t+8, 2t+9
+    // (word 2 + t/2), and the same from the second half.
+    const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+        const u32 sel = (t & 1) ? 0x7632u : 0x5410u;
+        g.v[t] = make_uint2(__byte_perm(w[t >> 1], w[2 + (t >> 1)], sel), __byte_perm(w[4 + (t >> 1)], w[6 + (t >> 1)], sel));
+    }
+#endif
+    return g;
+}
+__device__ __forceinline__ void put_gathered(const Gathered& g, u8* dst, int b) {
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+#if MXF4
+        *(u32*)(dst + f4_off(b, 2 * t)) = g.v[t].x;
+#else
+        *(uint2*)(dst + e4_off(b, 2 * t)) = g.v[t];
+#endif
+    }
+}
+
+#if MXF4
+#define XG_ROW(K) ((K) / 2)
+#else
+#define XG_ROW(K) (K)
+#endif
+// Bytes per row of the operand rows' scales: K / 32 rounded up to 32, so every stage's 32 bytes
+// of a row are one aligned bulk copy inside the row.
+#define SCALE_PITCH(K) ((((K) / 32) + 31) / 32 * 32)
+
 // ------------------------------------------------------------------ phase 0: pre-dispatch
+// With DIRECT (a world of one rank), each quantized block is also written straight into the
+// gathered operand rows of its token's picks, and the picks are listed per expert, as the
+// dispatch would: the dispatch phase and its grid barrier are skipped.
+template <bool DIRECT>
 __device__ void pre_dispatch(const MegaParams& p) {
     const int H = p.hidden_size, blocks = H / 32;
     const int xrow = FP4_ACTS ? H / 2 : H;
@@ -206,7 +283,6 @@ __device__ void pre_dispatch(const MegaParams& p) {
 #pragma unroll
         for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(v[j]));
         const u32 sb = ue8m0_ceil(__fdiv_rn(fmaxf(amax, 1e-4f), ACT_MAX));
-        const float s = ue8m0_value(sb);
         xs[(long long)t * blocks + b] = (u8)sb;
 #if FP4_ACTS
         u32 packed[4];
@@ -214,88 +290,67 @@ __device__ void pre_dispatch(const MegaParams& p) {
         for (int q = 0; q < 4; ++q) {
             u32 w = 0;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) w |= quant_value(v[q * 8 + j], s) << (4 * j);
+            for (int j = 0; j < 8; ++j) w |= quant_value(v[q * 8 + j], sb) << (4 * j);
             packed[q] = w;
         }
-        *(uint4*)(x + (long long)t * xrow + b * 16) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+        const uint4 blk[1] = {make_uint4(packed[0], packed[1], packed[2], packed[3])};
+        *(uint4*)(x + (long long)t * xrow + b * 16) = blk[0];
 #else
         u32 packed[8];
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
             u32 w = 0;
 #pragma unroll
-            for (int j = 0; j < 4; ++j) w |= quant_value(v[q * 4 + j], s) << (8 * j);
+            for (int j = 0; j < 4; ++j) w |= quant_value(v[q * 4 + j], sb) << (8 * j);
             packed[q] = w;
         }
+        const uint4 blk[2] = {make_uint4(packed[0], packed[1], packed[2], packed[3]),
+                              make_uint4(packed[4], packed[5], packed[6], packed[7])};
         uint4* dst = (uint4*)(x + (long long)t * xrow + b * 32);
-        dst[0] = make_uint4(packed[0], packed[1], packed[2], packed[3]);
-        dst[1] = make_uint4(packed[4], packed[5], packed[6], packed[7]);
+        dst[0] = blk[0];
+        dst[1] = blk[1];
 #endif
+        if (DIRECT) {
+            const Gathered gb = gather_of(blk);
+            // The token's picks, eight loads in flight before any store (the stores might alias
+            // them for all the compiler knows, which would serialize one round trip per pick).
+            for (int k0 = 0; k0 < p.kin; k0 += 8) {
+                int id[8];
+#pragma unroll
+                for (int j = 0; j < 8; ++j) id[j] = k0 + j < p.kin ? __ldg(p.topk_ids + t * p.kin + k0 + j) : -1;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) {
+                    if (id[j] < 0 || id[j] >= p.num_experts) continue;
+                    const long long entry = (long long)t * p.k + k0 + j;
+                    put_gathered(gb, p.sym + p.off_xg + entry * XG_ROW(H), b);
+                    p.sym[p.off_xgs + entry * SCALE_PITCH(H) + b] = (u8)sb;
+                }
+            }
+        }
     }
     int* ids = (int*)(p.sym + p.off_ids);
     float* w = (float*)(p.sym + p.off_w);
     for (int i = blockIdx.x * CONSUMERS + threadIdx.x; i < p.tmax * p.k; i += gridDim.x * CONSUMERS) {
         const int t = i / p.k, kk = i % p.k;
         const bool real = t < p.m && kk < p.kin;
-        ids[i] = real ? p.topk_ids[t * p.kin + kk] : -1;
-        w[i] = real ? p.topk_w[t * p.kin + kk] : 0.0f;
+        const int id = real ? p.topk_ids[t * p.kin + kk] : -1;
+        const float wt = real ? p.topk_w[t * p.kin + kk] : 0.0f;
+        ids[i] = id;
+        w[i] = wt;
+        if (DIRECT && id != -1) {
+            if (id < -1 || id >= p.num_experts) {
+                atomicOr(p.error, 2);
+                continue;
+            }
+            const u32 slot = atomicAdd((u32*)(p.sym + p.off_counts) + id, 1u);
+            ((int*)(p.sym + p.off_list))[(long long)id * p.tmax * p.k + slot] = i;
+            ((float*)(p.sym + p.off_wg))[i] = wt;
+        }
     }
 }
 
 // Kernel entry for the pre-dispatch alone (its layout is checked against the CPU's).
-extern "C" __global__ void __launch_bounds__(CONSUMERS) megamoe_pre_dispatch(MegaParams p) { pre_dispatch(p); }
-
-// ------------------------------------------------------------------ phase 1: dispatch
-// Block b (32 values, `src` as loaded from the DESIGN layout: 16 bytes of E2M1 or 32 of E4M3) into
-// the operand layout of row `dst`.
-__device__ __forceinline__ void gather_block(const uint4* src, u8* dst, int b) {
-#if FP4_ACTS
-    const uint4 w = src[0];
-    const u32 n[4] = {w.x, w.y, w.z, w.w};  // nibble k at bits 4*(k%8) of word k/8
-#define NIB(k) ((n[(k) >> 3] >> (4 * ((k) & 7))) & 15u)
-#if MXF4
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        u32 v = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) v |= (NIB(kmap(t, i)) | (NIB(kmap(t, i + 4)) << 4)) << (8 * i);
-        *(u32*)(dst + f4_off(b, 2 * t)) = v;
-    }
-#else
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        u32 lo = 0, hi = 0;
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            lo |= e2m1_to_e4m3_scaled(NIB(kmap(t, i))) << (8 * i);
-            hi |= e2m1_to_e4m3_scaled(NIB(kmap(t, i + 4))) << (8 * i);
-        }
-        *(uint2*)(dst + e4_off(b, 2 * t)) = make_uint2(lo, hi);
-    }
-#endif
-#undef NIB
-#else
-    const uint4 lo = src[0], hi = src[1];
-    // words k/4: w[0..3] = k0..15, w[4..7] = k16..31. Lane t: k 2t, 2t+1 (word t/2), 2t+8, 2t+9
-    // (word 2 + t/2), and the same from the second half.
-    const u32 w[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-    for (int t = 0; t < 4; ++t) {
-        const u32 sel = (t & 1) ? 0x7632u : 0x5410u;
-        *(uint2*)(dst + e4_off(b, 2 * t)) =
-            make_uint2(__byte_perm(w[t >> 1], w[2 + (t >> 1)], sel), __byte_perm(w[4 + (t >> 1)], w[6 + (t >> 1)], sel));
-    }
-#endif
-}
-
-#if MXF4
-#define XG_ROW(K) ((K) / 2)
-#else
-#define XG_ROW(K) (K)
-#endif
-// Bytes per row of the operand rows' scales: K / 32 rounded up to 32, so every stage's 32 bytes
-// of a row are one aligned bulk copy inside the row.
-#define SCALE_PITCH(K) ((((K) / 32) + 31) / 32 * 32)
+extern "C" __global__ void __launch_bounds__(CONSUMERS) megamoe_pre_dispatch(MegaParams p) { pre_dispatch<false>(p); }
 
 // Blocks of 32 values one lane reads at once when it pulls a row.
 #define GATHER_BATCH 8
@@ -350,7 +405,7 @@ __device__ void dispatch(const MegaParams& p) {
             for (int i = 0; i < GATHER_BATCH; ++i) {
                 const int b = b0 + 32 * i + lane;
                 if (b >= blocks) break;
-                gather_block(v[i], dst, b);
+                put_gathered(gather_of(v[i]), dst, b);
                 xgs[(long long)entry * SCALE_PITCH(H) + b] = sc[i];
             }
         }
@@ -690,7 +745,7 @@ __device__ void gemm1(const MegaParams& p, const int* pref, u8* ring, u64* full,
             const float v = activation(gate, up, p.limit, p.alpha) * __ldcg(wg + entry);
             const float amax = warp_max(fabsf(v));
             const u32 sb = ue8m0_ceil(__fdiv_rn(fmaxf(amax, 1e-4f), ACT_MAX));
-            const u32 q = quant_value(v, ue8m0_value(sb));
+            const u32 q = quant_value(v, sb);
             u8* row = h + (long long)entry * XG_ROW(I);
 #if MXF4
             const u32 other = __shfl_down_sync(0xffffffffu, q, 16);
@@ -781,17 +836,21 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) megamoe_fused(MegaParam
     }
 
     stamp(ctrl, 0);
-    pre_dispatch(p);
-    grid_sync(ctrl);
-    stamp(ctrl, 1);
-    // One rank needs no flags: the grid barrier orders its own buffer.
-    if (p.ranks > 1) {
+    if (p.ranks == 1) {
+        // One rank needs no flags, and its pre-dispatch writes the gathered rows itself: the
+        // phase stamps of the ready wait and the dispatch then time only the grid barrier.
+        pre_dispatch<true>(p);
+        stamp(ctrl, 1);
+        stamp(ctrl, 2);
+    } else {
+        pre_dispatch<false>(p);
+        grid_sync(ctrl);
+        stamp(ctrl, 1);
         tell_ranks(p, p.off_ctrl + CTRL_READY * 4, epoch);
         await_ranks(p, ctrl + CTRL_READY, epoch);
+        stamp(ctrl, 2);
+        dispatch(p);
     }
-    stamp(ctrl, 2);
-
-    dispatch(p);
     grid_sync(ctrl);
     stamp(ctrl, 3);
     item_prefix(p, pref1, p.inter / 32);
