@@ -6,7 +6,8 @@
 //      its top-k copied into its own symmetric buffer; rows past num_tokens get id -1, weight 0;
 //      then, with several ranks, every rank is told "ready" and every rank's "ready" is awaited;
 //   1. dispatch: every (source rank, token, k) entry whose expert lives here is pulled over peer
-//      memory into this rank's gathered rows, in the operand layout the GEMM reads;
+//      memory into this rank's gathered rows, in the operand layout the GEMM reads (a world of
+//      one rank skips this phase and its barrier: its pre-dispatch writes those rows itself);
 //   2. GEMM 1 with the activation, the router weight and requantization (an MX block of GEMM 2's
 //      input is exactly one work item's 32 columns);
 //   3. GEMM 2, written straight into the source rank's combine slots; then "done" to every rank;
