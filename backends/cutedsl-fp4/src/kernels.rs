@@ -132,9 +132,9 @@ impl Fp4Kernels {
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
             gemm: [
-                gemm(1, 1, 4, false)?,
-                gemm(2, 1, 4, false)?,
-                gemm(4, 2, 3, false)?,
+                gemm(1, 1, 6, false)?,
+                gemm(2, 1, 6, false)?,
+                gemm(4, 2, 4, false)?,
                 gemm(8, 1, 4, true)?,
                 gemm(16, 1, 2, true)?,
             ],
