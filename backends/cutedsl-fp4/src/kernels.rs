@@ -1,7 +1,7 @@
 //! The NVFP4 kernels (`kernels/nvfp4.cu`), compiled per activation (the triton backend's
 //! `activation`, so both backends apply it identically).
 
-use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
+use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4, HOPPER};
 use moe_backend_triton::stages::gate_up_code;
 use moe_backend_triton::stages::Arg;
 use moe_runner_core::cuda::compile_module;
@@ -73,7 +73,7 @@ impl Fp4Kernels {
             dev,
             "cutedsl_fp4",
             &format!(
-                "{COMMON}\n{FP4}\n{ACTIVATION}\n{}\n{NVFP4}",
+                "{COMMON}\n{FP4}\n{ACTIVATION}\n{HOPPER}\n{}\n{NVFP4}",
                 [8, 16].map(wgmma_rs_source).join("\n")
             ),
             &[

@@ -22,6 +22,9 @@ pub const ACTIVATION: &str = include_str!("kernels/activation.cuh");
 /// NVFP4 quantization helpers (E2M1 codes, E4M3 block scales), for kernels that write or read
 /// NVFP4; include after [`COMMON`].
 pub const FP4: &str = include_str!("kernels/fp4.cuh");
+/// Hopper building blocks for kernels with a producer warp and a shared-memory ring (mbarriers,
+/// bulk copies, the wgmma descriptor, E2M1 widened to f16); include after [`COMMON`].
+pub const HOPPER: &str = include_str!("kernels/hopper.cuh");
 
 /// Shared memory a block may use on Hopper (227 KB), less the GEMM's static arrays.
 const MAX_DYNAMIC_SMEM: usize = 227 * 1024 - 1024;
@@ -281,7 +284,7 @@ impl Kernels {
             (
                 "moe_gemm_wgmma",
                 format!(
-                    "{COMMON}\n{EPILOGUE}\n{}\n{GEMM_WGMMA}",
+                    "{COMMON}\n{EPILOGUE}\n{HOPPER}\n{}\n{GEMM_WGMMA}",
                     wgmma_tile_source(tile.block_n, kind.elem)
                 ),
             )

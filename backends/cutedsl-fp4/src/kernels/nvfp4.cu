@@ -102,13 +102,6 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     }
 }
 
-// Four E4M3 bytes to two f16x2 (bytes 0, 1 and bytes 2, 3), exactly: the halves are read as
-// 16-bit operands, with no shift.
-__device__ __forceinline__ void e4m3x4_to_f16x2x2(u32 v, u32& lo, u32& hi) {
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h; }"
-        : "=r"(lo), "=r"(hi)
-        : "r"(v));
-}
 __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
     u32 d;
     asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
@@ -122,11 +115,6 @@ __device__ __forceinline__ void mma_f16_16816(float* d, const u32* a, u32 b0, u3
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// Shared-memory matrix descriptor of a K-major operand with the 128-byte swizzle (8-row groups
-// 1024 bytes apart).
-__device__ __forceinline__ u64 wgmma_desc(const void* p) {
-    return (u64)((smem_addr(p) & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
@@ -137,12 +125,6 @@ __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b) {
     if constexpr (NT == 8) wgmma_rs_n64(d, a, b);
     else if constexpr (NT == 16) wgmma_rs_n128(d, a, b);
 }
-
-// The E4M3 bytes (value times 2^-6) of the four low nibbles of w, and of the four high ones: an
-// E2M1 nibble s|e1 e0 m placed as the E4M3 byte s|0 0 e1 e0 m|0 0 is its value times 2^-6
-// (the subnormal 0.5 included), so widening is a shift and a mask.
-__device__ __forceinline__ u32 widen_lo(u32 w) { return ((w << 2) & 0x1c1c1c1cu) | ((w << 4) & 0x80808080u); }
-__device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu) | (w & 0x80808080u); }
 
 // ------------------------------------------------------------------ the grouped GEMM
 // C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e].
@@ -171,32 +153,6 @@ struct __align__(64) TmaMap {
     u64 v[16];
 };
 
-__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u64* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
-    u32 done = 0;
-    while (!done) {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    }
-}
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     smem_addr(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
-                 : "memory");
-}
 __device__ __forceinline__ void tma_2d(void* dst, const TmaMap* map, int x, int y, u64* bar) {
     asm volatile(
         "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
@@ -404,7 +360,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                     }
                     if constexpr (WG) {
                         // k16 steps 2h and 2h + 1 of box c: 32 bytes each along its rows.
-                        const u64 d = wgmma_desc(ab) + 4 * h;
+                        const u64 d = wgmma_desc(smem_addr(ab)) + 4 * h;
                         wgmma_fence();
                         wgmma_rs<NT>(&acc[0][0][0], fa[0], d);
                         wgmma_rs<NT>(&acc[0][0][0], fb[0], d + 2);

@@ -1,7 +1,7 @@
 //! The compiled program (`kernels/megamoe.cu`) and its launch: one cooperative grid per rank,
 //! as many blocks as fit on the GPU at once (the grid barriers need every block resident).
 
-use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4};
+use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4, HOPPER};
 use moe_backend_triton::stages::gate_up_code;
 use moe_runner_core::cuda::compile_module;
 use moe_runner_core::cuda::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
@@ -169,7 +169,7 @@ impl Program {
         let module = compile_module(
             dev,
             "megamoe",
-            &format!("{COMMON}\n{FP4}\n{ACTIVATION}\n{SOURCE}"),
+            &format!("{COMMON}\n{FP4}\n{ACTIVATION}\n{HOPPER}\n{SOURCE}"),
             &[
                 ("ACT", act.to_string()),
                 ("GATE_UP", gate_up.to_string()),

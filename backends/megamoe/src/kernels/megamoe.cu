@@ -423,16 +423,6 @@ __device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1, 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]), "f"(c[2]),
           "f"(c[3]));
 }
-// Four E4M3 values as two f16x2 (bytes 0, 1 into `lo`, bytes 2, 3 into `hi`), exactly: the
-// halves are read as 16-bit operands, so no shift precedes the second conversion.
-__device__ __forceinline__ void f16x2_of_e4m3x4(u32 v, u32& lo, u32& hi) {
-    asm("{ .reg .b16 l, h; mov.b32 {l, h}, %2; cvt.rn.f16x2.e4m3x2 %0, l; cvt.rn.f16x2.e4m3x2 %1, h; }"
-        : "=r"(lo), "=r"(hi)
-        : "r"(v));
-}
-// The E4M3 bytes (times 2^-6) of the four low nibbles, and of the four high nibbles, of w.
-__device__ __forceinline__ u32 widen_lo(u32 w) { return ((w << 2) & 0x1c1c1c1cu) | ((w << 4) & 0x80808080u); }
-__device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu) | (w & 0x80808080u); }
 
 
 // ------------------------------------------------------------------ the GEMM stream
@@ -452,34 +442,6 @@ __device__ __forceinline__ u32 widen_hi(u32 w) { return ((w >> 2) & 0x1c1c1c1cu)
 #define STAGE_BYTES (STAGE_W + STAGE_S + STAGE_A + STAGE_AS)
 #define RED_FLOATS (WARPS * ITEM_ROWS * ITEM_COLS)
 
-__device__ __forceinline__ void mbar_init(u64* bar, u32 count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-                 : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(u64* bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
-    u32 done = 0;
-    while (!done) {
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(smem_addr(bar)), "r"(parity)
-            : "memory");
-    }
-}
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory,
-// completing on `bar`.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, u64* bar) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     smem_addr(dst)),
-                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
-                 : "memory");
-}
 // Consumers and producer: hands the item prefixes (and, before GEMM 2, the grid barrier) over.
 __device__ __forceinline__ void handoff_sync() { asm volatile("bar.sync 2, %0;" ::"n"(THREADS) : "memory"); }
 
@@ -643,8 +605,8 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
 #else
             const u32 lo = word_of(f.a[h][s >> 1], (s & 1) * 2), hi = word_of(f.a[h][s >> 1], (s & 1) * 2 + 1);
 #endif
-            f16x2_of_e4m3x4(lo, bf[h][0], bf[h][1]);
-            f16x2_of_e4m3x4(hi, bf[h][2], bf[h][3]);
+            e4m3x4_to_f16x2x2(lo, bf[h][0], bf[h][1]);
+            e4m3x4_to_f16x2x2(hi, bf[h][2], bf[h][3]);
             sa[h][0] = ue8m0_value((f.sa[h][0] >> (8 * s)) & 0xffu);
             sa[h][1] = ue8m0_value((f.sa[h][1] >> (8 * s)) & 0xffu);
         }
@@ -655,8 +617,8 @@ __device__ __forceinline__ void mma_group(const Group& f, float (*acc)[2][4]) {
             for (int q = 0; q < 2; ++q) {
                 const u32 w = word_of(f.w[j][s >> 1], (s & 1) * 2 + q);
                 const u32 lo = widen_lo(w), hi = widen_hi(w);
-                f16x2_of_e4m3x4(lo, af[q][0], af[q][1]);
-                f16x2_of_e4m3x4(hi, af[q][2], af[q][3]);
+                e4m3x4_to_f16x2x2(lo, af[q][0], af[q][1]);
+                e4m3x4_to_f16x2x2(hi, af[q][2], af[q][3]);
             }
             // The rows' UE8M0 scales as f32 (bits: the byte << 23), from one byte permute: the
             // two bytes as 16-bit lanes shifted to bit 7, then each lane moved to bit 23.

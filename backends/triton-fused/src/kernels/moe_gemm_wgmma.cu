@@ -21,11 +21,6 @@
 #define ELEM_BYTES 2
 #endif
 
-// Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 bytes apart.
-__device__ __forceinline__ u64 make_desc(u32 saddr) {
-    return (u64)((saddr & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
-}
-
 extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
     const u8* __restrict__ A, const u8* __restrict__ B, u16* __restrict__ C,
     const float* __restrict__ a_scale, const float* __restrict__ b_scale,
@@ -128,8 +123,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
             cp_async_commit();
         }
         const u32 stage = sbase + (kt % NUM_STAGES) * STAGE_BYTES;
-        const u64 da = make_desc(stage + wg * 64 * 128);
-        const u64 db = make_desc(stage + TILE_A);
+        const u64 da = wgmma_desc(stage + wg * 64 * 128);
+        const u64 db = wgmma_desc(stage + TILE_A);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int s = 0; s < 4; ++s) wgmma_tile(part, da + 2 * s, db + 2 * s, s > 0);
@@ -155,8 +150,8 @@ extern "C" __global__ void __launch_bounds__(NUM_THREADS) moe_gemm(
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         __syncthreads();
         const u32 stage = sbase + (kt % NUM_STAGES) * STAGE_BYTES;
-        const u64 da = make_desc(stage + wg * 64 * 128);
-        const u64 db = make_desc(stage + TILE_A);
+        const u64 da = wgmma_desc(stage + wg * 64 * 128);
+        const u64 db = wgmma_desc(stage + TILE_A);
         asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int s = 0; s < 4; ++s) wgmma_tile(acc, da + 2 * s, db + 2 * s, 1);
