@@ -145,7 +145,9 @@ impl Fp4Kernels {
     }
 
     /// The GEMM variant for about `expected` rows per expert: the smallest item that holds
-    /// them, so decode batches compute no empty n8 tiles.
+    /// them, so decode batches compute no empty n8 tiles. An expert with many more rows than
+    /// expected takes several items, each streaming its weights again (as the dispatcher's
+    /// `expected_m` is meant to prevent).
     pub fn gemm_for(&self, expected: usize) -> &Gemm {
         self.gemm
             .iter()
