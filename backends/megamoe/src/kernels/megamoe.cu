@@ -285,32 +285,20 @@ __device__ void pre_dispatch(const MegaParams& p) {
         for (int j = 0; j < 32; ++j) amax = fmaxf(amax, fabsf(v[j]));
         const u32 sb = ue8m0_ceil(__fdiv_rn(fmaxf(amax, 1e-4f), ACT_MAX));
         xs[(long long)t * blocks + b] = (u8)sb;
-#if FP4_ACTS
-        u32 packed[4];
+        // Eight E2M1 codes or four E4M3 bytes a word: one or two uint4 per block.
+        constexpr int BITS = FP4_ACTS ? 4 : 8, PER = 32 / BITS;
+        uint4 blk[BITS / 4];
+        u32* packed = (u32*)blk;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
+        for (int q = 0; q < BITS; ++q) {
             u32 w = 0;
 #pragma unroll
-            for (int j = 0; j < 8; ++j) w |= quant_value(v[q * 8 + j], sb) << (4 * j);
+            for (int j = 0; j < PER; ++j) w |= quant_value(v[q * PER + j], sb) << (BITS * j);
             packed[q] = w;
         }
-        const uint4 blk[1] = {make_uint4(packed[0], packed[1], packed[2], packed[3])};
-        *(uint4*)(x + (long long)t * xrow + b * 16) = blk[0];
-#else
-        u32 packed[8];
+        uint4* dst = (uint4*)(x + (long long)t * xrow + b * 4 * BITS);
 #pragma unroll
-        for (int q = 0; q < 8; ++q) {
-            u32 w = 0;
-#pragma unroll
-            for (int j = 0; j < 4; ++j) w |= quant_value(v[q * 4 + j], sb) << (8 * j);
-            packed[q] = w;
-        }
-        const uint4 blk[2] = {make_uint4(packed[0], packed[1], packed[2], packed[3]),
-                              make_uint4(packed[4], packed[5], packed[6], packed[7])};
-        uint4* dst = (uint4*)(x + (long long)t * xrow + b * 32);
-        dst[0] = blk[0];
-        dst[1] = blk[1];
-#endif
+        for (int i = 0; i < BITS / 4; ++i) dst[i] = blk[i];
         if (DIRECT) {
             const Gathered gb = gather_of(blk);
             // The token's picks, eight loads in flight before any store (the stores might alias
