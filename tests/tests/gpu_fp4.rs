@@ -375,9 +375,11 @@ fn nvfp4_on_the_low_latency_wire_matches_the_reference() {
     assert!(runner.run(&other, qg.as_ref()).is_err());
 }
 
-/// Every item size of the GEMM (8 to 128 rows of an expert), at widths that are not whole
-/// stages or weight tiles: H = 352 (a partial 256-value stage and k-tile), I = 160, so GEMM 1
-/// has 320 columns (a partial 128-row weight tile) and GEMM 2 a K of 160.
+/// Every item size of the GEMM (8, 16 and 32 rows of an expert, then the wgmma kernel's items of
+/// up to 160 rows, each as wide as its rows, which the skewed routing spreads over every width),
+/// at widths that are not whole stages or weight tiles: H = 352 (a partial 256-value stage and
+/// k-tile), I = 160, so GEMM 1 has 320 columns (a partial 128-row weight tile) and GEMM 2 a K of
+/// 160.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn every_item_size_and_partial_tiles_match_the_reference() {
@@ -385,8 +387,9 @@ fn every_item_size_and_partial_tiles_match_the_reference() {
     let (q, _) = weights(&cfg, 61);
     let runner = fp4(&cfg, DispatchFormat::Standard);
     let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
-    // 2, 10, 25, 50 and 125 rows per expert on average: items of 8 to 128 rows.
-    for m in [5, 40, 100, 200, 500] {
+    // 1, 10, 25, 50, 125 and 175 rows per expert on average: items of 8 to 160 rows, and at
+    // 175 experts past one item.
+    for m in [5, 40, 100, 200, 500, 700] {
         let hidden = synthetic::hidden(m, cfg.hidden_size, DType::Bf16, 300 + m as u64).unwrap();
         let topk =
             synthetic::topk(m, cfg.top_k, cfg.num_experts, 400 + m as u64, true, true).unwrap();

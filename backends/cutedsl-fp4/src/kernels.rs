@@ -18,52 +18,82 @@ pub const GEMM_THREADS: usize = 288;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
 pub const SEGMENT: usize = 256;
 
-/// One variant of the GEMM: up to `8 * nt` rows of an expert per work item.
+/// The most rows of an expert the wgmma kernel takes in one work item (its widest wgmma).
+pub const WG_MAX_ROWS: usize = 160;
+/// Dynamic shared memory a block may opt into on Hopper (227 KiB).
+const SMEM_MAX: usize = 232_448;
+
+/// One variant of the GEMM.
 pub struct Gemm {
     pub f: CudaFunction,
-    pub nt: usize,
+    /// Rows of an expert per work item: the mma.sync variants' fixed `8 * nt`, or, for the
+    /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
+    pub rows: usize,
     /// Weight tiles of 16 rows per warp: an item is `128 * mt` weight rows.
     pub mt: usize,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
-    /// Dynamic shared memory of a launch, and the blocks that fit on an SM with it.
-    pub smem: usize,
+    /// Ring slots: the mma.sync variants' (tuned), or the most the wgmma kernel uses.
+    pub stages: usize,
+    /// Blocks an SM holds.
     pub per_sm: usize,
+}
+
+/// One launch's choice: the variant, rows of an expert per item, ring slots and the dynamic
+/// shared memory they take.
+pub struct GemmPlan<'a> {
+    pub gemm: &'a Gemm,
+    pub bm: usize,
+    pub stages: usize,
+    pub smem: usize,
+}
+
+/// Dynamic shared memory of a ring: per slot the weight box (128 `mt` rows of 128 bytes), four
+/// boxes of 64 values by `bm` rows in f16 and the block scales, then a barrier pair per slot,
+/// and 1024 bytes to align the ring for the swizzle.
+fn ring_bytes(bm: usize, mt: usize, stages: usize) -> usize {
+    stages * (128 * 128 * mt + 4 * bm * 128 + 2048 * mt) + stages * 16 + 1024
 }
 
 pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
-    /// The GEMM for 8, 16, 32 (mma.sync), 64 and 128 (wgmma) rows per work item, in that
-    /// order.
-    pub gemm: [Gemm; 5],
+    /// The GEMM for 8, 16, 32 rows per work item (mma.sync), then the wgmma kernel.
+    pub gemm: [Gemm; 4],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
 }
 
-/// `wgmma_rs_n{8 nt}`: one m64 x (8 nt) x k16 product, A (f16) from registers, B from shared
-/// memory, accumulating in f32. The accumulator list of a wgmma instruction is one operand per
-/// register, so it is generated.
-fn wgmma_rs_source(nt: usize) -> String {
-    let regs = 4 * nt;
-    let list: Vec<String> = (0..regs).map(|i| format!("%{i}")).collect();
-    let outs: Vec<String> = (0..regs).map(|i| format!("\"+f\"(d[{i}])")).collect();
-    format!(
-        "__device__ __forceinline__ void wgmma_rs_n{n}(float* d, const u32* a, u64 b) {{\n\
-         asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n\
-         wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{list}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, 0;\\n}}\\n\"\n\
-         : {outs} : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b));\n}}\n",
-        n = 8 * nt,
-        a0 = regs,
-        a1 = regs + 1,
-        a2 = regs + 2,
-        a3 = regs + 3,
-        b = regs + 4,
-        list = list.join(", "),
-        outs = outs.join(", "),
-    )
+/// `wgmma_rs<NT>`: one m64 x (8 NT) x k16 product, A (f16) from registers, B from shared memory,
+/// accumulating in f32, for every width the wgmma kernel issues (16 to 160 columns in steps of
+/// 16). The accumulator list of a wgmma instruction is one operand per register, so it is
+/// generated.
+fn wgmma_rs_source() -> String {
+    let mut src = String::from(
+        "template <int NT> __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b);\n",
+    );
+    for nt in (2..=20).step_by(2) {
+        let regs = 4 * nt;
+        let list: Vec<String> = (0..regs).map(|i| format!("%{i}")).collect();
+        let outs: Vec<String> = (0..regs).map(|i| format!("\"+f\"(d[{i}])")).collect();
+        src += &format!(
+            "template <> __device__ __forceinline__ void wgmma_rs<{nt}>(float* d, const u32* a, u64 b) {{\n\
+             asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n\
+             wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{list}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, 0;\\n}}\\n\"\n\
+             : {outs} : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b));\n}}\n",
+            n = 8 * nt,
+            a0 = regs,
+            a1 = regs + 1,
+            a2 = regs + 2,
+            a3 = regs + 3,
+            b = regs + 4,
+            list = list.join(", "),
+            outs = outs.join(", "),
+        );
+    }
+    src
 }
 
 impl Fp4Kernels {
@@ -74,7 +104,7 @@ impl Fp4Kernels {
             "cutedsl_fp4",
             &format!(
                 "{COMMON}\n{FP4}\n{ACTIVATION}\n{HOPPER}\n{}\n{NVFP4}",
-                [8, 16].map(wgmma_rs_source).join("\n")
+                wgmma_rs_source()
             ),
             &[
                 ("ACT", act.to_string()),
@@ -89,26 +119,23 @@ impl Fp4Kernels {
             })
         };
         // (rows per item / 8, weight tiles per warp, ring stages, wgmma), as nvfp4.cu
-        // instantiates them.
+        // instantiates them; the wgmma kernel's `nt` is its widest item.
         let gemm = |nt: usize, mt: usize, stages: usize, wg: bool| -> Result<Gemm> {
-            let name = format!(
-                "fp4_{}_n{nt}{}",
-                if wg { "wgmma" } else { "gemm" },
-                if mt > 1 {
-                    format!("m{mt}")
-                } else {
-                    String::new()
-                }
-            );
+            let name = match (wg, mt) {
+                (true, _) => "fp4_wgmma".to_string(),
+                (false, 1) => format!("fp4_gemm_n{nt}"),
+                (false, _) => format!("fp4_gemm_n{nt}m{mt}"),
+            };
             let f = load(&name)?;
             let kerr = |e: DriverError| MoeError::Kernel {
                 name: name.clone(),
                 log: e.to_string(),
             };
-            // A stage: the weight box, four boxes of rows, the scales; then a barrier pair per
-            // stage, and 1024 bytes to align the ring for the swizzle.
-            let smem =
-                stages * (128 * 128 * mt + 4 * 8 * nt * 128 + 2048 * mt) + stages * 16 + 1024;
+            let smem = if wg {
+                SMEM_MAX
+            } else {
+                ring_bytes(8 * nt, mt, stages)
+            };
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
@@ -120,10 +147,10 @@ impl Fp4Kernels {
                 .max(1) as usize;
             Ok(Gemm {
                 f,
-                nt,
+                rows: 8 * nt,
                 mt,
                 wg,
-                smem,
+                stages,
                 per_sm,
             })
         };
@@ -135,8 +162,7 @@ impl Fp4Kernels {
                 gemm(1, 1, 6, false)?,
                 gemm(2, 1, 6, false)?,
                 gemm(4, 2, 4, false)?,
-                gemm(8, 1, 4, true)?,
-                gemm(16, 1, 2, true)?,
+                gemm(WG_MAX_ROWS / 8, 1, 4, true)?,
             ],
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
@@ -144,15 +170,35 @@ impl Fp4Kernels {
         })
     }
 
-    /// The GEMM variant for about `expected` rows per expert: the smallest item that holds
-    /// them, so decode batches compute no empty n8 tiles. An expert with many more rows than
-    /// expected takes several items, each streaming its weights again (as the dispatcher's
-    /// `expected_m` is meant to prevent).
-    pub fn gemm_for(&self, expected: usize) -> &Gemm {
-        self.gemm
-            .iter()
-            .find(|g| 8 * g.nt >= expected)
-            .unwrap_or(&self.gemm[self.gemm.len() - 1])
+    /// The GEMM for about `expected` rows per expert, at most `cap`. Up to 32, the smallest
+    /// mma.sync item that holds them, so decode batches compute no empty n8 tiles. Past that,
+    /// the wgmma kernel, whose items take up to `expected + 3 sqrt(expected)` rows (rounded up
+    /// to 16, at most 160): routed counts scatter about their mean like a Poisson count, so
+    /// nearly every expert fits one item, and each item's wgmma is only as wide as its rows.
+    /// An expert past the item takes a second one, which streams its weights again.
+    pub fn gemm_for(&self, expected: usize, cap: usize) -> GemmPlan<'_> {
+        if let Some(g) = self.gemm.iter().find(|g| !g.wg && g.rows >= expected) {
+            return GemmPlan {
+                gemm: g,
+                bm: g.rows,
+                stages: g.stages,
+                smem: ring_bytes(g.rows, g.mt, g.stages),
+            };
+        }
+        let g = &self.gemm[self.gemm.len() - 1];
+        let spread = expected + (expected as f64).sqrt().ceil() as usize * 3;
+        let bm = spread.min(cap.max(1)).next_multiple_of(16).min(WG_MAX_ROWS);
+        // The deepest ring that fits, up to the kernel's most.
+        let stages = (1..=g.stages)
+            .rev()
+            .find(|&s| ring_bytes(bm, 1, s) <= SMEM_MAX)
+            .unwrap_or(1);
+        GemmPlan {
+            gemm: g,
+            bm,
+            stages,
+            smem: ring_bytes(bm, 1, stages),
+        }
     }
 }
 
@@ -172,9 +218,13 @@ pub struct GemmArgs {
     pub experts: i32,
     pub n: i32,
     pub k: i32,
+    /// Rows of an expert per work item.
+    pub bm: i32,
+    /// Ring slots.
+    pub stages: i32,
 }
 
-// SAFETY: a plain C struct of the kernel's layout (six pointers, four ints).
+// SAFETY: a plain C struct of the kernel's layout (six pointers, six ints).
 unsafe impl DeviceRepr for GemmArgs {}
 
 impl Arg for GemmArgs {

@@ -289,8 +289,8 @@ impl Fp4Runner {
         let k = &self.kernels;
         let (dev, cap, e_i) = (&self.dev, r.cap as i32, e as i32);
         let ts = ws.tile_start.cuda_ptr()?;
-        let gk = k.gemm_for(r.expected);
-        let bm = 8 * gk.nt;
+        let plan = k.gemm_for(r.expected, r.cap);
+        let (gk, bm) = (plan.gemm, plan.bm);
         let wg = i32::from(gk.wg);
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
@@ -371,6 +371,8 @@ impl Fp4Runner {
                 experts: e_i,
                 n: n as i32,
                 k: kk as i32,
+                bm: bm_i,
+                stages: plan.stages as i32,
             };
             // Persistent blocks, as many as fit; each loops over work items, so experts
             // without rows cost nothing.
@@ -381,7 +383,7 @@ impl Fp4Runner {
                 &gk.f,
                 grid,
                 GEMM_THREADS,
-                gk.smem,
+                plan.smem,
                 &[&w_map, &a_map, &args],
             )
         };

@@ -119,19 +119,18 @@ __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.a
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
-// d (m64 x 8NT, f32) += a (this warp's 16 rows of the warpgroup's 64, f16 fragments) x b.
-template <int NT>
-__device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b) {
-    if constexpr (NT == 8) wgmma_rs_n64(d, a, b);
-    else if constexpr (NT == 16) wgmma_rs_n128(d, a, b);
-}
 
 // ------------------------------------------------------------------ the grouped GEMM
 // C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e].
 //
 // Decode batches fill an n8 tile of the MMA, not an m16 one, so the weights are the 16-row
-// operand and up to 8 * NT rows of A the columns: a work item is 128 * MT weight rows (output
-// columns) of one expert by one chunk of 8 * NT of its rows, over the whole of K. A producer warp
+// operand and up to bm rows of A the columns: a work item is 128 * MT weight rows (output
+// columns) of one expert by one chunk of bm of its rows, over the whole of K. The mma.sync
+// variants have bm = 8 * NT; the wgmma kernel takes bm (a multiple of 16, up to 160) per launch
+// and gives each item a wgmma exactly as wide as its rows, rounded up to 16: with random
+// routing an expert's rows scatter around the mean, and an item of fixed width either computes
+// empty columns or sends the rows past it to a second item that streams and widens the
+// expert's weights again. A producer warp
 // streams each item's K in stages of 256 through a ring of shared-memory slots: the weight box
 // (128 MT rows x 128 bytes) and A's four boxes of 64 values by TMA with the 128-byte swizzle,
 // the block scales (four swizzled k-tiles per 128 weight rows, contiguous) by bulk copies, all
@@ -218,6 +217,8 @@ struct GemmArgs {
     const float* alpha;
     u16* c;
     int cap, E, N, K;
+    int bm;      // rows of an expert per item (the A boxes' height)
+    int stages;  // slots of the ring
 };
 
 // The item's expert, first row and weight tile.
@@ -238,58 +239,44 @@ __device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n
     return it;
 }
 
-template <int NT, int MT, int STAGES, bool WG>
-__device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
-    static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
-    constexpr int W_BYTES = 128 * 128 * MT;    // the weight box: 128 MT rows x 128 bytes
-    constexpr int A_BOX = 8 * NT * 128;        // one 64-value box of the item's rows
-    constexpr int STAGE = W_BYTES + 4 * A_BOX + MT * S_BYTES;
-    constexpr int ITEM_N = 128 * MT;           // weight rows (output columns) of an item
-    extern __shared__ u8 smem_raw[];
-    // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary.
-    // (Offset from the shared array itself, so that reads stay shared-memory loads.)
-    u8* ring = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
-    u64* full = (u64*)(ring + STAGES * STAGE);
-    u64* empty = full + STAGES;
-    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    if (tid == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            mbar_init(full + s, 1);
-            mbar_init(empty + s, GEMM_CONSUMERS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-    const int n_tiles = (p.N + ITEM_N - 1) / ITEM_N, stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
-    const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
-    const int items = p.tile_start[p.E] * n_tiles;
-    if (warp == GEMM_CONSUMERS / 32) {
-        // The producer.
-        if (lane != 0) return;
-        u32 n = 0;
-        for (int item = blockIdx.x; item < items; item += gridDim.x) {
-            const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, 8 * NT);
-            const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
-            // Scale tiles past N are not copied (their rows' codes are the TMA's zeros).
-            const int sf0 = it.n0 / 128, sfn = min(MT, sf_tiles - sf0);
-            const u8* sf = p.w_sf + ((long long)it.e * sf_tiles + sf0) * k_tiles * 512;
-            for (int st = 0; st < stages; ++st, ++n) {
-                const int slot = n % STAGES;
-                if (n >= STAGES) mbar_wait(empty + slot, (n / STAGES - 1) & 1);
-                u8* base = ring + slot * STAGE;
-                const int kt = min(4, k_tiles - 4 * st);
-                mbar_expect_tx(full + slot, W_BYTES + 4 * A_BOX + sfn * kt * 512);
-                tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, full + slot);
+// One weight tile's A fragments for k16 steps 2h and 2h + 1 of box c: codes (0 2 | 1 3) and
+// (4 6 | 5 7) of the lane's rows r0, r1 (words w[q][2c + h]), times their block scales.
+__device__ __forceinline__ void widen_tile(const u32 (&w)[2][8], const u32 (&sl)[2][2], int c, int h, u32* fa,
+                                           u32* fb) {
+    const u32 sel = (c & 1) ? 0x3232 : 0x1010;
+    u32 l[2][2], hi[2][2], sc[2];
 #pragma unroll
-                for (int c = 0; c < 4; ++c) tma_2d(base + W_BYTES + c * A_BOX, a_map, st * KS + 64 * c, rows0, full + slot);
-                for (int i = 0; i < sfn; ++i)
-                    bulk_copy(base + W_BYTES + 4 * A_BOX + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
-                              kt * 512, full + slot);
-            }
-        }
-        return;
+    for (int q = 0; q < 2; ++q) {
+        const u32 x = w[q][2 * c + h];
+        e4m3x4_to_f16x2x2(widen_lo(x), l[q][0], l[q][1]);
+        e4m3x4_to_f16x2x2(widen_hi(x), hi[q][0], hi[q][1]);
+        sc[q] = __byte_perm(sl[q][c >> 1], 0, sel);
     }
+    fa[0] = mul_f16x2(l[0][0], sc[0]), fa[1] = mul_f16x2(l[1][0], sc[1]);
+    fa[2] = mul_f16x2(hi[0][0], sc[0]), fa[3] = mul_f16x2(hi[1][0], sc[1]);
+    fb[0] = mul_f16x2(l[0][1], sc[0]), fb[1] = mul_f16x2(l[1][1], sc[1]);
+    fb[2] = mul_f16x2(hi[0][1], sc[0]), fb[3] = mul_f16x2(hi[1][1], sc[1]);
+}
+
+// A block's ring: `stages` slots of `stage` bytes from a 1024-byte boundary, each slot the weight
+// box (128 MT rows x 128 bytes), A's four boxes of 64 values by bm rows (`a_box` bytes each) and
+// the block scales; then the slots' full and empty barriers.
+struct Ring {
+    u8* base;
+    u64* full;
+    u64* empty;
+    int stage, a_box, stages;
+};
+
+// One work item on the consumer warps: its K stages from the ring (n counts the slots used), then
+// its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
+// of this item's wgmma.
+template <int NT, int MT, int STAGES, bool WG>
+__device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
+                                             int lane) {
+    constexpr int W_BYTES = 128 * 128 * MT;
     const int g = lane >> 2, t = lane & 3;
+    const int stages = (p.K + KS - 1) / KS, slots = STAGES ? STAGES : rg.stages;
     // This lane's weight rows in the item: r[i][0] and r[i][1] = r[i][0] + 8 of each of the
     // warp's MT tiles of 16 (all with r & 7 = g).
     int r[MT][2];
@@ -298,135 +285,215 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         r[i][0] = warp * 16 * MT + 16 * i + g;
         r[i][1] = r[i][0] + 8;
     }
-    u32 n = 0;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, 8 * NT);
-        float acc[MT][NT][4];
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+    for (int st = 0; st < stages; ++st, ++n) {
+        const int slot = n % slots;
+        mbar_wait(rg.full + slot, (n / slots) & 1);
+        const u8* base = rg.base + slot * rg.stage;
+        const bool live = st * KS + 64 * t < p.K;
+        // Per row: word 2c + h holds codes 8h.. 8h + 7 of block 4t + c (blocks 4t, 4t + 1 in
+        // logical chunk 2t, 4t + 2, 4t + 3 in chunk 2t + 1, each chunk stored at index
+        // chunk ^ g); the f16x2 block scales {s0, s1} and {s2, s3} of those blocks
+        // (swizzled k-tile t of the row's 128-row scale tile), zero past K and past N,
+        // where no scale was copied.
+        u32 w[MT][2][8], sl[MT][2][2];
 #pragma unroll
         for (int i = 0; i < MT; ++i)
 #pragma unroll
-            for (int j = 0; j < NT; ++j)
-#pragma unroll
-                for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
-        for (int st = 0; st < stages; ++st, ++n) {
-            const int slot = n % STAGES;
-            mbar_wait(full + slot, (n / STAGES) & 1);
-            const u8* base = ring + slot * STAGE;
-            const bool live = st * KS + 64 * t < p.K;
-            // Per row: word 2c + h holds codes 8h.. 8h + 7 of block 4t + c (blocks 4t, 4t + 1 in
-            // logical chunk 2t, 4t + 2, 4t + 3 in chunk 2t + 1, each chunk stored at index
-            // chunk ^ g); the f16x2 block scales {s0, s1} and {s2, s3} of those blocks
-            // (swizzled k-tile t of the row's 128-row scale tile), zero past K and past N,
-            // where no scale was copied.
-            u32 w[MT][2][8], sl[MT][2][2];
-#pragma unroll
-            for (int i = 0; i < MT; ++i)
-#pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const int row = r[i][q];
-                    const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
-                    const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
-                    w[i][q][0] = a.x, w[i][q][1] = a.y, w[i][q][2] = a.z, w[i][q][3] = a.w;
-                    w[i][q][4] = b.x, w[i][q][5] = b.y, w[i][q][6] = b.z, w[i][q][7] = b.w;
-                    const int rr = row & 127;
-                    const u8* sc = base + W_BYTES + 4 * A_BOX + (row >> 7) * S_BYTES + t * 512;
-                    const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
-                    e4m3x4_to_f16x2x2(s4, sl[i][q][0], sl[i][q][1]);
-                }
+            for (int q = 0; q < 2; ++q) {
+                const int row = r[i][q];
+                const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
+                const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
+                w[i][q][0] = a.x, w[i][q][1] = a.y, w[i][q][2] = a.z, w[i][q][3] = a.w;
+                w[i][q][4] = b.x, w[i][q][5] = b.y, w[i][q][6] = b.z, w[i][q][7] = b.w;
+                const int rr = row & 127;
+                const u8* sc = base + W_BYTES + 4 * rg.a_box + (row >> 7) * S_BYTES + t * 512;
+                const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
+                e4m3x4_to_f16x2x2(s4, sl[i][q][0], sl[i][q][1]);
+            }
+        if constexpr (WG) {
+            // Box by box: box c is widened into registers of its own while box c - 1's k16 steps
+            // run on the tensor cores; before box c reuses the registers of box c - 2, the wait
+            // for all but the latest group of products retires box c - 2. So no wgmma waits for
+            // the one before it, and a warpgroup holds the fragments of two boxes, not of four
+            // (the accumulators of 160 rows and all four boxes do not fit in the 168 registers
+            // nine warps leave a thread).
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                const u32 sel = (c & 1) ? 0x3232 : 0x1010;
-                // Block 4t + c of A: box c, logical chunks 2t and 2t + 1 of each row.
-                const u8* ab = base + W_BYTES + c * A_BOX;
+                if (c >= 2) wgmma_wait<1>();
+                u32 f[2][2][4];  // [h][k16 step 2h, 2h + 1][fragment]
+#pragma unroll
+                for (int h = 0; h < 2; ++h) widen_tile(w[0], sl[0], c, h, f[h][0], f[h][1]);
+                wgmma_fence();
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    // Per tile: codes (0 2 | 1 3) and (4 6 | 5 7) of its rows r0, r1, times their
-                    // block scales.
+                    // k16 steps 2h and 2h + 1 of box c: 32 bytes each along its rows.
+                    const u64 d = wgmma_desc(smem_addr(base + W_BYTES + c * rg.a_box)) + 4 * h;
+                    wgmma_rs<NT>(&acc[0][0][0], f[h][0], d);
+                    wgmma_rs<NT>(&acc[0][0][0], f[h][1], d + 2);
+                }
+                wgmma_commit();
+            }
+            // The slot's rows are read by the warpgroup's MMAs: done before it is released.
+            // (Products left running into the next stage make ptxas serialize every wgmma: it
+            // does not follow pending products across the loop.)
+            wgmma_wait<0>();
+            mbar_arrive(rg.empty + slot);
+        } else {
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                // Block 4t + c of A: box c, logical chunks 2t and 2t + 1 of each row.
+                const u8* ab = base + W_BYTES + c * rg.a_box;
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
                     u32 fa[MT][4], fb[MT][4];
 #pragma unroll
-                    for (int i = 0; i < MT; ++i) {
-                        u32 l[2][2], hi[2][2], sc[2];
+                    for (int i = 0; i < MT; ++i) widen_tile(w[i], sl[i], c, h, fa[i], fb[i]);
 #pragma unroll
-                        for (int q = 0; q < 2; ++q) {
-                            const u32 x = w[i][q][2 * c + h];
-                            e4m3x4_to_f16x2x2(widen_lo(x), l[q][0], l[q][1]);
-                            e4m3x4_to_f16x2x2(widen_hi(x), hi[q][0], hi[q][1]);
-                            sc[q] = __byte_perm(sl[i][q][c >> 1], 0, sel);
-                        }
-                        fa[i][0] = mul_f16x2(l[0][0], sc[0]), fa[i][1] = mul_f16x2(l[1][0], sc[1]);
-                        fa[i][2] = mul_f16x2(hi[0][0], sc[0]), fa[i][3] = mul_f16x2(hi[1][0], sc[1]);
-                        fb[i][0] = mul_f16x2(l[0][1], sc[0]), fb[i][1] = mul_f16x2(l[1][1], sc[1]);
-                        fb[i][2] = mul_f16x2(hi[0][1], sc[0]), fb[i][3] = mul_f16x2(hi[1][1], sc[1]);
-                    }
-                    if constexpr (WG) {
-                        // k16 steps 2h and 2h + 1 of box c: 32 bytes each along its rows.
-                        const u64 d = wgmma_desc(smem_addr(ab)) + 4 * h;
-                        wgmma_fence();
-                        wgmma_rs<NT>(&acc[0][0][0], fa[0], d);
-                        wgmma_rs<NT>(&acc[0][0][0], fb[0], d + 2);
-                    } else {
+                    for (int j = 0; j < NT; ++j) {
+                        const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
 #pragma unroll
-                        for (int j = 0; j < NT; ++j) {
-                            const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
-#pragma unroll
-                            for (int i = 0; i < MT; ++i) {
-                                mma_f16_16816(acc[i][j], fa[i], b.x, b.y);
-                                mma_f16_16816(acc[i][j], fb[i], b.z, b.w);
-                            }
+                        for (int i = 0; i < MT; ++i) {
+                            mma_f16_16816(acc[i][j], fa[i], b.x, b.y);
+                            mma_f16_16816(acc[i][j], fb[i], b.z, b.w);
                         }
                     }
                 }
             }
-            if constexpr (WG) {
-                // The slot's rows are read by the warpgroup's MMAs: done before it is released
-                // (keeping them running into the next stage, released a stage later, measured
-                // slower).
-                wgmma_commit();
-                wgmma_wait<0>();
-            }
-            mbar_arrive(empty + slot);
+            mbar_arrive(rg.empty + slot);
         }
-        // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
-        // weight codes were widened as value times 2^-6.
-        const int rows = min(max(p.counts[it.e], 0), p.cap);
-        const long long base = row_base(p.row0, p.cap, it.e);
-        const float al = p.alpha[it.e] * 64.0f;
+    }
+    // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
+    // weight codes were widened as value times 2^-6.
+    const int rows = min(max(p.counts[it.e], 0), p.cap);
+    const long long base = row_base(p.row0, p.cap, it.e);
+    const float al = p.alpha[it.e] * 64.0f;
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
-            const int n_a = it.n0 + r[i][0], n_b = it.n0 + r[i][1];
+    for (int i = 0; i < MT; ++i) {
+        const int n_a = it.n0 + r[i][0], n_b = it.n0 + r[i][1];
 #pragma unroll
-            for (int j = 0; j < NT; ++j) {
+        for (int j = 0; j < NT; ++j) {
 #pragma unroll
-                for (int q = 0; q < 2; ++q) {
-                    const int m = it.m0 + 8 * j + 2 * t + q;
-                    if (m >= rows) continue;
-                    u16* crow = p.c + (base + m) * p.N;
-                    if (n_a < p.N) crow[n_a] = f32_to_act(acc[i][j][q] * al);
-                    if (n_b < p.N) crow[n_b] = f32_to_act(acc[i][j][2 + q] * al);
-                }
+            for (int q = 0; q < 2; ++q) {
+                const int m = it.m0 + 8 * j + 2 * t + q;
+                if (m >= rows) continue;
+                u16* crow = p.c + (base + m) * p.N;
+                if (n_a < p.N) crow[n_a] = f32_to_act(acc[i][j][q] * al);
+                if (n_b < p.N) crow[n_b] = f32_to_act(acc[i][j][2 + q] * al);
             }
         }
     }
 }
 
-#define FP4_GEMM(NAME, NT, MT, STAGES, MINB, WG)                                                          \
-    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, MINB) NAME(                                \
-        const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {        \
-        fp4_gemm<NT, MT, STAGES, WG>(p, &w_map, &a_map);                                                  \
+// The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
+// to 10 (bm up to 160).
+#define WG_MAX_CHUNKS 10
+template <int C = 1>
+__device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
+                                              int warp, int lane) {
+    if constexpr (C < WG_MAX_CHUNKS) {
+        if (chunks > C) {
+            consume_wgmma<C + 1>(chunks, p, it, rg, n, warp, lane);
+            return;
+        }
+    }
+    consume_item<2 * C, 1, 0, true>(p, it, rg, n, warp, lane);
+}
+
+// STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
+// follows its item height).
+template <int NT, int MT, int STAGES, bool WG>
+__device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
+    static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
+    constexpr int W_BYTES = 128 * 128 * MT;  // the weight box: 128 MT rows x 128 bytes
+    constexpr int ITEM_N = 128 * MT;         // weight rows (output columns) of an item
+    const int bm = WG ? p.bm : 8 * NT;
+    extern __shared__ u8 smem_raw[];
+    // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary, and
+    // every slot and box is a whole number of them. (Offset from the shared array itself, so
+    // that reads stay shared-memory loads.)
+    Ring rg;
+    rg.base = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
+    rg.a_box = bm * 128;
+    rg.stage = W_BYTES + 4 * rg.a_box + MT * S_BYTES;
+    rg.stages = STAGES ? STAGES : p.stages;
+    rg.full = (u64*)(rg.base + rg.stages * rg.stage);
+    rg.empty = rg.full + rg.stages;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    if (tid == 0) {
+        for (int s = 0; s < rg.stages; ++s) {
+            mbar_init(rg.full + s, 1);
+            mbar_init(rg.empty + s, GEMM_CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const int n_tiles = (p.N + ITEM_N - 1) / ITEM_N;
+    const int items = p.tile_start[p.E] * n_tiles;
+    if (warp == GEMM_CONSUMERS / 32) {
+        // The producer.
+        if (lane != 0) return;
+        const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
+        const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
+        u32 n = 0;
+        for (int item = blockIdx.x; item < items; item += gridDim.x) {
+            const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
+            const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
+            // Scale tiles past N are not copied (their rows' codes are the TMA's zeros).
+            const int sf0 = it.n0 / 128, sfn = min(MT, sf_tiles - sf0);
+            const u8* sf = p.w_sf + ((long long)it.e * sf_tiles + sf0) * k_tiles * 512;
+            for (int st = 0; st < stages; ++st, ++n) {
+                const int slot = n % rg.stages;
+                if (n >= (u32)rg.stages) mbar_wait(rg.empty + slot, (n / rg.stages - 1) & 1);
+                u8* base = rg.base + slot * rg.stage;
+                const int kt = min(4, k_tiles - 4 * st);
+                mbar_expect_tx(rg.full + slot, W_BYTES + 4 * rg.a_box + sfn * kt * 512);
+                tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, rg.full + slot);
+#pragma unroll
+                for (int c = 0; c < 4; ++c)
+                    tma_2d(base + W_BYTES + c * rg.a_box, a_map, st * KS + 64 * c, rows0, rg.full + slot);
+                for (int i = 0; i < sfn; ++i)
+                    bulk_copy(base + W_BYTES + 4 * rg.a_box + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
+                              kt * 512, rg.full + slot);
+            }
+        }
+        return;
+    }
+    u32 n = 0;
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+        const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
+        if constexpr (WG) {
+            const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
+            consume_wgmma(min((rows + 15) >> 4, WG_MAX_CHUNKS), p, it, rg, n, warp, lane);
+        } else {
+            consume_item<NT, MT, STAGES, false>(p, it, rg, n, warp, lane);
+        }
+    }
+}
+
+#define FP4_GEMM(NAME, NT, MT, STAGES, WG)                                                              \
+    extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) NAME(                                 \
+        const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {       \
+        fp4_gemm<NT, MT, STAGES, WG>(p, &w_map, &a_map);                                                \
     }
 // Up to 32 rows an item, mma.sync per warp, where every warp reads the whole stage of rows from
 // shared memory: at 32 rows, warps of two weight tiles (items of 256 weight rows) halve that
 // traffic, which bounded the one-tile version (H100: 3% to 7% faster, at half the occupancy).
-// From 64 rows, the warpgroup's wgmma, which reads each k16 step of the rows once for four
+// Past 32 rows, the warpgroup's wgmma, which reads each k16 step of the rows once for four
 // warps. (At 32 rows, wgmma measured 11% slower than mma.sync.)
 // One block an SM with the deepest ring that fits measured faster than two blocks of four stages
 // (H100: 2120 against 2158 us at 1 row per expert, 2334 against 2377 at 16, 2617 against 2709 at
 // 32; eight stages at 1 row were no better than six).
-FP4_GEMM(fp4_gemm_n1, 1, 1, 6, 1, false)
-FP4_GEMM(fp4_gemm_n2, 2, 1, 6, 1, false)
-FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, 1, false)
-FP4_GEMM(fp4_wgmma_n8, 8, 1, 4, 1, true)
-FP4_GEMM(fp4_wgmma_n16, 16, 1, 2, 1, true)
+FP4_GEMM(fp4_gemm_n1, 1, 1, 6, false)
+FP4_GEMM(fp4_gemm_n2, 2, 1, 6, false)
+FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false)
+FP4_GEMM(fp4_wgmma, 0, 1, 0, true)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's f16 values (code
