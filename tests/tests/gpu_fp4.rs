@@ -383,13 +383,30 @@ fn nvfp4_on_the_low_latency_wire_matches_the_reference() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn every_item_size_and_partial_tiles_match_the_reference() {
-    let cfg = MoeRunnerConfig::new(8, 352, 160, 2);
+    // 1, 10, 25, 50, 125 and 175 rows per expert on average: items of 8 to 160 rows, and at
+    // 175 experts past one item.
+    standard_layout_at(
+        MoeRunnerConfig::new(8, 352, 160, 2),
+        &[5, 40, 100, 200, 500, 700],
+    );
+}
+
+/// One expert, one pick a token: the wgmma kernel's items (rounded up to 16 rows) are taller
+/// than all the rows there are (40: one item of 48 rows), or hold all but a few (170: 160 and
+/// 10).
+#[test]
+#[ignore = "needs a CUDA device"]
+fn items_taller_than_the_rows_match_the_reference() {
+    standard_layout_at(MoeRunnerConfig::new(1, 352, 160, 1), &[40, 170]);
+}
+
+/// The standard layout of `cfg` at each number of tokens in `ms`, with skewed routing, against
+/// the reference that quantizes the same way.
+fn standard_layout_at(cfg: MoeRunnerConfig, ms: &[usize]) {
     let (q, _) = weights(&cfg, 61);
     let runner = fp4(&cfg, DispatchFormat::Standard);
     let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
-    // 1, 10, 25, 50, 125 and 175 rows per expert on average: items of 8 to 160 rows, and at
-    // 175 experts past one item.
-    for m in [5, 40, 100, 200, 500, 700] {
+    for &m in ms {
         let hidden = synthetic::hidden(m, cfg.hidden_size, DType::Bf16, 300 + m as u64).unwrap();
         let topk =
             synthetic::topk(m, cfg.top_k, cfg.num_experts, 400 + m as u64, true, true).unwrap();
@@ -397,7 +414,10 @@ fn every_item_size_and_partial_tiles_match_the_reference() {
         let got = suite::run_path(&runner, &hidden, copy(&topk), &q).unwrap();
         let want = suite::run_path(&want_runner, &hidden, copy(&topk), &q).unwrap();
         let c = suite::compare(&got, &want).unwrap();
-        eprintln!("H=352 I=160 M={m}: vs NVFP4 reference {c:?}");
+        eprintln!(
+            "E={} top-{} H=352 I=160 M={m}: vs NVFP4 reference {c:?}",
+            cfg.num_experts, cfg.top_k
+        );
         assert!(c.within(1e-2), "M={m} against the NVFP4 reference: {c:?}");
     }
 }
