@@ -285,13 +285,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
         r[i][0] = warp * 16 * MT + 16 * i + g;
         r[i][1] = r[i][0] + 8;
     }
-    float acc[MT][NT][4];
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-#pragma unroll
-            for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.0f;
+    float acc[MT][NT][4] = {};
     for (int st = 0; st < stages; ++st, ++n) {
         const int slot = n % slots;
         mbar_wait(rg.full + slot, (n / slots) & 1);
