@@ -55,6 +55,22 @@ fn ring_bytes(bm: usize, mt: usize, stages: usize) -> usize {
     stages * (128 * 128 * mt + 4 * bm * 128 + 2048 * mt) + stages * 16 + 1024
 }
 
+/// Rows of an expert per item of the wgmma kernel for about `expected` rows per expert, at most
+/// `cap`: `expected + 3 sqrt(expected)`, rounded up to 16, at most `WG_MAX_ROWS`.
+fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
+    let spread = expected + (expected as f64).sqrt().ceil() as usize * 3;
+    spread.min(cap.max(1)).next_multiple_of(16).min(WG_MAX_ROWS)
+}
+
+/// The deepest ring of items of `bm` rows that fits in shared memory, up to `most` slots (two
+/// at the tallest items).
+fn wgmma_stages(bm: usize, most: usize) -> usize {
+    (1..=most)
+        .rev()
+        .find(|&s| ring_bytes(bm, 1, s) <= SMEM_MAX)
+        .unwrap_or(1)
+}
+
 pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
@@ -186,13 +202,8 @@ impl Fp4Kernels {
             };
         }
         let g = &self.gemm[self.gemm.len() - 1];
-        let spread = expected + (expected as f64).sqrt().ceil() as usize * 3;
-        let bm = spread.min(cap.max(1)).next_multiple_of(16).min(WG_MAX_ROWS);
-        // The deepest ring that fits, up to the kernel's most.
-        let stages = (1..=g.stages)
-            .rev()
-            .find(|&s| ring_bytes(bm, 1, s) <= SMEM_MAX)
-            .unwrap_or(1);
+        let bm = wgmma_item_rows(expected, cap);
+        let stages = wgmma_stages(bm, g.stages);
         GemmPlan {
             gemm: g,
             bm,
@@ -230,5 +241,37 @@ unsafe impl DeviceRepr for GemmArgs {}
 impl Arg for GemmArgs {
     fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
         b.arg(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wgmma_items_hold_the_expected_rows_and_their_spread() {
+        for expected in 33..=200 {
+            for cap in [expected, 2 * expected, 100_000] {
+                let bm = wgmma_item_rows(expected, cap);
+                assert_eq!(bm % 16, 0, "expected {expected} cap {cap}: {bm}");
+                assert!(bm <= WG_MAX_ROWS && bm <= cap.next_multiple_of(16));
+                // Up to the widest item, at least the mean and three deviations (or the cap).
+                let want = (expected + 3 * (expected as f64).sqrt() as usize).min(cap);
+                assert!(
+                    bm >= want.min(WG_MAX_ROWS),
+                    "expected {expected} cap {cap}: {bm}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn wgmma_rings_fit_in_shared_memory() {
+        for bm in (16..=WG_MAX_ROWS).step_by(16) {
+            let s = wgmma_stages(bm, 4);
+            assert!((2..=4).contains(&s), "bm {bm}: {s} stages");
+            assert!(ring_bytes(bm, 1, s) <= SMEM_MAX);
+            assert!(s == 4 || ring_bytes(bm, 1, s + 1) > SMEM_MAX);
+        }
     }
 }
