@@ -40,3 +40,18 @@ pub fn link_backends() {
     moe_conformance::link_backends();
     moe_backend_reference::link();
 }
+
+/// The `main` of the per-backend example binaries: links the backends, runs `body`, and turns
+/// its error into a message on stderr and a failing exit code.
+pub fn run_example(
+    body: impl FnOnce() -> Result<(), Box<dyn std::error::Error>>,
+) -> std::process::ExitCode {
+    link_backends();
+    match body() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

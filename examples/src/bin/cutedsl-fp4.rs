@@ -23,17 +23,10 @@ use std::process::ExitCode;
 const H100_FP8_TFLOPS: f64 = 1256.0;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    moe_examples::run_example(run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    moe_examples::link_backends();
     let mut args = std::env::args().skip(1);
     let rows: Vec<usize> = match args.next() {
         Some(a) => a.split(',').map(str::parse).collect::<Result<_, _>>()?,

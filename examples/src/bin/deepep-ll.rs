@@ -16,17 +16,10 @@ use moe_runner_core::{
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    moe_examples::run_example(run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    moe_examples::link_backends();
     let arg = |i: usize, d: usize| -> Result<usize, Box<dyn std::error::Error>> {
         Ok(std::env::args()
             .nth(i)

@@ -8,17 +8,10 @@ use moe_checkpoint::ARCHITECTURES;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    moe_examples::run_example(run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    moe_examples::link_backends();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arch = args
         .iter()

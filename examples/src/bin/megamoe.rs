@@ -17,17 +17,10 @@ use moe_runner_core::{
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    moe_examples::run_example(run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    moe_examples::link_backends();
     let mut args = std::env::args().skip(1);
     let tokens: Vec<usize> = match args.next() {
         Some(a) => a.split(',').map(str::parse).collect::<Result<_, _>>()?,

@@ -13,17 +13,10 @@ use moe_runner_core::{
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    moe_examples::run_example(run)
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    moe_examples::link_backends();
     let m: usize = std::env::args()
         .nth(1)
         .map(|a| a.parse())
