@@ -39,6 +39,13 @@ fn cfg(flags: Resolved) -> MoeRunnerConfig {
     c
 }
 
+/// The dispatcher of a world of one rank on `dev`, for up to `tmax` tokens.
+fn one_rank(dev: &CudaDevice, tmax: usize) -> MegaMoeDispatcher {
+    MegaMoeWorld::in_process(std::slice::from_ref(dev), &dcfg(1, tmax))
+        .unwrap()
+        .remove(0)
+}
+
 fn dcfg(ranks: usize, tmax: usize) -> DispatcherConfig {
     DispatcherConfig {
         world_size: ranks,
@@ -127,9 +134,7 @@ fn run_rank(
 fn pre_dispatch_matches_the_design_layout() {
     moe_conformance::link_backends();
     let (device, dev) = gpu(0);
-    let d = MegaMoeWorld::in_process(std::slice::from_ref(&dev), &dcfg(1, 40))
-        .unwrap()
-        .remove(0);
+    let d = one_rank(&dev, 40);
     let m = 37;
     // Three of four slots given: the fourth, and every slot of rows 37..40, are padding.
     let hidden = synthetic::hidden(m, H, DType::Bf16, 5).unwrap();
@@ -168,9 +173,7 @@ fn pre_dispatch_matches_the_design_layout() {
 fn fused_layer_matches_the_cpu_path() {
     moe_conformance::link_backends();
     let (device, dev) = gpu(0);
-    let d = MegaMoeWorld::in_process(std::slice::from_ref(&dev), &dcfg(1, T))
-        .unwrap()
-        .remove(0);
+    let d = one_rank(&dev, T);
     let mut failures = Vec::new();
     for (vi, flags) in VARIANTS.into_iter().enumerate() {
         let scheme = scheme_of(flags);
@@ -246,9 +249,7 @@ fn fused_layer_matches_the_cpu_path() {
 fn bad_input_is_refused() {
     moe_conformance::link_backends();
     let (device, dev) = gpu(0);
-    let d = MegaMoeWorld::in_process(std::slice::from_ref(&dev), &dcfg(1, 8))
-        .unwrap()
-        .remove(0);
+    let d = one_rank(&dev, 8);
     let ok = synthetic::hidden(4, H, DType::Bf16, 1)
         .unwrap()
         .to_device(&device)
