@@ -28,6 +28,9 @@ pub use e2m1::{e2m1_from_f32, e2m1_to_f32, pack_e2m1, unpack_e2m1, E2M1_MAX};
 pub use error::QuantError;
 pub use fp8::{e4m3_from_f32, e4m3_to_f32, e5m2_from_f32, e5m2_to_f32, E4M3_MAX, E5M2_MAX};
 pub use mxfp4::{dequantize_mxfp4_into, quantize_mxfp4, Mxfp4, MXFP4_BLOCK};
-pub use nvfp4::{dequantize_nvfp4_into, nvfp4_global_scale, quantize_nvfp4, Nvfp4, NVFP4_BLOCK};
+pub use nvfp4::{
+    dequantize_nvfp4_into, dequantize_nvfp4_products_into, nvfp4_global_scale, quantize_nvfp4,
+    Nvfp4, Nvfp4Products, NVFP4_BLOCK,
+};
 pub use swizzle::{swizzle_scales_128x4, swizzled_len, swizzled_offset, unswizzle_scales_128x4};
 pub use ue8m0::{round_scale_pow2_ceil, ue8m0_from_f32_ceil, ue8m0_to_f32};

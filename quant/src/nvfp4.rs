@@ -23,6 +23,32 @@ use crate::{e2m1_to_f32, e4m3_from_f32, e4m3_to_f32, QuantError, E4M3_MAX};
 /// Elements sharing one NVFP4 block scale.
 pub const NVFP4_BLOCK: usize = 16;
 
+/// How an NVFP4 value `v = e2m1(q) * s` (before the division by the global scale) enters a GEMM's
+/// products on a GPU without FP4 tensor cores.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Nvfp4Products {
+    /// As it is. `v` has at most six significant bits, exact in f16, so the products run on the
+    /// 16-bit tensor cores and agree with an FP4 tensor core's.
+    #[default]
+    Exact,
+    /// Rounded to E4M3 at an eighth of its size, `8 * e4m3(v / 8)` (round to nearest even; `v / 8`
+    /// is at most 336, so nothing saturates), so both operands are E4M3 and the products run on
+    /// the FP8 tensor cores, twice the 16-bit rate on Hopper. The rounding adds a relative error
+    /// of at most 2^-4 per value, on top of NVFP4's own (2^-2 for E2M1); values under 2^-3 of the
+    /// block-scale unit fall in E4M3's subnormals, with an absolute error of at most 2^-7.
+    E4m3,
+}
+
+impl Nvfp4Products {
+    /// `v` (code times block scale) as the products take it.
+    pub fn apply(self, v: f32) -> f32 {
+        match self {
+            Self::Exact => v,
+            Self::E4m3 => 8.0 * e4m3_to_f32(e4m3_from_f32(v * 0.125)),
+        }
+    }
+}
+
 /// An NVFP4 matrix: packed E2M1 codes, E4M3 block scales and the tensor's global scale.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Nvfp4 {
@@ -129,6 +155,28 @@ pub fn dequantize_nvfp4_into(
     global_scale: f32,
     out: &mut [f32],
 ) -> Result<(), QuantError> {
+    dequantize_nvfp4_products_into(
+        packed,
+        scales_linear,
+        rows,
+        cols,
+        global_scale,
+        Nvfp4Products::Exact,
+        out,
+    )
+}
+
+/// [`dequantize_nvfp4_into`] with each value `e2m1(q) * s` taken as `products` takes it before
+/// the division by the global scale: `products.apply(e2m1(q) * e4m3(sf)) / gs`.
+pub fn dequantize_nvfp4_products_into(
+    packed: &[u8],
+    scales_linear: &[u8],
+    rows: usize,
+    cols: usize,
+    global_scale: f32,
+    products: Nvfp4Products,
+    out: &mut [f32],
+) -> Result<(), QuantError> {
     let (len, blocks) = check_shape(rows, cols)?;
     expect_len("NVFP4 packed [rows, cols / 2]", len / 2, packed.len())?;
     expect_len(
@@ -138,12 +186,19 @@ pub fn dequantize_nvfp4_into(
     )?;
     expect_len("NVFP4 output [rows, cols]", len, out.len())?;
     check_global_scale(global_scale)?;
-    dequantize_rows(packed, scales_linear, cols, global_scale, out);
+    dequantize_rows(packed, scales_linear, cols, global_scale, products, out);
     Ok(())
 }
 
 /// The work of [`dequantize_nvfp4_into`] once the arguments are known to be valid.
-fn dequantize_rows(packed: &[u8], scales: &[u8], cols: usize, gs: f32, out: &mut [f32]) {
+fn dequantize_rows(
+    packed: &[u8],
+    scales: &[u8],
+    cols: usize,
+    gs: f32,
+    products: Nvfp4Products,
+    out: &mut [f32],
+) {
     let blocks = cols / NVFP4_BLOCK;
     let len = out.len();
     for_each_row(out, cols, len, |r, out_row| {
@@ -156,8 +211,8 @@ fn dequantize_rows(packed: &[u8], scales: &[u8], cols: usize, gs: f32, out: &mut
         {
             let s = e4m3_to_f32(sf);
             for (o, &byte) in ob.chunks_exact_mut(2).zip(pb) {
-                o[0] = (e2m1_to_f32(byte) * s) / gs;
-                o[1] = (e2m1_to_f32(byte >> 4) * s) / gs;
+                o[0] = products.apply(e2m1_to_f32(byte) * s) / gs;
+                o[1] = products.apply(e2m1_to_f32(byte >> 4) * s) / gs;
             }
         }
     });
@@ -179,6 +234,11 @@ impl Nvfp4 {
     /// The matrix dequantized, `[rows, cols]`. If the fields were edited into an inconsistent state
     /// ([`Nvfp4::validate`] fails) the result is `2 * packed.len()` NaNs rather than a panic.
     pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_products(Nvfp4Products::Exact)
+    }
+
+    /// [`Nvfp4::dequantize`] with each value taken as `products` takes it.
+    pub fn dequantize_products(&self, products: Nvfp4Products) -> Vec<f32> {
         let mut out = vec![f32::NAN; 2 * self.packed.len()];
         if self.validate().is_ok() {
             dequantize_rows(
@@ -186,6 +246,7 @@ impl Nvfp4 {
                 &self.scales,
                 self.cols,
                 self.global_scale,
+                products,
                 &mut out,
             );
         }
@@ -222,6 +283,37 @@ mod tests {
         assert_eq!(q.packed[0], 7 | (2 << 4));
         assert_eq!(q.packed[8], 15 | (4 << 4));
         assert_eq!(q.dequantize(), x);
+    }
+
+    #[test]
+    fn e4m3_products_round_each_value_once_to_nearest_even() {
+        let p = Nvfp4Products::E4m3;
+        // 6 * 448, the largest value: 336 = 1.0101b * 2^8 after the eighth, a tie, to 320
+        // (E4M3's largest, 448, is not reached).
+        assert_eq!(p.apply(2688.0), 2560.0);
+        assert_eq!(p.apply(-2688.0), -2560.0);
+        assert_eq!(p.apply(6.0 * 256.0), 1536.0);
+        // 1.5 * 1.125 = 1.1011b: a tie between 1.101b and 1.110b, to the even one.
+        assert_eq!(p.apply(1.6875), 1.75);
+        // 1.5 * 1.375 = 1.0000 1b * 2: below the tie, down.
+        assert_eq!(p.apply(2.0625), 2.0);
+        assert_eq!(p.apply(0.0), 0.0);
+        // Every code times every finite scale: within 2^-4 relative where v / 8 is normal
+        // (v >= 2^-3), within half of E4M3's subnormal step times 8 below.
+        for sf in 0u8..0x7f {
+            let s = e4m3_to_f32(sf);
+            for code in 0u8..16 {
+                let v = e2m1_to_f32(code) * s;
+                let r = p.apply(v);
+                assert_eq!(Nvfp4Products::Exact.apply(v), v);
+                let err = (r - v).abs();
+                if v.abs() >= 0.125 {
+                    assert!(err <= v.abs() / 16.0, "{v}: {r}");
+                } else {
+                    assert!(err <= 8.0 * 2f32.powi(-10), "{v}: {r}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub use dispatch_output::{
 pub use dtype::{DType, Element};
 pub use error::{MoeError, Result};
 pub use format::DispatchFormat;
+/// How NVFP4 values enter the products (exact in f16, or rounded to E4M3 for the FP8 tensor
+/// cores): a choice of the NVFP4 weights, which the reference follows too.
+pub use moe_quant::Nvfp4Products;
 pub use quant_info::{
     as_expert_weights, downcast_quant, quant_to_device, DenseWeights, ExpertWeights,
     Fp8BlockWeights, Fp8PerChannelWeights, Fp8PerTensorWeights, Mxfp4Weights, Nvfp4Weights, Proj,

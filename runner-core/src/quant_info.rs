@@ -2,7 +2,9 @@
 //! scheme needs. Every type here can dequantize one expert to f32, which is what the CPU
 //! reference computes with and what tests compare kernels against.
 
-use crate::{DType, Device, MoeError, MoeRunnerConfig, Mxfp4Acts, QuantScheme, Result, Tensor};
+use crate::{
+    DType, Device, MoeError, MoeRunnerConfig, Mxfp4Acts, Nvfp4Products, QuantScheme, Result, Tensor,
+};
 use std::any::Any;
 
 pub trait QuantInfo: Any + Send + Sync {
@@ -540,8 +542,10 @@ pub enum ScaleLayout {
 /// NVFP4 experts (w4a4): packed E2M1 `w13 [E, N1, H/2]`, `w2 [E, H, I/2]`; E4M3 block scales per
 /// 16 values per expert (linear `[E, rows, cols/16]` or swizzled `[E, swizzled_len]`); one f32
 /// global scale per expert for each weight, and the input global scales of each GEMM's
-/// activations. GEMM alpha = 1 / (gs_a * gs_w).
-#[derive(Debug)]
+/// activations. GEMM alpha = 1 / (gs_a * gs_w). `products`: how the GEMMs take the values of
+/// both operands (exact, the default, or rounded to E4M3 for the FP8 tensor cores; see
+/// [`Nvfp4Products`]), set with [`Nvfp4Weights::with_products`]. A clone shares the tensors.
+#[derive(Clone, Debug)]
 pub struct Nvfp4Weights {
     pub w13: Tensor,
     pub w13_scale: Tensor,
@@ -552,6 +556,7 @@ pub struct Nvfp4Weights {
     pub a13_global: Vec<f32>,
     pub a2_global: Vec<f32>,
     pub scale_layout: ScaleLayout,
+    pub products: Nvfp4Products,
     dims: WeightDims,
 }
 
@@ -633,8 +638,15 @@ impl Nvfp4Weights {
             a13_global,
             a2_global,
             scale_layout,
+            products: Nvfp4Products::Exact,
             dims: d,
         })
+    }
+
+    /// The same weights, their products taken as `products`.
+    pub fn with_products(mut self, products: Nvfp4Products) -> Self {
+        self.products = products;
+        self
     }
 
     /// Quantizes dense weights (global scale per expert from its amax), with the given input
@@ -708,6 +720,7 @@ impl Nvfp4Weights {
             self.a2_global.clone(),
             self.scale_layout,
         )
+        .map(|w| w.with_products(self.products))
     }
 }
 
@@ -734,12 +747,13 @@ impl ExpertWeights for Nvfp4Weights {
                 &linear
             }
         };
-        moe_quant::dequantize_nvfp4_into(
+        moe_quant::dequantize_nvfp4_products_into(
             expert_slice::<u8>(w, e, r * c / 2)?,
             scales,
             r,
             c,
             g[e],
+            self.products,
             out,
         )?;
         Ok(())

@@ -8,8 +8,8 @@
 use moe_conformance::{suite, synthetic};
 use moe_runner_core::{
     downcast_combine, quant_to_device, DType, DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device,
-    DispatchFormat, DispatchOutput, MoeError, MoeRunner, MoeRunnerConfig, Nvfp4Weights, QuantInfo,
-    QuantScheme, ScaleLayout, Tensor, TopK, WeightDims,
+    DispatchFormat, DispatchOutput, MoeError, MoeRunner, MoeRunnerConfig, Nvfp4Products,
+    Nvfp4Weights, QuantInfo, QuantScheme, ScaleLayout, Tensor, TopK, WeightDims,
 };
 
 fn gpu() -> Device {
@@ -388,6 +388,25 @@ fn every_item_size_and_partial_tiles_match_the_reference() {
     standard_layout_at(
         MoeRunnerConfig::new(8, 352, 160, 2),
         &[5, 40, 100, 200, 500, 700],
+        Nvfp4Products::Exact,
+    );
+}
+
+/// E4M3 products (values rounded to E4M3 for the FP8 tensor cores) at every item size: against
+/// the reference that rounds the same way, and much closer to it than to the exact reference,
+/// so the rounding is the one the reference makes.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn e4m3_products_match_the_reference_that_rounds_the_same_way() {
+    standard_layout_at(
+        MoeRunnerConfig::new(8, 352, 160, 2),
+        &[5, 40, 100, 200, 500, 700],
+        Nvfp4Products::E4m3,
+    );
+    standard_layout_at(
+        MoeRunnerConfig::new(1, 352, 160, 1),
+        &[40, 170],
+        Nvfp4Products::E4m3,
     );
 }
 
@@ -397,13 +416,22 @@ fn every_item_size_and_partial_tiles_match_the_reference() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn items_taller_than_the_rows_match_the_reference() {
-    standard_layout_at(MoeRunnerConfig::new(1, 352, 160, 1), &[40, 170]);
+    standard_layout_at(
+        MoeRunnerConfig::new(1, 352, 160, 1),
+        &[40, 170],
+        Nvfp4Products::Exact,
+    );
 }
 
-/// The standard layout of `cfg` at each number of tokens in `ms`, with skewed routing, against
-/// the reference that quantizes the same way.
-fn standard_layout_at(cfg: MoeRunnerConfig, ms: &[usize]) {
-    let (q, _) = weights(&cfg, 61);
+/// The standard layout of `cfg` at each number of tokens in `ms`, with skewed routing and the
+/// weights' products taken as `products`, against the reference that quantizes the same way.
+/// With E4M3 products, also at most a quarter as far from it as that reference is from the
+/// exact one; and then the exact weights on the same runner, whose GEMM inputs share the
+/// workspace in another layout (at H = 352, with the padding of a partial segment).
+fn standard_layout_at(cfg: MoeRunnerConfig, ms: &[usize], products: Nvfp4Products) {
+    let (exact, _) = weights(&cfg, 61);
+    let exact_q = quant_to_device(&exact, &Device::cpu()).unwrap();
+    let q = exact.with_products(products);
     let runner = fp4(&cfg, DispatchFormat::Standard);
     let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
     for &m in ms {
@@ -415,9 +443,23 @@ fn standard_layout_at(cfg: MoeRunnerConfig, ms: &[usize]) {
         let want = suite::run_path(&want_runner, &hidden, copy(&topk), &q).unwrap();
         let c = suite::compare(&got, &want).unwrap();
         eprintln!(
-            "E={} top-{} H=352 I=160 M={m}: vs NVFP4 reference {c:?}",
+            "E={} top-{} H=352 I=160 M={m} {products:?}: vs NVFP4 reference {c:?}",
             cfg.num_experts, cfg.top_k
         );
         assert!(c.within(1e-2), "M={m} against the NVFP4 reference: {c:?}");
+        if products != Nvfp4Products::Exact {
+            let exact_want =
+                suite::run_path(&want_runner, &hidden, copy(&topk), exact_q.as_ref()).unwrap();
+            let gap = suite::compare(&want, &exact_want).unwrap();
+            eprintln!("  the {products:?} reference vs the exact one: {gap:?}");
+            assert!(
+                c.rel_l2 * 4.0 < gap.rel_l2,
+                "M={m}: {c:?} is not much closer to the {products:?} reference than {gap:?}"
+            );
+            let after = suite::run_path(&runner, &hidden, copy(&topk), exact_q.as_ref()).unwrap();
+            let x = suite::compare(&after, &exact_want).unwrap();
+            eprintln!("  then exact products on the same runner: {x:?}");
+            assert!(x.within(1e-2), "M={m}, exact after {products:?}: {x:?}");
+        }
     }
 }

@@ -9,12 +9,15 @@ use moe_runner_core::cuda::cudarc::driver::sys::CUfunction_attribute_enum;
 use moe_runner_core::cuda::cudarc::driver::{
     CudaFunction, DeviceRepr, DriverError, LaunchArgs, PushKernelArg,
 };
-use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Result};
+use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Nvfp4Products, Result};
 
 const NVFP4: &str = include_str!("kernels/nvfp4.cu");
 
 /// The GEMM's threads: eight consumer warps and the producer warp.
-pub const GEMM_THREADS: usize = 288;
+const GEMM_THREADS: usize = 288;
+/// The wgmma kernel with E4M3 products: eight consumer warps and a producer warpgroup, whose
+/// registers go to the consumers (nvfp4.cu, `GEMM_THREADS_F8WG`).
+const GEMM_THREADS_F8WG: usize = 384;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
 pub const SEGMENT: usize = 256;
 
@@ -33,8 +36,12 @@ pub struct Gemm {
     pub mt: usize,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
+    /// E4M3 products (`Nvfp4Products::E4m3`).
+    pub f8: bool,
     /// Ring slots: the mma.sync variants' (tuned), or the most the wgmma kernel uses.
     pub stages: usize,
+    /// Threads a block.
+    pub threads: usize,
     /// Blocks an SM holds.
     pub per_sm: usize,
 }
@@ -48,11 +55,21 @@ pub struct GemmPlan<'a> {
     pub smem: usize,
 }
 
-/// Dynamic shared memory of a ring: per slot the weight box (128 `mt` rows of 128 bytes), four
-/// boxes of 64 values by `bm` rows in f16 and the block scales, then a barrier pair per slot,
-/// and 1024 bytes to align the ring for the swizzle.
-fn ring_bytes(bm: usize, mt: usize, stages: usize) -> usize {
-    stages * (128 * 128 * mt + 4 * bm * 128 + 2048 * mt) + stages * 16 + 1024
+/// Bytes of one row of a GEMM input per stage of `SEGMENT` values: f16, or E4M3 bytes for the
+/// wgmma kernel with E4M3 products.
+fn a_row_bytes(wg: bool, f8: bool) -> usize {
+    if wg && f8 {
+        SEGMENT
+    } else {
+        2 * SEGMENT
+    }
+}
+
+/// Dynamic shared memory of a ring: per slot the weight box (128 `mt` rows of 128 bytes), a
+/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and the block scales, then a
+/// barrier pair per slot, and 1024 bytes to align the ring for the swizzle.
+fn ring_bytes(bm: usize, mt: usize, stages: usize, a_row: usize) -> usize {
+    stages * (128 * 128 * mt + bm * a_row + 2048 * mt) + stages * 16 + 1024
 }
 
 /// Rows of an expert per item of the wgmma kernel for about `expected` rows per expert, at most
@@ -62,12 +79,12 @@ fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
     spread.min(cap.max(1)).next_multiple_of(16).min(WG_MAX_ROWS)
 }
 
-/// The deepest ring of items of `bm` rows that fits in shared memory, up to `most` slots (two
-/// at the tallest items).
-fn wgmma_stages(bm: usize, most: usize) -> usize {
+/// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) that fits in
+/// shared memory, up to `most` slots (two at the tallest f16 items, three with E4M3 products).
+fn wgmma_stages(bm: usize, most: usize, a_row: usize) -> usize {
     (1..=most)
         .rev()
-        .find(|&s| ring_bytes(bm, 1, s) <= SMEM_MAX)
+        .find(|&s| ring_bytes(bm, 1, s, a_row) <= SMEM_MAX)
         .unwrap_or(1)
 }
 
@@ -75,8 +92,9 @@ pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
-    /// The GEMM for 8, 16, 32 rows per work item (mma.sync), then the wgmma kernel.
-    pub gemm: [Gemm; 4],
+    /// The GEMM for 8, 16, 32 rows per work item (mma.sync), then the wgmma kernel; with exact
+    /// (f16) products, then with E4M3 products.
+    pub gemm: [[Gemm; 4]; 2],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
@@ -84,21 +102,42 @@ pub struct Fp4Kernels {
 
 /// `wgmma_rs<NT>`: one m64 x (8 NT) x k16 product, A (f16) from registers, B from shared memory,
 /// accumulating in f32, for every width the wgmma kernel issues (16 to 160 columns in steps of
-/// 16). The accumulator list of a wgmma instruction is one operand per register, so it is
-/// generated.
+/// 16); `wgmma_rs_e4m3<NT>` the same as m64 x (8 NT) x k32 of E4M3 bytes. The accumulator list
+/// of a wgmma instruction is one operand per register, so they are generated.
 fn wgmma_rs_source() -> String {
-    let mut src = String::from(
-        "template <int NT> __device__ __forceinline__ void wgmma_rs(float* d, const u32* a, u64 b);\n",
+    let mut src = String::new();
+    // (name, k and types, the immediates after scale-d: the 16-bit forms also name A's and
+    // B's transposition, which FP8 has not)
+    for (name, shape, imm, scale_d) in [
+        ("wgmma_rs", "k16.f32.f16.f16", "1, 1, 0", false),
+        ("wgmma_rs_e4m3", "k32.f32.e4m3.e4m3", "1, 1", true),
+    ] {
+        src += &wgmma_family(name, shape, imm, scale_d);
+    }
+    src
+}
+
+/// One family of `wgmma_rs` forms; with `scale_d`, a last argument that is 0 where the product
+/// starts its accumulators afresh (scale-d false) instead of adding to them.
+fn wgmma_family(name: &str, shape: &str, imm: &str, scale_d: bool) -> String {
+    let param = if scale_d { ", int scale_d" } else { "" };
+    let mut src = format!(
+        "template <int NT> __device__ __forceinline__ void {name}(float* d, const u32* a, u64 b{param});\n",
     );
     for nt in (2..=20).step_by(2) {
         let regs = 4 * nt;
         let list: Vec<String> = (0..regs).map(|i| format!("%{i}")).collect();
         let outs: Vec<String> = (0..regs).map(|i| format!("\"+f\"(d[{i}])")).collect();
+        let (pred, pred_arg) = if scale_d {
+            (format!("%{}", regs + 5), ", \"r\"(scale_d)")
+        } else {
+            ("1".to_string(), "")
+        };
         src += &format!(
-            "template <> __device__ __forceinline__ void wgmma_rs<{nt}>(float* d, const u32* a, u64 b) {{\n\
-             asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, 1, 0;\\n\
-             wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16 {{{list}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, 1, 1, 0;\\n}}\\n\"\n\
-             : {outs} : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b));\n}}\n",
+            "template <> __device__ __forceinline__ void {name}<{nt}>(float* d, const u32* a, u64 b{param}) {{\n\
+             asm volatile(\"{{\\n.reg .pred p;\\nsetp.ne.b32 p, {pred}, 0;\\n\
+             wgmma.mma_async.sync.aligned.m64n{n}{shape} {{{list}}}, {{%{a0}, %{a1}, %{a2}, %{a3}}}, %{b}, p, {imm};\\n}}\\n\"\n\
+             : {outs} : \"r\"(a[0]), \"r\"(a[1]), \"r\"(a[2]), \"r\"(a[3]), \"l\"(b){pred_arg});\n}}\n",
             n = 8 * nt,
             a0 = regs,
             a1 = regs + 1,
@@ -134,14 +173,14 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
-        // (rows per item / 8, weight tiles per warp, ring stages, wgmma), as nvfp4.cu
-        // instantiates them; the wgmma kernel's `nt` is its widest item.
-        let gemm = |nt: usize, mt: usize, stages: usize, wg: bool| -> Result<Gemm> {
+        // (rows per item / 8, weight tiles per warp, ring stages, wgmma, E4M3 products), as
+        // nvfp4.cu instantiates them; the wgmma kernel's `nt` is its widest item.
+        let gemm = |nt: usize, mt: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
             let name = match (wg, mt) {
                 (true, _) => "fp4_wgmma".to_string(),
                 (false, 1) => format!("fp4_gemm_n{nt}"),
                 (false, _) => format!("fp4_gemm_n{nt}m{mt}"),
-            };
+            } + if f8 { "_f8" } else { "" };
             let f = load(&name)?;
             let kerr = |e: DriverError| MoeError::Kernel {
                 name: name.clone(),
@@ -150,15 +189,20 @@ impl Fp4Kernels {
             let smem = if wg {
                 SMEM_MAX
             } else {
-                ring_bytes(8 * nt, mt, stages)
+                ring_bytes(8 * nt, mt, stages, a_row_bytes(wg, f8))
             };
             f.set_attribute(
                 CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 smem as i32,
             )
             .map_err(kerr)?;
+            let threads = if wg && f8 {
+                GEMM_THREADS_F8WG
+            } else {
+                GEMM_THREADS
+            };
             let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(GEMM_THREADS as u32, smem, None)
+                .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
                 .map_err(kerr)?
                 .max(1) as usize;
             Ok(Gemm {
@@ -166,20 +210,25 @@ impl Fp4Kernels {
                 rows: 8 * nt,
                 mt,
                 wg,
+                f8,
                 stages,
+                threads,
                 per_sm,
             })
+        };
+        let variants = |f8: bool| -> Result<[Gemm; 4]> {
+            Ok([
+                gemm(1, 1, 6, false, f8)?,
+                gemm(2, 1, 6, false, f8)?,
+                gemm(4, 2, 4, false, f8)?,
+                gemm(WG_MAX_ROWS / 8, 1, 4, true, f8)?,
+            ])
         };
         Ok(Self {
             quant_rows: load("fp4_quant_rows")?,
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
-            gemm: [
-                gemm(1, 1, 6, false)?,
-                gemm(2, 1, 6, false)?,
-                gemm(4, 2, 4, false)?,
-                gemm(WG_MAX_ROWS / 8, 1, 4, true)?,
-            ],
+            gemm: [variants(false)?, variants(true)?],
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             combine: load("fp4_combine")?,
@@ -192,23 +241,26 @@ impl Fp4Kernels {
     /// to 16, at most 160): routed counts scatter about their mean like a Poisson count, so
     /// nearly every expert fits one item, and each item's wgmma is only as wide as its rows.
     /// An expert past the item takes a second one, which streams its weights again.
-    pub fn gemm_for(&self, expected: usize, cap: usize) -> GemmPlan<'_> {
-        if let Some(g) = self.gemm.iter().find(|g| !g.wg && g.rows >= expected) {
+    /// `products`: the variants with exact f16 products or with E4M3 ones.
+    pub fn gemm_for(&self, expected: usize, cap: usize, products: Nvfp4Products) -> GemmPlan<'_> {
+        let set = &self.gemm[usize::from(products == Nvfp4Products::E4m3)];
+        if let Some(g) = set.iter().find(|g| !g.wg && g.rows >= expected) {
             return GemmPlan {
                 gemm: g,
                 bm: g.rows,
                 stages: g.stages,
-                smem: ring_bytes(g.rows, g.mt, g.stages),
+                smem: ring_bytes(g.rows, g.mt, g.stages, a_row_bytes(false, g.f8)),
             };
         }
-        let g = &self.gemm[self.gemm.len() - 1];
+        let g = &set[set.len() - 1];
+        let a_row = a_row_bytes(true, g.f8);
         let bm = wgmma_item_rows(expected, cap);
-        let stages = wgmma_stages(bm, g.stages);
+        let stages = wgmma_stages(bm, g.stages, a_row);
         GemmPlan {
             gemm: g,
             bm,
             stages,
-            smem: ring_bytes(bm, 1, stages),
+            smem: ring_bytes(bm, 1, stages, a_row),
         }
     }
 }
@@ -267,11 +319,16 @@ mod tests {
 
     #[test]
     fn wgmma_rings_fit_in_shared_memory() {
-        for bm in (16..=WG_MAX_ROWS).step_by(16) {
-            let s = wgmma_stages(bm, 4);
-            assert!((2..=4).contains(&s), "bm {bm}: {s} stages");
-            assert!(ring_bytes(bm, 1, s) <= SMEM_MAX);
-            assert!(s == 4 || ring_bytes(bm, 1, s + 1) > SMEM_MAX);
+        for f8 in [false, true] {
+            let a_row = a_row_bytes(true, f8);
+            for bm in (16..=WG_MAX_ROWS).step_by(16) {
+                let s = wgmma_stages(bm, 4, a_row);
+                // E4M3 rows take half the bytes: at least three slots at the tallest items.
+                let least = if f8 { 3 } else { 2 };
+                assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
+                assert!(ring_bytes(bm, 1, s, a_row) <= SMEM_MAX);
+                assert!(s == 4 || ring_bytes(bm, 1, s + 1, a_row) > SMEM_MAX);
+            }
         }
     }
 }

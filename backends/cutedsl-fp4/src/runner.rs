@@ -1,6 +1,7 @@
 //! The `cutedsl_fp4` runner. Per forward pass, on the device's stream and with nothing waiting
 //! for the host: the row tiles from the per-expert counts; the activations to NVFP4 values
-//! (each expert's input global scale; kept as code times block scale in f16, which is exact);
+//! (each expert's input global scale; kept as code times block scale in f16, which is exact,
+//! or rounded to E4M3 when the weights ask for E4M3 products);
 //! GEMM 1 (`w13`, alpha = 1 / (gs_a * gs_w)) to bf16; the activation with its requantization
 //! to NVFP4 fused; GEMM 2 (`w2`) to bf16. The masked layout
 //! writes GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
@@ -19,7 +20,7 @@ use moe_runner_core::{
 };
 use std::sync::{Mutex, MutexGuard};
 
-use crate::kernels::{Fp4Kernels, GemmArgs, GEMM_THREADS, SEGMENT};
+use crate::kernels::{Fp4Kernels, GemmArgs, SEGMENT};
 use crate::tma::{Elem, TensorMap};
 use crate::RUNNER;
 
@@ -28,8 +29,9 @@ struct Workspace {
     /// Rows of the row space and picks (M * k) it was sized for.
     rows: usize,
     picks: usize,
-    /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16, rows of
-    /// whole 256-value segments in the GEMM's block order.
+    /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16, or E4M3
+    /// bytes (in the first half) for E4M3 products in the wgmma kernel; rows of whole
+    /// 256-value segments in the GEMM's block order.
     a1: Tensor,
     c1: Tensor,
     a2: Tensor,
@@ -289,9 +291,10 @@ impl Fp4Runner {
         let k = &self.kernels;
         let (dev, cap, e_i) = (&self.dev, r.cap as i32, e as i32);
         let ts = ws.tile_start.cuda_ptr()?;
-        let plan = k.gemm_for(r.expected, r.cap);
+        let plan = k.gemm_for(r.expected, r.cap, w.products);
         let (gk, bm) = (plan.gemm, plan.bm);
-        let wg = i32::from(gk.wg);
+        // The GEMM inputs' layout (nvfp4.cu): bit 0 the wgmma order, bit 1 E4M3 products.
+        let layout = i32::from(gk.wg) | (i32::from(gk.f8) << 1);
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
         let bm_i = bm as i32;
@@ -314,7 +317,9 @@ impl Fp4Runner {
                 (row_grid(h), e),
                 128,
                 0,
-                &[&codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1, &wg],
+                &[
+                    &codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1, &layout,
+                ],
             )?,
             None => launch_2d(
                 dev,
@@ -332,7 +337,7 @@ impl Fp4Runner {
                     &h_i,
                     &g.gs1.cuda_ptr()?,
                     &a1,
-                    &wg,
+                    &layout,
                 ],
             )?,
         }
@@ -353,12 +358,19 @@ impl Fp4Runner {
                 &[kk as u64 / 2, (n * kk / 2) as u64],
                 &[128, 128 * gk.mt as u32, 1],
             )?;
+            // Boxes of 128 bytes: 64 f16 values, or 128 E4M3 bytes for the wgmma kernel's E4M3
+            // products.
+            let (elem, size) = if gk.wg && gk.f8 {
+                (Elem::U8, 1)
+            } else {
+                (Elem::F16, 2)
+            };
             let a_map = TensorMap::tiled(
                 a,
-                Elem::F16,
+                elem,
                 &[padded(kk) as u64, r.total as u64],
-                &[2 * padded(kk) as u64],
-                &[64, bm as u32],
+                &[(size * padded(kk)) as u64],
+                &[128 / size as u32, bm as u32],
             )?;
             let args = GemmArgs {
                 w_sf: w_sf.cuda_ptr()?,
@@ -382,7 +394,7 @@ impl Fp4Runner {
                 dev,
                 &gk.f,
                 grid,
-                GEMM_THREADS,
+                gk.threads,
                 plan.smem,
                 &[&w_map, &a_map, &args],
             )
@@ -409,7 +421,7 @@ impl Fp4Runner {
                 &alpha_act,
                 &g.gs2.cuda_ptr()?,
                 &a2,
-                &wg,
+                &layout,
             ],
         )?;
         gemm(a2, &w.w2, s2, &g.alpha2, out, h, i)

@@ -105,7 +105,7 @@ pub fn round_activations(
                 GemmInput::Two => w.a2_global[expert],
             };
             let q = quantize_nvfp4(x, rows, cols, gs)?;
-            x.copy_from_slice(&q.dequantize());
+            x.copy_from_slice(&q.dequantize_products(w.products));
         }
     }
     Ok(())

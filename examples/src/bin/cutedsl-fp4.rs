@@ -1,9 +1,11 @@
 //! Example and benchmark for the `cutedsl_fp4` backend. First one NVFP4 layer on the GPU
 //! (16 experts, H=1024, I=512), checked against the CPU reference, which quantizes the
-//! activations the same way, in both the standard and the masked layout. Then the masked
+//! activations the same way, in both the standard and the masked layout, with exact products
+//! and with E4M3 ones. Then the masked
 //! grouped GEMMs are timed at DeepSeek-V3 expert shapes (256 experts, H=7168, I=2048) for a
 //! range of rows per expert (in buffers sized for the tokens those rows come from), each as a
-//! CUDA graph, beside this project's FP8 `masked_gemm` runner on the same rows and against the
+//! CUDA graph, with exact products and with E4M3 products (`Nvfp4Products`), beside this
+//! project's FP8 `masked_gemm` runner on the same rows and against the
 //! floor: the weight bytes over the measured copy bandwidth, or the FLOPs over the FP8
 //! tensor-core rate, whichever is larger.
 //!
@@ -13,9 +15,9 @@
 use moe_conformance::{suite, synthetic, synthetic_gpu};
 use moe_runner_core::cuda::{copy_bandwidth_gbps, fill_uniform, time_graph_ms};
 use moe_runner_core::{
-    CudaDevice, DType, DeepEpLlDispatchOutput, Device, DeviceOps, DispatchFormat, DispatchOutput,
-    MoeRunner, MoeRunnerConfig, QuantInfo, QuantScheme, StandardDispatchOutput, Tensor, TopK,
-    WeightDims,
+    downcast_quant, CudaDevice, DType, DeepEpLlDispatchOutput, Device, DeviceOps, DispatchFormat,
+    DispatchOutput, MoeRunner, MoeRunnerConfig, Nvfp4Products, Nvfp4Weights, QuantInfo,
+    QuantScheme, StandardDispatchOutput, Tensor, TopK, WeightDims,
 };
 use std::process::ExitCode;
 
@@ -51,11 +53,17 @@ fn check(device: &Device) -> Result<(), Box<dyn std::error::Error>> {
         hidden: 1024,
         inter: 512,
     };
-    let weights = synthetic::weights(dims, QuantScheme::Nvfp4, 1, &|_| {})?;
+    let exact = synthetic::weights(dims, QuantScheme::Nvfp4, 1, &|_| {})?;
+    let e4m3 = with_products(exact.as_ref(), Nvfp4Products::E4m3)?;
     let hidden = synthetic::hidden(100, 1024, DType::Bf16, 2)?;
     let topk = synthetic::topk(100, 4, 16, 3, true, false)?;
     let tol = suite::tolerance(QuantScheme::Nvfp4);
-    for format in [DispatchFormat::Standard, DispatchFormat::DeepEpLowLatency] {
+    let formats = [DispatchFormat::Standard, DispatchFormat::DeepEpLowLatency];
+    for (format, weights) in formats
+        .into_iter()
+        .flat_map(|f| [(f, exact.as_ref()), (f, &e4m3 as &dyn QuantInfo)])
+    {
+        let products = downcast_quant::<Nvfp4Weights>(weights)?.products;
         let runner = MoeRunner::on_device(
             device,
             "cutedsl_fp4",
@@ -67,19 +75,29 @@ fn check(device: &Device) -> Result<(), Box<dyn std::error::Error>> {
             &runner,
             &hidden,
             &TopK::new(topk.ids.clone(), topk.weights.clone())?,
-            weights.as_ref(),
+            weights,
         )?;
         println!(
-            "{}: vs CPU reference rel_l2 {:.3e}, max_abs {:.3e} (tolerance {tol:.0e})",
+            "{} ({products:?} products): vs CPU reference rel_l2 {:.3e}, max_abs {:.3e} (tolerance {tol:.0e})",
             runner.describe(),
             c.rel_l2,
             c.max_abs
         );
         if !c.within(tol) {
-            return Err(format!("{format}: out of tolerance").into());
+            return Err(format!("{format} {products:?}: out of tolerance").into());
         }
     }
     Ok(())
+}
+
+/// The same NVFP4 weights (their tensors shared) with their products taken as `products`.
+fn with_products(
+    w: &dyn QuantInfo,
+    products: Nvfp4Products,
+) -> Result<Nvfp4Weights, Box<dyn std::error::Error>> {
+    Ok(downcast_quant::<Nvfp4Weights>(w)?
+        .clone()
+        .with_products(products))
 }
 
 /// Bytes of the experts' weights (both GEMMs, with their scales) in `scheme`.
@@ -128,6 +146,7 @@ fn time(
         device.name()
     );
     let fp4 = synthetic_gpu::device_weights(&dev, dims, QuantScheme::Nvfp4, 5)?;
+    let fp4_e4m3 = with_products(fp4.as_ref(), Nvfp4Products::E4m3)?;
     let fp8 = synthetic_gpu::device_weights(&dev, dims, QuantScheme::Fp8Block128, 6)?;
     let runner = |name: &str, format, scheme| {
         MoeRunner::on_device(device, name, format, scheme, cfg.clone())
@@ -144,15 +163,17 @@ fn time(
         };
         (mem_us.max(compute_us), bound)
     };
-    println!("| layout | rows/expert | tokens (top-8) | cutedsl_fp4 (us) | FP4 floor (us) | of floor | FP8 runner | FP8 (us) | FP4 speedup |");
-    println!("|---|---:|---:|---:|---:|---:|---|---:|---:|");
-    let row = |layout: &str, m: usize, fp4_us: f64, fp8_name: &str, fp8_us: f64| {
+    println!("| layout | rows/expert | tokens (top-8) | cutedsl_fp4 (us) | FP4 floor (us) | of floor | E4M3 products (us) | of floor | FP8 runner | FP8 (us) | FP4 speedup (exact, E4M3) |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|");
+    let row = |layout: &str, m: usize, [exact, e4m3]: [f64; 2], fp8_name: &str, fp8_us: f64| {
         let (floor, bound) = floor(m);
         println!(
-            "| {layout} | {m} | {} | {fp4_us:.1} | {floor:.1} ({bound}) | {:.0}% | {fp8_name} | {fp8_us:.1} | {:.2}x |",
+            "| {layout} | {m} | {} | {exact:.1} | {floor:.1} ({bound}) | {:.0}% | {e4m3:.1} | {:.0}% | {fp8_name} | {fp8_us:.1} | {:.2}x, {:.2}x |",
             m * e / 8,
-            100.0 * floor / fp4_us,
-            fp8_us / fp4_us
+            100.0 * floor / exact,
+            100.0 * floor / e4m3,
+            fp8_us / exact,
+            fp8_us / e4m3
         );
     };
     for &m in rows {
@@ -169,11 +190,11 @@ fn time(
             };
             let out = Tensor::zeros_cuda(&dev, &[tokens, h], DType::Bf16)?;
             let std = DispatchFormat::Standard;
-            let a = time_us(
-                &dev,
-                &runner("cutedsl_fp4", std, QuantScheme::Nvfp4)?,
-                (&input, fp4.as_ref(), &out),
-            )?;
+            let fp4_runner = runner("cutedsl_fp4", std, QuantScheme::Nvfp4)?;
+            let a = [
+                time_us(&dev, &fp4_runner, (&input, fp4.as_ref(), &out))?,
+                time_us(&dev, &fp4_runner, (&input, &fp4_e4m3, &out))?,
+            ];
             let b = time_us(
                 &dev,
                 &runner("triton", std, QuantScheme::Fp8Block128)?,
@@ -203,11 +224,11 @@ fn time(
             out_buffer: None,
         };
         let ll = DispatchFormat::DeepEpLowLatency;
-        let a = time_us(
-            &dev,
-            &runner("cutedsl_fp4", ll, QuantScheme::Nvfp4)?,
-            (&batch, fp4.as_ref(), &out),
-        )?;
+        let fp4_runner = runner("cutedsl_fp4", ll, QuantScheme::Nvfp4)?;
+        let a = [
+            time_us(&dev, &fp4_runner, (&batch, fp4.as_ref(), &out))?,
+            time_us(&dev, &fp4_runner, (&batch, &fp4_e4m3, &out))?,
+        ];
         let b = time_us(
             &dev,
             &runner("masked_gemm", ll, QuantScheme::Fp8Block128)?,

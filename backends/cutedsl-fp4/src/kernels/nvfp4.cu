@@ -9,6 +9,14 @@
 // kept as their exact values (code times block scale) in f16; the tensor's
 // alpha = 1 / (gs_a * gs_w) is applied once at the end.
 //
+// E4M3 products (F8, the `Nvfp4Products::E4m3` choice): both operands' values v (code times
+// block scale) are rounded to E4M3 at an eighth of their size, e4m3(v / 8) (v / 8 is at most
+// 336, so nothing saturates), and the products of those bytes run on the FP8 tensor cores,
+// twice the 16-bit rate: wgmma k32 with the weights widened to E4M3 bytes in registers and the
+// activation rows stored as E4M3 bytes. The mma.sync variants, whose FP8 form Hopper runs
+// through f16, round the same way and keep f16 products, so every batch size computes the
+// same values.
+//
 // Rows: expert e's rows start at row `base(e)` of the row space: e * cap in the masked layout,
 // or row0[e] in the standard path's compact layout. Only the first counts[e] rows of an expert
 // are computed or written.
@@ -19,6 +27,12 @@
 // is part of alpha).
 //
 // Compile-time parameters: ACT and GATE_UP (the activation, as the row kernels), ACT_F16.
+//
+// A GEMM input's `layout`: bit 0, the wgmma order (else mma.sync's); bit 1, E4M3 products.
+// Layouts 0 to 2 hold f16 (layout 2 the E4M3-rounded value, e4m3(v / 8)); layout 3 holds the
+// E4M3 bytes themselves, one byte a value.
+#define LAYOUT_WG 1
+#define LAYOUT_F8 2
 
 #define FP4_THREADS 128
 #define KS 256  // k values per GEMM stage, and the segment of the GEMM input layout
@@ -36,15 +50,41 @@ __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
 //  - wgmma (wg = 1): value v = 4s + 2e + h of block 4t + c lies at 64c + 16s + 8h + 2t + e, so
 //    that k16 step s of box c gives lane t codes 4s..4s+3 of its own block, as its A fragment
 //    takes them (k 2t, 2t + 1 <- codes 4s, 4s + 2; k 2t + 8, 2t + 9 <- codes 4s + 1, 4s + 3).
-// A block's sixteen f16 values q, block b of a row starting at `row`.
-__device__ __forceinline__ void store_block(const u16* q, u16* row, int b, int wg) {
+//  - wgmma with E4M3 products (layout 3, bytes): value v of block 4t + c lies at byte
+//    32j + 16(v & 1) + 4t + (v & 7) / 2 with j = 2c + v / 8, so that k32 step j (box j / 4 of
+//    128 values, step j % 4 in it) gives lane t the eight codes 8h.. 8h + 7 (h = j % 2) of its
+//    own block, as its A fragment takes them (k 4t.. 4t + 3 <- the even codes, k 16 + 4t..
+//    <- the odd ones).
+// A block's sixteen values v (exact, code times block scale), block b of a row starting at
+// `row`, in `layout`.
+__device__ __forceinline__ void store_block(const float* v, u8* row, int b, int layout) {
     const int seg = (b >> 4) * KS, t = (b & 15) >> 2, c = b & 3;
-    if (wg) {
+    if (layout == (LAYOUT_WG | LAYOUT_F8)) {
+        u8 r[16];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) r[i] = f32_to_e4m3(v[i] * 0.125f);
+        u8* out = row + seg + 4 * t;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int odd = 0; odd < 2; ++odd) {
+                const u8* x = r + 8 * h + odd;
+                *(u32*)(out + 32 * (2 * c + h) + 16 * odd) =
+                    (u32)x[0] | ((u32)x[2] << 8) | ((u32)x[4] << 16) | ((u32)x[6] << 24);
+            }
+        return;
+    }
+    u16 q[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+        q[i] = f32_to_f16((layout & LAYOUT_F8) ? e4m3_to_f32(f32_to_e4m3(v[i] * 0.125f)) : v[i]);
+    u16* row16 = (u16*)row;
+    if (layout & LAYOUT_WG) {
 #pragma unroll
         for (int s = 0; s < 4; ++s)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                *(u32*)(row + seg + 64 * c + 16 * s + 8 * h + 2 * t) = (u32)q[4 * s + h] | ((u32)q[4 * s + 2 + h] << 16);
+                *(u32*)(row16 + seg + 64 * c + 16 * s + 8 * h + 2 * t) = (u32)q[4 * s + h] | ((u32)q[4 * s + 2 + h] << 16);
         return;
     }
     u32 w[8];
@@ -56,25 +96,36 @@ __device__ __forceinline__ void store_block(const u16* q, u16* row, int b, int w
         w[4 * half + 2] = (u32)v[4] | ((u32)v[6] << 16);
         w[4 * half + 3] = (u32)v[5] | ((u32)v[7] << 16);
     }
-    u16* out = row + seg + (4 * c + t) * 16;
+    u16* out = row16 + seg + (4 * c + t) * 16;
     *(uint4*)out = make_uint4(w[0], w[1], w[2], w[3]);
     *(uint4*)(out + 8) = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s in f16 (exact).
-__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* row, int b, int wg) {
+// One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s (exact in f32)
+// in `layout`.
+__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u8* row, int b, int layout) {
     float s;
     nvfp4_scale(v, gs, &s);
-    u16 q[16];
+    float q[16];
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-        // Exact: at most six significant bits.
-        q[i] = f32_to_f16(s != 0.0f ? e2m1_round(__fdiv_rn(__fmul_rn(v[i], gs), s)) * s : 0.0f);
-    }
-    store_block(q, row, b, wg);
+    for (int i = 0; i < 16; ++i) q[i] = s != 0.0f ? e2m1_round(__fdiv_rn(__fmul_rn(v[i], gs), s)) * s : 0.0f;
+    store_block(q, row, b, layout);
 }
 
-// Activations to NVFP4 values (f16) with the expert's global scale: thread per 16-value block.
+// Zeros in the places of blocks kb.. of a row's last segment (none when K fills it): one
+// workspace serves every layout, so they may hold another layout's bytes, and the GEMM reads
+// them (times zero weights, which a NaN pattern would not survive).
+__device__ __forceinline__ void store_pad(u8* row, int kb, int layout) {
+    const float zeros[16] = {};
+    for (int b = kb; b < (kb + 15) / 16 * 16; ++b) store_block(zeros, row, b, layout);
+}
+
+// Bytes of a GEMM input row of k values in `layout`: whole segments, one or two bytes a value.
+__device__ __forceinline__ long long row_bytes(int k, int layout) {
+    return (long long)((k + KS - 1) / KS * KS) * (layout == (LAYOUT_WG | LAYOUT_F8) ? 1 : 2);
+}
+
+// Activations to NVFP4 values (in `layout`) with the expert's global scale: thread per 16-value block.
 // Row i of
 // expert e reads x row src[base(e) + i] when `src` is given (the standard path's gather), else
 // x row base(e) + i; times in_weight[that row] first when given (router weight on the input).
@@ -82,8 +133,9 @@ __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u16* row, 
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     const u16* __restrict__ x, const int* __restrict__ src, const float* __restrict__ in_weight,
     const int* __restrict__ counts, const int* __restrict__ row0, int cap, int K,
-    const float* __restrict__ gs_e, u16* __restrict__ a, int wg) {
-    const int e = blockIdx.y, kb = K / 16, pitch = (K + KS - 1) / KS * KS;
+    const float* __restrict__ gs_e, u8* __restrict__ a, int layout) {
+    const int e = blockIdx.y, kb = K / 16;
+    const long long pitch = row_bytes(K, layout);
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
     const float gs = gs_e[e];
@@ -98,7 +150,8 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
 #pragma unroll
             for (int j = 0; j < 16; ++j) v[j] *= w;
         }
-        nvfp4_block(v, gs, a + (base + i) * pitch, b, wg);
+        nvfp4_block(v, gs, a + (base + i) * pitch, b, layout);
+        if (b == kb - 1) store_pad(a + (base + i) * pitch, kb, layout);
     }
 }
 
@@ -113,6 +166,21 @@ __device__ __forceinline__ void mma_f16_16816(float* d, const u32* a, u32 b0, u3
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two f16x2 rounded to four E4M3 bytes (RNE, saturating), in order: a's halves to bytes 0 and 1.
+__device__ __forceinline__ u32 f16x2x2_to_e4m3x4(u32 a, u32 b) {
+    u32 d;
+    asm("{ .reg .b16 l, h; cvt.rn.satfinite.e4m3x2.f16x2 l, %1; cvt.rn.satfinite.e4m3x2.f16x2 h, %2; mov.b32 %0, {l, h}; }"
+        : "=r"(d)
+        : "r"(a), "r"(b));
+    return d;
+}
+// An f16x2 rounded to E4M3 and back (exactly: every E4M3 value is an f16).
+__device__ __forceinline__ u32 round_e4m3_f16x2(u32 a) {
+    u32 d;
+    asm("{ .reg .b16 q; cvt.rn.satfinite.e4m3x2.f16x2 q, %1; cvt.rn.f16x2.e4m3x2 %0, q; }" : "=r"(d) : "r"(a));
+    return d;
 }
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
@@ -145,6 +213,10 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // the exact NVFP4 values (code times block scale) in f16.
 #define GEMM_CONSUMERS 256
 #define GEMM_THREADS (GEMM_CONSUMERS + 32)
+// The wgmma kernel with E4M3 products holds a second set of accumulators (the promoted sums):
+// a whole producer warpgroup gives up registers (setmaxnreg) so that the consumers get 232.
+#define GEMM_THREADS_F8WG (GEMM_CONSUMERS + 128)
+#define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
 // A CUtensorMap (opaque, 64-byte aligned) passed by value.
@@ -240,7 +312,9 @@ __device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n
 }
 
 // One weight tile's A fragments for k16 steps 2h and 2h + 1 of box c: codes (0 2 | 1 3) and
-// (4 6 | 5 7) of the lane's rows r0, r1 (words w[q][2c + h]), times their block scales.
+// (4 6 | 5 7) of the lane's rows r0, r1 (words w[q][2c + h]), times their block scales; with F8
+// (scales taken times 8) rounded to E4M3.
+template <bool F8>
 __device__ __forceinline__ void widen_tile(const u32 (&w)[2][8], const u32 (&sl)[2][2], int c, int h, u32* fa,
                                            u32* fb) {
     const u32 sel = (c & 1) ? 0x3232 : 0x1010;
@@ -256,22 +330,43 @@ __device__ __forceinline__ void widen_tile(const u32 (&w)[2][8], const u32 (&sl)
     fa[2] = mul_f16x2(hi[0][0], sc[0]), fa[3] = mul_f16x2(hi[1][0], sc[1]);
     fb[0] = mul_f16x2(l[0][1], sc[0]), fb[1] = mul_f16x2(l[1][1], sc[1]);
     fb[2] = mul_f16x2(hi[0][1], sc[0]), fb[3] = mul_f16x2(hi[1][1], sc[1]);
+    if constexpr (F8) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) fa[i] = round_e4m3_f16x2(fa[i]), fb[i] = round_e4m3_f16x2(fb[i]);
+    }
+}
+
+// One weight tile's A fragment (E4M3) for k32 step 2c + h: the eight codes of word w[q][2c + h]
+// of the lane's rows, times their block scale (taken times 8), rounded to E4M3; the even codes
+// take k 4t.. 4t + 3, the odd ones k 16 + 4t.. (store_block's layout 3).
+__device__ __forceinline__ void widen_tile_f8(const u32 (&w)[2][8], const u32 (&sl)[2][2], int c, int h, u32* f) {
+    const u32 sel = (c & 1) ? 0x3232 : 0x1010;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+        const u32 x = w[q][2 * c + h], sc = __byte_perm(sl[q][c >> 1], 0, sel);
+        u32 l0, l1, h0, h1;
+        e4m3x4_to_f16x2x2(widen_lo(x), l0, l1);
+        e4m3x4_to_f16x2x2(widen_hi(x), h0, h1);
+        f[q] = f16x2x2_to_e4m3x4(mul_f16x2(l0, sc), mul_f16x2(l1, sc));
+        f[2 + q] = f16x2x2_to_e4m3x4(mul_f16x2(h0, sc), mul_f16x2(h1, sc));
+    }
 }
 
 // A block's ring: `stages` slots of `stage` bytes from a 1024-byte boundary, each slot the weight
-// box (128 MT rows x 128 bytes), A's four boxes of 64 values by bm rows (`a_box` bytes each) and
-// the block scales; then the slots' full and empty barriers.
+// box (128 MT rows x 128 bytes), A's boxes of 128 bytes by bm rows (`a_box` bytes each: four of
+// 64 f16 values, or two of 128 E4M3 bytes) and the block scales; then the slots' full and empty
+// barriers.
 struct Ring {
     u8* base;
     u64* full;
     u64* empty;
-    int stage, a_box, stages;
+    int stage, a_box, a_boxes, stages;
 };
 
 // One work item on the consumer warps: its K stages from the ring (n counts the slots used), then
 // its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
-// of this item's wgmma.
-template <int NT, int MT, int STAGES, bool WG>
+// of this item's wgmma. F8: E4M3 products.
+template <int NT, int MT, int STAGES, bool WG, bool F8>
 __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
                                              int lane) {
     constexpr int W_BYTES = 128 * 128 * MT;
@@ -307,11 +402,48 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 w[i][q][0] = a.x, w[i][q][1] = a.y, w[i][q][2] = a.z, w[i][q][3] = a.w;
                 w[i][q][4] = b.x, w[i][q][5] = b.y, w[i][q][6] = b.z, w[i][q][7] = b.w;
                 const int rr = row & 127;
-                const u8* sc = base + W_BYTES + 4 * rg.a_box + (row >> 7) * S_BYTES + t * 512;
+                const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + (row >> 7) * S_BYTES + t * 512;
                 const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
                 e4m3x4_to_f16x2x2(s4, sl[i][q][0], sl[i][q][1]);
+                if constexpr (F8) {
+                    // Times 8 (exact): the widened codes times the scale are then v / 8.
+                    sl[i][q][0] = mul_f16x2(sl[i][q][0], 0x48004800u);
+                    sl[i][q][1] = mul_f16x2(sl[i][q][1], 0x48004800u);
+                }
             }
-        if constexpr (WG) {
+        if constexpr (WG && F8) {
+            // A chunk of two k32 steps at a time (lane block 4t + c). The FP8 tensor cores add
+            // into their accumulator with much less than f32's precision (a stage summed in it
+            // measured 1e-2 from the reference), so every F8_PROMOTE chunks their sum, begun
+            // afresh (scale-d 0), is added to the f32 total (promotion). The wait before it
+            // stalls only this warpgroup; the other one keeps the tensor cores busy.
+            float part[NT * 4];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                u32 f[2][4];  // [h][fragment] of k32 step 2c + h
+#pragma unroll
+                for (int h = 0; h < 2; ++h) widen_tile_f8(w[0], sl[0], c, h, f[h]);
+                const bool fresh = c % F8_PROMOTE == 0;
+                if (fresh && c > 0) {
+                    wgmma_wait<0>();
+#pragma unroll
+                    for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[i];
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    // k32 step j: box j / 4, 32 bytes along its rows per step.
+                    const int j = 2 * c + h;
+                    const u64 d = wgmma_desc(smem_addr(base + W_BYTES + (j >> 2) * rg.a_box)) + 2 * (j & 3);
+                    wgmma_rs_e4m3<NT>(part, f[h], d, fresh && h == 0 ? 0 : 1);
+                }
+                wgmma_commit();
+            }
+            wgmma_wait<0>();
+            mbar_arrive(rg.empty + slot);
+#pragma unroll
+            for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[i];
+        } else if constexpr (WG) {
             // Box by box: box c is widened into registers of its own while box c - 1's k16 steps
             // run on the tensor cores; before box c reuses the registers of box c - 2, the wait
             // for all but the latest group of products retires box c - 2. So no wgmma waits for
@@ -323,7 +455,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 if (c >= 2) wgmma_wait<1>();
                 u32 f[2][2][4];  // [h][k16 step 2h, 2h + 1][fragment]
 #pragma unroll
-                for (int h = 0; h < 2; ++h) widen_tile(w[0], sl[0], c, h, f[h][0], f[h][1]);
+                for (int h = 0; h < 2; ++h) widen_tile<false>(w[0], sl[0], c, h, f[h][0], f[h][1]);
                 wgmma_fence();
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
@@ -348,7 +480,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 for (int h = 0; h < 2; ++h) {
                     u32 fa[MT][4], fb[MT][4];
 #pragma unroll
-                    for (int i = 0; i < MT; ++i) widen_tile(w[i], sl[i], c, h, fa[i], fb[i]);
+                    for (int i = 0; i < MT; ++i) widen_tile<F8>(w[i], sl[i], c, h, fa[i], fb[i]);
 #pragma unroll
                     for (int j = 0; j < NT; ++j) {
                         const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
@@ -364,7 +496,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
         }
     }
     // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
-    // weight codes were widened as value times 2^-6.
+    // weight codes were widened as value times 2^-6 (with F8, both operands are e4m3(v / 8)).
     const int rows = min(max(p.counts[it.e], 0), p.cap);
     const long long base = row_base(p.row0, p.cap, it.e);
     const float al = p.alpha[it.e] * 64.0f;
@@ -388,21 +520,21 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
 // to 10 (bm up to 160).
 #define WG_MAX_CHUNKS 10
-template <int C = 1>
+template <bool F8, int C = 1>
 __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
                                               int warp, int lane) {
     if constexpr (C < WG_MAX_CHUNKS) {
         if (chunks > C) {
-            consume_wgmma<C + 1>(chunks, p, it, rg, n, warp, lane);
+            consume_wgmma<F8, C + 1>(chunks, p, it, rg, n, warp, lane);
             return;
         }
     }
-    consume_item<2 * C, 1, 0, true>(p, it, rg, n, warp, lane);
+    consume_item<2 * C, 1, 0, true, F8>(p, it, rg, n, warp, lane);
 }
 
 // STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
-// follows its item height).
-template <int NT, int MT, int STAGES, bool WG>
+// follows its item height). F8: E4M3 products, whose wgmma reads A as two boxes of 128 bytes.
+template <int NT, int MT, int STAGES, bool WG, bool F8>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
     static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
     constexpr int W_BYTES = 128 * 128 * MT;  // the weight box: 128 MT rows x 128 bytes
@@ -415,7 +547,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     Ring rg;
     rg.base = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     rg.a_box = bm * 128;
-    rg.stage = W_BYTES + 4 * rg.a_box + MT * S_BYTES;
+    rg.a_boxes = WG && F8 ? 2 : 4;
+    rg.stage = W_BYTES + rg.a_boxes * rg.a_box + MT * S_BYTES;
     rg.stages = STAGES ? STAGES : p.stages;
     rg.full = (u64*)(rg.base + rg.stages * rg.stage);
     rg.empty = rg.full + rg.stages;
@@ -430,9 +563,10 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     __syncthreads();
     const int n_tiles = (p.N + ITEM_N - 1) / ITEM_N;
     const int items = p.tile_start[p.E] * n_tiles;
-    if (warp == GEMM_CONSUMERS / 32) {
+    if (warp >= GEMM_CONSUMERS / 32) {
         // The producer.
-        if (lane != 0) return;
+        if constexpr (WG && F8) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
+        if (warp != GEMM_CONSUMERS / 32 || lane != 0) return;
         const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
         u32 n = 0;
@@ -447,26 +581,26 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                 if (n >= (u32)rg.stages) mbar_wait(rg.empty + slot, (n / rg.stages - 1) & 1);
                 u8* base = rg.base + slot * rg.stage;
                 const int kt = min(4, k_tiles - 4 * st);
-                mbar_expect_tx(rg.full + slot, W_BYTES + 4 * rg.a_box + sfn * kt * 512);
+                mbar_expect_tx(rg.full + slot, W_BYTES + rg.a_boxes * rg.a_box + sfn * kt * 512);
                 tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, rg.full + slot);
-#pragma unroll
-                for (int c = 0; c < 4; ++c)
-                    tma_2d(base + W_BYTES + c * rg.a_box, a_map, st * KS + 64 * c, rows0, rg.full + slot);
+                for (int c = 0; c < rg.a_boxes; ++c)
+                    tma_2d(base + W_BYTES + c * rg.a_box, a_map, st * KS + c * (KS / rg.a_boxes), rows0, rg.full + slot);
                 for (int i = 0; i < sfn; ++i)
-                    bulk_copy(base + W_BYTES + 4 * rg.a_box + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
+                    bulk_copy(base + W_BYTES + rg.a_boxes * rg.a_box + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
                               kt * 512, rg.full + slot);
             }
         }
         return;
     }
+    if constexpr (WG && F8) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
     u32 n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma(min((rows + 15) >> 4, WG_MAX_CHUNKS), p, it, rg, n, warp, lane);
+            consume_wgmma<F8>(min((rows + 15) >> 4, WG_MAX_CHUNKS), p, it, rg, n, warp, lane);
         } else {
-            consume_item<NT, MT, STAGES, false>(p, it, rg, n, warp, lane);
+            consume_item<NT, MT, STAGES, false, F8>(p, it, rg, n, warp, lane);
         }
     }
 }
@@ -474,7 +608,11 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
 #define FP4_GEMM(NAME, NT, MT, STAGES, WG)                                                              \
     extern "C" __global__ void __launch_bounds__(GEMM_THREADS, 1) NAME(                                 \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {       \
-        fp4_gemm<NT, MT, STAGES, WG>(p, &w_map, &a_map);                                                \
+        fp4_gemm<NT, MT, STAGES, WG, false>(p, &w_map, &a_map);                                         \
+    }                                                                                                   \
+    extern "C" __global__ void __launch_bounds__(WG ? GEMM_THREADS_F8WG : GEMM_THREADS, 1) NAME##_f8(   \
+        const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {       \
+        fp4_gemm<NT, MT, STAGES, WG, true>(p, &w_map, &a_map);                                          \
     }
 // Up to 32 rows an item, mma.sync per warp, where every warp reads the whole stage of rows from
 // shared memory: at 32 rows, warps of two weight tiles (items of 256 weight rows) halve that
@@ -490,12 +628,13 @@ FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false)
 FP4_GEMM(fp4_wgmma, 0, 1, 0, true)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
-// [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's f16 values (code
-// times block scale, exact). Grid as fp4_quant_rows.
+// [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's values (code
+// times block scale) in `layout`. Grid as fp4_quant_rows.
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
     const u8* __restrict__ codes, const u8* __restrict__ scales, const int* __restrict__ counts,
-    const int* __restrict__ row0, int cap, int K, u16* __restrict__ a, int wg) {
-    const int e = blockIdx.y, kb = K / 16, pitch = (K + KS - 1) / KS * KS;
+    const int* __restrict__ row0, int cap, int K, u8* __restrict__ a, int layout) {
+    const int e = blockIdx.y, kb = K / 16;
+    const long long pitch = row_bytes(K, layout);
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
     for (long long item = (long long)blockIdx.x * FP4_THREADS + threadIdx.x; item < (long long)n * kb;
@@ -504,19 +643,21 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
         const int b = (int)(item % kb);
         const uint2 p = *(const uint2*)(codes + row * (K / 2) + b * 8);
         const float s = e4m3_to_f32(scales[row * kb + b]);
-        u16 q[16];
+        float q[16];
 #pragma unroll
-        for (int i = 0; i < 16; ++i) q[i] = f32_to_f16(e2m1_value(((i < 8 ? p.x : p.y) >> (4 * (i & 7))) & 0xFu) * s);
-        store_block(q, a + row * pitch, b, wg);
+        for (int i = 0; i < 16; ++i) q[i] = e2m1_value(((i < 8 ? p.x : p.y) >> (4 * (i & 7))) & 0xFu) * s;
+        store_block(q, a + row * pitch, b, layout);
+        if (b == kb - 1) store_pad(a + row * pitch, kb, layout);
     }
 }
 
-// GEMM 1's output rows through the activation, quantized to NVFP4 values (f16) with the
+// GEMM 1's output rows through the activation, quantized to NVFP4 values (in `layout`) with the
 // expert's GEMM-2 global scale: thread per 16-value output block. Grid: (blocks striding over rows * I/16, E).
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
     const u16* __restrict__ c1, const int* __restrict__ counts, const int* __restrict__ row0, int cap,
-    int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u16* __restrict__ a, int wg) {
-    const int e = blockIdx.y, kb = inter / 16, pitch = (inter + KS - 1) / KS * KS;
+    int inter, float limit, float alpha_act, const float* __restrict__ gs_e, u8* __restrict__ a, int layout) {
+    const int e = blockIdx.y, kb = inter / 16;
+    const long long pitch = row_bytes(inter, layout);
     const int n = min(max(counts[e], 0), cap);
     const long long base = row_base(row0, cap, e);
     const float gs = gs_e[e];
@@ -553,7 +694,8 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
             v[j] = activation(second[j], first[j], limit, alpha_act);
 #endif
 #endif
-        nvfp4_block(v, gs, a + (base + i) * pitch, b, wg);
+        nvfp4_block(v, gs, a + (base + i) * pitch, b, layout);
+        if (b == kb - 1) store_pad(a + (base + i) * pitch, kb, layout);
     }
 }
 
