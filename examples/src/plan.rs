@@ -152,13 +152,7 @@ impl LayerPlan {
 
     /// Sizes of this rank's routed (and fused shared) expert weights.
     pub fn weight_dims(&self) -> WeightDims {
-        let c = &self.config;
-        WeightDims {
-            experts: c.num_local_experts,
-            n1: c.gemm1_columns(),
-            hidden: c.hidden_size,
-            inter: c.intermediate_size,
-        }
+        WeightDims::of(&self.config)
     }
 
     /// Host bytes of every weight this rank generates: the expert weights in `scheme` and the

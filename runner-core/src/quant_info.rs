@@ -80,6 +80,16 @@ pub struct WeightDims {
 }
 
 impl WeightDims {
+    /// The sizes a runner of `cfg` expects: its local experts, gated GEMM 1 width, H and I.
+    pub fn of(cfg: &MoeRunnerConfig) -> Self {
+        Self {
+            experts: cfg.num_local_experts,
+            n1: cfg.gemm1_columns(),
+            hidden: cfg.hidden_size,
+            inter: cfg.intermediate_size,
+        }
+    }
+
     /// (rows, cols) of one expert's matrix.
     pub fn matrix(&self, proj: Proj) -> (usize, usize) {
         match proj {
@@ -90,18 +100,13 @@ impl WeightDims {
 
     /// Checks these sizes against a runner config (local experts, gated width, H, I).
     pub fn check(&self, cfg: &MoeRunnerConfig) -> Result<()> {
-        let want = [
-            cfg.num_local_experts,
-            cfg.gemm1_columns(),
-            cfg.hidden_size,
-            cfg.intermediate_size,
-        ];
-        let got = [self.experts, self.n1, self.hidden, self.inter];
-        if want != got {
+        let want = Self::of(cfg);
+        if *self != want {
+            let list = |d: &Self| vec![d.experts, d.n1, d.hidden, d.inter];
             return Err(MoeError::Shape {
                 what: "weights [local experts, GEMM 1 columns, hidden, intermediate]".into(),
-                expected: want.to_vec(),
-                got: got.to_vec(),
+                expected: list(&want),
+                got: list(self),
             });
         }
         Ok(())

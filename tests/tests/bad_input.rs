@@ -12,15 +12,6 @@ fn cfg() -> MoeRunnerConfig {
     MoeRunnerConfig::new(8, 256, 128, 2)
 }
 
-fn dims(c: &MoeRunnerConfig) -> WeightDims {
-    WeightDims {
-        experts: c.num_local_experts,
-        n1: c.gemm1_columns(),
-        hidden: c.hidden_size,
-        inter: c.intermediate_size,
-    }
-}
-
 fn runner(format: DispatchFormat, scheme: QuantScheme) -> MoeRunner {
     moe_conformance::link_backends();
     MoeRunner::new("reference", format, scheme, cfg()).unwrap()
@@ -29,7 +20,7 @@ fn runner(format: DispatchFormat, scheme: QuantScheme) -> MoeRunner {
 #[test]
 fn zero_tokens_give_an_empty_result() {
     let r = runner(DispatchFormat::Standard, QuantScheme::Bf16);
-    let quant = synthetic::weights(dims(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
+    let quant = synthetic::weights(WeightDims::of(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
     let hidden = synthetic::hidden(0, 256, DType::Bf16, 2).unwrap();
     let out = suite::run_path(
         &r,
@@ -96,7 +87,7 @@ fn wrong_dtypes_are_rejected() {
     assert!(matches!(TopK::new(ids, w), Err(MoeError::DType { .. })));
 
     let r = runner(DispatchFormat::Standard, QuantScheme::Bf16);
-    let quant = synthetic::weights(dims(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
+    let quant = synthetic::weights(WeightDims::of(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
     let out = StandardDispatchOutput {
         hidden: Tensor::zeros(&[2, 256], DType::I32),
         hidden_scale: None,
@@ -111,7 +102,8 @@ fn wrong_dtypes_are_rejected() {
 #[test]
 fn quant_scheme_and_format_mismatches_are_rejected() {
     let r = runner(DispatchFormat::Standard, QuantScheme::Bf16);
-    let fp8 = synthetic::weights(dims(&cfg()), QuantScheme::Fp8Block128, 1, &|_| {}).unwrap();
+    let fp8 =
+        synthetic::weights(WeightDims::of(&cfg()), QuantScheme::Fp8Block128, 1, &|_| {}).unwrap();
     let out = StandardDispatchOutput {
         hidden: synthetic::hidden(2, 256, DType::Bf16, 2).unwrap(),
         hidden_scale: None,
@@ -123,7 +115,7 @@ fn quant_scheme_and_format_mismatches_are_rejected() {
     ));
 
     let masked = runner(DispatchFormat::DeepEpLowLatency, QuantScheme::Bf16);
-    let bf16 = synthetic::weights(dims(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
+    let bf16 = synthetic::weights(WeightDims::of(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
     assert!(matches!(
         masked.run(&out, bf16.as_ref()),
         Err(MoeError::FormatMismatch { .. })
@@ -135,7 +127,7 @@ fn weights_that_do_not_match_the_config_are_rejected() {
     let r = runner(DispatchFormat::Standard, QuantScheme::Bf16);
     let mut other = cfg();
     other.intermediate_size = 64;
-    let quant = synthetic::weights(dims(&other), QuantScheme::Bf16, 1, &|_| {}).unwrap();
+    let quant = synthetic::weights(WeightDims::of(&other), QuantScheme::Bf16, 1, &|_| {}).unwrap();
     let out = StandardDispatchOutput {
         hidden: synthetic::hidden(2, 256, DType::Bf16, 2).unwrap(),
         hidden_scale: None,
@@ -158,7 +150,8 @@ fn fp8_block_needs_hidden_divisible_by_128() {
         c.clone(),
     )
     .unwrap();
-    let quant = synthetic::weights(dims(&c), QuantScheme::Fp8Block128, 1, &|_| {}).unwrap();
+    let quant =
+        synthetic::weights(WeightDims::of(&c), QuantScheme::Fp8Block128, 1, &|_| {}).unwrap();
     let hidden = synthetic::hidden(3, 192, DType::Bf16, 2).unwrap();
     let err = suite::run_path(
         &r,
@@ -183,7 +176,7 @@ fn fp8_block_needs_hidden_divisible_by_128() {
 #[test]
 fn masked_m_beyond_the_buffer_is_rejected() {
     let r = runner(DispatchFormat::DeepEpLowLatency, QuantScheme::Bf16);
-    let quant = synthetic::weights(dims(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
+    let quant = synthetic::weights(WeightDims::of(&cfg()), QuantScheme::Bf16, 1, &|_| {}).unwrap();
     let mut counts = vec![0i32; 8];
     counts[3] = 5; // the buffer holds 4 rows per expert
     let out = DeepEpLlDispatchOutput {
@@ -204,7 +197,7 @@ fn masked_m_beyond_the_buffer_is_rejected() {
 #[test]
 fn nan_propagates_to_its_token_only() {
     let r = runner(DispatchFormat::Standard, QuantScheme::F32);
-    let quant = synthetic::weights(dims(&cfg()), QuantScheme::F32, 1, &|_| {}).unwrap();
+    let quant = synthetic::weights(WeightDims::of(&cfg()), QuantScheme::F32, 1, &|_| {}).unwrap();
     let mut x = synthetic::hidden(4, 256, DType::F32, 2)
         .unwrap()
         .to_f32_vec()

@@ -27,12 +27,7 @@ fn every_cpu_path_matches_the_oracle() {
                 }
                 let mut cfg = base_config();
                 (variant.apply)(&mut cfg);
-                let dims = WeightDims {
-                    experts: cfg.num_local_experts,
-                    n1: cfg.gemm1_columns(),
-                    hidden: cfg.hidden_size,
-                    inter: cfg.intermediate_size,
-                };
+                let dims = WeightDims::of(&cfg);
                 let seed = 1000 + vi as u64 * 31 + scheme as u64;
                 let quant = synthetic::weights(dims, scheme, seed, &|_| {}).unwrap();
                 let runner = MoeRunner::on_device(

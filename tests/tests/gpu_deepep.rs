@@ -252,15 +252,6 @@ fn match_the_simulation(ds: &[LlDispatcher], cfg: &DispatcherConfig, label: &str
     }
 }
 
-fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
-    WeightDims {
-        experts: cfg.num_local_experts,
-        n1: cfg.gemm1_columns(),
-        hidden: cfg.hidden_size,
-        inter: cfg.intermediate_size,
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA device"]
 fn layer_over_ranks_matches_the_expert_parallel_reference() {
@@ -277,7 +268,10 @@ fn layer_over_ranks_matches_the_expert_parallel_reference() {
             cfg.routed_scaling_factor = dcfg.routed_scaling_factor;
             cfg.swiglu_limit = Some(7.0);
             let weights: Vec<_> = (0..ranks)
-                .map(|r| synthetic::weights(dims(&cfg), scheme, 60 + r as u64, &|_| {}).unwrap())
+                .map(|r| {
+                    synthetic::weights(WeightDims::of(&cfg), scheme, 60 + r as u64, &|_| {})
+                        .unwrap()
+                })
                 .collect();
             let ds = LlWorld::in_process(&devices(ranks), &dcfg).unwrap();
             let runners: Vec<_> = ds
@@ -345,7 +339,8 @@ fn graph_replay_of_dispatch_gemm_combine_matches_eager() {
     let d = LlWorld::in_process(&devices(1), &dcfg).unwrap().remove(0);
     let dev = d.device().clone();
     let device = Device::Cuda(dev.clone());
-    let quant = synthetic::weights(dims(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let quant =
+        synthetic::weights(WeightDims::of(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
     let dq = quant_to_device(quant.as_ref(), &device).unwrap();
     let runner = MaskedGemmRunner::new(&cfg, &device).unwrap();
     let (hidden, topk) = on(&dev, &inputs(1, 21)[0]);
@@ -478,7 +473,8 @@ fn bad_input_is_a_typed_error() {
     // The masked runner rejects a masked_m past the buffer.
     let mcfg = MoeRunnerConfig::new(E, H, I, K);
     let runner = MaskedGemmRunner::new(&mcfg, &dev).unwrap();
-    let quant = synthetic::weights(dims(&mcfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let quant =
+        synthetic::weights(WeightDims::of(&mcfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
     let dq = quant_to_device(quant.as_ref(), &dev).unwrap();
     let bad = DeepEpLlDispatchOutput {
         masked_m: Tensor::from_slice(&[T as i32 + 1; E], &[E], DType::I32).unwrap(),
@@ -647,7 +643,8 @@ fn warm_layers_allocate_nothing() {
     let d = LlWorld::in_process(&devices(1), &dcfg).unwrap().remove(0);
     let dev = d.device().clone();
     let device = Device::Cuda(dev.clone());
-    let quant = synthetic::weights(dims(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let quant =
+        synthetic::weights(WeightDims::of(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
     let dq = quant_to_device(quant.as_ref(), &device).unwrap();
     let runner = MaskedGemmRunner::new(&cfg, &device).unwrap();
     let (hidden, topk) = on(&dev, &inputs(1, 21)[0]);

@@ -19,15 +19,6 @@ fn gpu() -> Device {
 // Every tensor of a test lives on its runner's device (one stream), so the runner's kernels
 // are ordered after the uploads and before the reads.
 
-fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
-    WeightDims {
-        experts: cfg.num_local_experts,
-        n1: cfg.gemm1_columns(),
-        hidden: cfg.hidden_size,
-        inter: cfg.intermediate_size,
-    }
-}
-
 fn fp4(cfg: &MoeRunnerConfig, format: DispatchFormat) -> MoeRunner {
     moe_conformance::link_backends();
     MoeRunner::on_device(
@@ -48,7 +39,7 @@ fn reference(cfg: &MoeRunnerConfig, format: DispatchFormat, scheme: QuantScheme)
 /// NVFP4 weights with swizzled scales (the kernel's layout) from dense bf16 weights, and the
 /// dense ones, for the comparison with the unquantized layer.
 fn weights(cfg: &MoeRunnerConfig, seed: u64) -> (Nvfp4Weights, Box<dyn QuantInfo>) {
-    let dense = synthetic::weights(dims(cfg), QuantScheme::Bf16, seed, &|_| {}).unwrap();
+    let dense = synthetic::weights(WeightDims::of(cfg), QuantScheme::Bf16, seed, &|_| {}).unwrap();
     let d =
         moe_runner_core::downcast_quant::<moe_runner_core::DenseWeights>(dense.as_ref()).unwrap();
     let e = cfg.num_local_experts;
@@ -225,7 +216,7 @@ fn standard_layout_matches_the_reference() {
 #[ignore = "needs a CUDA device"]
 fn linear_scales_are_swizzled_once_and_agree() {
     let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
-    let linear = synthetic::weights(dims(&cfg), QuantScheme::Nvfp4, 3, &|_| {}).unwrap();
+    let linear = synthetic::weights(WeightDims::of(&cfg), QuantScheme::Nvfp4, 3, &|_| {}).unwrap();
     let l = moe_runner_core::downcast_quant::<Nvfp4Weights>(linear.as_ref()).unwrap();
     assert_eq!(l.scale_layout, ScaleLayout::Linear);
     let swizzled = moe_backend_cutedsl_fp4::kernel_layout(l).unwrap();

@@ -16,15 +16,6 @@ fn gpu() -> Device {
     Device::cuda(0).expect("this test needs a CUDA device")
 }
 
-fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
-    WeightDims {
-        experts: cfg.num_local_experts,
-        n1: cfg.gemm1_columns(),
-        hidden: cfg.hidden_size,
-        inter: cfg.intermediate_size,
-    }
-}
-
 #[test]
 #[ignore = "needs a CUDA device"]
 fn every_cuda_path_matches_the_reference() {
@@ -49,7 +40,8 @@ fn every_cuda_path_matches_the_reference() {
                 let mut cfg = base_config();
                 (variant.apply)(&mut cfg);
                 let seed = 9000 + vi as u64 * 13 + scheme as u64;
-                let quant = synthetic::weights(dims(&cfg), scheme, seed, &|_| {}).unwrap();
+                let quant =
+                    synthetic::weights(WeightDims::of(&cfg), scheme, seed, &|_| {}).unwrap();
                 let runner =
                     MoeRunner::on_device(&device, path.runner, path.format, scheme, cfg.clone())
                         .unwrap();
@@ -96,7 +88,7 @@ fn triton_tiles_agree_with_the_reference() {
         QuantScheme::Fp8PerChannel,
     ] {
         let cfg = MoeRunnerConfig::new(16, 512, 256, 4);
-        let quant = synthetic::weights(dims(&cfg), scheme, 77, &|_| {}).unwrap();
+        let quant = synthetic::weights(WeightDims::of(&cfg), scheme, 77, &|_| {}).unwrap();
         let runner = MoeRunner::on_device(
             &device,
             "triton",
@@ -188,7 +180,7 @@ fn graph_replay_matches_eager() {
         QuantScheme::Fp8Block128,
         QuantScheme::Fp8PerTensor,
     ] {
-        let quant = synthetic::weights(dims(&cfg), scheme, 3, &|_| {}).unwrap();
+        let quant = synthetic::weights(WeightDims::of(&cfg), scheme, 3, &|_| {}).unwrap();
         let dq = quant_to_device(quant.as_ref(), &device).unwrap();
         let runner = TritonRunner::new(&cfg, &device).unwrap();
         let hidden = synthetic::hidden(33, 256, moe_runner_core::DType::Bf16, 4).unwrap();
@@ -234,7 +226,7 @@ fn warm_forward_passes_allocate_nothing() {
     let dev = device.as_cuda().unwrap();
     let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
     for scheme in [QuantScheme::Bf16, QuantScheme::Fp8Block128] {
-        let quant = synthetic::weights(dims(&cfg), scheme, 3, &|_| {}).unwrap();
+        let quant = synthetic::weights(WeightDims::of(&cfg), scheme, 3, &|_| {}).unwrap();
         let dq = quant_to_device(quant.as_ref(), &device).unwrap();
         let runner = TritonRunner::new(&cfg, &device).unwrap();
         let hidden = synthetic::hidden(40, 256, moe_runner_core::DType::Bf16, 4).unwrap();
@@ -275,7 +267,8 @@ fn layer_forward_routed_into_is_allocation_free_and_capturable() {
     let device = gpu();
     let dev = device.as_cuda().unwrap();
     let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
-    let quant = synthetic::weights(dims(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
+    let quant =
+        synthetic::weights(WeightDims::of(&cfg), QuantScheme::Fp8Block128, 3, &|_| {}).unwrap();
     let dq = quant_to_device(quant.as_ref(), &device).unwrap();
     let runner = MoeRunner::on_device(
         &device,

@@ -10,22 +10,13 @@ use moe_runner_core::{
 };
 use moe_runner_core::{DType, DispatchFormat};
 
-fn dims(cfg: &MoeRunnerConfig) -> WeightDims {
-    WeightDims {
-        experts: cfg.num_local_experts,
-        n1: cfg.gemm1_columns(),
-        hidden: cfg.hidden_size,
-        inter: cfg.intermediate_size,
-    }
-}
-
 #[test]
 fn e4m3_products_round_each_weight_within_the_documented_bound() {
     let cfg = MoeRunnerConfig::new(2, 256, 128, 1);
-    let q = synthetic::weights(dims(&cfg), QuantScheme::Nvfp4, 7, &|_| {}).unwrap();
+    let q = synthetic::weights(WeightDims::of(&cfg), QuantScheme::Nvfp4, 7, &|_| {}).unwrap();
     let exact = downcast_quant::<Nvfp4Weights>(q.as_ref()).unwrap();
     let e4m3 = exact.clone().with_products(Nvfp4Products::E4m3);
-    let (r, c) = dims(&cfg).matrix(Proj::W13);
+    let (r, c) = WeightDims::of(&cfg).matrix(Proj::W13);
     let (mut a, mut b) = (vec![0f32; r * c], vec![0f32; r * c]);
     let mut rounded = 0;
     for e in 0..cfg.num_local_experts {
@@ -51,8 +42,8 @@ fn e4m3_products_round_each_weight_within_the_documented_bound() {
 fn the_e4m3_reference_layer_stays_within_nvfp4_error() {
     moe_conformance::link_backends();
     let cfg = MoeRunnerConfig::new(4, 256, 128, 2);
-    let q = synthetic::weights(dims(&cfg), QuantScheme::Nvfp4, 11, &|_| {}).unwrap();
-    let dense = synthetic::weights(dims(&cfg), QuantScheme::Bf16, 11, &|_| {}).unwrap();
+    let q = synthetic::weights(WeightDims::of(&cfg), QuantScheme::Nvfp4, 11, &|_| {}).unwrap();
+    let dense = synthetic::weights(WeightDims::of(&cfg), QuantScheme::Bf16, 11, &|_| {}).unwrap();
     let e4m3 = downcast_quant::<Nvfp4Weights>(q.as_ref())
         .unwrap()
         .clone()

@@ -47,12 +47,7 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
 /// The small layer against the reference, in both layouts.
 fn check(device: &Device) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = MoeRunnerConfig::new(16, 1024, 512, 4);
-    let dims = WeightDims {
-        experts: 16,
-        n1: 1024,
-        hidden: 1024,
-        inter: 512,
-    };
+    let dims = WeightDims::of(&cfg);
     let exact = synthetic::weights(dims, QuantScheme::Nvfp4, 1, &|_| {})?;
     let e4m3 = with_products(exact.as_ref(), Nvfp4Products::E4m3)?;
     let hidden = synthetic::hidden(100, 1024, DType::Bf16, 2)?;
@@ -133,13 +128,8 @@ fn time(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let dev = device.as_cuda()?.clone();
     let (e, h, i) = (256, 7168, 2048);
-    let dims = WeightDims {
-        experts: e,
-        n1: 2 * i,
-        hidden: h,
-        inter: i,
-    };
     let cfg = MoeRunnerConfig::new(e, h, i, 8);
+    let dims = WeightDims::of(&cfg);
     let gbps = copy_bandwidth_gbps(&dev, 2 << 30, 10)?;
     println!(
         "\n{}: copy {gbps:.0} GB/s, FP8 {fp8_tflops:.0} TFLOP/s; DeepSeek-V3 experts (256, H=7168, I=2048), bf16 activations",
