@@ -34,8 +34,8 @@ pub enum Nvfp4Products {
     /// Rounded to E4M3 at an eighth of its size, `8 * e4m3(v / 8)` (round to nearest even; `v / 8`
     /// is at most 336, so nothing saturates), so both operands are E4M3 and the products run on
     /// the FP8 tensor cores, twice the 16-bit rate on Hopper. The rounding adds a relative error
-    /// of at most 2^-4 per value, on top of NVFP4's own (2^-2 for E2M1); values under 2^-3 of the
-    /// block-scale unit fall in E4M3's subnormals, with an absolute error of at most 2^-7.
+    /// of at most 2^-4 per value, on top of NVFP4's own (2^-2 for E2M1); values with |v| < 1/8
+    /// fall in E4M3's subnormals (`v / 8` under 2^-6), with an absolute error of at most 2^-7.
     E4m3,
 }
 

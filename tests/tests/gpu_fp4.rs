@@ -111,9 +111,17 @@ fn masked_output(r: &MoeRunner, d: &dyn DispatchOutput, q: &dyn QuantInfo) -> Te
 #[test]
 #[ignore = "needs a CUDA device"]
 fn masked_layout_matches_the_reference_and_leaves_other_rows_alone() {
+    for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+        masked_layout_with(products);
+    }
+}
+
+/// The masked layout with the weights' products taken as `products`.
+fn masked_layout_with(products: Nvfp4Products) {
     // Two row tiles for the busiest experts, none for the last quarter.
     let cfg = MoeRunnerConfig::new(8, 512, 256, 4);
     let (q, dense) = weights(&cfg, 31);
+    let q = q.with_products(products);
     let batch = masked_batch(&cfg, 100, 5);
     let counts = batch.masked_m.as_slice::<i32>().unwrap().to_vec();
     let [el, rt, h] = batch.dims().unwrap();
@@ -152,7 +160,7 @@ fn masked_layout_matches_the_reference_and_leaves_other_rows_alone() {
     let got = valid_rows(&y, &counts);
     let c = suite::compare(&got, &want).unwrap();
     let u = suite::compare(&got, &unquantized).unwrap();
-    eprintln!("masked: vs NVFP4 reference {c:?}; vs unquantized bf16 {u:?}");
+    eprintln!("masked {products:?}: vs NVFP4 reference {c:?}; vs unquantized bf16 {u:?}");
     let mut at = 0;
     for (e, &n) in counts.iter().enumerate() {
         for (lo, hi) in [(0, 16), (16, 64), (64, 128)] {
@@ -342,22 +350,26 @@ fn nvfp4_on_the_low_latency_wire_matches_the_reference() {
         .unwrap();
     assert_eq!(got.hidden.dtype(), DType::E2M1x2);
     assert_eq!(got.hidden.shape(), &[8, m, 256]);
-    let y = masked_output(&runner, &got, qg.as_ref());
-    let out = Tensor::zeros_cuda(&dev, &[m, 512], DType::Bf16).unwrap();
-    d.combine_into(&y, &got, &out).unwrap();
-    d.check().unwrap();
-    let got = out.to_host().unwrap().to_f32_vec().unwrap();
-    let copy = TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap();
-    let want = suite::run_path(
-        &reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4),
-        &hidden,
-        copy,
-        &q,
-    )
-    .unwrap();
-    let c = suite::compare(&got, &want).unwrap();
-    eprintln!("NVFP4 wire: vs NVFP4 reference {c:?}");
-    assert!(c.within(1e-2), "{c:?}");
+    // The received codes expanded for exact products, then for E4M3 ones.
+    for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+        let qp = q.clone().with_products(products);
+        let y = masked_output(&runner, &got, quant_to_device(&qp, &g).unwrap().as_ref());
+        let out = Tensor::zeros_cuda(&dev, &[m, 512], DType::Bf16).unwrap();
+        d.combine_into(&y, &got, &out).unwrap();
+        d.check().unwrap();
+        let combined = out.to_host().unwrap().to_f32_vec().unwrap();
+        let copy = TopK::new(topk.ids.clone(), topk.weights.clone()).unwrap();
+        let want = suite::run_path(
+            &reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4),
+            &hidden,
+            copy,
+            &qp,
+        )
+        .unwrap();
+        let c = suite::compare(&combined, &want).unwrap();
+        eprintln!("NVFP4 wire, {products:?} products: vs NVFP4 reference {c:?}");
+        assert!(c.within(1e-2), "{products:?}: {c:?}");
+    }
     // Quantized with another global scale than the weights': refused.
     let mut other = d
         .dispatch_now(&hidden.to_device(&g).unwrap(), topk.to_device(&g).unwrap())
@@ -402,6 +414,22 @@ fn e4m3_products_match_the_reference_that_rounds_the_same_way() {
     );
 }
 
+/// K of eight stages (H = 2048), more than any ring has slots, and more work items than an H100
+/// has blocks (32 experts, GEMM 2 by 16 weight tiles), so every slot is reused within an item and
+/// across items: at about 6 rows per expert (the six-slot `mma.sync` kernel) and 50 (the
+/// `wgmma` kernel), with exact and with E4M3 products.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn long_k_and_many_items_reuse_every_ring_slot() {
+    for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+        standard_layout_at(
+            MoeRunnerConfig::new(32, 2048, 512, 2),
+            &[100, 800],
+            products,
+        );
+    }
+}
+
 /// One expert, one pick a token: the wgmma kernel's items (rounded up to 16 rows) are taller
 /// than all the rows there are (40: one item of 48 rows), or hold all but a few (170: 160 and
 /// 10).
@@ -435,8 +463,8 @@ fn standard_layout_at(cfg: MoeRunnerConfig, ms: &[usize], products: Nvfp4Product
         let want = suite::run_path(&want_runner, &hidden, copy(&topk), &q).unwrap();
         let c = suite::compare(&got, &want).unwrap();
         eprintln!(
-            "E={} top-{} H=352 I=160 M={m} {products:?}: vs NVFP4 reference {c:?}",
-            cfg.num_experts, cfg.top_k
+            "E={} top-{} H={} I={} M={m} {products:?}: vs NVFP4 reference {c:?}",
+            cfg.num_experts, cfg.top_k, cfg.hidden_size, cfg.intermediate_size
         );
         assert!(c.within(1e-2), "M={m} against the NVFP4 reference: {c:?}");
         if products != Nvfp4Products::Exact {

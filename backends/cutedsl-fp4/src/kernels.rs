@@ -18,6 +18,10 @@ const GEMM_THREADS: usize = 288;
 /// The wgmma kernel with E4M3 products: eight consumer warps and a producer warpgroup, whose
 /// registers go to the consumers (nvfp4.cu, `GEMM_THREADS_F8WG`).
 const GEMM_THREADS_F8WG: usize = 384;
+/// Registers a thread of that kernel at launch: 65536 over 384 threads, to a multiple of 8. The
+/// producer warpgroup keeps 40 and the consumers take 232 (`setmaxnreg` in nvfp4.cu), which adds
+/// up to this.
+const F8WG_REGS: i32 = 168;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
 pub const SEGMENT: usize = 256;
 
@@ -109,8 +113,8 @@ pub struct Fp4Kernels {
 /// of a wgmma instruction is one operand per register, so they are generated.
 fn wgmma_rs_source() -> String {
     let mut src = String::new();
-    // (name, k and types, the immediates after scale-d: the 16-bit forms also name A's and
-    // B's transposition, which FP8 has not)
+    // (name, k and types, the immediates after scale-d: with A from registers the 16-bit form
+    // also names B's transposition, which FP8 has not)
     for (name, shape, imm, scale_d) in [
         ("wgmma_rs", "k16.f32.f16.f16", "1, 1, 0", false),
         ("wgmma_rs_e4m3", "k32.f32.e4m3.e4m3", "1, 1", true),
@@ -200,6 +204,18 @@ impl Fp4Kernels {
             )
             .map_err(kerr)?;
             let threads = if wg && f8 {
+                // setmaxnreg hands the producer warpgroup's registers to the consumers: their
+                // counts balance only at the 168 a thread the kernel is compiled to; with fewer,
+                // the consumers' request would wait forever.
+                let regs = f.num_regs().map_err(kerr)?;
+                if regs != F8WG_REGS {
+                    return Err(MoeError::Kernel {
+                        name,
+                        log: format!(
+                            "compiled to {regs} registers a thread; setmaxnreg assumes {F8WG_REGS}"
+                        ),
+                    });
+                }
                 GEMM_THREADS_F8WG
             } else {
                 GEMM_THREADS
@@ -242,8 +258,8 @@ impl Fp4Kernels {
     /// to 16, at most 160): routed counts scatter about their mean like a Poisson count, so
     /// nearly every expert fits one item, and each item's wgmma is only as wide as its rows.
     /// An expert past the item takes a second one, which streams its weights again.
-    /// E4M3 products take the wgmma kernel at every size: at 1 to 32 rows it measured 11% to
-    /// 19% faster than mma.sync on f16 values rounded to E4M3 and back.
+    /// E4M3 products take the wgmma kernel at every size: at 1 to 32 rows it took 7% to 15% less
+    /// time than mma.sync on f16 values rounded to E4M3 and back.
     pub fn gemm_for(&self, expected: usize, cap: usize, products: Nvfp4Products) -> GemmPlan<'_> {
         let g = match products {
             Nvfp4Products::E4m3 => &self.gemm_e4m3,

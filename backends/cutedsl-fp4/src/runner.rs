@@ -260,7 +260,8 @@ impl Fp4Runner {
         *ws = Some(Workspace {
             rows,
             picks,
-            // Zeros, which the padding of a partial segment stays.
+            // The row kernels write every byte the GEMMs read, the padding of a partial
+            // segment included (zeros), whatever layout wrote the buffer before.
             a1: z(rows * padded(h), DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
             a2: z(rows * padded(i), DType::F16)?,

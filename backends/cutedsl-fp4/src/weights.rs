@@ -3,20 +3,11 @@
 
 use moe_runner_core::{DType, Device, Nvfp4Weights, Result, ScaleLayout, Tensor};
 
-/// `w` with its block scales swizzled (unchanged when they already are), on `w`'s device.
+/// `w` with its block scales swizzled (unchanged when they already are), on `w`'s device, its
+/// products taken as `w`'s.
 pub fn kernel_layout(w: &Nvfp4Weights) -> Result<Nvfp4Weights> {
     if w.scale_layout == ScaleLayout::Swizzled128x4 {
-        return Nvfp4Weights::new(
-            w.w13.clone(),
-            w.w13_scale.clone(),
-            w.w13_global.clone(),
-            w.w2.clone(),
-            w.w2_scale.clone(),
-            w.w2_global.clone(),
-            w.a13_global.clone(),
-            w.a2_global.clone(),
-            ScaleLayout::Swizzled128x4,
-        );
+        return Ok(w.clone());
     }
     let [e, n1, h2] = w.w13.dims::<3>("w13")?;
     let [_, h, i2] = w.w2.dims::<3>("w2")?;
@@ -48,4 +39,5 @@ pub fn kernel_layout(w: &Nvfp4Weights) -> Result<Nvfp4Weights> {
         w.a2_global.clone(),
         ScaleLayout::Swizzled128x4,
     )
+    .map(|k| k.with_products(w.products))
 }

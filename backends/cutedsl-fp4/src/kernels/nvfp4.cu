@@ -14,8 +14,8 @@
 // 336, so nothing saturates), and the products of those bytes run on the FP8 tensor cores,
 // twice the 16-bit rate: wgmma k32 with the weights widened to E4M3 bytes in registers and the
 // activation rows stored as E4M3 bytes. Every batch size takes the wgmma kernel then: at 1 to
-// 32 rows it measured 11% to 19% faster than mma.sync on f16 values rounded to E4M3 and back
-// (the round trip's conversions, on the ALU that bounds decode).
+// 32 rows it took 7% to 15% less time than mma.sync on f16 values rounded to E4M3 and back
+// (the round trip's conversions land on the ALU that bounds decode).
 //
 // Rows: expert e's rows start at row `base(e)` of the row space: e * cap in the masked layout,
 // or row0[e] in the standard path's compact layout. Only the first counts[e] rows of an expert
@@ -201,7 +201,9 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // rescaled and the MMA may take k in any order. The products are mma.sync per warp, or a
 // warpgroup's wgmma with these f16 fragments as its register operand and A's rows read from
 // the ring. A is written in the order the chosen MMA reads it (store_block), and its rows hold
-// the exact NVFP4 values (code times block scale) in f16.
+// the exact NVFP4 values (code times block scale) in f16. With E4M3 products (the wgmma kernel
+// only) A's rows are E4M3 bytes, two boxes of 128 a stage, the fragments E4M3 bytes, and the
+// block is the eight consumer warps and a producer warpgroup (see GEMM_THREADS_F8WG).
 #define GEMM_CONSUMERS 256
 #define GEMM_THREADS (GEMM_CONSUMERS + 32)
 // The wgmma kernel with E4M3 products holds a second set of accumulators (the promoted sums):
