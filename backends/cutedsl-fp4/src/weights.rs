@@ -41,3 +41,30 @@ pub fn kernel_layout(w: &Nvfp4Weights) -> Result<Nvfp4Weights> {
     )
     .map(|k| k.with_products(w.products))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use moe_runner_core::{DenseWeights, Nvfp4Products, WeightDims};
+
+    #[test]
+    fn the_kernel_layout_keeps_the_products_choice() {
+        let dims = WeightDims {
+            experts: 2,
+            n1: 64,
+            hidden: 32,
+            inter: 32,
+        };
+        let w13: Vec<f32> = (0..2 * 64 * 32).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let w2: Vec<f32> = (0..2 * 32 * 32).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let dense = DenseWeights::from_f32(&w13, &w2, dims, DType::F32).unwrap();
+        for layout in [ScaleLayout::Linear, ScaleLayout::Swizzled128x4] {
+            let w = Nvfp4Weights::quantize(&dense, vec![1.0; 2], vec![1.0; 2], layout)
+                .unwrap()
+                .with_products(Nvfp4Products::E4m3);
+            let k = kernel_layout(&w).unwrap();
+            assert_eq!(k.scale_layout, ScaleLayout::Swizzled128x4);
+            assert_eq!(k.products, Nvfp4Products::E4m3, "{layout:?}");
+        }
+    }
+}
