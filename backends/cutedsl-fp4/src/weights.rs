@@ -55,8 +55,12 @@ mod tests {
             hidden: 32,
             inter: 32,
         };
-        let w13: Vec<f32> = (0..2 * 64 * 32).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        let w2: Vec<f32> = (0..2 * 32 * 32).map(|i| ((i * 5) % 11) as f32 - 5.0).collect();
+        let w13: Vec<f32> = (0..2 * 64 * 32)
+            .map(|i| ((i * 7) % 13) as f32 - 6.0)
+            .collect();
+        let w2: Vec<f32> = (0..2 * 32 * 32)
+            .map(|i| ((i * 5) % 11) as f32 - 5.0)
+            .collect();
         let dense = DenseWeights::from_f32(&w13, &w2, dims, DType::F32).unwrap();
         for layout in [ScaleLayout::Linear, ScaleLayout::Swizzled128x4] {
             let w = Nvfp4Weights::quantize(&dense, vec![1.0; 2], vec![1.0; 2], layout)
