@@ -49,10 +49,10 @@ __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
 //    that k16 step s of box c gives lane t codes 4s..4s+3 of its own block, as its A fragment
 //    takes them (k 2t, 2t + 1 <- codes 4s, 4s + 2; k 2t + 8, 2t + 9 <- codes 4s + 1, 4s + 3).
 //  - wgmma with E4M3 products (layout 3, bytes): value v of block 4t + c lies at byte
-//    32j + 16(v & 1) + 4t + (v & 7) / 2 with j = 2c + v / 8, so that k32 step j (box j / 4 of
+//    32j + 16((v & 7) / 4) + 4t + (v & 3) with j = 2c + v / 8, so that k32 step j (box j / 4 of
 //    128 values, step j % 4 in it) gives lane t the eight codes 8h.. 8h + 7 (h = j % 2) of its
-//    own block, as its A fragment takes them (k 4t.. 4t + 3 <- the even codes, k 16 + 4t..
-//    <- the odd ones).
+//    own block, as its A fragment takes them (k 4t.. 4t + 3 <- codes 8h.. 8h + 3, k 16 + 4t..
+//    <- codes 8h + 4.. 8h + 7).
 // A block's sixteen values v (exact, code times block scale), block b of a row starting at
 // `row`, in `layout`.
 __device__ __forceinline__ void store_block(const float* v, u8* row, int b, int layout) {
@@ -65,10 +65,10 @@ __device__ __forceinline__ void store_block(const float* v, u8* row, int b, int 
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
-            for (int odd = 0; odd < 2; ++odd) {
-                const u8* x = r + 8 * h + odd;
-                *(u32*)(out + 32 * (2 * c + h) + 16 * odd) =
-                    (u32)x[0] | ((u32)x[2] << 8) | ((u32)x[4] << 16) | ((u32)x[6] << 24);
+            for (int half = 0; half < 2; ++half) {
+                const u8* x = r + 8 * h + 4 * half;
+                *(u32*)(out + 32 * (2 * c + h) + 16 * half) =
+                    (u32)x[0] | ((u32)x[1] << 8) | ((u32)x[2] << 16) | ((u32)x[3] << 24);
             }
         return;
     }
@@ -323,19 +323,38 @@ __device__ __forceinline__ void widen_tile(const u32 (&w)[2][8], const u32 (&sl)
     fb[2] = mul_f16x2(hi[0][1], sc[0]), fb[3] = mul_f16x2(hi[1][1], sc[1]);
 }
 
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+    return d;
+}
+
+// A block's table: the E4M3 bytes of its eight E2M1 magnitudes (0, 0.5, 1, 1.5 | 2, 3, 4, 6)
+// times its scale over 8, rounded once, from the scale times 8 in both halves of an f16x2 (the
+// magnitudes are taken times 2^-6, as the widened codes are).
+__device__ __forceinline__ void e4m3_table(u32 sc, u32 (&tab)[2]) {
+    tab[0] = f16x2x2_to_e4m3x4(mul_f16x2(0x20000000u, sc), mul_f16x2(0x26002400u, sc));
+    tab[1] = f16x2x2_to_e4m3x4(mul_f16x2(0x2A002800u, sc), mul_f16x2(0x2E002C00u, sc));
+}
+
+// Four E2M1 codes (the nibbles of `codes`' low half) as E4M3 bytes from their block's table: the
+// magnitude by a byte permute, the sign from a second permute whose selector's sign bit
+// replicates the (clear) top bit of 0x7F, giving 0 for a negative code.
+__device__ __forceinline__ u32 lookup4(u32 codes, const u32 (&tab)[2]) {
+    const u32 mag = prmt(tab[0], tab[1], codes & 0x7777u);
+    const u32 pos = prmt(0x7F7F7F7Fu, 0x7F7F7F7Fu, codes);  // 0x7F a positive code, 0 a negative
+    return mag | (~(pos << 1) & 0x80808080u);
+}
+
 // One weight tile's A fragment (E4M3) for k32 step 2c + h: the eight codes of word w[q][2c + h]
-// of the lane's rows, times their block scale (taken times 8), rounded to E4M3; the even codes
-// take k 4t.. 4t + 3, the odd ones k 16 + 4t.. (store_block's layout 3).
-__device__ __forceinline__ void widen_tile_f8(const u32 (&w)[2][8], const u32 (&sl)[2][2], int c, int h, u32* f) {
-    const u32 sel = (c & 1) ? 0x3232 : 0x1010;
+// of the lane's rows by their block's table; codes 0..3 take k 4t.. 4t + 3, codes 4..7 take
+// k 16 + 4t.. (store_block's layout 3).
+__device__ __forceinline__ void widen_tile_f8(const u32 (&w)[2][8], const u32 (&tab)[2][2], int c, int h, u32* f) {
 #pragma unroll
     for (int q = 0; q < 2; ++q) {
-        const u32 x = w[q][2 * c + h], sc = __byte_perm(sl[q][c >> 1], 0, sel);
-        u32 l0, l1, h0, h1;
-        e4m3x4_to_f16x2x2(widen_lo(x), l0, l1);
-        e4m3x4_to_f16x2x2(widen_hi(x), h0, h1);
-        f[q] = f16x2x2_to_e4m3x4(mul_f16x2(l0, sc), mul_f16x2(l1, sc));
-        f[2 + q] = f16x2x2_to_e4m3x4(mul_f16x2(h0, sc), mul_f16x2(h1, sc));
+        const u32 x = w[q][2 * c + h];
+        f[q] = lookup4(x, tab[q]);
+        f[2 + q] = lookup4(x >> 16, tab[q]);
     }
 }
 
@@ -408,9 +427,13 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             float part[NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
+                // Block 4t + c's tables, one a row.
+                u32 tab[2][2];
+#pragma unroll
+                for (int q = 0; q < 2; ++q) e4m3_table(__byte_perm(sl[0][q][c >> 1], 0, (c & 1) ? 0x3232 : 0x1010), tab[q]);
                 u32 f[2][4];  // [h][fragment] of k32 step 2c + h
 #pragma unroll
-                for (int h = 0; h < 2; ++h) widen_tile_f8(w[0], sl[0], c, h, f[h]);
+                for (int h = 0; h < 2; ++h) widen_tile_f8(w[0], tab, c, h, f[h]);
                 const bool fresh = c % F8_PROMOTE == 0;
                 if (fresh && c > 0) {
                     wgmma_wait<0>();
