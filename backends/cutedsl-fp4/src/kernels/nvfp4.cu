@@ -461,7 +461,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // for all but the latest group of products retires box c - 2. So no wgmma waits for
             // the one before it, and a warpgroup holds the fragments of two boxes, not of four
             // (the accumulators of 160 rows and all four boxes do not fit in the 168 registers
-            // nine warps leave a thread).
+            // a thread gets: ptxas budgets the nine warps as three whole warpgroups).
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 if (c >= 2) wgmma_wait<1>();
