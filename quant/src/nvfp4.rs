@@ -316,6 +316,63 @@ mod tests {
         }
     }
 
+    /// The GPU kernels quantize without dividing by the block scale: they compare |x * gs| with
+    /// the E2M1 grid's boundaries times the scale (exact products) and count the boundaries passed
+    /// (`e2m1_code_scaled` in the triton backend's `fp4.cuh`). That gives the code of the correctly
+    /// rounded quotient for every E4M3 scale, ties included, as checked here with the same
+    /// comparisons: values within 64 ulps of every boundary times every scale, and values spread
+    /// over the grid.
+    #[test]
+    fn boundaries_times_the_block_scale_give_the_code_of_the_quotient() {
+        const BOUNDARIES: [f32; 7] = [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0];
+        // A tie goes to the even code: at 0.25, 1.25, 2.5 and 5 it stays below the boundary.
+        const TIE_STAYS_BELOW: [bool; 7] = [true, false, true, false, true, false, true];
+        let by_boundaries = |y: f32, s: f32| -> u8 {
+            let a = y.abs();
+            let passed = BOUNDARIES
+                .iter()
+                .zip(TIE_STAYS_BELOW)
+                .filter(|&(&m, below)| {
+                    let t = m * s;
+                    if below {
+                        a > t
+                    } else {
+                        a >= t
+                    }
+                })
+                .count() as u8;
+            passed | (u8::from(y.is_sign_negative()) << 3)
+        };
+        let mut checked = 0usize;
+        for sf in 1u8..0x7F {
+            let s = e4m3_to_f32(sf);
+            let mut check = |y: f32| {
+                assert_eq!(
+                    by_boundaries(y, s),
+                    crate::e2m1_from_f32(y / s),
+                    "y = {y:e} ({:#010x}), s = {s:e}",
+                    y.to_bits()
+                );
+                checked += 1;
+            };
+            for m in BOUNDARIES
+                .iter()
+                .chain(&[0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 7.0])
+            {
+                let at = (m * s).to_bits();
+                for k in 0..=128u32 {
+                    let y = f32::from_bits(at - 64 + k);
+                    check(y);
+                    check(-y);
+                }
+            }
+            for i in 0..4096 {
+                check(((i as f32) - 2048.0) / 2048.0 * 7.0 * s);
+            }
+        }
+        assert!(checked > 126 * 4096);
+    }
+
     #[test]
     fn underflowing_block_scale_zeroes_the_block() {
         let mut x = [0.0f32; 32];

@@ -59,40 +59,36 @@ __device__ __forceinline__ long long row_base(const int* row0, int cap, int e) {
 __device__ __forceinline__ void store_block(const float* v, u8* row, int b, int layout) {
     const int seg = (b >> 4) * KS, t = (b & 15) >> 2, c = b & 3;
     if (layout == LAYOUT_F8) {
-        u8 r[16];
+        u32 p[8];  // bytes of values 2i and 2i + 1
 #pragma unroll
-        for (int i = 0; i < 16; ++i) r[i] = f32_to_e4m3(v[i] * 0.125f);
+        for (int i = 0; i < 8; ++i) p[i] = f32x2_to_e4m3x2(v[2 * i] * 0.125f, v[2 * i + 1] * 0.125f);
         u8* out = row + seg + 4 * t;
 #pragma unroll
         for (int h = 0; h < 2; ++h)
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
-                const u8* x = r + 8 * h + 4 * half;
-                *(u32*)(out + 32 * (2 * c + h) + 16 * half) =
-                    (u32)x[0] | ((u32)x[1] << 8) | ((u32)x[2] << 16) | ((u32)x[3] << 24);
+                const int j = 4 * h + 2 * half;  // values 8h + 4half.. 8h + 4half + 3
+                *(u32*)(out + 32 * (2 * c + h) + 16 * half) = p[j] | (p[j + 1] << 16);
             }
         return;
     }
-    u16 q[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) q[i] = f32_to_f16(v[i]);
     u16* row16 = (u16*)row;
     if (layout) {
 #pragma unroll
         for (int s = 0; s < 4; ++s)
 #pragma unroll
             for (int h = 0; h < 2; ++h)
-                *(u32*)(row16 + seg + 64 * c + 16 * s + 8 * h + 2 * t) = (u32)q[4 * s + h] | ((u32)q[4 * s + 2 + h] << 16);
+                *(u32*)(row16 + seg + 64 * c + 16 * s + 8 * h + 2 * t) = f32x2_to_f16x2(v[4 * s + h], v[4 * s + 2 + h]);
         return;
     }
     u32 w[8];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const u16* v = q + 8 * half;
-        w[4 * half + 0] = (u32)v[0] | ((u32)v[2] << 16);
-        w[4 * half + 1] = (u32)v[1] | ((u32)v[3] << 16);
-        w[4 * half + 2] = (u32)v[4] | ((u32)v[6] << 16);
-        w[4 * half + 3] = (u32)v[5] | ((u32)v[7] << 16);
+        const float* x = v + 8 * half;
+        w[4 * half + 0] = f32x2_to_f16x2(x[0], x[2]);
+        w[4 * half + 1] = f32x2_to_f16x2(x[1], x[3]);
+        w[4 * half + 2] = f32x2_to_f16x2(x[4], x[6]);
+        w[4 * half + 3] = f32x2_to_f16x2(x[5], x[7]);
     }
     u16* out = row16 + seg + (4 * c + t) * 16;
     *(uint4*)out = make_uint4(w[0], w[1], w[2], w[3]);
@@ -100,13 +96,19 @@ __device__ __forceinline__ void store_block(const float* v, u8* row, int b, int 
 }
 
 // One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s (exact in f32)
-// in `layout`.
+// in `layout`; the codes from comparisons with the grid's boundaries times s (e2m1_scaled).
 __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u8* row, int b, int layout) {
     float s;
     nvfp4_scale(v, gs, &s);
     float q[16];
+    if (s != 0.0f) {
+        const E2m1Scaled g = e2m1_scaled(s);
 #pragma unroll
-    for (int i = 0; i < 16; ++i) q[i] = s != 0.0f ? e2m1_round(__fdiv_rn(__fmul_rn(v[i], gs), s)) * s : 0.0f;
+        for (int i = 0; i < 16; ++i) q[i] = e2m1_round_scaled(__fmul_rn(v[i], gs), g);
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) q[i] = 0.0f;
+    }
     store_block(q, row, b, layout);
 }
 

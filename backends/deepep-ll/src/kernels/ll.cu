@@ -185,10 +185,11 @@ __device__ void quantize_row(const u16* __restrict__ x, u8* sm, int H, int tid, 
         const u8 sf = nvfp4_scale(v, gs, &s);
         uint2 p = {0u, 0u};
         if (s != 0.0f) {
+            const E2m1Scaled g = e2m1_scaled(s);
 #pragma unroll
             for (int i = 0; i < 8; ++i) {
-                p.x |= nvfp4_code(v[i], gs, s) << (4 * i);
-                p.y |= nvfp4_code(v[i + 8], gs, s) << (4 * i);
+                p.x |= nvfp4_code(v[i], gs, g) << (4 * i);
+                p.y |= nvfp4_code(v[i + 8], gs, g) << (4 * i);
             }
         }
         *(uint2*)(sm + b * 8) = p;

@@ -36,6 +36,20 @@ __device__ __forceinline__ u8 f32_to_e4m3(float f) {
     return (u8)(r & 0xff);
 }
 
+// Two values to E4M3 bytes as f32_to_e4m3 converts them, in one instruction: lo in byte 0.
+__device__ __forceinline__ u16 f32x2_to_e4m3x2(float lo, float hi) {
+    u16 r;
+    asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// Two values to f16 (nearest even) in one instruction: lo in the low half.
+__device__ __forceinline__ u32 f32x2_to_f16x2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;

@@ -20,16 +20,58 @@ __device__ __forceinline__ u32 e2m1_code(float x) {
     return c | ((__float_as_uint(x) >> 31) << 3);
 }
 
-// e2m1_value(e2m1_code(y)) without the code: |y| rounded on the E2M1 grid of its range (steps of
-// 0.5 below 2, of 1 below 4, of 2 above) by adding and subtracting a constant whose ulp is the
-// step, which rounds to nearest with ties to the even multiple, the even code, as e2m1_code's
-// thresholds do; saturated at 6, the sign kept (so -0), NaN giving +6. A dozen instructions
-// instead of the comparisons and the table.
-__device__ __forceinline__ float e2m1_round(float y) {
+// The E2M1 grid's rounding boundaries (the midpoints 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) times a
+// block scale s > 0, and the grid's steps times s: all exact in f32 (three significant bits
+// times E4M3's four). With them a block is quantized without dividing by its scale: y / s,
+// correctly rounded, lies past a midpoint m exactly when |y| lies past m * s, and it is m itself
+// (a tie, which goes to the even code) exactly when |y| == m * s. For |y| != m * s the two
+// differ by at least an ulp of m * s, so |y / s - m| is at least that over s, more than half an
+// ulp of m, and the rounded quotient is not m. (Checked against the division over every E4M3
+// scale, with every value within 300 ulps of each boundary.) Seven comparisons a value, where
+// a correctly rounded division is a reciprocal, a correction sequence and a range check.
+struct E2m1Scaled {
+    float bound[7];
+    float half, one, two;
+};
+
+__device__ __forceinline__ E2m1Scaled e2m1_scaled(float s) {
+    const float m[7] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f};
+    E2m1Scaled g;
+#pragma unroll
+    for (int i = 0; i < 7; ++i) g.bound[i] = m[i] * s;
+    g.half = 0.5f * s;
+    g.one = s;
+    g.two = 2.0f * s;
+    return g;
+}
+
+// Which boundaries |y| passes, as e2m1_code's ties take them (to codes 0, 2, 2, 4, 4, 6, 6):
+// bit i for boundary i. Each test is written so that NaN passes it.
+__device__ __forceinline__ u32 e2m1_passed(float a, const E2m1Scaled& g) {
+    return (u32)!(a <= g.bound[0]) | ((u32)!(a < g.bound[1]) << 1) | ((u32)!(a <= g.bound[2]) << 2) |
+           ((u32)!(a < g.bound[3]) << 3) | ((u32)!(a <= g.bound[4]) << 4) | ((u32)!(a < g.bound[5]) << 5) |
+           ((u32)!(a <= g.bound[6]) << 6);
+}
+
+// e2m1_code((y / s)), the division correctly rounded, from the boundaries times s.
+__device__ __forceinline__ u32 e2m1_code_scaled(float y, const E2m1Scaled& g) {
+    if (isnan(y)) return 7u;
+    return (u32)__popc(e2m1_passed(fabsf(y), g)) | ((__float_as_uint(y) >> 31) << 3);
+}
+
+// e2m1_value(e2m1_code(y / s)) * s, the value the quantization keeps, by adding the grid's
+// steps (times s) for each boundary passed: exact, and y's sign (so -0 for small negative y);
+// NaN gives +6 s, as e2m1_code's +6.
+__device__ __forceinline__ float e2m1_round_scaled(float y, const E2m1Scaled& g) {
     const float a = fabsf(y);
-    const float c = a < 2.0f ? 4194304.0f : a < 4.0f ? 8388608.0f : 16777216.0f;  // 2^22, 2^23, 2^24
-    const float r = fminf(__fsub_rn(__fadd_rn(a, c), c), 6.0f);
-    return isnan(y) ? 6.0f : copysignf(r, y);
+    float r = !(a <= g.bound[0]) ? g.half : 0.0f;
+    if (!(a < g.bound[1])) r += g.half;
+    if (!(a <= g.bound[2])) r += g.half;
+    if (!(a < g.bound[3])) r += g.half;
+    if (!(a <= g.bound[4])) r += g.one;
+    if (!(a < g.bound[5])) r += g.one;
+    if (!(a <= g.bound[6])) r += g.two;
+    return isnan(y) ? r : copysignf(r, y);
 }
 
 // The value of an E2M1 code (sign bit 3), e.g. -0 for code 8. Built from bits, not a table: a
@@ -51,9 +93,9 @@ __device__ __forceinline__ u8 nvfp4_scale(const float* v, float gs, float* s) {
     return sf;
 }
 
-// The E2M1 code of one value of a block with scale value s (nonzero).
-__device__ __forceinline__ u32 nvfp4_code(float x, float gs, float s) {
-    return e2m1_code(__fdiv_rn(__fmul_rn(x, gs), s));
+// The E2M1 code of one value of a block with scale value s (nonzero), given e2m1_scaled(s).
+__device__ __forceinline__ u32 nvfp4_code(float x, float gs, const E2m1Scaled& g) {
+    return e2m1_code_scaled(__fmul_rn(x, gs), g);
 }
 
 // Sixteen bf16/f16 activations (act dtype) to f32.
