@@ -112,17 +112,22 @@ fn masked_output(r: &MoeRunner, d: &dyn DispatchOutput, q: &dyn QuantInfo) -> Te
 #[ignore = "needs a CUDA device"]
 fn masked_layout_matches_the_reference_and_leaves_other_rows_alone() {
     for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
-        masked_layout_with(products);
+        for offset in [false, true] {
+            masked_layout_with(products, offset);
+        }
     }
 }
 
-/// The masked layout with the weights' products taken as `products`.
-fn masked_layout_with(products: Nvfp4Products) {
-    // Two row tiles for the busiest experts, none for the last quarter.
+/// The masked layout with the weights' products taken as `products`; with `offset`, into an
+/// output that starts one element past an allocation, as an engine's buffer may, where the
+/// GEMM cannot write C's rows 16 bytes at a time.
+fn masked_layout_with(products: Nvfp4Products, offset: bool) {
+    // Items of 144 rows (past STAGED_MIN_ROWS, so C goes through shared memory when it is
+    // aligned), none for the last quarter of the experts.
     let cfg = MoeRunnerConfig::new(8, 512, 256, 4);
     let (q, dense) = weights(&cfg, 31);
     let q = q.with_products(products);
-    let batch = masked_batch(&cfg, 100, 5);
+    let batch = masked_batch(&cfg, 200, 5);
     let counts = batch.masked_m.as_slice::<i32>().unwrap().to_vec();
     let [el, rt, h] = batch.dims().unwrap();
     eprintln!(
@@ -152,15 +157,26 @@ fn masked_layout_with(products: Nvfp4Products) {
     // The runner writes into a buffer whose rows past masked_m hold a pattern that must stay.
     let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
     let g = runner.device().clone();
-    let pattern = Tensor::from_f32(&vec![7.5; el * rt * h], &[el, rt, h], DType::Bf16).unwrap();
-    let out = pattern.to_device(&g).unwrap();
+    let len = el * rt * h + usize::from(offset);
+    let pattern = Tensor::from_f32(&vec![7.5; len], &[len], DType::Bf16).unwrap();
+    let held = pattern.to_device(&g).unwrap();
+    let out = if offset {
+        let ptr = held.cuda_ptr().unwrap() + DType::Bf16.size() as u64;
+        // SAFETY: `held` has one element more than the view and outlives it; same device.
+        unsafe { Tensor::borrow_cuda(g.as_cuda().unwrap(), ptr, &[el, rt, h], DType::Bf16) }
+            .unwrap()
+    } else {
+        held.reshape(&[el, rt, h]).unwrap()
+    };
     let on_gpu = to_gpu(&batch, Some(out.clone()), &g);
     let qg = quant_to_device(&q, &g).unwrap();
     let y = masked_output(&runner, &on_gpu, qg.as_ref());
     let got = valid_rows(&y, &counts);
     let c = suite::compare(&got, &want).unwrap();
     let u = suite::compare(&got, &unquantized).unwrap();
-    eprintln!("masked {products:?}: vs NVFP4 reference {c:?}; vs unquantized bf16 {u:?}");
+    eprintln!(
+        "masked {products:?} (offset {offset}): vs NVFP4 reference {c:?}; vs unquantized bf16 {u:?}"
+    );
     let mut at = 0;
     for (e, &n) in counts.iter().enumerate() {
         for (lo, hi) in [(0, 16), (16, 64), (64, 128)] {

@@ -33,6 +33,9 @@ const SMEM_MAX: usize = 232_448;
 /// One variant of the GEMM.
 pub struct Gemm {
     pub f: CudaFunction,
+    /// The wgmma kernels' instantiation that writes C through shared memory, 16 bytes a lane,
+    /// where C's rows start on 16 bytes (nvfp4.cu, `store_c_staged`).
+    pub staged: Option<CudaFunction>,
     /// Rows of an expert per work item: the mma.sync variants' fixed `8 * nt`, or, for the
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
     pub rows: usize,
@@ -188,44 +191,60 @@ impl Fp4Kernels {
                 (false, 1) => format!("fp4_gemm_n{nt}"),
                 (false, _) => format!("fp4_gemm_n{nt}m{mt}"),
             } + if f8 { "_f8" } else { "" };
-            let f = load(&name)?;
-            let kerr = |e: DriverError| MoeError::Kernel {
-                name: name.clone(),
-                log: e.to_string(),
-            };
             let smem = if wg {
                 SMEM_MAX
             } else {
                 ring_bytes(8 * nt, mt, stages, a_row_bytes(wg, f8))
             };
-            f.set_attribute(
-                CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                smem as i32,
-            )
-            .map_err(kerr)?;
-            let threads = if wg && f8 {
-                // setmaxnreg hands the producer warpgroup's registers to the consumers: their
-                // counts balance only at the 168 a thread the kernel is compiled to; with fewer,
-                // the consumers' request would wait forever.
-                let regs = f.num_regs().map_err(kerr)?;
-                if regs != F8WG_REGS {
-                    return Err(MoeError::Kernel {
-                        name,
-                        log: format!(
-                            "compiled to {regs} registers a thread; setmaxnreg assumes {F8WG_REGS}"
-                        ),
-                    });
+            // Loads one instantiation and opens its shared memory.
+            let prepare = |name: &str| -> Result<CudaFunction> {
+                let f = load(name)?;
+                let kerr = |e: DriverError| MoeError::Kernel {
+                    name: name.into(),
+                    log: e.to_string(),
+                };
+                f.set_attribute(
+                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(kerr)?;
+                if wg && f8 {
+                    // setmaxnreg hands the producer warpgroup's registers to the consumers:
+                    // their counts balance only at the 168 a thread the kernel is compiled to;
+                    // with fewer, the consumers' request would wait forever.
+                    let regs = f.num_regs().map_err(kerr)?;
+                    if regs != F8WG_REGS {
+                        return Err(MoeError::Kernel {
+                            name: name.into(),
+                            log: format!(
+                                "compiled to {regs} registers a thread; setmaxnreg assumes {F8WG_REGS}"
+                            ),
+                        });
+                    }
                 }
+                Ok(f)
+            };
+            let f = prepare(&name)?;
+            let staged = if wg {
+                Some(prepare(&format!("{name}_staged"))?)
+            } else {
+                None
+            };
+            let threads = if wg && f8 {
                 GEMM_THREADS_F8WG
             } else {
                 GEMM_THREADS
             };
             let per_sm = f
                 .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
-                .map_err(kerr)?
+                .map_err(|e| MoeError::Kernel {
+                    name: name.clone(),
+                    log: e.to_string(),
+                })?
                 .max(1) as usize;
             Ok(Gemm {
                 f,
+                staged,
                 rows: 8 * nt,
                 mt,
                 wg,

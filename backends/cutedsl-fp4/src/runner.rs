@@ -24,6 +24,16 @@ use crate::kernels::{Fp4Kernels, GemmArgs, SEGMENT};
 use crate::tma::{Elem, TensorMap};
 use crate::RUNNER;
 
+/// Items of at least this many rows (64 expected rows per expert and up) over a K of at most
+/// `STAGED_MAX_K` take the wgmma kernels' instantiation that writes C through shared memory,
+/// holding the last stage's ring slot for it. There the lane-by-lane stores of C are a large
+/// share of an item: H100, DeepSeek-V3 shapes at 4096 tokens, GEMM 2 (K = 2048) took 5% to 6%
+/// less time. GEMM 1 (K = 7168) gained nothing measurable (-3% to +3%), its ring one slot
+/// shorter while C is written; decode's short items stream weights, and a kernel that also held
+/// the staged path measured 1% to 3% slower there, so it is a separate instantiation.
+const STAGED_MIN_ROWS: usize = 96;
+const STAGED_MAX_K: usize = 2048;
+
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
 struct Workspace {
     /// Rows of the row space and picks (M * k) it was sized for.
@@ -387,13 +397,21 @@ impl Fp4Runner {
                 bm: bm_i,
                 stages: plan.stages as i32,
             };
+            // C through shared memory (STAGED_MIN_ROWS), where C's rows start and end on 16
+            // bytes (the runner's own buffers do; an output the caller gives may not).
+            let staged_fits = bm >= STAGED_MIN_ROWS && kk <= STAGED_MAX_K;
+            let aligned = c.is_multiple_of(16) && n.is_multiple_of(8);
+            let f = match &gk.staged {
+                Some(staged) if staged_fits && aligned => staged,
+                _ => &gk.f,
+            };
             // Persistent blocks, as many as fit; each loops over work items, so experts
             // without rows cost nothing.
             let items = tiles * n.div_ceil(128 * gk.mt);
             let grid = items.min(gk.per_sm * self.sms);
             launch(
                 dev,
-                &gk.f,
+                f,
                 grid,
                 gk.threads,
                 plan.smem,

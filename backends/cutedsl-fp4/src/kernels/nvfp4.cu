@@ -372,10 +372,63 @@ struct Ring {
     int stage, a_box, a_boxes, stages;
 };
 
+// The consumer warps' own barrier (the producer never joins it).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(GEMM_CONSUMERS) : "memory"); }
+
+// Four 8x8 matrices of 16-bit values, each as an mma accumulator fragment holds it (lane (g, t):
+// row g, columns 2t and 2t + 1 in one register), stored transposed: lane i gives the address of
+// row i % 8 of matrix i / 8, which receives that matrix's column i % 8.
+__device__ __forceinline__ void stmatrix_x4_trans(u32 addr, u32 r0, u32 r1, u32 r2, u32 r3) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(r0), "r"(r1),
+                 "r"(r2), "r"(r3)
+                 : "memory");
+}
+
+__device__ __forceinline__ u32 act_pair(float lo, float hi) {
+    return (u32)f32_to_act(lo) | ((u32)f32_to_act(hi) << 16);
+}
+
+// A row of the wgmma kernels' C tile in shared memory: the item's 128 columns (weight rows) of
+// one of its rows, 256 bytes, padded by 16 so that the eight rows a transposed stmatrix writes
+// start in different banks.
+#define C_PITCH 272
+
+// The wgmma kernels' C: each warp's accumulators (its 16 weight rows by the item's 8 NT rows) go
+// to shared memory by transposed stmatrix, into the ring slot of the item's last stage, which
+// the consumers hold until then; then the consumer warps copy the item's valid rows out, 16
+// bytes a lane, whole 256-byte row segments a half-warp. Written lane by lane, C took 2-byte
+// stores, each warp store four partial sectors.
+template <int NT>
+__device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
+                                               int warp, int lane) {
+    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
+    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
+    const float al = p.alpha[it.e] * 64.0f;
+    // Every warp's products have read the slot (each warpgroup waited for its own).
+    consumers_sync();
+    const int mi = lane >> 3, tau = lane & 7;
+    const u32 addr = smem_addr(tile) + (u32)((8 * (mi >> 1) + tau) * C_PITCH + (warp * 16 + 8 * (mi & 1)) * 2);
+#pragma unroll
+    for (int j = 0; j < NT; j += 2)
+        stmatrix_x4_trans(addr + 8 * j * C_PITCH, act_pair(acc[j][0] * al, acc[j][1] * al),
+                          act_pair(acc[j][2] * al, acc[j][3] * al), act_pair(acc[j + 1][0] * al, acc[j + 1][1] * al),
+                          act_pair(acc[j + 1][2] * al, acc[j + 1][3] * al));
+    consumers_sync();
+    const int tid = warp * 32 + lane;
+    for (int i = tid; i < rows * 16; i += GEMM_CONSUMERS) {
+        const int m = i >> 4, col = it.n0 + (i & 15) * 8;
+        if (col < p.N) *(uint4*)(p.c + (base + m) * p.N + col) = *(const uint4*)(tile + m * C_PITCH + (i & 15) * 16);
+    }
+    // Generic-proxy writes to a slot the producer's TMA writes next.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
 // One work item on the consumer warps: its K stages from the ring (n counts the slots used), then
 // its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
-// of this item's wgmma. F8 (wgmma only): E4M3 products.
-template <int NT, int MT, int STAGES, bool WG, bool F8>
+// of this item's wgmma. F8 (wgmma only): E4M3 products. STAGED (wgmma only): C through shared
+// memory (store_c_staged), a separate instantiation, since decode's items of 16 rows measured
+// slower in any kernel that also held that path.
+template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED>
 __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
                                              int lane) {
     constexpr int W_BYTES = 128 * 128 * MT;
@@ -390,6 +443,9 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
         r[i][1] = r[i][0] + 8;
     }
     float acc[MT][NT][4] = {};
+    // STAGED keeps the last stage's slot for C (store_c_staged).
+    static_assert(WG || !STAGED, "C goes through shared memory in the wgmma kernels only");
+    constexpr bool staged = STAGED;
     for (int st = 0; st < stages; ++st, ++n) {
         const int slot = n % slots;
         mbar_wait(rg.full + slot, (n / slots) & 1);
@@ -454,7 +510,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 wgmma_commit();
             }
             wgmma_wait<0>();
-            mbar_arrive(rg.empty + slot);
+            if (!(staged && st == stages - 1)) mbar_arrive(rg.empty + slot);
 #pragma unroll
             for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[i];
         } else if constexpr (WG) {
@@ -484,7 +540,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // (Products left running into the next stage make ptxas serialize every wgmma: it
             // does not follow pending products across the loop.)
             wgmma_wait<0>();
-            mbar_arrive(rg.empty + slot);
+            if (!(staged && st == stages - 1)) mbar_arrive(rg.empty + slot);
         } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -511,6 +567,12 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     }
     // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
     // weight codes were widened as value times 2^-6 (with F8, both operands are e4m3(v / 8)).
+    if constexpr (STAGED) {
+        const int slot = (n - 1) % slots;
+        store_c_staged<NT>(p, it, acc[0], rg.base + slot * rg.stage, warp, lane);
+        mbar_arrive(rg.empty + slot);
+        return;
+    }
     const int rows = min(max(p.counts[it.e], 0), p.cap);
     const long long base = row_base(p.row0, p.cap, it.e);
     const float al = p.alpha[it.e] * 64.0f;
@@ -534,21 +596,22 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
 // to 10 (bm up to 160).
 #define WG_MAX_CHUNKS 10
-template <bool F8, int C = 1>
+template <bool F8, bool STAGED, int C = 1>
 __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
                                               int warp, int lane) {
     if constexpr (C < WG_MAX_CHUNKS) {
         if (chunks > C) {
-            consume_wgmma<F8, C + 1>(chunks, p, it, rg, n, warp, lane);
+            consume_wgmma<F8, STAGED, C + 1>(chunks, p, it, rg, n, warp, lane);
             return;
         }
     }
-    consume_item<2 * C, 1, 0, true, F8>(p, it, rg, n, warp, lane);
+    consume_item<2 * C, 1, 0, true, F8, STAGED>(p, it, rg, n, warp, lane);
 }
 
 // STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
 // follows its item height). F8: E4M3 products, whose wgmma reads A as two boxes of 128 bytes.
-template <int NT, int MT, int STAGES, bool WG, bool F8>
+// STAGED: C through shared memory (consume_item).
+template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
     static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
     static_assert(WG || !F8, "E4M3 products run in the wgmma kernel");
@@ -613,17 +676,17 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma<F8>(min((rows + 15) >> 4, WG_MAX_CHUNKS), p, it, rg, n, warp, lane);
+            consume_wgmma<F8, STAGED>(min((rows + 15) >> 4, WG_MAX_CHUNKS), p, it, rg, n, warp, lane);
         } else {
-            consume_item<NT, MT, STAGES, false, false>(p, it, rg, n, warp, lane);
+            consume_item<NT, MT, STAGES, false, false, false>(p, it, rg, n, warp, lane);
         }
     }
 }
 
-#define FP4_GEMM(NAME, NT, MT, STAGES, WG, F8, THREADS)                                                 \
+#define FP4_GEMM(NAME, NT, MT, STAGES, WG, F8, STAGED, THREADS)                                         \
     extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                                      \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {       \
-        fp4_gemm<NT, MT, STAGES, WG, F8>(p, &w_map, &a_map);                                            \
+        fp4_gemm<NT, MT, STAGES, WG, F8, STAGED>(p, &w_map, &a_map);                                    \
     }
 // Up to 32 rows an item, mma.sync per warp, where every warp reads the whole stage of rows from
 // shared memory: at 32 rows, warps of two weight tiles (items of 256 weight rows) halve that
@@ -633,11 +696,15 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
 // One block an SM with the deepest ring that fits measured faster than two blocks of four stages
 // (H100: 2120 against 2158 us at 1 row per expert, 2334 against 2377 at 16, 2617 against 2709 at
 // 32; eight stages at 1 row were no better than six).
-FP4_GEMM(fp4_gemm_n1, 1, 1, 6, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_gemm_n2, 2, 1, 6, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_wgmma, 0, 1, 0, true, false, GEMM_THREADS)
-FP4_GEMM(fp4_wgmma_f8, 0, 1, 0, true, true, GEMM_THREADS_F8WG)
+FP4_GEMM(fp4_gemm_n1, 1, 1, 6, false, false, false, GEMM_THREADS)
+FP4_GEMM(fp4_gemm_n2, 2, 1, 6, false, false, false, GEMM_THREADS)
+FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false, false, false, GEMM_THREADS)
+FP4_GEMM(fp4_wgmma, 0, 1, 0, true, false, false, GEMM_THREADS)
+FP4_GEMM(fp4_wgmma_f8, 0, 1, 0, true, true, false, GEMM_THREADS_F8WG)
+// The same, writing C through shared memory: for tall items over a short K, where the stores
+// of C are a large share of an item (runner.rs, STAGED_MIN_ROWS).
+FP4_GEMM(fp4_wgmma_staged, 0, 1, 0, true, false, true, GEMM_THREADS)
+FP4_GEMM(fp4_wgmma_f8_staged, 0, 1, 0, true, true, true, GEMM_THREADS_F8WG)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's values (code
