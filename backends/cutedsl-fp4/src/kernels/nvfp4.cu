@@ -25,7 +25,8 @@
 // Quantization (activations, and the intermediate after the activation) follows moe-quant's
 // `quantize_nvfp4` step for step: sf = e4m3((gs * amax) / 6), s = decode(sf),
 // q = e2m1((x * gs) / s), or 0 when s is 0; the value kept is e2m1(q) * s (the division by gs
-// is part of alpha).
+// is part of alpha). The codes come from comparisons of x * gs with E2M1's rounding boundaries
+// times s, which give the rounded quotient's codes without dividing (fp4.cuh, e2m1_scaled).
 //
 // Compile-time parameters: ACT and GATE_UP (the activation, as the row kernels), ACT_F16.
 //
