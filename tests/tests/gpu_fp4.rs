@@ -166,7 +166,7 @@ fn masked_layout_with(products: Nvfp4Products, offset: bool) {
         unsafe { Tensor::borrow_cuda(g.as_cuda().unwrap(), ptr, &[el, rt, h], DType::Bf16) }
             .unwrap()
     } else {
-        held.reshape(&[el, rt, h]).unwrap()
+        held.clone().reshape(&[el, rt, h]).unwrap()
     };
     let on_gpu = to_gpu(&batch, Some(out.clone()), &g);
     let qg = quant_to_device(&q, &g).unwrap();
@@ -179,7 +179,7 @@ fn masked_layout_with(products: Nvfp4Products, offset: bool) {
     );
     let mut at = 0;
     for (e, &n) in counts.iter().enumerate() {
-        for (lo, hi) in [(0, 16), (16, 64), (64, 128)] {
+        for (lo, hi) in [(0, 16), (16, 64), (64, 128), (128, rt)] {
             let (lo, hi) = (lo.min(n as usize), hi.min(n as usize));
             if lo < hi {
                 let r = suite::compare(
@@ -194,6 +194,10 @@ fn masked_layout_with(products: Nvfp4Products, offset: bool) {
     }
     assert!(c.within(1e-2), "against the NVFP4 reference: {c:?}");
     assert!(u.within(0.35), "against the unquantized layer: {u:?}");
+    if offset {
+        let before = held.to_host().unwrap().to_f32_vec().unwrap()[0];
+        assert_eq!(before, 7.5, "the element before the output was written");
+    }
     let all = y.to_host().unwrap().to_f32_vec().unwrap();
     for e in 0..el {
         for i in counts[e] as usize..rt {

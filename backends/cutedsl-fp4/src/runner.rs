@@ -24,13 +24,15 @@ use crate::kernels::{Fp4Kernels, GemmArgs, SEGMENT};
 use crate::tma::{Elem, TensorMap};
 use crate::RUNNER;
 
-/// Items of at least this many rows (64 expected rows per expert and up) over a K of at most
-/// `STAGED_MAX_K` take the wgmma kernels' instantiation that writes C through shared memory,
-/// holding the last stage's ring slot for it. There the lane-by-lane stores of C are a large
-/// share of an item: H100, DeepSeek-V3 shapes at 4096 tokens, GEMM 2 (K = 2048) took 5% to 6%
-/// less time. GEMM 1 (K = 7168) gained nothing measurable (-3% to +3%), its ring one slot
-/// shorter while C is written; decode's short items stream weights, and a kernel that also held
-/// the staged path measured 1% to 3% slower there, so it is a separate instantiation.
+/// A GEMM launch whose items are at least this tall (`bm`, about 57 expected rows per expert
+/// and up) over a K of at most `STAGED_MAX_K` takes the wgmma kernels' instantiation that
+/// writes C through shared memory, holding the last stage's ring slot for it. There the
+/// lane-by-lane stores of C are a large share of an item: H100, DeepSeek-V3 shapes, GEMM 2 (K
+/// = 2048) took 5% to 7% less time at 4096 tokens and 6% less at 2048 with E4M3 products (exact
+/// products at 2048 tokens: no change). GEMM 1 (K = 7168) gained nothing measurable (-3% to
+/// +3%), its ring one slot shorter while C is written; decode's short items stream weights, and
+/// a kernel that also held the staged path measured 1% to 3% slower there, so it is a separate
+/// instantiation.
 const STAGED_MIN_ROWS: usize = 96;
 const STAGED_MAX_K: usize = 2048;
 

@@ -404,7 +404,7 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
                                                int warp, int lane) {
     const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
     const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
-    const float al = p.alpha[it.e] * 64.0f;
+    const float al = p.alpha[it.e] * 64.0f;  // the widened codes are values times 2^-6
     // Every warp's products have read the slot (each warpgroup waited for its own).
     consumers_sync();
     const int mi = lane >> 3, tau = lane & 7;
@@ -446,7 +446,6 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     float acc[MT][NT][4] = {};
     // STAGED keeps the last stage's slot for C (store_c_staged).
     static_assert(WG || !STAGED, "C goes through shared memory in the wgmma kernels only");
-    constexpr bool staged = STAGED;
     for (int st = 0; st < stages; ++st, ++n) {
         const int slot = n % slots;
         mbar_wait(rg.full + slot, (n / slots) & 1);
@@ -511,7 +510,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 wgmma_commit();
             }
             wgmma_wait<0>();
-            if (!(staged && st == stages - 1)) mbar_arrive(rg.empty + slot);
+            if (!(STAGED && st == stages - 1)) mbar_arrive(rg.empty + slot);
 #pragma unroll
             for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[i];
         } else if constexpr (WG) {
@@ -541,7 +540,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // (Products left running into the next stage make ptxas serialize every wgmma: it
             // does not follow pending products across the loop.)
             wgmma_wait<0>();
-            if (!(staged && st == stages - 1)) mbar_arrive(rg.empty + slot);
+            if (!(STAGED && st == stages - 1)) mbar_arrive(rg.empty + slot);
         } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -566,14 +565,14 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             mbar_arrive(rg.empty + slot);
         }
     }
-    // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
-    // weight codes were widened as value times 2^-6 (with F8, both operands are e4m3(v / 8)).
     if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
         store_c_staged<NT>(p, it, acc[0], rg.base + slot * rg.stage, warp, lane);
         mbar_arrive(rg.empty + slot);
         return;
     }
+    // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
+    // weight codes were widened as value times 2^-6 (with F8, both operands are e4m3(v / 8)).
     const int rows = min(max(p.counts[it.e], 0), p.cap);
     const long long base = row_base(p.row0, p.cap, it.e);
     const float al = p.alpha[it.e] * 64.0f;

@@ -25,10 +25,13 @@ __device__ __forceinline__ u32 e2m1_code(float x) {
 // times E4M3's four). With them a block is quantized without dividing by its scale: y / s,
 // correctly rounded, lies past a midpoint m exactly when |y| lies past m * s, and it is m itself
 // (a tie, which goes to the even code) exactly when |y| == m * s. For |y| != m * s the two
-// differ by at least an ulp of m * s, so |y / s - m| is at least that over s, more than half an
-// ulp of m, and the rounded quotient is not m. (Checked against the division over every E4M3
-// scale, with every value within 300 ulps of each boundary.) Seven comparisons a value, where
-// a correctly rounded division is a reciprocal, a correction sequence and a range check.
+// differ by at least the spacing of floats next to m * s on y's side, so |y / s - m| is at
+// least that over s, which is more than half the spacing of floats next to m on the same side,
+// and the rounded quotient is not m. (moe-quant's test
+// `boundaries_times_the_block_scale_give_the_code_of_the_quotient` checks the same comparisons
+// against the division over every E4M3 scale, with every value within 300 ulps of each
+// boundary.) Seven comparisons a value, where a correctly rounded division is a reciprocal, a
+// correction sequence and a range check.
 struct E2m1Scaled {
     float bound[7];
     float half, one, two;
