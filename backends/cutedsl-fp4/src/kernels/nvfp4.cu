@@ -785,6 +785,15 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
 // before it uses any: one block has few loads in flight, and a load at a time (32 dependent
 // rounds a pass at 4096 tokens) made the two passes latency-bound.
 #define ROUTE_BATCH 8
+// Picks p0, p0 + blockDim.x, ... (ROUTE_BATCH of them) of `ids`, -1 past the end.
+__device__ __forceinline__ void route_ids(const int* __restrict__ ids, int p0, int picks, int (&id)[ROUTE_BATCH]) {
+#pragma unroll
+    for (int j = 0; j < ROUTE_BATCH; ++j) {
+        const int p = p0 + j * blockDim.x;
+        id[j] = p < picks ? ids[p] : -1;
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(1024) fp4_route(
     const int* __restrict__ ids, int picks, int K, int E, int* __restrict__ counts, int* __restrict__ row0,
     int* __restrict__ src, int* __restrict__ slot_of) {
@@ -795,11 +804,7 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
     const int step = ROUTE_BATCH * blockDim.x;
     for (int p0 = threadIdx.x; p0 < picks; p0 += step) {
         int id[ROUTE_BATCH];
-#pragma unroll
-        for (int j = 0; j < ROUTE_BATCH; ++j) {
-            const int p = p0 + j * blockDim.x;
-            id[j] = p < picks ? ids[p] : -1;
-        }
+        route_ids(ids, p0, picks, id);
 #pragma unroll
         for (int j = 0; j < ROUTE_BATCH; ++j)
             if (id[j] >= 0 && id[j] < E) atomicAdd(&cnt[id[j]], 1);
@@ -829,11 +834,7 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
     __syncthreads();
     for (int p0 = threadIdx.x; p0 < picks; p0 += step) {
         int id[ROUTE_BATCH];
-#pragma unroll
-        for (int j = 0; j < ROUTE_BATCH; ++j) {
-            const int p = p0 + j * blockDim.x;
-            id[j] = p < picks ? ids[p] : -1;
-        }
+        route_ids(ids, p0, picks, id);
 #pragma unroll
         for (int j = 0; j < ROUTE_BATCH; ++j) {
             const int p = p0 + j * blockDim.x;
