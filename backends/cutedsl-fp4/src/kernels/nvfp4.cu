@@ -214,6 +214,10 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // a whole producer warpgroup gives up registers (setmaxnreg) so that the consumers get 232.
 #define GEMM_THREADS_F8WG (GEMM_CONSUMERS + 128)
 #define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
+// Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):
+// 96 columns, 144 registers of sums. (Up to 128 columns ptxas spills a few, and decode measured
+// no better.)
+#define F8_OVERLAP_NT 12
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
 // A CUtensorMap (opaque, 64-byte aligned) passed by value.
@@ -482,8 +486,14 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // measured 7e-3 to 2.4e-2 from the reference), so every F8_PROMOTE chunks their sum,
             // begun afresh (scale-d 0), is added to the f32 total (promotion). The wait before
             // it stalls this warpgroup only. (The two warpgroups taking turns to issue, on named
-            // barriers, measured no faster.)
-            float part[NT * 4];
+            // barriers, measured no faster.) In items up to F8_OVERLAP_NT tiles wide, the
+            // stage's second group sums apart from the first, and the first is promoted only
+            // once the second is issued, while it runs: of the two waits a stage, one no longer
+            // empties the tensor cores' queue. (Leaving the second group running into the next
+            // stage too makes ptxas serialize every wgmma: it cannot tell which products still
+            // run when their sums are read across the loop.)
+            constexpr bool OVERLAP = NT <= F8_OVERLAP_NT;
+            float part[OVERLAP ? 2 : 1][NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 // Block 4t + c's tables, one a row.
@@ -494,10 +504,10 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 #pragma unroll
                 for (int h = 0; h < 2; ++h) widen_tile_f8(w[0], tab, c, h, f[h]);
                 const bool fresh = c % F8_PROMOTE == 0;
-                if (fresh && c > 0) {
+                if (!OVERLAP && fresh && c > 0) {
                     wgmma_wait<0>();
 #pragma unroll
-                    for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[i];
+                    for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[0][i];
                 }
                 wgmma_fence();
 #pragma unroll
@@ -505,14 +515,19 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                     // k32 step j: box j / 4, 32 bytes along its rows per step.
                     const int j = 2 * c + h;
                     const u64 d = wgmma_desc(smem_addr(base + W_BYTES + (j >> 2) * rg.a_box)) + 2 * (j & 3);
-                    wgmma_rs_e4m3<NT>(part, f[h], d, fresh && h == 0 ? 0 : 1);
+                    wgmma_rs_e4m3<NT>(part[OVERLAP ? c / F8_PROMOTE : 0], f[h], d, fresh && h == 0 ? 0 : 1);
                 }
                 wgmma_commit();
+            }
+            if constexpr (OVERLAP) {
+                wgmma_wait<2>();  // the first group (two commit groups of the four)
+#pragma unroll
+                for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[0][i];
             }
             wgmma_wait<0>();
             if (!(STAGED && st == stages - 1)) mbar_arrive(rg.empty + slot);
 #pragma unroll
-            for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[i];
+            for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[OVERLAP ? 1 : 0][i];
         } else if constexpr (WG) {
             // Box by box: box c is widened into registers of its own while box c - 1's k16 steps
             // run on the tensor cores; before box c reuses the registers of box c - 2, the wait
