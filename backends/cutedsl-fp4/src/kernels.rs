@@ -13,20 +13,19 @@ use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Nvfp4Products, Result}
 
 const NVFP4: &str = include_str!("kernels/nvfp4.cu");
 
-/// The GEMM's threads: eight consumer warps and the producer warp.
-const GEMM_THREADS: usize = 288;
-/// The wgmma kernel with E4M3 products: eight consumer warps and a producer warpgroup, whose
-/// registers go to the consumers (nvfp4.cu, `GEMM_THREADS_F8WG`).
-const GEMM_THREADS_F8WG: usize = 384;
-/// Registers a thread of that kernel at launch: 65536 over 384 threads, to a multiple of 8. The
-/// producer warpgroup keeps 40 and the consumers take 232 (`setmaxnreg` in nvfp4.cu), which adds
-/// up to this.
-const F8WG_REGS: i32 = 168;
+/// A block's registers: a kernel whose producer warpgroup hands its registers to the consumers
+/// (`setmaxnreg` in nvfp4.cu, `reg_handoff`) must be compiled to this over its threads (to a
+/// multiple of 8: 168 for 384 threads, 128 for 512), which the two counts add up to.
+const BLOCK_REGS: usize = 65536;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
 pub const SEGMENT: usize = 256;
 
 /// The most rows of an expert the wgmma kernel takes in one work item (its widest wgmma).
 pub const WG_MAX_ROWS: usize = 160;
+/// The most rows an item of the wgmma kernel with three consumer warpgroups takes (nvfp4.cu,
+/// `wg_max_chunks`): items up to this tall take that kernel, whose third warpgroup keeps the
+/// tensor cores busier while the others widen codes and wait (its registers hold no wider sums).
+pub const WG3_MAX_ROWS: usize = 96;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
 
@@ -39,8 +38,9 @@ pub struct Gemm {
     /// Rows of an expert per work item: the mma.sync variants' fixed `8 * nt`, or, for the
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
     pub rows: usize,
-    /// Weight tiles of 16 rows per warp: an item is `128 * mt` weight rows.
-    pub mt: usize,
+    /// Weight rows (output columns) of an item: `128 * mt` for mma.sync with `mt` tiles a warp,
+    /// 64 a consumer warpgroup for wgmma.
+    pub item_n: usize,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
     /// E4M3 products (`Nvfp4Products::E4m3`).
@@ -72,11 +72,18 @@ fn a_row_bytes(wg: bool, f8: bool) -> usize {
     }
 }
 
-/// Dynamic shared memory of a ring: per slot the weight box (128 `mt` rows of 128 bytes), a
-/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and the block scales, then a
-/// barrier pair per slot, and 1024 bytes to align the ring for the swizzle.
-fn ring_bytes(bm: usize, mt: usize, stages: usize, a_row: usize) -> usize {
-    stages * (128 * 128 * mt + bm * a_row + 2048 * mt) + stages * 16 + 1024
+/// Dynamic shared memory of a ring: per slot the weight box (`item_n` rows of 128 bytes), a
+/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and the block scales (2048 bytes
+/// a 128-row tile), then a barrier pair per slot, and 1024 bytes to align the ring for the
+/// swizzle.
+fn ring_bytes(bm: usize, item_n: usize, stages: usize, a_row: usize) -> usize {
+    stages * (item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n)) + stages * 16 + 1024
+}
+
+/// The 128-row scale tiles an item of `item_n` weight rows touches (nvfp4.cu,
+/// `item_scale_tiles`).
+fn scale_tiles(item_n: usize) -> usize {
+    item_n / 128 + usize::from(item_n % 128 != 0)
 }
 
 /// Rows of an expert per item of the wgmma kernel for about `expected` rows per expert, at most
@@ -87,12 +94,13 @@ fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
     spread.min(cap.max(1)).next_multiple_of(16).min(WG_MAX_ROWS)
 }
 
-/// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) that fits in
-/// shared memory, up to `most` slots (two at the tallest f16 items, three with E4M3 products).
-fn wgmma_stages(bm: usize, most: usize, a_row: usize) -> usize {
+/// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) by `item_n`
+/// weight rows that fits in shared memory, up to `most` slots (two at the tallest f16 items,
+/// three with E4M3 products).
+fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize) -> usize {
     (1..=most)
         .rev()
-        .find(|&s| ring_bytes(bm, 1, s, a_row) <= SMEM_MAX)
+        .find(|&s| ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX)
         .unwrap_or(1)
 }
 
@@ -103,8 +111,12 @@ pub struct Fp4Kernels {
     /// The GEMM for 8, 16, 32 rows per work item (mma.sync), then the wgmma kernel, with exact
     /// (f16) products.
     pub gemm: [Gemm; 4],
-    /// The wgmma kernel with E4M3 products, for every batch size.
-    pub gemm_e4m3: Gemm,
+    /// The wgmma kernel with three consumer warpgroups, exact products (items up to
+    /// `WG3_MAX_ROWS`).
+    pub gemm3: Gemm,
+    /// The wgmma kernel with E4M3 products, for every batch size: three consumer warpgroups up
+    /// to `WG3_MAX_ROWS` rows an item, then two.
+    pub gemm_e4m3: [Gemm; 2],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
@@ -183,19 +195,27 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
-        // (rows per item / 8, weight tiles per warp, ring stages, wgmma, E4M3 products), as
-        // nvfp4.cu instantiates them; the wgmma kernel's `nt` is its widest item.
-        let gemm = |nt: usize, mt: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
-            let name = match (wg, mt) {
+        // (rows per item / 8, weight tiles per warp or consumer warpgroups, ring stages, wgmma,
+        // E4M3 products), as nvfp4.cu instantiates them; the wgmma kernel's `nt` is its widest
+        // item.
+        let gemm = |nt: usize, mt_cg: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
+            let name = match (wg, mt_cg) {
+                (true, 3) => "fp4_wgmma3".to_string(),
                 (true, _) => "fp4_wgmma".to_string(),
                 (false, 1) => format!("fp4_gemm_n{nt}"),
-                (false, _) => format!("fp4_gemm_n{nt}m{mt}"),
+                (false, mt) => format!("fp4_gemm_n{nt}m{mt}"),
             } + if f8 { "_f8" } else { "" };
+            let item_n = if wg { 64 * mt_cg } else { 128 * mt_cg };
             let smem = if wg {
                 SMEM_MAX
             } else {
-                ring_bytes(8 * nt, mt, stages, a_row_bytes(wg, f8))
+                ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
             };
+            // Consumer warps (two warpgroups, or three), then the producer: a warp, or a
+            // warpgroup whose registers go to the consumers (nvfp4.cu, `reg_handoff`).
+            let cg = if wg { mt_cg } else { 2 };
+            let handoff = wg && (f8 || cg == 3);
+            let threads = 128 * cg + if handoff { 128 } else { 32 };
             // Loads one instantiation and opens its shared memory.
             let prepare = |name: &str| -> Result<CudaFunction> {
                 let f = load(name)?;
@@ -208,16 +228,18 @@ impl Fp4Kernels {
                     smem as i32,
                 )
                 .map_err(kerr)?;
-                if wg && f8 {
+                if handoff {
                     // setmaxnreg hands the producer warpgroup's registers to the consumers:
-                    // their counts balance only at the 168 a thread the kernel is compiled to;
-                    // with fewer, the consumers' request would wait forever.
+                    // their counts balance only at the block's registers over its threads,
+                    // which the kernel is compiled to; with fewer, the consumers' request
+                    // would wait forever.
+                    let want = (BLOCK_REGS / threads) as i32 & !7;
                     let regs = f.num_regs().map_err(kerr)?;
-                    if regs != F8WG_REGS {
+                    if regs != want {
                         return Err(MoeError::Kernel {
                             name: name.into(),
                             log: format!(
-                                "compiled to {regs} registers a thread; setmaxnreg assumes {F8WG_REGS}"
+                                "compiled to {regs} registers a thread; setmaxnreg assumes {want}"
                             ),
                         });
                     }
@@ -230,11 +252,6 @@ impl Fp4Kernels {
             } else {
                 None
             };
-            let threads = if wg && f8 {
-                GEMM_THREADS_F8WG
-            } else {
-                GEMM_THREADS
-            };
             let per_sm = f
                 .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
                 .map_err(|e| MoeError::Kernel {
@@ -246,7 +263,7 @@ impl Fp4Kernels {
                 f,
                 staged,
                 rows: 8 * nt,
-                mt,
+                item_n,
                 wg,
                 f8,
                 stages,
@@ -262,9 +279,13 @@ impl Fp4Kernels {
                 gemm(1, 1, 6, false, false)?,
                 gemm(2, 1, 6, false, false)?,
                 gemm(4, 2, 4, false, false)?,
-                gemm(WG_MAX_ROWS / 8, 1, 4, true, false)?,
+                gemm(WG_MAX_ROWS / 8, 2, 4, true, false)?,
             ],
-            gemm_e4m3: gemm(WG_MAX_ROWS / 8, 1, 4, true, true)?,
+            gemm3: gemm(WG3_MAX_ROWS / 8, 3, 4, true, false)?,
+            gemm_e4m3: [
+                gemm(WG3_MAX_ROWS / 8, 3, 4, true, true)?,
+                gemm(WG_MAX_ROWS / 8, 2, 4, true, true)?,
+            ],
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             combine: load("fp4_combine")?,
@@ -276,32 +297,38 @@ impl Fp4Kernels {
     /// the wgmma kernel, whose items take up to `expected + 3 sqrt(expected)` rows (rounded up
     /// to 16, at most 160): routed counts scatter about their mean like a Poisson count, so
     /// nearly every expert fits one item, and each item's wgmma is only as wide as its rows.
-    /// An expert past the item takes a second one, which streams its weights again.
+    /// An expert past the item takes a second one, which streams its weights again. Items up
+    /// to `WG3_MAX_ROWS` tall take three consumer warpgroups, taller ones two.
     /// E4M3 products take the wgmma kernel at every size: at 1 to 32 rows it took 7% to 15% less
     /// time than mma.sync on f16 values rounded to E4M3 and back.
     pub fn gemm_for(&self, expected: usize, cap: usize, products: Nvfp4Products) -> GemmPlan<'_> {
+        let bm = wgmma_item_rows(expected, cap);
+        let three = bm <= WG3_MAX_ROWS;
         let g = match products {
-            Nvfp4Products::E4m3 => &self.gemm_e4m3,
+            Nvfp4Products::E4m3 => &self.gemm_e4m3[usize::from(!three)],
             Nvfp4Products::Exact => {
                 if let Some(g) = self.gemm.iter().find(|g| !g.wg && g.rows >= expected) {
                     return GemmPlan {
                         gemm: g,
                         bm: g.rows,
                         stages: g.stages,
-                        smem: ring_bytes(g.rows, g.mt, g.stages, a_row_bytes(false, false)),
+                        smem: ring_bytes(g.rows, g.item_n, g.stages, a_row_bytes(false, false)),
                     };
                 }
-                &self.gemm[self.gemm.len() - 1]
+                if three {
+                    &self.gemm3
+                } else {
+                    &self.gemm[self.gemm.len() - 1]
+                }
             }
         };
         let a_row = a_row_bytes(true, g.f8);
-        let bm = wgmma_item_rows(expected, cap);
-        let stages = wgmma_stages(bm, g.stages, a_row);
+        let stages = wgmma_stages(bm, g.item_n, g.stages, a_row);
         GemmPlan {
             gemm: g,
             bm,
             stages,
-            smem: ring_bytes(bm, 1, stages, a_row),
+            smem: ring_bytes(bm, g.item_n, stages, a_row),
         }
     }
 }
@@ -362,13 +389,16 @@ mod tests {
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            for bm in (16..=WG_MAX_ROWS).step_by(16) {
-                let s = wgmma_stages(bm, 4, a_row);
-                // E4M3 rows take half the bytes: at least three slots at the tallest items.
-                let least = if f8 { 3 } else { 2 };
-                assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
-                assert!(ring_bytes(bm, 1, s, a_row) <= SMEM_MAX);
-                assert!(s == 4 || ring_bytes(bm, 1, s + 1, a_row) > SMEM_MAX);
+            // Items of 128 weight rows up to the tallest, of 192 up to WG3_MAX_ROWS.
+            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG3_MAX_ROWS)] {
+                for bm in (16..=most_rows).step_by(16) {
+                    let s = wgmma_stages(bm, item_n, 4, a_row);
+                    // E4M3 rows take half the bytes: at least three slots at the tallest items.
+                    let least = if f8 { 3 } else { 2 };
+                    assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
+                    assert!(ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX);
+                    assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) > SMEM_MAX);
+                }
             }
         }
     }

@@ -369,7 +369,7 @@ impl Fp4Runner {
                 Elem::U8,
                 &[kk as u64 / 2, n as u64, e as u64],
                 &[kk as u64 / 2, (n * kk / 2) as u64],
-                &[128, 128 * gk.mt as u32, 1],
+                &[128, gk.item_n as u32, 1],
             )?;
             // Boxes of 128 bytes: 64 f16 values, or 128 E4M3 bytes for the wgmma kernel's E4M3
             // products.
@@ -409,7 +409,7 @@ impl Fp4Runner {
             };
             // Persistent blocks, as many as fit; each loops over work items, so experts
             // without rows cost nothing.
-            let items = tiles * n.div_ceil(128 * gk.mt);
+            let items = tiles * n.div_ceil(gk.item_n);
             let grid = items.min(gk.per_sm * self.sms);
             launch(
                 dev,

@@ -207,17 +207,32 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // the ring. A is written in the order the chosen MMA reads it (store_block), and its rows hold
 // the exact NVFP4 values (code times block scale) in f16. With E4M3 products (the wgmma kernel
 // only) A's rows are E4M3 bytes, two boxes of 128 a stage, the fragments E4M3 bytes, and the
-// block is the eight consumer warps and a producer warpgroup (see GEMM_THREADS_F8WG).
-#define GEMM_CONSUMERS 256
-#define GEMM_THREADS (GEMM_CONSUMERS + 32)
+// block is the eight consumer warps and a producer warpgroup (see reg_handoff).
 // The wgmma kernel with E4M3 products holds a second set of accumulators (the promoted sums):
 // a whole producer warpgroup gives up registers (setmaxnreg) so that the consumers get 232.
-#define GEMM_THREADS_F8WG (GEMM_CONSUMERS + 128)
+// With three consumer warpgroups it does so for both products: 24 for the producers, 160 for
+// the consumers (65536 registers, 512 threads).
+template <bool F8, int CG>
+__device__ constexpr bool reg_handoff() { return F8 || CG == 3; }
+template <bool F8, int CG>
+__device__ constexpr int gemm_threads() { return 128 * CG + (reg_handoff<F8, CG>() ? 128 : 32); }
+template <int CG>
+__device__ constexpr int producer_regs() { return CG == 2 ? 40 : 24; }
+template <int CG>
+__device__ constexpr int consumer_regs() { return CG == 2 ? 232 : 160; }
+// Weight rows of an item: 128 MT for mma.sync, 64 a consumer warpgroup for wgmma.
+template <bool WG, int MT, int CG>
+__device__ constexpr int item_rows() { return WG ? 64 * CG : 128 * MT; }
+// The 128-row scale tiles an item's weight rows touch: items of 192 rows start on multiples of
+// 64, so they touch two.
+template <int ITEM_N>
+__device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 128 ? 1 : 0); }
 #define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
 // Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):
 // 96 columns, 144 registers of sums. (Up to 128 columns ptxas spills a few, and decode measured
-// no better.)
+// no better.) With three consumer warpgroups (160 registers a thread), 48 columns.
 #define F8_OVERLAP_NT 12
+#define F8_OVERLAP_NT3 6
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
 // A CUtensorMap (opaque, 64-byte aligned) passed by value.
@@ -377,8 +392,9 @@ struct Ring {
     int stage, a_box, a_boxes, stages;
 };
 
-// The consumer warps' own barrier (the producer never joins it).
-__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(GEMM_CONSUMERS) : "memory"); }
+// The consumer warps' own barrier (the producer never joins it): CONS threads.
+template <int CONS>
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONS) : "memory"); }
 
 // Four 8x8 matrices of 16-bit values, each as an mma accumulator fragment holds it (lane (g, t):
 // row g, columns 2t and 2t + 1 in one register), stored transposed: lane i gives the address of
@@ -393,24 +409,26 @@ __device__ __forceinline__ u32 act_pair(float lo, float hi) {
     return (u32)f32_to_act(lo) | ((u32)f32_to_act(hi) << 16);
 }
 
-// A row of the wgmma kernels' C tile in shared memory: the item's 128 columns (weight rows) of
-// one of its rows, 256 bytes, padded by 16 so that the eight rows a transposed stmatrix writes
-// start in different banks.
-#define C_PITCH 272
+// A row of the wgmma kernels' C tile in shared memory: the item's 64 CG columns (weight rows)
+// of one of its rows, padded by 16 bytes so that the eight rows a transposed stmatrix writes
+// start in different banks (272 or 400 bytes: 68 or 100 words, 4 banks apart).
+template <int CG>
+__device__ constexpr int c_pitch() { return 128 * CG + 16; }
 
 // The wgmma kernels' C: each warp's accumulators (its 16 weight rows by the item's 8 NT rows) go
 // to shared memory by transposed stmatrix, into the ring slot of the item's last stage, which
 // the consumers hold until then; then the consumer warps copy the item's valid rows out, 16
 // bytes a lane, whole 256-byte row segments a half-warp. Written lane by lane, C took 2-byte
 // stores, each warp store four partial sectors.
-template <int NT>
+template <int NT, int CG>
 __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
                                                int warp, int lane) {
+    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), SEG = 8 * CG;  // 16-byte segments a row
     const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
     const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
     const float al = p.alpha[it.e] * 64.0f;  // the widened codes are values times 2^-6
     // Every warp's products have read the slot (each warpgroup waited for its own).
-    consumers_sync();
+    consumers_sync<CONS>();
     const int mi = lane >> 3, tau = lane & 7;
     const u32 addr = smem_addr(tile) + (u32)((8 * (mi >> 1) + tau) * C_PITCH + (warp * 16 + 8 * (mi & 1)) * 2);
 #pragma unroll
@@ -418,11 +436,10 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
         stmatrix_x4_trans(addr + 8 * j * C_PITCH, act_pair(acc[j][0] * al, acc[j][1] * al),
                           act_pair(acc[j][2] * al, acc[j][3] * al), act_pair(acc[j + 1][0] * al, acc[j + 1][1] * al),
                           act_pair(acc[j + 1][2] * al, acc[j + 1][3] * al));
-    consumers_sync();
-    const int tid = warp * 32 + lane;
-    for (int i = tid; i < rows * 16; i += GEMM_CONSUMERS) {
-        const int m = i >> 4, col = it.n0 + (i & 15) * 8;
-        if (col < p.N) *(uint4*)(p.c + (base + m) * p.N + col) = *(const uint4*)(tile + m * C_PITCH + (i & 15) * 16);
+    consumers_sync<CONS>();
+    for (u32 i = warp * 32 + lane; i < (u32)(rows * SEG); i += CONS) {
+        const int m = (int)(i / SEG), sg = (int)(i % SEG), col = it.n0 + sg * 8;
+        if (col < p.N) *(uint4*)(p.c + (base + m) * p.N + col) = *(const uint4*)(tile + m * C_PITCH + sg * 16);
     }
     // Generic-proxy writes to a slot the producer's TMA writes next.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -432,11 +449,12 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
 // its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
 // of this item's wgmma. F8 (wgmma only): E4M3 products. STAGED (wgmma only): C through shared
 // memory (store_c_staged), a separate instantiation, since decode's items of 16 rows measured
-// slower in any kernel that also held that path.
-template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED>
+// slower in any kernel that also held that path. CG (wgmma only): consumer warpgroups, each
+// taking 64 of the item's weight rows.
+template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
                                              int lane) {
-    constexpr int W_BYTES = 128 * 128 * MT;
+    constexpr int W_BYTES = item_rows<WG, MT, CG>() * 128;
     const int g = lane >> 2, t = lane & 3;
     const int stages = (p.K + KS - 1) / KS, slots = STAGES ? STAGES : rg.stages;
     // This lane's weight rows in the item: r[i][0] and r[i][1] = r[i][0] + 8 of each of the
@@ -470,8 +488,12 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
                 w[i][q][0] = a.x, w[i][q][1] = a.y, w[i][q][2] = a.z, w[i][q][3] = a.w;
                 w[i][q][4] = b.x, w[i][q][5] = b.y, w[i][q][6] = b.z, w[i][q][7] = b.w;
-                const int rr = row & 127;
-                const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + (row >> 7) * S_BYTES + t * 512;
+                // The row's 128-row scale tile, counted from the item's first (items of 192
+                // weight rows start halfway into one every other time).
+                constexpr bool ALIGNED = item_rows<WG, MT, CG>() % 128 == 0;
+                const int at = ALIGNED ? row : it.n0 + row;
+                const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
+                const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
                 const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
                 e4m3x4_to_f16x2x2(s4, sl[i][q][0], sl[i][q][1]);
                 if constexpr (F8) {
@@ -492,7 +514,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // empties the tensor cores' queue. (Leaving the second group running into the next
             // stage too makes ptxas serialize every wgmma: it cannot tell which products still
             // run when their sums are read across the loop.)
-            constexpr bool OVERLAP = NT <= F8_OVERLAP_NT;
+            constexpr bool OVERLAP = NT <= (CG == 2 ? F8_OVERLAP_NT : F8_OVERLAP_NT3);
             float part[OVERLAP ? 2 : 1][NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -582,7 +604,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     }
     if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
-        store_c_staged<NT>(p, it, acc[0], rg.base + slot * rg.stage, warp, lane);
+        store_c_staged<NT, CG>(p, it, acc[0], rg.base + slot * rg.stage, warp, lane);
         mbar_arrive(rg.empty + slot);
         return;
     }
@@ -609,29 +631,34 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 }
 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
-// to 10 (bm up to 160).
-#define WG_MAX_CHUNKS 10
-template <bool F8, bool STAGED, int C = 1>
+// to wg_max_chunks (bm up to 160 with two consumer warpgroups, 96 with three).
+template <int CG>
+__device__ constexpr int wg_max_chunks() { return CG == 2 ? 10 : 6; }
+template <bool F8, bool STAGED, int CG, int C = 1>
 __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
                                               int warp, int lane) {
-    if constexpr (C < WG_MAX_CHUNKS) {
+    if constexpr (C < wg_max_chunks<CG>()) {
         if (chunks > C) {
-            consume_wgmma<F8, STAGED, C + 1>(chunks, p, it, rg, n, warp, lane);
+            consume_wgmma<F8, STAGED, CG, C + 1>(chunks, p, it, rg, n, warp, lane);
             return;
         }
     }
-    consume_item<2 * C, 1, 0, true, F8, STAGED>(p, it, rg, n, warp, lane);
+    consume_item<2 * C, 1, 0, true, F8, STAGED, CG>(p, it, rg, n, warp, lane);
 }
 
 // STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
 // follows its item height). F8: E4M3 products, whose wgmma reads A as two boxes of 128 bytes.
-// STAGED: C through shared memory (consume_item).
-template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED>
+// STAGED: C through shared memory (consume_item). CG: the wgmma kernel's consumer warpgroups
+// (an item is 64 CG weight rows); with three, a producer warpgroup hands its registers over
+// (REG_HANDOFF), as it does for E4M3 products.
+template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
     static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
-    static_assert(WG || !F8, "E4M3 products run in the wgmma kernel");
-    constexpr int W_BYTES = 128 * 128 * MT;  // the weight box: 128 MT rows x 128 bytes
-    constexpr int ITEM_N = 128 * MT;         // weight rows (output columns) of an item
+    static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
+    constexpr int CONS = 128 * CG;                     // consumer threads
+    constexpr int ITEM_N = item_rows<WG, MT, CG>();    // weight rows (output columns) of an item
+    constexpr int W_BYTES = ITEM_N * 128;              // the weight box: ITEM_N rows x 128 bytes
+    constexpr int SF_TILES = item_scale_tiles<ITEM_N>();
     const int bm = WG ? p.bm : 8 * NT;
     extern __shared__ u8 smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary, and
@@ -641,7 +668,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     rg.base = smem_raw + ((1024u - (smem_addr(smem_raw) & 1023u)) & 1023u);
     rg.a_box = bm * 128;
     rg.a_boxes = F8 ? 2 : 4;
-    rg.stage = W_BYTES + rg.a_boxes * rg.a_box + MT * S_BYTES;
+    rg.stage = W_BYTES + rg.a_boxes * rg.a_box + SF_TILES * S_BYTES;
     rg.stages = STAGES ? STAGES : p.stages;
     rg.full = (u64*)(rg.base + rg.stages * rg.stage);
     rg.empty = rg.full + rg.stages;
@@ -649,17 +676,17 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     if (tid == 0) {
         for (int s = 0; s < rg.stages; ++s) {
             mbar_init(rg.full + s, 1);
-            mbar_init(rg.empty + s, GEMM_CONSUMERS);
+            mbar_init(rg.empty + s, CONS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
     const int n_tiles = (p.N + ITEM_N - 1) / ITEM_N;
     const int items = p.tile_start[p.E] * n_tiles;
-    if (warp >= GEMM_CONSUMERS / 32) {
+    if (warp >= CONS / 32) {
         // The producer.
-        if constexpr (F8) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;");
-        if (warp != GEMM_CONSUMERS / 32 || lane != 0) return;
+        if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(producer_regs<CG>()));
+        if (warp != CONS / 32 || lane != 0) return;
         const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
         u32 n = 0;
@@ -667,7 +694,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
             // Scale tiles past N are not copied (their rows' codes are the TMA's zeros).
-            const int sf0 = it.n0 / 128, sfn = min(MT, sf_tiles - sf0);
+            const int sf0 = it.n0 / 128, sfn = min(SF_TILES, sf_tiles - sf0);
             const u8* sf = p.w_sf + ((long long)it.e * sf_tiles + sf0) * k_tiles * 512;
             for (int st = 0; st < stages; ++st, ++n) {
                 const int slot = n % rg.stages;
@@ -685,23 +712,23 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         }
         return;
     }
-    if constexpr (F8) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
+    if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(consumer_regs<CG>()));
     u32 n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma<F8, STAGED>(min((rows + 15) >> 4, WG_MAX_CHUNKS), p, it, rg, n, warp, lane);
+            consume_wgmma<F8, STAGED, CG>(min((rows + 15) >> 4, wg_max_chunks<CG>()), p, it, rg, n, warp, lane);
         } else {
-            consume_item<NT, MT, STAGES, false, false, false>(p, it, rg, n, warp, lane);
+            consume_item<NT, MT, STAGES, false, false, false, CG>(p, it, rg, n, warp, lane);
         }
     }
 }
 
-#define FP4_GEMM(NAME, NT, MT, STAGES, WG, F8, STAGED, THREADS)                                         \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) NAME(                                      \
+#define FP4_GEMM(NAME, NT, MT, STAGES, WG, F8, STAGED, CG)                                              \
+    extern "C" __global__ void __launch_bounds__(gemm_threads<F8, CG>(), 1) NAME(                       \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {       \
-        fp4_gemm<NT, MT, STAGES, WG, F8, STAGED>(p, &w_map, &a_map);                                    \
+        fp4_gemm<NT, MT, STAGES, WG, F8, STAGED, CG>(p, &w_map, &a_map);                                \
     }
 // Up to 32 rows an item, mma.sync per warp, where every warp reads the whole stage of rows from
 // shared memory: at 32 rows, warps of two weight tiles (items of 256 weight rows) halve that
@@ -711,15 +738,22 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
 // One block an SM with the deepest ring that fits measured faster than two blocks of four stages
 // (H100: 2120 against 2158 us at 1 row per expert, 2334 against 2377 at 16, 2617 against 2709 at
 // 32; eight stages at 1 row were no better than six).
-FP4_GEMM(fp4_gemm_n1, 1, 1, 6, false, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_gemm_n2, 2, 1, 6, false, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_wgmma, 0, 1, 0, true, false, false, GEMM_THREADS)
-FP4_GEMM(fp4_wgmma_f8, 0, 1, 0, true, true, false, GEMM_THREADS_F8WG)
+FP4_GEMM(fp4_gemm_n1, 1, 1, 6, false, false, false, 2)
+FP4_GEMM(fp4_gemm_n2, 2, 1, 6, false, false, false, 2)
+FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false, false, false, 2)
+FP4_GEMM(fp4_wgmma, 0, 1, 0, true, false, false, 2)
+FP4_GEMM(fp4_wgmma_f8, 0, 1, 0, true, true, false, 2)
 // The same, writing C through shared memory: for tall items over a short K, where the stores
 // of C are a large share of an item (runner.rs, STAGED_MIN_ROWS).
-FP4_GEMM(fp4_wgmma_staged, 0, 1, 0, true, false, true, GEMM_THREADS)
-FP4_GEMM(fp4_wgmma_f8_staged, 0, 1, 0, true, true, true, GEMM_THREADS_F8WG)
+FP4_GEMM(fp4_wgmma_staged, 0, 1, 0, true, false, true, 2)
+FP4_GEMM(fp4_wgmma_f8_staged, 0, 1, 0, true, true, true, 2)
+// Three consumer warpgroups (items of 192 weight rows by up to 96 rows): for items up to 96
+// rows, where two warpgroups leave the tensor cores idle while they widen codes and wait on
+// dependencies (runner.rs, WG3_MAX_ROWS).
+FP4_GEMM(fp4_wgmma3, 0, 1, 0, true, false, false, 3)
+FP4_GEMM(fp4_wgmma3_f8, 0, 1, 0, true, true, false, 3)
+FP4_GEMM(fp4_wgmma3_staged, 0, 1, 0, true, false, true, 3)
+FP4_GEMM(fp4_wgmma3_f8_staged, 0, 1, 0, true, true, true, 3)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's values (code
