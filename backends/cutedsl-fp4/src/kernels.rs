@@ -22,10 +22,13 @@ pub const SEGMENT: usize = 256;
 
 /// The most rows of an expert the wgmma kernel takes in one work item (its widest wgmma).
 pub const WG_MAX_ROWS: usize = 160;
-/// The most rows an item of the wgmma kernel with three consumer warpgroups takes (nvfp4.cu,
-/// `wg_max_chunks`): items up to this tall take that kernel, whose third warpgroup keeps the
-/// tensor cores busier while the others widen codes and wait (its registers hold no wider sums).
-pub const WG3_MAX_ROWS: usize = 96;
+/// The most rows an item of the wgmma kernel with three consumer warpgroups and E4M3 products
+/// takes (nvfp4.cu, `wg_max_chunks`): items up to this tall take that kernel, whose third
+/// warpgroup keeps the tensor cores busier while the others widen codes and wait (its registers
+/// hold no wider sums). With exact products it takes every height.
+pub const WG3_MAX_ROWS_E4M3: usize = 96;
+/// Exact products up to this many rows an expert take mma.sync.
+const MMA_SYNC_MAX_ROWS: usize = 16;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
 
@@ -111,11 +114,10 @@ pub struct Fp4Kernels {
     /// The GEMM for 8, 16, 32 rows per work item (mma.sync), then the wgmma kernel, with exact
     /// (f16) products.
     pub gemm: [Gemm; 4],
-    /// The wgmma kernel with three consumer warpgroups, exact products (items up to
-    /// `WG3_MAX_ROWS`).
+    /// The wgmma kernel with three consumer warpgroups, exact products.
     pub gemm3: Gemm,
     /// The wgmma kernel with E4M3 products, for every batch size: three consumer warpgroups up
-    /// to `WG3_MAX_ROWS` rows an item, then two.
+    /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
     pub gemm_e4m3: [Gemm; 2],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
@@ -281,9 +283,9 @@ impl Fp4Kernels {
                 gemm(4, 2, 4, false, false)?,
                 gemm(WG_MAX_ROWS / 8, 2, 4, true, false)?,
             ],
-            gemm3: gemm(WG3_MAX_ROWS / 8, 3, 4, true, false)?,
+            gemm3: gemm(WG_MAX_ROWS / 8, 3, 4, true, false)?,
             gemm_e4m3: [
-                gemm(WG3_MAX_ROWS / 8, 3, 4, true, true)?,
+                gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true)?,
                 gemm(WG_MAX_ROWS / 8, 2, 4, true, true)?,
             ],
             act_quant: load("fp4_act_quant")?,
@@ -303,11 +305,14 @@ impl Fp4Kernels {
     /// time than mma.sync on f16 values rounded to E4M3 and back.
     pub fn gemm_for(&self, expected: usize, cap: usize, products: Nvfp4Products) -> GemmPlan<'_> {
         let bm = wgmma_item_rows(expected, cap);
-        let three = bm <= WG3_MAX_ROWS;
         let g = match products {
-            Nvfp4Products::E4m3 => &self.gemm_e4m3[usize::from(!three)],
+            Nvfp4Products::E4m3 => &self.gemm_e4m3[usize::from(bm > WG3_MAX_ROWS_E4M3)],
             Nvfp4Products::Exact => {
-                if let Some(g) = self.gemm.iter().find(|g| !g.wg && g.rows >= expected) {
+                if let Some(g) = self
+                    .gemm
+                    .iter()
+                    .find(|g| !g.wg && g.rows >= expected && g.rows <= MMA_SYNC_MAX_ROWS)
+                {
                     return GemmPlan {
                         gemm: g,
                         bm: g.rows,
@@ -315,11 +320,7 @@ impl Fp4Kernels {
                         smem: ring_bytes(g.rows, g.item_n, g.stages, a_row_bytes(false, false)),
                     };
                 }
-                if three {
-                    &self.gemm3
-                } else {
-                    &self.gemm[self.gemm.len() - 1]
-                }
+                &self.gemm3
             }
         };
         let a_row = a_row_bytes(true, g.f8);
@@ -389,8 +390,8 @@ mod tests {
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            // Items of 128 weight rows up to the tallest, of 192 up to WG3_MAX_ROWS.
-            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG3_MAX_ROWS)] {
+            // Items of 128 and of 192 weight rows.
+            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG_MAX_ROWS)] {
                 for bm in (16..=most_rows).step_by(16) {
                     let s = wgmma_stages(bm, item_n, 4, a_row);
                     // E4M3 rows take half the bytes: at least three slots at the tallest items.

@@ -631,13 +631,14 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 }
 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
-// to wg_max_chunks (bm up to 160 with two consumer warpgroups, 96 with three).
-template <int CG>
-__device__ constexpr int wg_max_chunks() { return CG == 2 ? 10 : 6; }
+// to wg_max_chunks (bm up to 160; 96 with three consumer warpgroups and E4M3 products, whose
+// second set of sums does not fit 160 registers wider).
+template <int CG, bool F8>
+__device__ constexpr int wg_max_chunks() { return CG == 3 && F8 ? 6 : 10; }
 template <bool F8, bool STAGED, int CG, int C = 1>
 __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
                                               int warp, int lane) {
-    if constexpr (C < wg_max_chunks<CG>()) {
+    if constexpr (C < wg_max_chunks<CG, F8>()) {
         if (chunks > C) {
             consume_wgmma<F8, STAGED, CG, C + 1>(chunks, p, it, rg, n, warp, lane);
             return;
@@ -718,7 +719,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma<F8, STAGED, CG>(min((rows + 15) >> 4, wg_max_chunks<CG>()), p, it, rg, n, warp, lane);
+            consume_wgmma<F8, STAGED, CG>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, warp, lane);
         } else {
             consume_item<NT, MT, STAGES, false, false, false, CG>(p, it, rg, n, warp, lane);
         }
