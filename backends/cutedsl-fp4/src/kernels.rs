@@ -27,8 +27,6 @@ pub const WG_MAX_ROWS: usize = 160;
 /// warpgroup keeps the tensor cores busier while the others widen codes and wait (its registers
 /// hold no wider sums). With exact products it takes every height.
 pub const WG3_MAX_ROWS_E4M3: usize = 96;
-/// Exact products up to this many rows an expert take mma.sync.
-const MMA_SYNC_MAX_ROWS: usize = 16;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
 
@@ -41,8 +39,8 @@ pub struct Gemm {
     /// Rows of an expert per work item: the mma.sync variants' fixed `8 * nt`, or, for the
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
     pub rows: usize,
-    /// Weight rows (output columns) of an item: `128 * mt` for mma.sync with `mt` tiles a warp,
-    /// 64 a consumer warpgroup for wgmma.
+    /// Weight rows (output columns) of an item: 128 for mma.sync, 64 a consumer warpgroup for
+    /// wgmma.
     pub item_n: usize,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
@@ -86,7 +84,7 @@ fn ring_bytes(bm: usize, item_n: usize, stages: usize, a_row: usize) -> usize {
 /// The 128-row scale tiles an item of `item_n` weight rows touches (nvfp4.cu,
 /// `item_scale_tiles`).
 fn scale_tiles(item_n: usize) -> usize {
-    item_n / 128 + usize::from(item_n % 128 != 0)
+    item_n / 128 + usize::from(!item_n.is_multiple_of(128))
 }
 
 /// Rows of an expert per item of the wgmma kernel for about `expected` rows per expert, at most
@@ -111,14 +109,13 @@ pub struct Fp4Kernels {
     pub quant_rows: CudaFunction,
     pub expand_rows: CudaFunction,
     pub tiles: CudaFunction,
-    /// The GEMM for 8, 16, 32 rows per work item (mma.sync), then the wgmma kernel, with exact
-    /// (f16) products.
-    pub gemm: [Gemm; 4],
-    /// The wgmma kernel with three consumer warpgroups, exact products.
-    pub gemm3: Gemm,
+    /// The GEMM for 8 and 16 rows per work item (mma.sync), with exact (f16) products.
+    pub mma_sync: [Gemm; 2],
+    /// The wgmma kernel with exact products (three consumer warpgroups), past 16 rows.
+    pub wgmma: Gemm,
     /// The wgmma kernel with E4M3 products, for every batch size: three consumer warpgroups up
     /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
-    pub gemm_e4m3: [Gemm; 2],
+    pub wgmma_e4m3: [Gemm; 2],
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
@@ -197,17 +194,15 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
-        // (rows per item / 8, weight tiles per warp or consumer warpgroups, ring stages, wgmma,
-        // E4M3 products), as nvfp4.cu instantiates them; the wgmma kernel's `nt` is its widest
-        // item.
-        let gemm = |nt: usize, mt_cg: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
-            let name = match (wg, mt_cg) {
+        // (rows per item / 8, consumer warpgroups, ring stages, wgmma, E4M3 products), as
+        // nvfp4.cu instantiates them; the wgmma kernel's `nt` is its widest item.
+        let gemm = |nt: usize, cg: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
+            let name = match (wg, cg) {
                 (true, 3) => "fp4_wgmma3".to_string(),
                 (true, _) => "fp4_wgmma".to_string(),
-                (false, 1) => format!("fp4_gemm_n{nt}"),
-                (false, mt) => format!("fp4_gemm_n{nt}m{mt}"),
+                (false, _) => format!("fp4_gemm_n{nt}"),
             } + if f8 { "_f8" } else { "" };
-            let item_n = if wg { 64 * mt_cg } else { 128 * mt_cg };
+            let item_n = if wg { 64 * cg } else { 128 };
             let smem = if wg {
                 SMEM_MAX
             } else {
@@ -215,7 +210,6 @@ impl Fp4Kernels {
             };
             // Consumer warps (two warpgroups, or three), then the producer: a warp, or a
             // warpgroup whose registers go to the consumers (nvfp4.cu, `reg_handoff`).
-            let cg = if wg { mt_cg } else { 2 };
             let handoff = wg && (f8 || cg == 3);
             let threads = 128 * cg + if handoff { 128 } else { 32 };
             // Loads one instantiation and opens its shared memory.
@@ -277,14 +271,9 @@ impl Fp4Kernels {
             quant_rows: load("fp4_quant_rows")?,
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
-            gemm: [
-                gemm(1, 1, 6, false, false)?,
-                gemm(2, 1, 6, false, false)?,
-                gemm(4, 2, 4, false, false)?,
-                gemm(WG_MAX_ROWS / 8, 2, 4, true, false)?,
-            ],
-            gemm3: gemm(WG_MAX_ROWS / 8, 3, 4, true, false)?,
-            gemm_e4m3: [
+            mma_sync: [gemm(1, 2, 6, false, false)?, gemm(2, 2, 6, false, false)?],
+            wgmma: gemm(WG_MAX_ROWS / 8, 3, 4, true, false)?,
+            wgmma_e4m3: [
                 gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true)?,
                 gemm(WG_MAX_ROWS / 8, 2, 4, true, true)?,
             ],
@@ -294,25 +283,22 @@ impl Fp4Kernels {
         })
     }
 
-    /// The GEMM for about `expected` rows per expert, at most `cap`. Up to 32, the smallest
+    /// The GEMM for about `expected` rows per expert, at most `cap`. Up to 16, the smallest
     /// mma.sync item that holds them, so decode batches compute no empty n8 tiles. Past that,
     /// the wgmma kernel, whose items take up to `expected + 3 sqrt(expected)` rows (rounded up
     /// to 16, at most 160): routed counts scatter about their mean like a Poisson count, so
     /// nearly every expert fits one item, and each item's wgmma is only as wide as its rows.
-    /// An expert past the item takes a second one, which streams its weights again. Items up
-    /// to `WG3_MAX_ROWS` tall take three consumer warpgroups, taller ones two.
+    /// An expert past the item takes a second one, which streams its weights again. With E4M3
+    /// products, items up to `WG3_MAX_ROWS_E4M3` tall take three consumer warpgroups, taller
+    /// ones two; exact products take three at every height.
     /// E4M3 products take the wgmma kernel at every size: at 1 to 32 rows it took 7% to 15% less
     /// time than mma.sync on f16 values rounded to E4M3 and back.
     pub fn gemm_for(&self, expected: usize, cap: usize, products: Nvfp4Products) -> GemmPlan<'_> {
         let bm = wgmma_item_rows(expected, cap);
         let g = match products {
-            Nvfp4Products::E4m3 => &self.gemm_e4m3[usize::from(bm > WG3_MAX_ROWS_E4M3)],
+            Nvfp4Products::E4m3 => &self.wgmma_e4m3[usize::from(bm > WG3_MAX_ROWS_E4M3)],
             Nvfp4Products::Exact => {
-                if let Some(g) = self
-                    .gemm
-                    .iter()
-                    .find(|g| !g.wg && g.rows >= expected && g.rows <= MMA_SYNC_MAX_ROWS)
-                {
+                if let Some(g) = self.mma_sync.iter().find(|g| g.rows >= expected) {
                     return GemmPlan {
                         gemm: g,
                         bm: g.rows,
@@ -320,7 +306,7 @@ impl Fp4Kernels {
                         smem: ring_bytes(g.rows, g.item_n, g.stages, a_row_bytes(false, false)),
                     };
                 }
-                &self.gemm3
+                &self.wgmma
             }
         };
         let a_row = a_row_bytes(true, g.f8);

@@ -187,18 +187,19 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // C[base(e) + i, n] = alpha[e] * sum_k A[base(e) + i, k] * W[e, n, k] for i < counts[e].
 //
 // Decode batches fill an n8 tile of the MMA, not an m16 one, so the weights are the 16-row
-// operand and up to bm rows of A the columns: a work item is 128 * MT weight rows (output
-// columns) of one expert by one chunk of bm of its rows, over the whole of K. The mma.sync
+// operand and up to bm rows of A the columns: a work item is 128 weight rows (output columns;
+// 64 a consumer warpgroup in the wgmma kernel) of one expert by one chunk of bm of its rows,
+// over the whole of K. The mma.sync
 // variants have bm = 8 * NT; the wgmma kernel takes bm (a multiple of 16, up to 160) per launch
 // and gives each item a wgmma exactly as wide as its rows, rounded up to 16: with random
 // routing an expert's rows scatter around the mean, and an item of fixed width either computes
 // empty columns or sends the rows past it to a second item that streams and widens the
 // expert's weights again. A producer warp
 // streams each item's K in stages of 256 through a ring of shared-memory slots: the weight box
-// (128 MT rows x 128 bytes) and A's four boxes of 64 values by TMA with the 128-byte swizzle,
-// the block scales (four swizzled k-tiles per 128 weight rows, contiguous) by bulk copies, all
-// completing on the slot's mbarrier. Eight consumer warps take 16 MT weight rows each; lane
-// (g, t) multiplies rows g and g + 8 of each of its tiles over the stage's k range
+// (the item's weight rows x 128 bytes) and A's four boxes of 64 values by TMA with the 128-byte
+// swizzle, the block scales (four swizzled k-tiles per 128 weight rows, contiguous) by bulk
+// copies, all completing on the slot's mbarrier. Each consumer warp takes 16 weight rows; lane
+// (g, t) multiplies rows g and g + 8 of them over the stage's k range
 // 64t.. 64t + 63 (four scale blocks): its codes are widened to E4M3, converted to f16 and
 // multiplied by their block scale in f16, all exactly (an E2M1 value times an E4M3 scale times
 // 2^-6 is a multiple of 2^-16 with at most six significant bits), so partial sums are never
@@ -220,9 +221,10 @@ template <int CG>
 __device__ constexpr int producer_regs() { return CG == 2 ? 40 : 24; }
 template <int CG>
 __device__ constexpr int consumer_regs() { return CG == 2 ? 232 : 160; }
-// Weight rows of an item: 128 MT for mma.sync, 64 a consumer warpgroup for wgmma.
-template <bool WG, int MT, int CG>
-__device__ constexpr int item_rows() { return WG ? 64 * CG : 128 * MT; }
+// Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
+// wgmma.
+template <bool WG, int CG>
+__device__ constexpr int item_rows() { return WG ? 64 * CG : 128; }
 // The 128-row scale tiles an item's weight rows touch: items of 192 rows start on multiples of
 // 64, so they touch two.
 template <int ITEM_N>
@@ -382,7 +384,7 @@ __device__ __forceinline__ void widen_tile_f8(const u32 (&w)[2][8], const u32 (&
 }
 
 // A block's ring: `stages` slots of `stage` bytes from a 1024-byte boundary, each slot the weight
-// box (128 MT rows x 128 bytes), A's boxes of 128 bytes by bm rows (`a_box` bytes each: four of
+// box (the item's weight rows x 128 bytes), A's boxes of 128 bytes by bm rows (`a_box` bytes each: four of
 // 64 f16 values, or two of 128 E4M3 bytes) and the block scales; then the slots' full and empty
 // barriers.
 struct Ring {
@@ -451,21 +453,16 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
 // memory (store_c_staged), a separate instantiation, since decode's items of 16 rows measured
 // slower in any kernel that also held that path. CG (wgmma only): consumer warpgroups, each
 // taking 64 of the item's weight rows.
-template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
+template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
                                              int lane) {
-    constexpr int W_BYTES = item_rows<WG, MT, CG>() * 128;
+    constexpr int W_BYTES = item_rows<WG, CG>() * 128;
     const int g = lane >> 2, t = lane & 3;
     const int stages = (p.K + KS - 1) / KS, slots = STAGES ? STAGES : rg.stages;
-    // This lane's weight rows in the item: r[i][0] and r[i][1] = r[i][0] + 8 of each of the
-    // warp's MT tiles of 16 (all with r & 7 = g).
-    int r[MT][2];
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        r[i][0] = warp * 16 * MT + 16 * i + g;
-        r[i][1] = r[i][0] + 8;
-    }
-    float acc[MT][NT][4] = {};
+    // This lane's weight rows in the item: r[0] and r[1] = r[0] + 8 of the warp's 16 (both with
+    // r & 7 = g).
+    const int r[2] = {warp * 16 + g, warp * 16 + g + 8};
+    float acc[NT][4] = {};
     // STAGED keeps the last stage's slot for C (store_c_staged).
     static_assert(WG || !STAGED, "C goes through shared memory in the wgmma kernels only");
     for (int st = 0; st < stages; ++st, ++n) {
@@ -478,30 +475,28 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
         // chunk ^ g); the f16x2 block scales {s0, s1} and {s2, s3} of those blocks
         // (swizzled k-tile t of the row's 128-row scale tile), zero past K and past N,
         // where no scale was copied.
-        u32 w[MT][2][8], sl[MT][2][2];
+        u32 w[2][8], sl[2][2];
 #pragma unroll
-        for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int row = r[i][q];
+        for (int q = 0; q < 2; ++q) {
+                const int row = r[q];
                 const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
                 const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
-                w[i][q][0] = a.x, w[i][q][1] = a.y, w[i][q][2] = a.z, w[i][q][3] = a.w;
-                w[i][q][4] = b.x, w[i][q][5] = b.y, w[i][q][6] = b.z, w[i][q][7] = b.w;
+                w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
+                w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
                 // The row's 128-row scale tile, counted from the item's first (items of 192
                 // weight rows start halfway into one every other time).
-                constexpr bool ALIGNED = item_rows<WG, MT, CG>() % 128 == 0;
+                constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
                 const int at = ALIGNED ? row : it.n0 + row;
                 const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
                 const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
                 const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
-                e4m3x4_to_f16x2x2(s4, sl[i][q][0], sl[i][q][1]);
+                e4m3x4_to_f16x2x2(s4, sl[q][0], sl[q][1]);
                 if constexpr (F8) {
                     // Times 8 (exact): the widened codes times the scale are then v / 8.
-                    sl[i][q][0] = mul_f16x2(sl[i][q][0], 0x48004800u);
-                    sl[i][q][1] = mul_f16x2(sl[i][q][1], 0x48004800u);
+                    sl[q][0] = mul_f16x2(sl[q][0], 0x48004800u);
+                    sl[q][1] = mul_f16x2(sl[q][1], 0x48004800u);
                 }
-            }
+        }
         if constexpr (F8) {
             // A chunk of two k32 steps at a time (lane block 4t + c). The FP8 tensor cores add
             // into their accumulator with much less than f32's precision (a stage summed in it
@@ -521,15 +516,15 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 // Block 4t + c's tables, one a row.
                 u32 tab[2][2];
 #pragma unroll
-                for (int q = 0; q < 2; ++q) e4m3_table(__byte_perm(sl[0][q][c >> 1], 0, (c & 1) ? 0x3232 : 0x1010), tab[q]);
+                for (int q = 0; q < 2; ++q) e4m3_table(__byte_perm(sl[q][c >> 1], 0, (c & 1) ? 0x3232 : 0x1010), tab[q]);
                 u32 f[2][4];  // [h][fragment] of k32 step 2c + h
 #pragma unroll
-                for (int h = 0; h < 2; ++h) widen_tile_f8(w[0], tab, c, h, f[h]);
+                for (int h = 0; h < 2; ++h) widen_tile_f8(w, tab, c, h, f[h]);
                 const bool fresh = c % F8_PROMOTE == 0;
                 if (!OVERLAP && fresh && c > 0) {
                     wgmma_wait<0>();
 #pragma unroll
-                    for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[0][i];
+                    for (int i = 0; i < NT * 4; ++i) (&acc[0][0])[i] += part[0][i];
                 }
                 wgmma_fence();
 #pragma unroll
@@ -544,32 +539,32 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             if constexpr (OVERLAP) {
                 wgmma_wait<2>();  // the first group (two commit groups of the four)
 #pragma unroll
-                for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[0][i];
+                for (int i = 0; i < NT * 4; ++i) (&acc[0][0])[i] += part[0][i];
             }
             wgmma_wait<0>();
             if (!(STAGED && st == stages - 1)) mbar_arrive(rg.empty + slot);
 #pragma unroll
-            for (int i = 0; i < NT * 4; ++i) (&acc[0][0][0])[i] += part[OVERLAP ? 1 : 0][i];
+            for (int i = 0; i < NT * 4; ++i) (&acc[0][0])[i] += part[OVERLAP ? 1 : 0][i];
         } else if constexpr (WG) {
             // Box by box: box c is widened into registers of its own while box c - 1's k16 steps
             // run on the tensor cores; before box c reuses the registers of box c - 2, the wait
             // for all but the latest group of products retires box c - 2. So no wgmma waits for
             // the one before it, and a warpgroup holds the fragments of two boxes, not of four
-            // (the accumulators of 160 rows and all four boxes do not fit in the 168 registers
-            // a thread gets: ptxas budgets the nine warps as three whole warpgroups).
+            // (the accumulators of 160 rows and all four boxes do not fit in the 160 registers
+            // a consumer thread gets).
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 if (c >= 2) wgmma_wait<1>();
                 u32 f[2][2][4];  // [h][k16 step 2h, 2h + 1][fragment]
 #pragma unroll
-                for (int h = 0; h < 2; ++h) widen_tile(w[0], sl[0], c, h, f[h][0], f[h][1]);
+                for (int h = 0; h < 2; ++h) widen_tile(w, sl, c, h, f[h][0], f[h][1]);
                 wgmma_fence();
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
                     // k16 steps 2h and 2h + 1 of box c: 32 bytes each along its rows.
                     const u64 d = wgmma_desc(smem_addr(base + W_BYTES + c * rg.a_box)) + 4 * h;
-                    wgmma_rs<NT>(&acc[0][0][0], f[h][0], d);
-                    wgmma_rs<NT>(&acc[0][0][0], f[h][1], d + 2);
+                    wgmma_rs<NT>(&acc[0][0], f[h][0], d);
+                    wgmma_rs<NT>(&acc[0][0], f[h][1], d + 2);
                 }
                 wgmma_commit();
             }
@@ -585,17 +580,13 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 const u8* ab = base + W_BYTES + c * rg.a_box;
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    u32 fa[MT][4], fb[MT][4];
-#pragma unroll
-                    for (int i = 0; i < MT; ++i) widen_tile(w[i], sl[i], c, h, fa[i], fb[i]);
+                    u32 fa[4], fb[4];
+                    widen_tile(w, sl, c, h, fa, fb);
 #pragma unroll
                     for (int j = 0; j < NT; ++j) {
                         const uint4 b = *(const uint4*)(ab + (j * 8 + g) * 128 + ((2 * t + h) ^ g) * 16);
-#pragma unroll
-                        for (int i = 0; i < MT; ++i) {
-                            mma_f16_16816(acc[i][j], fa[i], b.x, b.y);
-                            mma_f16_16816(acc[i][j], fb[i], b.z, b.w);
-                        }
+                        mma_f16_16816(acc[j], fa, b.x, b.y);
+                        mma_f16_16816(acc[j], fb, b.z, b.w);
                     }
                 }
             }
@@ -604,28 +595,25 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     }
     if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
-        store_c_staged<NT, CG>(p, it, acc[0], rg.base + slot * rg.stage, warp, lane);
+        store_c_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
         mbar_arrive(rg.empty + slot);
         return;
     }
-    // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[i][0], r[i][1]. The
-    // weight codes were widened as value times 2^-6 (with F8, both operands are e4m3(v / 8)).
+    // Rows of C: this item's rows 8j + 2t, + 1; columns: weight rows r[0], r[1]. The weight
+    // codes were widened as value times 2^-6 (with F8, both operands are e4m3(v / 8)).
     const int rows = min(max(p.counts[it.e], 0), p.cap);
     const long long base = row_base(p.row0, p.cap, it.e);
     const float al = p.alpha[it.e] * 64.0f;
+    const int n_a = it.n0 + r[0], n_b = it.n0 + r[1];
 #pragma unroll
-    for (int i = 0; i < MT; ++i) {
-        const int n_a = it.n0 + r[i][0], n_b = it.n0 + r[i][1];
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-        for (int j = 0; j < NT; ++j) {
-#pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int m = it.m0 + 8 * j + 2 * t + q;
-                if (m >= rows) continue;
-                u16* crow = p.c + (base + m) * p.N;
-                if (n_a < p.N) crow[n_a] = f32_to_act(acc[i][j][q] * al);
-                if (n_b < p.N) crow[n_b] = f32_to_act(acc[i][j][2 + q] * al);
-            }
+        for (int q = 0; q < 2; ++q) {
+            const int m = it.m0 + 8 * j + 2 * t + q;
+            if (m >= rows) continue;
+            u16* crow = p.c + (base + m) * p.N;
+            if (n_a < p.N) crow[n_a] = f32_to_act(acc[j][q] * al);
+            if (n_b < p.N) crow[n_b] = f32_to_act(acc[j][2 + q] * al);
         }
     }
 }
@@ -644,7 +632,7 @@ __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, con
             return;
         }
     }
-    consume_item<2 * C, 1, 0, true, F8, STAGED, CG>(p, it, rg, n, warp, lane);
+    consume_item<2 * C, 0, true, F8, STAGED, CG>(p, it, rg, n, warp, lane);
 }
 
 // STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
@@ -652,12 +640,11 @@ __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, con
 // STAGED: C through shared memory (consume_item). CG: the wgmma kernel's consumer warpgroups
 // (an item is 64 CG weight rows); with three, a producer warpgroup hands its registers over
 // (REG_HANDOFF), as it does for E4M3 products.
-template <int NT, int MT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
+template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
-    static_assert(!WG || MT == 1, "a warpgroup's wgmma takes 16 weight rows per warp");
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
     constexpr int CONS = 128 * CG;                     // consumer threads
-    constexpr int ITEM_N = item_rows<WG, MT, CG>();    // weight rows (output columns) of an item
+    constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
     constexpr int W_BYTES = ITEM_N * 128;              // the weight box: ITEM_N rows x 128 bytes
     constexpr int SF_TILES = item_scale_tiles<ITEM_N>();
     const int bm = WG ? p.bm : 8 * NT;
@@ -721,40 +708,35 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
             consume_wgmma<F8, STAGED, CG>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, warp, lane);
         } else {
-            consume_item<NT, MT, STAGES, false, false, false, CG>(p, it, rg, n, warp, lane);
+            consume_item<NT, STAGES, false, false, false, CG>(p, it, rg, n, warp, lane);
         }
     }
 }
 
-#define FP4_GEMM(NAME, NT, MT, STAGES, WG, F8, STAGED, CG)                                              \
+#define FP4_GEMM(NAME, NT, STAGES, WG, F8, STAGED, CG)                                                  \
     extern "C" __global__ void __launch_bounds__(gemm_threads<F8, CG>(), 1) NAME(                       \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map, GemmArgs p) {       \
-        fp4_gemm<NT, MT, STAGES, WG, F8, STAGED, CG>(p, &w_map, &a_map);                                \
+        fp4_gemm<NT, STAGES, WG, F8, STAGED, CG>(p, &w_map, &a_map);                                    \
     }
-// Up to 32 rows an item, mma.sync per warp, where every warp reads the whole stage of rows from
-// shared memory: at 32 rows, warps of two weight tiles (items of 256 weight rows) halve that
-// traffic, which bounded the one-tile version (H100: 3% to 7% faster, at half the occupancy).
-// Past 32 rows, the warpgroup's wgmma, which reads each k16 step of the rows once for four
-// warps. (At 32 rows, wgmma measured 11% slower than mma.sync.)
-// One block an SM with the deepest ring that fits measured faster than two blocks of four stages
-// (H100: 2120 against 2158 us at 1 row per expert, 2334 against 2377 at 16, 2617 against 2709 at
-// 32; eight stages at 1 row were no better than six).
-FP4_GEMM(fp4_gemm_n1, 1, 1, 6, false, false, false, 2)
-FP4_GEMM(fp4_gemm_n2, 2, 1, 6, false, false, false, 2)
-FP4_GEMM(fp4_gemm_n4m2, 4, 2, 4, false, false, false, 2)
-FP4_GEMM(fp4_wgmma, 0, 1, 0, true, false, false, 2)
-FP4_GEMM(fp4_wgmma_f8, 0, 1, 0, true, true, false, 2)
+// Up to 16 rows an item (exact products), mma.sync per warp. One block an SM with the deepest
+// ring that fits measured faster than two blocks of four stages (H100: 2120 against 2158 us at
+// 1 row per expert, 2334 against 2377 at 16; eight stages at 1 row were no better than six).
+// Past 16 rows, and at every size with E4M3 products, the warpgroups' wgmma, which reads each
+// step of the rows once for four warps. Three consumer warpgroups (items of 192 weight rows)
+// keep the tensor cores busier than two while the others widen codes and wait on dependencies
+// (H100, 64 rows: GEMM 1 6% and GEMM 2 5% to 13% faster; at 8 and 16 rows mma.sync stays 3% to
+// 6% faster); with E4M3 products they take items up to 96 rows, since their registers hold no
+// wider second set of sums, and two take taller ones (runner.rs, gemm_for in kernels.rs).
+FP4_GEMM(fp4_gemm_n1, 1, 6, false, false, false, 2)
+FP4_GEMM(fp4_gemm_n2, 2, 6, false, false, false, 2)
+FP4_GEMM(fp4_wgmma3, 0, 0, true, false, false, 3)
+FP4_GEMM(fp4_wgmma_f8, 0, 0, true, true, false, 2)
+FP4_GEMM(fp4_wgmma3_f8, 0, 0, true, true, false, 3)
 // The same, writing C through shared memory: for tall items over a short K, where the stores
 // of C are a large share of an item (runner.rs, STAGED_MIN_ROWS).
-FP4_GEMM(fp4_wgmma_staged, 0, 1, 0, true, false, true, 2)
-FP4_GEMM(fp4_wgmma_f8_staged, 0, 1, 0, true, true, true, 2)
-// Three consumer warpgroups (items of 192 weight rows by up to 96 rows): for items up to 96
-// rows, where two warpgroups leave the tensor cores idle while they widen codes and wait on
-// dependencies (runner.rs, WG3_MAX_ROWS).
-FP4_GEMM(fp4_wgmma3, 0, 1, 0, true, false, false, 3)
-FP4_GEMM(fp4_wgmma3_f8, 0, 1, 0, true, true, false, 3)
-FP4_GEMM(fp4_wgmma3_staged, 0, 1, 0, true, false, true, 3)
-FP4_GEMM(fp4_wgmma3_f8_staged, 0, 1, 0, true, true, true, 3)
+FP4_GEMM(fp4_wgmma3_staged, 0, 0, true, false, true, 3)
+FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, true, 2)
+FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, true, 3)
 
 // NVFP4 rows as the low-latency dispatch delivers them (codes [rows, K/2], E4M3 scales
 // [rows, K/16] row-major, over the weights' input global scale) to GEMM 1's values (code
