@@ -24,16 +24,13 @@ use crate::kernels::{Fp4Kernels, GemmArgs, SEGMENT};
 use crate::tma::{Elem, TensorMap};
 use crate::RUNNER;
 
-/// A GEMM launch whose items are at least this tall (`bm`, about 57 expected rows per expert
-/// and up) over a K of at most `STAGED_MAX_K` takes the wgmma kernels' instantiation that
-/// writes C through shared memory, holding the last stage's ring slot for it. There the
-/// lane-by-lane stores of C are a large share of an item: H100, DeepSeek-V3 shapes, GEMM 2 (K
-/// = 2048) took 5% to 7% less time at 4096 tokens and 6% less at 2048 with E4M3 products (exact
-/// products at 2048 tokens: no change). GEMM 1 (K = 7168) gained nothing measurable (-3% to
-/// +3%), its ring one slot shorter while C is written; decode's short items stream weights, and
-/// a kernel that also held the staged path measured 1% to 3% slower there, so it is a separate
-/// instantiation.
-const STAGED_MIN_ROWS: usize = 96;
+/// A wgmma GEMM launch over a K of at most this takes the instantiation that writes C through
+/// shared memory, holding the last stage's ring slot for it. There the lane-by-lane stores of C
+/// are a large share of an item: H100, DeepSeek-V3 shapes, GEMM 2 (K = 2048) took 5% to 7% less
+/// time at 4096 tokens and 6% less at 2048 with E4M3 products, and 1.5% to 2.5% less at 32 rows
+/// per expert (no change at 1 row). GEMM 1 (K = 7168) gained nothing measurable (-3% to +3%),
+/// its ring one slot shorter while C is written. A kernel that also held the staged path
+/// measured 1% to 3% slower at decode, so it is a separate instantiation.
 const STAGED_MAX_K: usize = 2048;
 
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
@@ -399,9 +396,9 @@ impl Fp4Runner {
                 bm: bm_i,
                 stages: plan.stages as i32,
             };
-            // C through shared memory (STAGED_MIN_ROWS), where C's rows start and end on 16
-            // bytes (the runner's own buffers do; an output the caller gives may not).
-            let staged_fits = bm >= STAGED_MIN_ROWS && kk <= STAGED_MAX_K;
+            // C through shared memory (STAGED_MAX_K), where C's rows start and end on 16 bytes
+            // (the runner's own buffers do; an output the caller gives may not).
+            let staged_fits = kk <= STAGED_MAX_K;
             let aligned = c.is_multiple_of(16) && n.is_multiple_of(8);
             let f = match &gk.staged {
                 Some(staged) if staged_fits && aligned => staged,

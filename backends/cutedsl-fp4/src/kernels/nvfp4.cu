@@ -732,8 +732,8 @@ FP4_GEMM(fp4_gemm_n2, 2, 6, false, false, false, 2)
 FP4_GEMM(fp4_wgmma3, 0, 0, true, false, false, 3)
 FP4_GEMM(fp4_wgmma_f8, 0, 0, true, true, false, 2)
 FP4_GEMM(fp4_wgmma3_f8, 0, 0, true, true, false, 3)
-// The same, writing C through shared memory: for tall items over a short K, where the stores
-// of C are a large share of an item (runner.rs, STAGED_MIN_ROWS).
+// The same, writing C through shared memory: for a short K, where the stores of C are a large
+// share of an item (runner.rs, STAGED_MAX_K).
 FP4_GEMM(fp4_wgmma3_staged, 0, 0, true, false, true, 3)
 FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, true, 2)
 FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, true, 3)
