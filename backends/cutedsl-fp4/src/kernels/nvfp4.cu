@@ -450,9 +450,9 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
 // One work item on the consumer warps: its K stages from the ring (n counts the slots used), then
 // its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
 // of this item's wgmma. F8 (wgmma only): E4M3 products. STAGED (wgmma only): C through shared
-// memory (store_c_staged), a separate instantiation, since decode's items of 16 rows measured
-// slower in any kernel that also held that path. CG (wgmma only): consumer warpgroups, each
-// taking 64 of the item's weight rows.
+// memory (store_c_staged), a separate instantiation, since GEMM 1, which keeps the lane stores,
+// measured slower at decode in a kernel that also held that path. CG (wgmma only): consumer
+// warpgroups, each taking 64 of the item's weight rows.
 template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
                                              int lane) {
