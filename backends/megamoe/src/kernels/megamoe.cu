@@ -431,7 +431,9 @@ __device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1, 
 #define RED_FLOATS (WARPS * ITEM_ROWS * ITEM_COLS)
 
 // Consumers and producer: hands the item prefixes (and, before GEMM 2, the grid barrier) over.
-__device__ __forceinline__ void handoff_sync() { asm volatile("bar.sync 2, %0;" ::"n"(THREADS) : "memory"); }
+// They reach it from different instructions, so it is the non-aligned barrier (`bar.sync` is
+// `barrier.sync.aligned`, which every thread of the block must execute as the same instruction).
+__device__ __forceinline__ void handoff_sync() { asm volatile("barrier.sync 2, %0;" ::"n"(THREADS) : "memory"); }
 
 // Per-expert item counts into smem: pref[e] = first item of expert e, pref[E] = total.
 __device__ void item_prefix(const MegaParams& p, int* pref, int tiles) {
