@@ -189,13 +189,12 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Decode batches fill an n8 tile of the MMA, not an m16 one, so the weights are the 16-row
 // operand and up to bm rows of A the columns: a work item is 128 weight rows (output columns;
 // 64 a consumer warpgroup in the wgmma kernel) of one expert by one chunk of bm of its rows,
-// over the whole of K. The mma.sync
-// variants have bm = 8 * NT; the wgmma kernel takes bm (a multiple of 16, up to 160) per launch
-// and gives each item a wgmma exactly as wide as its rows, rounded up to 16: with random
-// routing an expert's rows scatter around the mean, and an item of fixed width either computes
-// empty columns or sends the rows past it to a second item that streams and widens the
-// expert's weights again. A producer warp
-// streams each item's K in stages of 256 through a ring of shared-memory slots: the weight box
+// over the whole of K. The mma.sync variants have bm = 8 * NT; the wgmma kernel takes bm (a
+// multiple of 16, up to 160) per launch and gives each item a wgmma exactly as wide as its rows,
+// rounded up to 16: with random routing an expert's rows scatter around the mean, and an item
+// of fixed width either computes empty columns or sends the rows past it to a second item that
+// streams and widens the expert's weights again. A producer warp streams each item's K in
+// stages of 256 through a ring of shared-memory slots: the weight box
 // (the item's weight rows x 128 bytes) and A's four boxes of 64 values by TMA with the 128-byte
 // swizzle, the block scales (four swizzled k-tiles per 128 weight rows, contiguous) by bulk
 // copies, all completing on the slot's mbarrier. Each consumer warp takes 16 weight rows; lane
@@ -384,9 +383,9 @@ __device__ __forceinline__ void widen_tile_f8(const u32 (&w)[2][8], const u32 (&
 }
 
 // A block's ring: `stages` slots of `stage` bytes from a 1024-byte boundary, each slot the weight
-// box (the item's weight rows x 128 bytes), A's boxes of 128 bytes by bm rows (`a_box` bytes each: four of
-// 64 f16 values, or two of 128 E4M3 bytes) and the block scales; then the slots' full and empty
-// barriers.
+// box (the item's weight rows x 128 bytes), A's boxes of 128 bytes by bm rows (`a_box` bytes
+// each: four of 64 f16 values, or two of 128 E4M3 bytes) and the block scales; then the slots'
+// full and empty barriers.
 struct Ring {
     u8* base;
     u64* full;
@@ -478,24 +477,24 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
         u32 w[2][8], sl[2][2];
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-                const int row = r[q];
-                const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
-                const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
-                w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
-                w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
-                // The row's 128-row scale tile, counted from the item's first (items of 192
-                // weight rows start halfway into one every other time).
-                constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
-                const int at = ALIGNED ? row : it.n0 + row;
-                const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
-                const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
-                const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
-                e4m3x4_to_f16x2x2(s4, sl[q][0], sl[q][1]);
-                if constexpr (F8) {
-                    // Times 8 (exact): the widened codes times the scale are then v / 8.
-                    sl[q][0] = mul_f16x2(sl[q][0], 0x48004800u);
-                    sl[q][1] = mul_f16x2(sl[q][1], 0x48004800u);
-                }
+            const int row = r[q];
+            const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
+            const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
+            w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
+            w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
+            // The row's 128-row scale tile, counted from the item's first (items of 192
+            // weight rows start halfway into one every other time).
+            constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
+            const int at = ALIGNED ? row : it.n0 + row;
+            const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
+            const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
+            const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
+            e4m3x4_to_f16x2x2(s4, sl[q][0], sl[q][1]);
+            if constexpr (F8) {
+                // Times 8 (exact): the widened codes times the scale are then v / 8.
+                sl[q][0] = mul_f16x2(sl[q][0], 0x48004800u);
+                sl[q][1] = mul_f16x2(sl[q][1], 0x48004800u);
+            }
         }
         if constexpr (F8) {
             // A chunk of two k32 steps at a time (lane block 4t + c). The FP8 tensor cores add
@@ -639,7 +638,7 @@ __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, con
 // follows its item height). F8: E4M3 products, whose wgmma reads A as two boxes of 128 bytes.
 // STAGED: C through shared memory (consume_item). CG: the wgmma kernel's consumer warpgroups
 // (an item is 64 CG weight rows); with three, a producer warpgroup hands its registers over
-// (REG_HANDOFF), as it does for E4M3 products.
+// (reg_handoff), as it does for E4M3 products.
 template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
