@@ -375,13 +375,18 @@ impl Fp4Runner {
             } else {
                 (Elem::F16, 2)
             };
-            let a_map = TensorMap::tiled(
-                a,
-                elem,
-                &[padded(kk) as u64, r.total as u64],
-                &[(size * padded(kk)) as u64],
-                &[128 / size as u32, bm as u32],
-            )?;
+            // A's boxes of an item: bm rows, or 16 at a time for the rows of an E4M3 item of at
+            // most 32 rows, shorter than bm (nvfp4.cu, fp4_gemm).
+            let a_box = |rows: usize| {
+                TensorMap::tiled(
+                    a,
+                    elem,
+                    &[padded(kk) as u64, r.total as u64],
+                    &[(size * padded(kk)) as u64],
+                    &[128 / size as u32, rows as u32],
+                )
+            };
+            let (a_map, a16_map) = (a_box(bm)?, a_box(16)?);
             let args = GemmArgs {
                 w_sf: w_sf.cuda_ptr()?,
                 counts: r.counts,
@@ -414,7 +419,7 @@ impl Fp4Runner {
                 grid,
                 gk.threads,
                 plan.smem,
-                &[&w_map, &a_map, &args],
+                &[&w_map, &a_map, &a16_map, &args],
             )
         };
         let (s13, s2) = match &g.swizzled {
