@@ -21,7 +21,7 @@ use moe_runner_core::{
 use std::sync::{Mutex, MutexGuard};
 
 use crate::kernels::{Fp4Kernels, GemmArgs, SEGMENT};
-use crate::tma::{Elem, TensorMap};
+use crate::tma::{Elem, ShortBoxes, TensorMap};
 use crate::RUNNER;
 
 /// A wgmma GEMM launch over a K of at most this takes the instantiation that writes C through
@@ -375,8 +375,8 @@ impl Fp4Runner {
             } else {
                 (Elem::F16, 2)
             };
-            // A's boxes of an item: bm rows, or 16 at a time for the rows of an E4M3 item of at
-            // most 32 rows, shorter than bm (nvfp4.cu, fp4_gemm).
+            // A's boxes of an item: bm rows, or for a wgmma item of fewer rows the shortest of
+            // 16, 32, 64 and 128 rows that holds them (nvfp4.cu, fp4_gemm).
             let a_box = |rows: usize| {
                 TensorMap::tiled(
                     a,
@@ -386,7 +386,8 @@ impl Fp4Runner {
                     &[128 / size as u32, rows as u32],
                 )
             };
-            let (a_map, a16_map) = (a_box(bm)?, a_box(16)?);
+            let a_map = a_box(bm)?;
+            let a_short = ShortBoxes([a_box(16)?, a_box(32)?, a_box(64)?, a_box(128)?]);
             let args = GemmArgs {
                 w_sf: w_sf.cuda_ptr()?,
                 counts: r.counts,
@@ -419,7 +420,7 @@ impl Fp4Runner {
                 grid,
                 gk.threads,
                 plan.smem,
-                &[&w_map, &a_map, &a16_map, &args],
+                &[&w_map, &a_map, &a_short, &args],
             )
         };
         let (s13, s2) = match &g.swizzled {

@@ -24,6 +24,21 @@ impl Arg for TensorMap {
     }
 }
 
+/// Maps of one tensor with boxes of 16, 32, 64 and 128 rows (`ShortBoxes` in nvfp4.cu), passed
+/// by value as one kernel parameter.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct ShortBoxes(pub [TensorMap; 4]);
+
+// SAFETY: four 128-byte maps, as the kernels declare them.
+unsafe impl DeviceRepr for ShortBoxes {}
+
+impl Arg for ShortBoxes {
+    fn push<'a>(&'a self, b: &mut LaunchArgs<'a>) {
+        b.arg(self);
+    }
+}
+
 /// The element type of a tiled map.
 #[derive(Clone, Copy)]
 pub enum Elem {

@@ -240,6 +240,11 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 struct __align__(64) TmaMap {
     u64 v[16];
 };
+// Maps of the GEMM input with boxes of 16, 32, 64 and 128 rows (ShortBoxes in tma.rs).
+#define SHORT_BOXES 4
+struct ShortBoxes {
+    TmaMap h[SHORT_BOXES];
+};
 
 __device__ __forceinline__ void tma_2d(void* dst, const TmaMap* map, int x, int y, u64* bar) {
     asm volatile(
@@ -641,7 +646,7 @@ __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, con
 // (reg_handoff), as it does for E4M3 products.
 template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map,
-                                         const TmaMap* a16_map) {
+                                         const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
     constexpr int CONS = 128 * CG;                     // consumer threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
@@ -681,19 +686,21 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
             const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
-            // A wgmma item reads only its rows rounded up to 16 (consume_wgmma). With E4M3
-            // products, an item of at most 32 rows in a taller bm (routed counts scatter below
-            // the item height; a masked buffer's rows past masked_m) loads only those, by boxes
-            // of 16 rows, rather than rows that would cross L2 (or come from DRAM) unread.
-            // (H100, ncu: GEMM 1 at 32 rows per expert 1499 to 1520 us against 1554 to 1598, at
-            // 8 rows 1433 to 1455 against 1462 to 1473; GEMM 2 the same. Taller items, and exact
-            // products at any height, measured slower by boxes of 16: more TMA requests a
-            // stage.)
-            int boxes = 1, box_bytes = rg.a_box;
+            // A wgmma item reads only its rows rounded up to 16 (consume_wgmma), and its rows are
+            // often fewer than bm (routed counts scatter below the item height; a masked
+            // buffer's rows past masked_m): it loads the shortest box of 16, 32, 64 or 128 rows
+            // that holds them, if shorter than bm, so that fewer rows cross L2 (or come from
+            // DRAM) unread. One box a column still: more TMA requests a stage (boxes of 16
+            // rows, several an item) measured slower. (H100, ncu, against boxes of bm rows:
+            // GEMM 1 at 32 rows per expert 1536 to 1538 us against 1569 to 1576 with exact
+            // products, 1491 to 1520 against 1554 to 1598 with E4M3; at 64 rows 1% to 1.5% less.)
             const TmaMap* am = a_map;
-            if constexpr (WG && F8) {
-                const int r16 = (min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm) + 15) >> 4;
-                if (r16 <= 2 && 16 * r16 < bm) boxes = r16, box_bytes = 16 * 128, am = a16_map;
+            int box_bytes = rg.a_box;
+            if constexpr (WG) {
+                const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
+#pragma unroll
+                for (int k = 0; k < SHORT_BOXES; ++k)
+                    if ((16 << k) >= rows && (16 << k) * 128 < box_bytes) am = &a_short->h[k], box_bytes = (16 << k) * 128;
             }
             // Scale tiles past N are not copied (their rows' codes are the TMA's zeros).
             const int sf0 = it.n0 / 128, sfn = min(SF_TILES, sf_tiles - sf0);
@@ -703,15 +710,12 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                 if (n >= (u32)rg.stages) mbar_wait(rg.empty + slot, (n / rg.stages - 1) & 1);
                 u8* base = rg.base + slot * rg.stage;
                 const int kt = min(4, k_tiles - 4 * st);
-                mbar_expect_tx(rg.full + slot, W_BYTES + rg.a_boxes * boxes * box_bytes + sfn * kt * 512);
+                mbar_expect_tx(rg.full + slot, W_BYTES + rg.a_boxes * box_bytes + sfn * kt * 512);
                 tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, rg.full + slot);
-                for (int c = 0; c < rg.a_boxes; ++c) {
-                    u8* dst = base + W_BYTES + c * rg.a_box;
-                    const int x = st * KS + c * (KS / rg.a_boxes);
-                    // Boxes of 16 rows of 128 bytes are whole 1024-byte swizzle periods: they land
-                    // as one box of bm rows would.
-                    for (int i = 0; i < boxes; ++i) tma_2d(dst + i * box_bytes, am, x, rows0 + 16 * i, rg.full + slot);
-                }
+                // A shorter box lands as the first rows of a box of bm rows would (whole 1024-byte
+                // swizzle periods from the same start).
+                for (int c = 0; c < rg.a_boxes; ++c)
+                    tma_2d(base + W_BYTES + c * rg.a_box, am, st * KS + c * (KS / rg.a_boxes), rows0, rg.full + slot);
                 for (int i = 0; i < sfn; ++i)
                     bulk_copy(base + W_BYTES + rg.a_boxes * rg.a_box + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
                               kt * 512, rg.full + slot);
@@ -735,8 +739,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
 #define FP4_GEMM(NAME, NT, STAGES, WG, F8, STAGED, CG)                                                  \
     extern "C" __global__ void __launch_bounds__(gemm_threads<F8, CG>(), 1) NAME(                       \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map,                     \
-        const __grid_constant__ TmaMap a16_map, GemmArgs p) {                                           \
-        fp4_gemm<NT, STAGES, WG, F8, STAGED, CG>(p, &w_map, &a_map, &a16_map);                          \
+        const __grid_constant__ ShortBoxes a_short, GemmArgs p) {                                       \
+        fp4_gemm<NT, STAGES, WG, F8, STAGED, CG>(p, &w_map, &a_map, &a_short);                          \
     }
 // Up to 16 rows an item (exact products), mma.sync per warp. One block an SM with the deepest
 // ring that fits measured faster than two blocks of four stages (H100: 2120 against 2158 us at
