@@ -1,5 +1,7 @@
-//! The NVFP4 kernels (`kernels/nvfp4.cu`), compiled per activation (the triton backend's
-//! `activation`, so both backends apply it identically).
+//! The NVFP4 kernels, compiled as one module per activation (the triton backend's
+//! `activation`, so both backends apply it identically): `kernels/rows.cu` (the GEMM inputs:
+//! quantization, expansion, the activation), `kernels/gemm.cu` (the row tiles and the grouped
+//! GEMM) and `kernels/route.cu` (the standard layout's grouping and top-k sum).
 
 use moe_backend_triton::kernels::{ACTIVATION, COMMON, FP4, HOPPER};
 use moe_backend_triton::stages::gate_up_code;
@@ -11,10 +13,14 @@ use moe_runner_core::cuda::cudarc::driver::{
 };
 use moe_runner_core::{CudaDevice, GateUpLayout, MoeError, Nvfp4Products, Result};
 
-const NVFP4: &str = include_str!("kernels/nvfp4.cu");
+const NVFP4: &str = concat!(
+    include_str!("kernels/rows.cu"),
+    include_str!("kernels/gemm.cu"),
+    include_str!("kernels/route.cu")
+);
 
 /// A block's registers: a kernel whose producer warpgroup hands its registers to the consumers
-/// (`setmaxnreg` in nvfp4.cu, `reg_handoff`) must be compiled to this over its threads (to a
+/// (`setmaxnreg` in gemm.cu, `reg_handoff`) must be compiled to this over its threads (to a
 /// multiple of 8: 168 for 384 threads, 128 for 512), which the two counts add up to.
 const BLOCK_REGS: usize = 65536;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
@@ -23,7 +29,7 @@ pub const SEGMENT: usize = 256;
 /// The most rows of an expert the wgmma kernel takes in one work item (its widest wgmma).
 pub const WG_MAX_ROWS: usize = 160;
 /// The most rows an item of the wgmma kernel with three consumer warpgroups and E4M3 products
-/// takes (nvfp4.cu, `wg_max_chunks`): items up to this tall take that kernel, whose third
+/// takes (gemm.cu, `wg_max_chunks`): items up to this tall take that kernel, whose third
 /// warpgroup keeps the tensor cores busier while the others widen codes and wait (its registers
 /// hold no wider sums). With exact products it takes every height.
 pub const WG3_MAX_ROWS_E4M3: usize = 96;
@@ -34,7 +40,7 @@ const SMEM_MAX: usize = 232_448;
 pub struct Gemm {
     pub f: CudaFunction,
     /// The wgmma kernels' instantiation that writes C through shared memory, 16 bytes a lane,
-    /// where C's rows start on 16 bytes (nvfp4.cu, `store_c_staged`).
+    /// where C's rows start on 16 bytes (gemm.cu, `store_c_staged`).
     pub staged: Option<CudaFunction>,
     /// Rows of an expert per work item: the mma.sync variants' fixed `8 * nt`, or, for the
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
@@ -81,7 +87,7 @@ fn ring_bytes(bm: usize, item_n: usize, stages: usize, a_row: usize) -> usize {
     stages * (item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n)) + stages * 16 + 1024
 }
 
-/// The 128-row scale tiles an item of `item_n` weight rows touches (nvfp4.cu,
+/// The 128-row scale tiles an item of `item_n` weight rows touches (gemm.cu,
 /// `item_scale_tiles`).
 fn scale_tiles(item_n: usize) -> usize {
     item_n / 128 + usize::from(!item_n.is_multiple_of(128))
@@ -195,7 +201,7 @@ impl Fp4Kernels {
             })
         };
         // (rows per item / 8, consumer warpgroups, ring stages, wgmma, E4M3 products), as
-        // nvfp4.cu instantiates them; the wgmma kernel's `nt` is its widest item.
+        // gemm.cu instantiates them; the wgmma kernel's `nt` is its widest item.
         let gemm = |nt: usize, cg: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
             let name = match (wg, cg) {
                 (true, 3) => "fp4_wgmma3".to_string(),
@@ -209,7 +215,7 @@ impl Fp4Kernels {
                 ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
             };
             // Consumer warps (two warpgroups, or three), then the producer: a warp, or a
-            // warpgroup whose registers go to the consumers (nvfp4.cu, `reg_handoff`).
+            // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
             let handoff = wg && (f8 || cg == 3);
             let threads = 128 * cg + if handoff { 128 } else { 32 };
             // Loads one instantiation and opens its shared memory.
@@ -320,7 +326,7 @@ impl Fp4Kernels {
     }
 }
 
-/// The GEMM's scalar arguments (`GemmArgs` in nvfp4.cu, field for field).
+/// The GEMM's scalar arguments (`GemmArgs` in gemm.cu, field for field).
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct GemmArgs {

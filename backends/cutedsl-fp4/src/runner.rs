@@ -303,7 +303,7 @@ impl Fp4Runner {
         let ts = ws.tile_start.cuda_ptr()?;
         let plan = k.gemm_for(r.expected, r.cap, w.products);
         let (gk, bm) = (plan.gemm, plan.bm);
-        // The GEMM inputs' layout (nvfp4.cu): bit 0 the wgmma order, bit 1 E4M3 products.
+        // The GEMM inputs' layout (rows.cu): bit 0 the wgmma order, bit 1 E4M3 products.
         let layout = i32::from(gk.wg) | (i32::from(gk.f8) << 1);
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
@@ -376,7 +376,7 @@ impl Fp4Runner {
                 (Elem::F16, 2)
             };
             // A's boxes of an item: bm rows, or for a wgmma item of fewer rows the shortest of
-            // 16, 32, 64 and 128 rows that holds them (nvfp4.cu, fp4_gemm).
+            // 16, 32, 64 and 128 rows that holds them (gemm.cu, fp4_gemm).
             let a_box = |rows: usize| {
                 TensorMap::tiled(
                     a,

@@ -24,7 +24,7 @@ impl Arg for TensorMap {
     }
 }
 
-/// Maps of one tensor with boxes of 16, 32, 64 and 128 rows (`ShortBoxes` in nvfp4.cu), passed
+/// Maps of one tensor with boxes of 16, 32, 64 and 128 rows (`ShortBoxes` in gemm.cu), passed
 /// by value as one kernel parameter.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
