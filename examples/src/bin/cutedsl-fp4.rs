@@ -9,8 +9,10 @@
 //! floor: the weight bytes over the measured copy bandwidth, or the FLOPs over the FP8
 //! tensor-core rate, whichever is larger.
 //!
-//! `cargo run --release --bin cutedsl-fp4 [-- ROWS,ROWS,... [FP8_TFLOPS]]`; the rate defaults
-//! to the dense FP8 rate `scripts/bench_peers.py` measured on an H100 (BENCHMARKS.md).
+//! `cargo run --release --bin cutedsl-fp4 [-- [--time-only] ROWS,ROWS,... [FP8_TFLOPS]]`; the
+//! rate defaults to the dense FP8 rate `scripts/bench_peers.py` measured on an H100
+//! (BENCHMARKS.md). `--time-only` skips the check, for profiling the timed passes alone
+//! (`scripts/cutedsl-fp4-ab.sh`).
 
 use moe_conformance::{suite, synthetic, synthetic_gpu};
 use moe_runner_core::cuda::{copy_bandwidth_gbps, fill_uniform, time_graph_ms};
@@ -29,7 +31,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let mut args = std::env::args().skip(1);
+    let mut args = std::env::args().skip(1).peekable();
+    let time_only = args.next_if(|a| a == "--time-only").is_some();
     let rows: Vec<usize> = match args.next() {
         Some(a) => a.split(',').map(str::parse).collect::<Result<_, _>>()?,
         None => vec![1, 8, 16, 32, 64, 128],
@@ -40,7 +43,9 @@ fn run() -> Result<(), Box<dyn std::error::Error>> {
         .transpose()?
         .unwrap_or(H100_FP8_TFLOPS);
     let device = Device::cuda(0)?;
-    check(&device)?;
+    if !time_only {
+        check(&device)?;
+    }
     time(&device, &rows, fp8_tflops)
 }
 

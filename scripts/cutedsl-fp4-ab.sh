@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# A/B of cutedsl_fp4 builds on one GPU machine call.
+#
+# Here (a machine with Rust, no GPU needed), one variant per git ref:
+#   scripts/cutedsl-fp4-ab.sh build main gpu-pending/fp4-item-claims ...
+# builds each ref's `cutedsl-fp4` example and its GPU test binaries (gpu_fp4, gpu_deepep) in a
+# detached worktree, sharing one target directory, and stages them stripped under
+# .device/ab/<ref with / as ->/ (about 10 MB a variant; carry `.device` with the call).
+#
+# There (the GPU machine, from the project root):
+#   bash scripts/cutedsl-fp4-ab.sh test
+#       each variant's gpu_fp4 and gpu_deepep (one GPU), their last lines;
+#   bash scripts/cutedsl-fp4-ab.sh ncu ROWS[,ROWS...] [ROUNDS] [KERNEL_REGEX]
+#       Nsight Compute kernel times (us, --clock-control none) of each variant's timed passes at
+#       each batch size, variants alternating within a round: per kernel, its launches in
+#       order (GEMM 1 and GEMM 2 alternate where both take one instantiation); whole passes
+#       vary by more than most changes, kernel times much less;
+#   bash scripts/cutedsl-fp4-ab.sh pass ROWS[,ROWS...] [ROUNDS]
+#       the example's table of whole passes, variants alternating within a round.
+set -euo pipefail
+root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
+cd "$root"
+ab=.device/ab
+mode=${1:-}
+shift || true
+
+variants() { find "$ab" -mindepth 1 -maxdepth 1 -type d | sort; }
+
+case "$mode" in
+build)
+    [ $# -gt 0 ] || { echo "usage: $0 build REF..." >&2; exit 2; }
+    export CARGO_TARGET_DIR="$root/target/ab"
+    mkdir -p "$ab"
+    for ref in "$@"; do
+        name=${ref//\//-}
+        wt=$(mktemp -d)
+        git worktree add -q --detach "$wt" "$ref"
+        (
+            cd "$wt"
+            cargo build -q --release -p moe-examples --features cuda --bin cutedsl-fp4
+            cargo test -q --release -p moe-conformance --features cuda --test gpu_fp4 --test gpu_deepep \
+                --no-run --message-format=json 2>/dev/null \
+                | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["kind"] == ["test"]:
+        print(m["target"]["name"], m["executable"])' >"$wt/tests.txt"
+        )
+        rm -rf "${ab:?}/$name"
+        mkdir -p "$ab/$name"
+        cp "$CARGO_TARGET_DIR/release/cutedsl-fp4" "$ab/$name/"
+        while read -r t exe; do cp "$exe" "$ab/$name/$t"; done <"$wt/tests.txt"
+        strip "$ab/$name"/*
+        git worktree remove --force "$wt"
+        echo "$name: $(git rev-parse --short "$ref") -> $ab/$name ($(du -sh "$ab/$name" | cut -f1))"
+    done
+    ;;
+test)
+    for v in $(variants); do
+        echo "== $(basename "$v")"
+        "$v/gpu_fp4" --include-ignored --test-threads=1 2>&1 | grep -E "^test result|FAILED|panicked" || true
+        MOE_TEST_MAX_RANKS=1 "$v/gpu_deepep" --include-ignored --test-threads=1 2>&1 \
+            | grep -E "^test result|FAILED|panicked" || true
+    done
+    ;;
+ncu)
+    # Per kernel name: launches, then the median of its even and of its odd launches in order
+    # (GEMM 1 and GEMM 2 where both take that instantiation), in us.
+    summary='
+import csv, statistics, sys
+t = {}
+for row in csv.reader(l for l in sys.stdin if l.startswith(chr(34))):
+    if len(row) > 5 and row[-3] == "gpu__time_duration.sum":
+        t.setdefault(row[4].split("(")[0], []).append(float(row[-1].replace(",", "")) / 1e3)
+for k, v in sorted(t.items()):
+    med = lambda x: statistics.median(x) if x else float("nan")
+    print(f"  {k:24} n={len(v):3}  even {med(v[0::2]):8.1f}  odd {med(v[1::2]):8.1f}  min {min(v):8.1f}")
+'
+    rows=${1:?ROWS}
+    rounds=${2:-2}
+    regex=${3:-^fp4_(wgmma|gemm_n)}
+    for r in ${rows//,/ }; do
+        for round in $(seq "$rounds"); do
+            for v in $(variants); do
+                echo "== rows $r, round $round, $(basename "$v")"
+                ncu --clock-control none --kernel-name "regex:$regex" --metrics gpu__time_duration.sum \
+                    --csv --print-units base "$v/cutedsl-fp4" --time-only "$r" 2>/dev/null | python3 -c "$summary"
+            done
+        done
+    done
+    ;;
+pass)
+    rows=${1:?ROWS}
+    rounds=${2:-2}
+    for round in $(seq "$rounds"); do
+        for v in $(variants); do
+            echo "== round $round, $(basename "$v")"
+            "$v/cutedsl-fp4" --time-only "$rows" 2>&1 | grep -E "^\| (masked|standard)"
+        done
+    done
+    ;;
+*)
+    sed -n '2,22p' "$0"
+    exit 2
+    ;;
+esac
