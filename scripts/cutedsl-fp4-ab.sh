@@ -12,11 +12,15 @@
 #       each variant's gpu_fp4 and gpu_deepep (one GPU), their last lines;
 #   bash scripts/cutedsl-fp4-ab.sh ncu ROWS[,ROWS...] [ROUNDS] [KERNEL_REGEX]
 #       Nsight Compute kernel times (us, --clock-control none) of each variant's timed passes at
-#       each batch size, variants alternating within a round: per kernel, its launches in
-#       order (GEMM 1 and GEMM 2 alternate where both take one instantiation); whole passes
-#       vary by more than most changes, kernel times much less;
+#       each batch size, variants alternating within a round: per kernel, the median of its
+#       even and of its odd launches (GEMM 1 and GEMM 2 where both take one instantiation);
+#       whole passes vary by more than most changes, kernel times much less;
 #   bash scripts/cutedsl-fp4-ab.sh pass ROWS[,ROWS...] [ROUNDS]
-#       the example's table of whole passes, variants alternating within a round.
+#       the example's table of whole passes, variants alternating within a round;
+#   bash scripts/cutedsl-fp4-ab.sh sanitize VARIANT [TEST_FILTER...]
+#       compute-sanitizer's memcheck over the variant's gpu_fp4 tests (those matching a filter, or
+#       all), then racecheck and synccheck over the filtered ones (or five that reach every item
+#       size, E4M3 products, the masked layout, ring reuse and items taller than their rows).
 set -euo pipefail
 root=$(git rev-parse --show-toplevel 2>/dev/null || pwd)
 cd "$root"
@@ -99,8 +103,24 @@ pass)
         done
     done
     ;;
+sanitize)
+    v="$ab/${1:?VARIANT}"
+    shift
+    t="$v/gpu_fp4 --include-ignored --test-threads=1"
+    filters=("$@")
+    [ ${#filters[@]} -gt 0 ] || filters=(every_item_size e4m3_products masked_layout long_k items_taller)
+    echo "== memcheck"
+    compute-sanitizer --tool memcheck --error-exitcode 9 $t "$@" 2>&1 | grep -E "ERROR SUMMARY|test result|FAILED" || true
+    for tool in racecheck synccheck; do
+        for f in "${filters[@]}"; do
+            echo "== $tool $f"
+            compute-sanitizer --tool "$tool" --error-exitcode 9 $t "$f" 2>&1 \
+                | grep -E "ERROR SUMMARY|RACECHECK SUMMARY|test result|FAILED" || true
+        done
+    done
+    ;;
 *)
-    sed -n '2,22p' "$0"
+    sed -n '2,27p' "$0"
     exit 2
     ;;
 esac
