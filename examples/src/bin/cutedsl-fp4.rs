@@ -3,7 +3,8 @@
 //! activations the same way, in both the standard and the masked layout, with exact products
 //! and with E4M3 ones. Then the masked
 //! grouped GEMMs are timed at DeepSeek-V3 expert shapes (256 experts, H=7168, I=2048) for a
-//! range of rows per expert (in buffers sized for the tokens those rows come from), each as a
+//! range of rows per expert (in buffers sized for the tokens those rows come from; from 64
+//! rows also the standard layout with routed tokens, beside `triton`), each as a
 //! CUDA graph, with exact products and with E4M3 products (`Nvfp4Products`), beside this
 //! project's FP8 `masked_gemm` runner on the same rows and against the
 //! floor: the weight bytes over the measured copy bandwidth, or the FLOPs over the FP8
@@ -172,7 +173,7 @@ fn time(
         );
     };
     for &m in rows {
-        if m > 32 {
+        if m >= 64 {
             // Large batches: the standard layout, every token with 8 distinct experts.
             let tokens = m * e / 8;
             let hidden = Tensor::zeros_cuda(&dev, &[tokens, h], DType::Bf16)?;
@@ -196,12 +197,14 @@ fn time(
                 (&input, fp8.as_ref(), &out),
             )?;
             row("standard", m, a, "`triton`", b);
+        }
+        if m > 64 {
             continue;
         }
-        // Decode: the masked layout, in the buffers a dispatch of this many rows has (m rows
-        // on each of 256 experts are m * 32 tokens, each expert's buffer holding every token).
-        // Smaller buffers would cap the rows a top-8 dispatch can deliver, and the FP8 runner
-        // computes no more than that.
+        // Decode (up to 64 rows per expert, both layouts at 64): the masked layout, in the
+        // buffers a dispatch of this many rows has (m rows on each of 256 experts are m * 32
+        // tokens, each expert's buffer holding every token). Smaller buffers would cap the
+        // rows a top-8 dispatch can deliver, and the FP8 runner computes no more than that.
         let cap = (m * e / 8).max(1);
         let hidden = Tensor::zeros_cuda(&dev, &[e, cap, h], DType::Bf16)?;
         fill_uniform(&dev, &hidden, -1.7, 1.7, 11)?;
