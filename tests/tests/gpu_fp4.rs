@@ -210,6 +210,39 @@ fn masked_layout_with(products: Nvfp4Products, offset: bool) {
     }
 }
 
+/// A dispatcher that reports no expected rows (`expected_m` 0) while experts have rows: the
+/// runner's items still hold at least 16 rows (an item height of 0 divided by zero before), and
+/// every row is computed, with exact and with E4M3 products.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn an_expected_m_of_zero_computes_every_row() {
+    let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
+    let (exact, _) = weights(&cfg, 41);
+    let mut batch = masked_batch(&cfg, 40, 9);
+    batch.expected_m = 0;
+    let counts = batch.masked_m.as_slice::<i32>().unwrap().to_vec();
+    assert!(counts.iter().any(|&c| c > 16), "{counts:?}");
+    let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
+    let g = runner.device().clone();
+    let on_gpu = to_gpu(&batch, None, &g);
+    for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+        let q = exact.clone().with_products(products);
+        let want = valid_rows(
+            &masked_output(
+                &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Nvfp4),
+                &batch,
+                &q,
+            ),
+            &counts,
+        );
+        let qg = quant_to_device(&q, &g).unwrap();
+        let got = valid_rows(&masked_output(&runner, &on_gpu, qg.as_ref()), &counts);
+        let c = suite::compare(&got, &want).unwrap();
+        eprintln!("expected_m 0, {products:?}: {c:?}");
+        assert!(c.within(1e-2), "{products:?}: {c:?}");
+    }
+}
+
 #[test]
 #[ignore = "needs a CUDA device"]
 fn standard_layout_matches_the_reference() {

@@ -94,11 +94,14 @@ fn scale_tiles(item_n: usize) -> usize {
 }
 
 /// Rows of an expert per item of the wgmma kernel for about `expected` rows per expert, at most
-/// `cap`: `expected + 3 sqrt(expected)`, rounded up to 16 (so at least 16), at most
-/// `WG_MAX_ROWS`.
+/// `cap`: `expected + 3 sqrt(expected)`, rounded up to 16 (so at least 16, also for an
+/// `expected` of 0, which a dispatcher may report), at most `WG_MAX_ROWS`.
 fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
     let spread = expected + (expected as f64).sqrt().ceil() as usize * 3;
-    spread.min(cap.max(1)).next_multiple_of(16).min(WG_MAX_ROWS)
+    spread
+        .clamp(1, cap.max(1))
+        .next_multiple_of(16)
+        .min(WG_MAX_ROWS)
 }
 
 /// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) by `item_n`
@@ -363,11 +366,15 @@ mod tests {
 
     #[test]
     fn wgmma_items_hold_the_expected_rows_and_their_spread() {
-        for expected in 1..=200 {
+        for expected in 0..=200 {
             for cap in [expected, 2 * expected, 100_000] {
                 let bm = wgmma_item_rows(expected, cap);
-                assert_eq!(bm % 16, 0, "expected {expected} cap {cap}: {bm}");
-                assert!(bm <= WG_MAX_ROWS && bm <= cap.next_multiple_of(16));
+                // At least one row tile (the GEMM's tiles divide by it), a whole one.
+                assert!(
+                    bm >= 16 && bm.is_multiple_of(16),
+                    "expected {expected} cap {cap}: {bm}"
+                );
+                assert!(bm <= WG_MAX_ROWS && bm <= cap.max(1).next_multiple_of(16));
                 // Up to the widest item, at least the mean and three deviations (or the cap).
                 let want = (expected + 3 * (expected as f64).sqrt() as usize).min(cap);
                 assert!(
