@@ -138,22 +138,8 @@ fn masked_layout_with(products: Nvfp4Products, offset: bool) {
         counts.contains(&0) && counts.iter().any(|&c| c > 64),
         "{counts:?}"
     );
-    let want = valid_rows(
-        &masked_output(
-            &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Nvfp4),
-            &batch,
-            &q,
-        ),
-        &counts,
-    );
-    let unquantized = valid_rows(
-        &masked_output(
-            &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Bf16),
-            &batch,
-            dense.as_ref(),
-        ),
-        &counts,
-    );
+    let want = reference_rows(&cfg, &batch, &q, QuantScheme::Nvfp4);
+    let unquantized = reference_rows(&cfg, &batch, dense.as_ref(), QuantScheme::Bf16);
     // The runner writes into a buffer whose rows past masked_m hold a pattern that must stay.
     let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
     let g = runner.device().clone();
@@ -217,29 +203,47 @@ fn masked_layout_with(products: Nvfp4Products, offset: bool) {
 #[ignore = "needs a CUDA device"]
 fn an_expected_m_of_zero_computes_every_row() {
     let cfg = MoeRunnerConfig::new(8, 256, 128, 2);
-    let (exact, _) = weights(&cfg, 41);
     let mut batch = masked_batch(&cfg, 40, 9);
     batch.expected_m = 0;
-    let counts = batch.masked_m.as_slice::<i32>().unwrap().to_vec();
+    let counts = batch.masked_m.as_slice::<i32>().unwrap();
     assert!(counts.iter().any(|&c| c > 16), "{counts:?}");
-    let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
+    masked_matches_the_reference(&cfg, &batch, &weights(&cfg, 41).0, "expected_m 0");
+}
+
+/// The reference's valid rows of the masked layout for `batch`, with weights `q` of `scheme`.
+fn reference_rows(
+    cfg: &MoeRunnerConfig,
+    batch: &DeepEpLlDispatchOutput,
+    q: &dyn QuantInfo,
+    scheme: QuantScheme,
+) -> Vec<f32> {
+    let r = reference(cfg, DispatchFormat::DeepEpLowLatency, scheme);
+    valid_rows(
+        &masked_output(&r, batch, q),
+        batch.masked_m.as_slice::<i32>().unwrap(),
+    )
+}
+
+/// The runner's valid rows of the masked layout for `batch` against the reference that
+/// quantizes the same way, with exact and with E4M3 products of `exact`'s values.
+fn masked_matches_the_reference(
+    cfg: &MoeRunnerConfig,
+    batch: &DeepEpLlDispatchOutput,
+    exact: &Nvfp4Weights,
+    what: &str,
+) {
+    let runner = fp4(cfg, DispatchFormat::DeepEpLowLatency);
     let g = runner.device().clone();
-    let on_gpu = to_gpu(&batch, None, &g);
+    let on_gpu = to_gpu(batch, None, &g);
+    let counts = batch.masked_m.as_slice::<i32>().unwrap();
     for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
         let q = exact.clone().with_products(products);
-        let want = valid_rows(
-            &masked_output(
-                &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Nvfp4),
-                &batch,
-                &q,
-            ),
-            &counts,
-        );
+        let want = reference_rows(cfg, batch, &q, QuantScheme::Nvfp4);
         let qg = quant_to_device(&q, &g).unwrap();
-        let got = valid_rows(&masked_output(&runner, &on_gpu, qg.as_ref()), &counts);
+        let got = valid_rows(&masked_output(&runner, &on_gpu, qg.as_ref()), counts);
         let c = suite::compare(&got, &want).unwrap();
-        eprintln!("expected_m 0, {products:?}: {c:?}");
-        assert!(c.within(1e-2), "{products:?}: {c:?}");
+        eprintln!("{what}, {products:?}: {c:?}");
+        assert!(c.within(1e-2), "{what}, {products:?}: {c:?}");
     }
 }
 
