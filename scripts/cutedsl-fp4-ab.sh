@@ -5,7 +5,7 @@
 #   scripts/cutedsl-fp4-ab.sh build main gpu-pending/fp4-item-claims ...
 # builds each ref's `cutedsl-fp4` example and its GPU test binaries (gpu_fp4, gpu_deepep) in a
 # detached worktree, sharing one target directory, and stages them stripped under
-# .device/ab/<ref with / as ->/ (about 10 MB a variant; carry `.device` with the call).
+# .device/ab/<ref with / as ->/ (about 7.5 MB a variant; carry `.device` with the call).
 #
 # There (the GPU machine, from the project root):
 #   bash scripts/cutedsl-fp4-ab.sh test
