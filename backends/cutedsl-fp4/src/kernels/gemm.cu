@@ -545,8 +545,8 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
 // to wg_max_chunks (bm up to 160; 96 with three consumer warpgroups and E4M3 products, whose
 // second set of sums does not fit 160 registers wider).
-// With four (EPI_ACT), items up to 64 rows: past that ptxas serializes the wgmma in the 120
-// registers a thread gets.
+// With four (EPI_ACT), items up to 64 rows: past that ptxas serializes the wgmma in the 112
+// registers a consumer thread gets.
 template <int CG, bool F8>
 __device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 6 : 10; }
 template <bool F8, int EPI, int CG, int C = 1>
@@ -696,7 +696,8 @@ FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, EPI_STAGED, 2)
 FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, EPI_STAGED, 3)
 // GEMM 1 of a gated activation with the activation and its requantization in the epilogue, for
 // items up to 64 rows (decode): C is never written and the activation kernel not launched
-// (runner.rs, Fp4Kernels::gemm1_act). Only where the activation's gate and up are W's halves.
+// (kernels.rs, Fp4Kernels::gemm1_act_for). Only where the activation's gate and up are W's
+// halves.
 #if ACT < 5 && GATE_UP != 2
 FP4_GEMM(fp4_wgmma4_act, 0, 0, true, false, EPI_ACT, 4)
 FP4_GEMM(fp4_wgmma4_f8_act, 0, 0, true, true, EPI_ACT, 4)
