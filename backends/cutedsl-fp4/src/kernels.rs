@@ -485,7 +485,7 @@ mod tests {
                     assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) > SMEM_MAX);
                     // A slot holds the staged C tile: bm rows of the item's columns as 16-bit
                     // values, padded by 16 bytes (gemm.cu, c_pitch).
-                    let slot = ring_bytes(bm, item_n, 1, a_row) - 16 - 1024;
+                    let slot = item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n);
                     assert!(bm * (2 * item_n + 16) <= slot, "bm {bm} item_n {item_n}");
                 }
             }
