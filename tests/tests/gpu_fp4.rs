@@ -505,8 +505,10 @@ fn items_taller_than_the_rows_match_the_reference() {
 /// the kernels' unit test `gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles`
 /// checks that these shapes take it): the standard layout at about 2, 10, 20 and 40 rows per
 /// expert with skewed routing (experts past an item take several), for each gated activation
-/// option with separate halves, with exact products (the wgmma kernel from 17 rows) and E4M3
-/// ones. The interleaved layout and ungated activations keep the activation kernel.
+/// option with separate halves (the gpt-oss one too, with its alpha), with exact products (the
+/// wgmma kernel from 17 rows) and E4M3 ones; I = 384 once (three scale tiles between the halves,
+/// and the padding of a partial segment of GEMM 2's input); and the masked layout. The
+/// interleaved layout and ungated activations keep the activation kernel.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
@@ -517,16 +519,51 @@ fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
         "gelu",
         "up_gate",
     ];
-    for v in moe_conformance::cases::VARIANTS
+    let mut cfgs: Vec<(&str, MoeRunnerConfig)> = moe_conformance::cases::VARIANTS
         .iter()
         .filter(|v| gated.contains(&v.name))
-    {
-        let mut cfg = MoeRunnerConfig::new(8, 512, 256, 2);
-        (v.apply)(&mut cfg);
-        eprintln!("activation variant {}", v.name);
+        .map(|v| {
+            let mut cfg = MoeRunnerConfig::new(8, 512, 256, 2);
+            (v.apply)(&mut cfg);
+            (v.name, cfg)
+        })
+        .collect();
+    let mut gpt_oss = MoeRunnerConfig::new(8, 512, 256, 2);
+    gpt_oss.swiglu_limit = Some(0.75);
+    gpt_oss.gemm1_alpha = Some(1.702);
+    cfgs.push(("gpt-oss activation, gate and up as halves", gpt_oss));
+    cfgs.push(("I = 384", MoeRunnerConfig::new(8, 512, 384, 2)));
+    for (name, cfg) in cfgs {
+        eprintln!("{name}");
         for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
             standard_layout_at(cfg.clone(), &[8, 40, 80, 160], products);
         }
+    }
+    // The masked layout: about 20 rows per expert (items of 48 rows, so exact products take
+    // the wgmma kernel too), skewed.
+    let cfg = MoeRunnerConfig::new(8, 512, 256, 2);
+    let (exact, _) = weights(&cfg, 43);
+    let batch = masked_batch(&cfg, 80, 13);
+    let counts = batch.masked_m.as_slice::<i32>().unwrap().to_vec();
+    eprintln!("masked_m {counts:?}, expected_m {}", batch.expected_m);
+    let runner = fp4(&cfg, DispatchFormat::DeepEpLowLatency);
+    let g = runner.device().clone();
+    let on_gpu = to_gpu(&batch, None, &g);
+    for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+        let q = exact.clone().with_products(products);
+        let want = valid_rows(
+            &masked_output(
+                &reference(&cfg, DispatchFormat::DeepEpLowLatency, QuantScheme::Nvfp4),
+                &batch,
+                &q,
+            ),
+            &counts,
+        );
+        let qg = quant_to_device(&q, &g).unwrap();
+        let got = valid_rows(&masked_output(&runner, &on_gpu, qg.as_ref()), &counts);
+        let c = suite::compare(&got, &want).unwrap();
+        eprintln!("masked, {products:?}: {c:?}");
+        assert!(c.within(1e-2), "masked, {products:?}: {c:?}");
     }
 }
 

@@ -21,7 +21,8 @@ const NVFP4: &str = concat!(
 
 /// A block's registers: a kernel whose producer warpgroup hands its registers to the consumers
 /// (`setmaxnreg` in gemm.cu, `reg_handoff`) must be compiled to this over its threads (to a
-/// multiple of 8: 168 for 384 threads, 128 for 512), which the two counts add up to.
+/// multiple of 8: 168 for 384 threads, 128 for 512, 96 for 640), which the two counts add up
+/// to.
 const BLOCK_REGS: usize = 65536;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
 pub const SEGMENT: usize = 256;
@@ -463,6 +464,14 @@ mod tests {
                     wgmma_item_rows(expected, 100_000),
                     inter
                 ));
+            }
+        }
+        // The GPU test's runs (gemm1_with_the_activation_in_its_epilogue_matches_the_reference):
+        // 8 experts, top-2, the standard layout's cap of M rows, I = 256 and 384.
+        for inter in [256, 384] {
+            for m in [8usize, 40, 80, 160] {
+                let bm = wgmma_item_rows((2 * m).div_ceil(8), m);
+                assert!(act_epilogue(true, bm, inter), "I {inter} M {m}: bm {bm}");
             }
         }
         // A half of w13 whose rows straddle scale tiles keeps it too.
