@@ -500,6 +500,57 @@ fn items_taller_than_the_rows_match_the_reference() {
     );
 }
 
+/// GEMM 1 with the activation and its requantization in its epilogue, which decode batches take
+/// when I is a multiple of 128 and gate and up are the halves of `w13` (items up to 64 rows;
+/// the kernels' unit test `gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles`
+/// checks that these shapes take it): the standard layout at about 2, 10, 20 and 40 rows per
+/// expert with skewed routing (experts past an item take several), for each gated activation
+/// option with separate halves (the gpt-oss one too, with its alpha), with exact products (the
+/// wgmma kernel from 17 rows) and E4M3 ones; I = 384 once (three scale tiles between the halves,
+/// and the padding of a partial segment of GEMM 2's input); and the masked layout. The
+/// interleaved layout and ungated activations keep the activation kernel.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
+    let gated = [
+        "silu",
+        "swiglu_limit",
+        "clamp_after_silu",
+        "gelu",
+        "up_gate",
+    ];
+    let mut cfgs: Vec<(&str, MoeRunnerConfig)> = moe_conformance::cases::VARIANTS
+        .iter()
+        .filter(|v| gated.contains(&v.name))
+        .map(|v| {
+            let mut cfg = MoeRunnerConfig::new(8, 512, 256, 2);
+            (v.apply)(&mut cfg);
+            (v.name, cfg)
+        })
+        .collect();
+    let mut gpt_oss = MoeRunnerConfig::new(8, 512, 256, 2);
+    gpt_oss.swiglu_limit = Some(0.75);
+    gpt_oss.gemm1_alpha = Some(1.702);
+    cfgs.push(("gpt-oss activation, gate and up as halves", gpt_oss));
+    cfgs.push(("I = 384", MoeRunnerConfig::new(8, 512, 384, 2)));
+    for (name, cfg) in cfgs {
+        eprintln!("{name}");
+        for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+            standard_layout_at(cfg.clone(), &[8, 40, 80, 160], products);
+        }
+    }
+    // The masked layout: about 20 rows per expert (items of 48 rows, so exact products take
+    // the wgmma kernel too), skewed.
+    let cfg = MoeRunnerConfig::new(8, 512, 256, 2);
+    let batch = masked_batch(&cfg, 80, 13);
+    eprintln!(
+        "masked_m {:?}, expected_m {}",
+        batch.masked_m.as_slice::<i32>().unwrap(),
+        batch.expected_m
+    );
+    masked_matches_the_reference(&cfg, &batch, &weights(&cfg, 43).0, "masked");
+}
+
 /// The standard layout of `cfg` at each number of tokens in `ms`, with skewed routing and the
 /// weights' products taken as `products`, against the reference that quantizes the same way.
 /// With E4M3 products, also at most a quarter as far from it as that reference is from the

@@ -21,7 +21,8 @@ const NVFP4: &str = concat!(
 
 /// A block's registers: a kernel whose producer warpgroup hands its registers to the consumers
 /// (`setmaxnreg` in gemm.cu, `reg_handoff`) must be compiled to this over its threads (to a
-/// multiple of 8: 168 for 384 threads, 128 for 512), which the two counts add up to.
+/// multiple of 8: 168 for 384 threads, 128 for 512, 96 for 640), which the two counts add up
+/// to.
 const BLOCK_REGS: usize = 65536;
 /// Values of K per GEMM stage: GEMM inputs are rows of whole segments of this many values.
 pub const SEGMENT: usize = 256;
@@ -33,6 +34,9 @@ pub const WG_MAX_ROWS: usize = 160;
 /// warpgroup keeps the tensor cores busier while the others widen codes and wait (its registers
 /// hold no wider sums). With exact products it takes every height.
 pub const WG3_MAX_ROWS_E4M3: usize = 96;
+/// The most rows an item of GEMM 1 with the activation in its epilogue takes (four consumer
+/// warpgroups at 112 registers: past this, ptxas serializes their wgmma).
+pub const ACT_MAX_ROWS: usize = 64;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
 
@@ -46,8 +50,11 @@ pub struct Gemm {
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
     pub rows: usize,
     /// Weight rows (output columns) of an item: 128 for mma.sync, 64 a consumer warpgroup for
-    /// wgmma.
+    /// wgmma (with `act`, 128 of each half of `w13`).
     pub item_n: usize,
+    /// GEMM 1 with the activation and its requantization in its epilogue (gemm.cu,
+    /// `store_act_staged`): it writes GEMM 2's input instead of C.
+    pub act: bool,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
     /// E4M3 products (`Nvfp4Products::E4m3`).
@@ -125,6 +132,9 @@ pub struct Fp4Kernels {
     /// The wgmma kernel with E4M3 products, for every batch size: three consumer warpgroups up
     /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
     pub wgmma_e4m3: [Gemm; 2],
+    /// GEMM 1 with the activation in its epilogue, exact and E4M3 products: for gated
+    /// activations whose gate and up are the halves of `w13` (not interleaved).
+    pub gemm1_act: Option<[Gemm; 2]>,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub combine: CudaFunction,
@@ -203,89 +213,106 @@ impl Fp4Kernels {
                 log: e.to_string(),
             })
         };
-        // (rows per item / 8, consumer warpgroups, ring stages, wgmma, E4M3 products), as
-        // gemm.cu instantiates them; the wgmma kernel's `nt` is its widest item.
-        let gemm = |nt: usize, cg: usize, stages: usize, wg: bool, f8: bool| -> Result<Gemm> {
-            let name = match (wg, cg) {
-                (true, 3) => "fp4_wgmma3".to_string(),
-                (true, _) => "fp4_wgmma".to_string(),
-                (false, _) => format!("fp4_gemm_n{nt}"),
-            } + if f8 { "_f8" } else { "" };
-            let item_n = if wg { 64 * cg } else { 128 };
-            let smem = if wg {
-                SMEM_MAX
-            } else {
-                ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
-            };
-            // Consumer warps (two warpgroups, or three), then the producer: a warp, or a
-            // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
-            let handoff = wg && (f8 || cg == 3);
-            let threads = 128 * cg + if handoff { 128 } else { 32 };
-            // Loads one instantiation and opens its shared memory.
-            let prepare = |name: &str| -> Result<CudaFunction> {
-                let f = load(name)?;
-                let kerr = |e: DriverError| MoeError::Kernel {
-                    name: name.into(),
-                    log: e.to_string(),
+        // (rows per item / 8, consumer warpgroups, ring stages, wgmma, E4M3 products, the
+        // activation in the epilogue), as gemm.cu instantiates them; the wgmma kernel's `nt` is
+        // its widest item.
+        let gemm =
+            |nt: usize, cg: usize, stages: usize, wg: bool, f8: bool, act: bool| -> Result<Gemm> {
+                let name = match (wg, cg) {
+                    (true, 2) => "fp4_wgmma".to_string(),
+                    (true, _) => format!("fp4_wgmma{cg}"),
+                    (false, _) => format!("fp4_gemm_n{nt}"),
+                } + if f8 { "_f8" } else { "" }
+                    + if act { "_act" } else { "" };
+                let item_n = if wg { 64 * cg } else { 128 };
+                let smem = if wg {
+                    SMEM_MAX
+                } else {
+                    ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
                 };
-                f.set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(kerr)?;
-                if handoff {
-                    // setmaxnreg hands the producer warpgroup's registers to the consumers:
-                    // their counts balance only at the block's registers over its threads,
-                    // which the kernel is compiled to; with fewer, the consumers' request
-                    // would wait forever.
-                    let want = (BLOCK_REGS / threads) as i32 & !7;
-                    let regs = f.num_regs().map_err(kerr)?;
-                    if regs != want {
-                        return Err(MoeError::Kernel {
-                            name: name.into(),
-                            log: format!(
+                // Consumer warps (two, three or four warpgroups), then the producer: a warp, or a
+                // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
+                let handoff = wg && (f8 || cg >= 3);
+                let threads = 128 * cg + if handoff { 128 } else { 32 };
+                // Loads one instantiation and opens its shared memory.
+                let prepare = |name: &str| -> Result<CudaFunction> {
+                    let f = load(name)?;
+                    let kerr = |e: DriverError| MoeError::Kernel {
+                        name: name.into(),
+                        log: e.to_string(),
+                    };
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(kerr)?;
+                    if handoff {
+                        // setmaxnreg hands the producer warpgroup's registers to the consumers:
+                        // their counts balance only at the block's registers over its threads,
+                        // which the kernel is compiled to; with fewer, the consumers' request
+                        // would wait forever.
+                        let want = (BLOCK_REGS / threads) as i32 & !7;
+                        let regs = f.num_regs().map_err(kerr)?;
+                        if regs != want {
+                            return Err(MoeError::Kernel {
+                                name: name.into(),
+                                log: format!(
                                 "compiled to {regs} registers a thread; setmaxnreg assumes {want}"
                             ),
-                        });
+                            });
+                        }
                     }
-                }
-                Ok(f)
+                    Ok(f)
+                };
+                let f = prepare(&name)?;
+                let staged = if wg && !act {
+                    Some(prepare(&format!("{name}_staged"))?)
+                } else {
+                    None
+                };
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
+                    .map_err(|e| MoeError::Kernel {
+                        name: name.clone(),
+                        log: e.to_string(),
+                    })?
+                    .max(1) as usize;
+                Ok(Gemm {
+                    f,
+                    staged,
+                    rows: 8 * nt,
+                    item_n,
+                    act,
+                    wg,
+                    f8,
+                    stages,
+                    threads,
+                    per_sm,
+                })
             };
-            let f = prepare(&name)?;
-            let staged = if wg {
-                Some(prepare(&format!("{name}_staged"))?)
-            } else {
-                None
-            };
-            let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
-                .map_err(|e| MoeError::Kernel {
-                    name: name.clone(),
-                    log: e.to_string(),
-                })?
-                .max(1) as usize;
-            Ok(Gemm {
-                f,
-                staged,
-                rows: 8 * nt,
-                item_n,
-                wg,
-                f8,
-                stages,
-                threads,
-                per_sm,
-            })
-        };
         Ok(Self {
             quant_rows: load("fp4_quant_rows")?,
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
-            mma_sync: [gemm(1, 2, 6, false, false)?, gemm(2, 2, 6, false, false)?],
-            wgmma: gemm(WG_MAX_ROWS / 8, 3, 4, true, false)?,
-            wgmma_e4m3: [
-                gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true)?,
-                gemm(WG_MAX_ROWS / 8, 2, 4, true, true)?,
+            mma_sync: [
+                gemm(1, 2, 6, false, false, false)?,
+                gemm(2, 2, 6, false, false, false)?,
             ],
+            wgmma: gemm(WG_MAX_ROWS / 8, 3, 4, true, false, false)?,
+            wgmma_e4m3: [
+                gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true, false)?,
+                gemm(WG_MAX_ROWS / 8, 2, 4, true, true, false)?,
+            ],
+            // gemm.cu instantiates them for the activations of ACT < 5 (gated) unless
+            // interleaved.
+            gemm1_act: if act < 5 && gate_up != 2 {
+                Some([
+                    gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, true)?,
+                    gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?,
+                ])
+            } else {
+                None
+            },
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             combine: load("fp4_combine")?,
@@ -318,14 +345,37 @@ impl Fp4Kernels {
                 &self.wgmma
             }
         };
-        let a_row = a_row_bytes(true, g.f8);
-        let stages = wgmma_stages(bm, g.item_n, g.stages, a_row);
-        GemmPlan {
-            gemm: g,
-            bm,
-            stages,
-            smem: ring_bytes(bm, g.item_n, stages, a_row),
-        }
+        wgmma_plan(g, bm)
+    }
+
+    /// GEMM 1 with the activation and its requantization in its epilogue, where it applies
+    /// (`act_epilogue`) beside `plan`, the plan `gemm_for` gave: same products, same items.
+    pub fn gemm1_act_for(&self, plan: &GemmPlan<'_>, inter: usize) -> Option<GemmPlan<'_>> {
+        let [exact, e4m3] = self.gemm1_act.as_ref()?;
+        act_epilogue(plan.gemm.wg, plan.bm, inter)
+            .then(|| wgmma_plan(if plan.gemm.f8 { e4m3 } else { exact }, plan.bm))
+    }
+}
+
+/// Whether GEMM 1 of a gated activation whose gate and up are the halves of `w13` takes the
+/// activation in its epilogue: with the wgmma kernel (`wg`), items up to `ACT_MAX_ROWS` rows
+/// (`bm`), and an intermediate size `inter` that is a multiple of 128, so that the rows an item
+/// takes of each half of `w13` lie in one scale tile. Then the activation kernel is not
+/// launched and C of GEMM 1 is never written: at decode that kernel and C's round trip are a
+/// few percent of a pass that otherwise streams the weights at the copy rate.
+fn act_epilogue(wg: bool, bm: usize, inter: usize) -> bool {
+    wg && bm <= ACT_MAX_ROWS && inter.is_multiple_of(128)
+}
+
+/// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
+fn wgmma_plan(g: &Gemm, bm: usize) -> GemmPlan<'_> {
+    let a_row = a_row_bytes(true, g.f8);
+    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row);
+    GemmPlan {
+        gemm: g,
+        bm,
+        stages,
+        smem: ring_bytes(bm, g.item_n, stages, a_row),
     }
 }
 
@@ -349,9 +399,18 @@ pub struct GemmArgs {
     pub bm: i32,
     /// Ring slots.
     pub stages: i32,
+    /// GEMM 1 with the activation in its epilogue only (else zeros): GEMM 2's input, the
+    /// experts' GEMM-2 input global scales, the activation's limit and alpha, and the input's
+    /// layout.
+    pub act: u64,
+    pub act_gs: u64,
+    pub act_limit: f32,
+    pub act_alpha: f32,
+    pub act_layout: i32,
 }
 
-// SAFETY: a plain C struct of the kernel's layout (six pointers, six ints).
+// SAFETY: a plain C struct of the kernel's layout (six pointers, six ints, two pointers, two
+// floats, an int; 104 bytes with the tail padding both add).
 unsafe impl DeviceRepr for GemmArgs {}
 
 impl Arg for GemmArgs {
@@ -386,11 +445,46 @@ mod tests {
     }
 
     #[test]
+    fn gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles() {
+        // DeepSeek-V3 (I = 2048) and the GPU test's layer (I = 256): items of the expected rows
+        // and three deviations take it up to about 40 rows per expert.
+        for inter in [2048, 256] {
+            for expected in 1..=40 {
+                let bm = wgmma_item_rows(expected, 100_000);
+                assert!(
+                    act_epilogue(true, bm, inter),
+                    "I {inter} expected {expected}"
+                );
+                // mma.sync items (exact products up to 16 rows) keep the activation kernel.
+                assert!(!act_epilogue(false, bm, inter));
+            }
+            for expected in [50, 64, 128] {
+                assert!(!act_epilogue(
+                    true,
+                    wgmma_item_rows(expected, 100_000),
+                    inter
+                ));
+            }
+        }
+        // The GPU test's runs (gemm1_with_the_activation_in_its_epilogue_matches_the_reference):
+        // 8 experts, top-2, the standard layout's cap of M rows, I = 256 and 384.
+        for inter in [256, 384] {
+            for m in [8usize, 40, 80, 160] {
+                let bm = wgmma_item_rows((2 * m).div_ceil(8), m);
+                assert!(act_epilogue(true, bm, inter), "I {inter} M {m}: bm {bm}");
+            }
+        }
+        // A half of w13 whose rows straddle scale tiles keeps it too.
+        assert!(!act_epilogue(true, 16, 160));
+    }
+
+    #[test]
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            // Items of 128 and of 192 weight rows.
-            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG_MAX_ROWS)] {
+            // Items of 128, 192 and 256 weight rows (the last GEMM 1 with the activation).
+            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG_MAX_ROWS), (256, ACT_MAX_ROWS)]
+            {
                 for bm in (16..=most_rows).step_by(16) {
                     let s = wgmma_stages(bm, item_n, 4, a_row);
                     // E4M3 rows take half the bytes: at least three slots at the tallest items.
@@ -398,6 +492,10 @@ mod tests {
                     assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
                     assert!(ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX);
                     assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) > SMEM_MAX);
+                    // A slot holds the staged C tile: bm rows of the item's columns as 16-bit
+                    // values, padded by 16 bytes (gemm.cu, c_pitch).
+                    let slot = item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n);
+                    assert!(bm * (2 * item_n + 16) <= slot, "bm {bm} item_n {item_n}");
                 }
             }
         }

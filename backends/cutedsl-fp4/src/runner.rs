@@ -1,10 +1,11 @@
 //! The `cutedsl_fp4` runner. Per forward pass, on the device's stream and with nothing waiting
 //! for the host: the row tiles from the per-expert counts; the activations to NVFP4 values
 //! (each expert's input global scale; kept as code times block scale in f16, which is exact,
-//! or rounded to E4M3 when the weights ask for E4M3 products);
-//! GEMM 1 (`w13`, alpha = 1 / (gs_a * gs_w)) to bf16; the activation with its requantization
-//! to NVFP4 fused; GEMM 2 (`w2`) to bf16. The masked layout
-//! writes GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
+//! or rounded to E4M3 when the weights ask for E4M3 products); GEMM 1 (`w13`,
+//! alpha = 1 / (gs_a * gs_w)) to bf16; the activation with its requantization to NVFP4 fused
+//! (at decode sizes, for gated activations whose gate and up are the halves of `w13`, in GEMM
+//! 1's epilogue: `Fp4Kernels::gemm1_act_for`); GEMM 2 (`w2`) to bf16. The masked layout writes
+//! GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
 //! registered one); the standard layout first groups its tokens per expert (a pre-permute that
 //! the quantization reads through, so no gathered copy is made) and sums the top-k after (or,
 //! with `no_combine`, leaves `[M, k, H]`; in place over the input with `inplace`; the router
@@ -20,7 +21,7 @@ use moe_runner_core::{
 };
 use std::sync::{Mutex, MutexGuard};
 
-use crate::kernels::{Fp4Kernels, GemmArgs, SEGMENT};
+use crate::kernels::{Fp4Kernels, GemmArgs, GemmPlan, SEGMENT};
 use crate::tma::{Elem, ShortBoxes, TensorMap};
 use crate::RUNNER;
 
@@ -302,9 +303,11 @@ impl Fp4Runner {
         let (dev, cap, e_i) = (&self.dev, r.cap as i32, e as i32);
         let ts = ws.tile_start.cuda_ptr()?;
         let plan = k.gemm_for(r.expected, r.cap, w.products);
-        let (gk, bm) = (plan.gemm, plan.bm);
+        // GEMM 1 with the activation in its epilogue where it applies (same items, same bm).
+        let plan1 = k.gemm1_act_for(&plan, i);
+        let bm = plan.bm;
         // The GEMM inputs' layout (rows.cu): bit 0 the wgmma order, bit 1 E4M3 products.
-        let layout = i32::from(gk.wg) | (i32::from(gk.f8) << 1);
+        let layout = i32::from(plan.gemm.wg) | (i32::from(plan.gemm.f8) << 1);
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
         let bm_i = bm as i32;
@@ -353,7 +356,10 @@ impl Fp4Runner {
         }
         // C[rows, n] = A[rows, kk] W[e, n, kk]^T: the weights' codes and A's rows through TMA
         // maps made for this pass's buffers.
-        let gemm = |a: u64,
+        let (_, limit, alpha_act) = self.act;
+        let gs2 = g.gs2.cuda_ptr()?;
+        let gemm = |plan: &GemmPlan<'_>,
+                    a: u64,
                     wt: &Tensor,
                     w_sf: &Tensor,
                     alpha: &Tensor,
@@ -361,12 +367,16 @@ impl Fp4Runner {
                     n: usize,
                     kk: usize|
          -> Result<()> {
+            let gk = plan.gemm;
+            // With the activation in the epilogue, an item's rows of each half of W by a box
+            // each.
+            let box_rows = if gk.act { gk.item_n / 2 } else { gk.item_n };
             let w_map = TensorMap::tiled(
                 wt.cuda_ptr()?,
                 Elem::U8,
                 &[kk as u64 / 2, n as u64, e as u64],
                 &[kk as u64 / 2, (n * kk / 2) as u64],
-                &[128, gk.item_n as u32, 1],
+                &[128, box_rows as u32, 1],
             )?;
             // Boxes of 128 bytes: 64 f16 values, or 128 E4M3 bytes for the wgmma kernel's E4M3
             // products.
@@ -401,6 +411,11 @@ impl Fp4Runner {
                 k: kk as i32,
                 bm: bm_i,
                 stages: plan.stages as i32,
+                act: if gk.act { a2 } else { 0 },
+                act_gs: if gk.act { gs2 } else { 0 },
+                act_limit: limit,
+                act_alpha: alpha_act,
+                act_layout: layout,
             };
             // C through shared memory (STAGED_MAX_K), where C's rows start and end on 16 bytes
             // (the runner's own buffers do; an output the caller gives may not).
@@ -427,28 +442,24 @@ impl Fp4Runner {
             Some((a, b)) => (a, b),
             None => (&w.w13_scale, &w.w2_scale),
         };
-        gemm(a1, &w.w13, s13, &g.alpha1, c1, n1, h)?;
-        let (_, limit, alpha_act) = self.act;
-        launch_2d(
-            dev,
-            &k.act_quant,
-            (row_grid(i), e),
-            128,
-            0,
-            &[
-                &c1,
-                &r.counts,
-                &r.row0,
-                &cap,
-                &i_i,
-                &limit,
-                &alpha_act,
-                &g.gs2.cuda_ptr()?,
-                &a2,
-                &layout,
-            ],
-        )?;
-        gemm(a2, &w.w2, s2, &g.alpha2, out, h, i)
+        match &plan1 {
+            // GEMM 1 writes GEMM 2's input itself.
+            Some(p1) => gemm(p1, a1, &w.w13, s13, &g.alpha1, 0, n1, h)?,
+            None => {
+                gemm(&plan, a1, &w.w13, s13, &g.alpha1, c1, n1, h)?;
+                launch_2d(
+                    dev,
+                    &k.act_quant,
+                    (row_grid(i), e),
+                    128,
+                    0,
+                    &[
+                        &c1, &r.counts, &r.row0, &cap, &i_i, &limit, &alpha_act, &gs2, &a2, &layout,
+                    ],
+                )?;
+            }
+        }
+        gemm(&plan, a2, &w.w2, s2, &g.alpha2, out, h, i)
     }
 
     fn run_masked(

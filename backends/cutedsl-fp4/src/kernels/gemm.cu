@@ -74,22 +74,37 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // a whole producer warpgroup gives up registers (setmaxnreg) so that the consumers get 232.
 // With three consumer warpgroups it does so for both products: 24 for the producers, 160 for
 // the consumers (65536 registers, 512 threads).
+// With four (GEMM 1 with the activation in its epilogue, EPI_ACT), 24 for the producers and 112
+// for the consumers (61440 registers, 640 threads: five warps an SM sub-partition). (A producer
+// warp alone would leave each consumer 96: 17 warps put five on one sub-partition.)
 template <bool F8, int CG>
-__device__ constexpr bool reg_handoff() { return F8 || CG == 3; }
+__device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
 template <bool F8, int CG>
 __device__ constexpr int gemm_threads() { return 128 * CG + (reg_handoff<F8, CG>() ? 128 : 32); }
 template <int CG>
 __device__ constexpr int producer_regs() { return CG == 2 ? 40 : 24; }
 template <int CG>
-__device__ constexpr int consumer_regs() { return CG == 2 ? 232 : 160; }
+__device__ constexpr int consumer_regs() { return CG == 2 ? 232 : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
-// wgmma.
+// wgmma (with EPI_ACT, 128 of each half of W).
 template <bool WG, int CG>
 __device__ constexpr int item_rows() { return WG ? 64 * CG : 128; }
 // The 128-row scale tiles an item's weight rows touch: items of 192 rows start on multiples of
 // 64, so they touch two.
 template <int ITEM_N>
 __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 128 ? 1 : 0); }
+// A wgmma kernel's epilogue: C stored lane by lane (EPI_LANES); through shared memory
+// (EPI_STAGED, store_c_staged); or, for GEMM 1 of a gated activation whose gate and up are the
+// halves of W, through shared memory into the activation and its requantization, written as
+// GEMM 2's input instead of C (EPI_ACT, store_act_staged). An EPI_ACT item is 128 rows of each
+// half (four consumer warpgroups): n0.. n0 + 127 of the first, N / 2 + n0.. of the second, so
+// that it holds 128 whole columns of the activation's output, and each half's rows lie in one
+// 128-row scale tile when N / 2 is a multiple of 128 (the runner takes it only then). (Ranges
+// of 96 rows, the earlier form with three warpgroups, straddled tiles: up to four a stage, and
+// GEMM 1 read 5% to 16% more from DRAM.)
+#define EPI_LANES 0
+#define EPI_STAGED 1
+#define EPI_ACT 2
 #define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
 // Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):
 // 96 columns, 144 registers of sums. (Up to 128 columns ptxas spills a few, and decode measured
@@ -175,6 +190,12 @@ struct GemmArgs {
     int cap, E, N, K;
     int bm;      // rows of an expert per item (the A boxes' height)
     int stages;  // slots of the ring
+    // EPI_ACT only: GEMM 2's input (`act_layout`), the experts' GEMM-2 global scales and the
+    // activation's limit and alpha.
+    u8* act;
+    const float* act_gs;
+    float act_limit, act_alpha;
+    int act_layout;
 };
 
 // The item's expert, first row and weight tile.
@@ -283,17 +304,14 @@ __device__ __forceinline__ u32 act_pair(float lo, float hi) {
 template <int CG>
 __device__ constexpr int c_pitch() { return 128 * CG + 16; }
 
-// The wgmma kernels' C: each warp's accumulators (its 16 weight rows by the item's 8 NT rows) go
-// to shared memory by transposed stmatrix, into the ring slot of the item's last stage, which
-// the consumers hold until then; then the consumer warps copy the item's valid rows out, 16
-// bytes a lane, whole 256-byte row segments a half-warp. Written lane by lane, C took 2-byte
-// stores, each warp store four partial sectors.
+// The wgmma kernels' C through shared memory: each warp's accumulators (its 16 weight rows by the
+// item's 8 NT rows), times alpha and rounded to the activation dtype, go by transposed stmatrix
+// into `tile`, the ring slot of the item's last stage, which the consumers hold until then: row
+// m of the tile is the item's row m, its columns the item's weight rows.
 template <int NT, int CG>
-__device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
-                                               int warp, int lane) {
-    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), SEG = 8 * CG;  // 16-byte segments a row
-    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
-    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
+__device__ __forceinline__ void stage_c(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
+                                        int warp, int lane) {
+    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>();
     const float al = p.alpha[it.e] * 64.0f;  // the widened codes are values times 2^-6
     // Every warp's products have read the slot (each warpgroup waited for its own).
     consumers_sync<CONS>();
@@ -305,6 +323,17 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
                           act_pair(acc[j][2] * al, acc[j][3] * al), act_pair(acc[j + 1][0] * al, acc[j + 1][1] * al),
                           act_pair(acc[j + 1][2] * al, acc[j + 1][3] * al));
     consumers_sync<CONS>();
+}
+
+// The staged C's valid rows out (EPI_STAGED), 16 bytes a lane, whole 256-byte row segments a
+// half-warp. Written lane by lane, C took 2-byte stores, each warp store four partial sectors.
+template <int NT, int CG>
+__device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
+                                               int warp, int lane) {
+    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), SEG = 8 * CG;  // 16-byte segments a row
+    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
+    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
+    stage_c<NT, CG>(p, it, acc, tile, warp, lane);
     for (u32 i = warp * 32 + lane; i < (u32)(rows * SEG); i += CONS) {
         const int m = (int)(i / SEG), sg = (int)(i % SEG), col = it.n0 + sg * 8;
         if (col < p.N) *(uint4*)(p.c + (base + m) * p.N + col) = *(const uint4*)(tile + m * C_PITCH + sg * 16);
@@ -313,13 +342,38 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
+// GEMM 1's epilogue with the activation (EPI_ACT): the staged tile's columns 0.. 127 are the
+// item's rows of the first half of W, 128.. 255 the same rows of the second. A task is one of
+// the item's rows by one 16-value block of the activation's output: the activation and its
+// requantization into GEMM 2's input, as the activation kernel does them from the same bf16
+// values (act_quant_block), so the two agree bit for bit. C itself is never written.
+template <int NT>
+__device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4],
+                                                 u8* tile, int warp, int lane) {
+    constexpr int CONS = 512, C_PITCH = c_pitch<4>(), BLOCKS = 8;  // output blocks of an item row
+    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
+    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
+    const int kb = p.N / 32;  // blocks of an output row (N / 2 values)
+    const long long pitch = row_bytes(p.N / 2, p.act_layout);
+    const float gs = p.act_gs[it.e];
+    stage_c<NT, 4>(p, it, acc, tile, warp, lane);
+    for (int i = warp * 32 + lane; i < rows * BLOCKS; i += CONS) {
+        const int m = i / BLOCKS, b = i % BLOCKS;
+        const u16* first = (const u16*)(tile + m * C_PITCH) + 16 * b;
+        act_quant_block(first, first + 128, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
+                        kb, p.act_layout);
+    }
+    // Generic-proxy writes to a slot the producer's TMA writes next.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
 // One work item on the consumer warps: its K stages from the ring (n counts the slots used), then
 // its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
-// of this item's wgmma. F8 (wgmma only): E4M3 products. STAGED (wgmma only): C through shared
-// memory (store_c_staged), a separate instantiation, since GEMM 1, which keeps the lane stores,
-// measured slower at decode in a kernel that also held that path. CG (wgmma only): consumer
-// warpgroups, each taking 64 of the item's weight rows.
-template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
+// of this item's wgmma. F8 (wgmma only): E4M3 products. EPI (wgmma only): the epilogue, each a
+// separate instantiation, since GEMM 1, which keeps the lane stores, measured slower at decode
+// in a kernel that also held the staged path. CG (wgmma only): consumer warpgroups, each taking
+// 64 of the item's weight rows.
+template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
 __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
                                              int lane) {
     constexpr int W_BYTES = item_rows<WG, CG>() * 128;
@@ -329,7 +383,8 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     // r & 7 = g).
     const int r[2] = {warp * 16 + g, warp * 16 + g + 8};
     float acc[NT][4] = {};
-    // STAGED keeps the last stage's slot for C (store_c_staged).
+    // A staged epilogue keeps the last stage's slot for C (stage_c).
+    constexpr bool STAGED = EPI != EPI_LANES;
     static_assert(WG || !STAGED, "C goes through shared memory in the wgmma kernels only");
     for (int st = 0; st < stages; ++st, ++n) {
         const int slot = n % slots;
@@ -375,7 +430,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // empties the tensor cores' queue. (Leaving the second group running into the next
             // stage too makes ptxas serialize every wgmma: it cannot tell which products still
             // run when their sums are read across the loop.)
-            constexpr bool OVERLAP = NT <= (CG == 2 ? F8_OVERLAP_NT : F8_OVERLAP_NT3);
+            constexpr bool OVERLAP = NT <= (CG == 2 ? F8_OVERLAP_NT : CG == 3 ? F8_OVERLAP_NT3 : 0);
             float part[OVERLAP ? 2 : 1][NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -461,7 +516,10 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     }
     if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
-        store_c_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
+        if constexpr (EPI == EPI_ACT)
+            store_act_staged<NT>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
+        else
+            store_c_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
         mbar_arrive(rg.empty + slot);
         return;
     }
@@ -487,33 +545,38 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
 // to wg_max_chunks (bm up to 160; 96 with three consumer warpgroups and E4M3 products, whose
 // second set of sums does not fit 160 registers wider).
+// With four (EPI_ACT), items up to 64 rows: past that ptxas serializes the wgmma in the 112
+// registers a consumer thread gets.
 template <int CG, bool F8>
-__device__ constexpr int wg_max_chunks() { return CG == 3 && F8 ? 6 : 10; }
-template <bool F8, bool STAGED, int CG, int C = 1>
+__device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 6 : 10; }
+template <bool F8, int EPI, int CG, int C = 1>
 __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
                                               int warp, int lane) {
     if constexpr (C < wg_max_chunks<CG, F8>()) {
         if (chunks > C) {
-            consume_wgmma<F8, STAGED, CG, C + 1>(chunks, p, it, rg, n, warp, lane);
+            consume_wgmma<F8, EPI, CG, C + 1>(chunks, p, it, rg, n, warp, lane);
             return;
         }
     }
-    consume_item<2 * C, 0, true, F8, STAGED, CG>(p, it, rg, n, warp, lane);
+    consume_item<2 * C, 0, true, F8, EPI, CG>(p, it, rg, n, warp, lane);
 }
 
 // STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
 // follows its item height). F8: E4M3 products, whose wgmma reads A as two boxes of 128 bytes.
-// STAGED: C through shared memory (consume_item). CG: the wgmma kernel's consumer warpgroups
+// EPI: the epilogue (EPI_LANES, EPI_STAGED, EPI_ACT). CG: the wgmma kernel's consumer warpgroups
 // (an item is 64 CG weight rows); with three, a producer warpgroup hands its registers over
 // (reg_handoff), as it does for E4M3 products.
-template <int NT, int STAGES, bool WG, bool F8, bool STAGED, int CG>
+template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map,
                                          const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
+    static_assert((EPI == EPI_ACT) == (CG == 4), "the activation epilogue runs on four consumer warpgroups");
     constexpr int CONS = 128 * CG;                     // consumer threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
     constexpr int W_BYTES = ITEM_N * 128;              // the weight box: ITEM_N rows x 128 bytes
     constexpr int SF_TILES = item_scale_tiles<ITEM_N>();
+    // Items step over N by their weight rows, or with EPI_ACT over each half of W by 128.
+    constexpr int STEP = EPI == EPI_ACT ? ITEM_N / 2 : ITEM_N;
     const int bm = WG ? p.bm : 8 * NT;
     extern __shared__ u8 smem_raw[];
     // The 128-byte swizzle repeats every 1024 bytes: the ring starts on such a boundary, and
@@ -536,7 +599,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
-    const int n_tiles = (p.N + ITEM_N - 1) / ITEM_N;
+    const int span = EPI == EPI_ACT ? p.N / 2 : p.N, n_tiles = (span + STEP - 1) / STEP;
     const int items = p.tile_start[p.E] * n_tiles;
     if (warp >= CONS / 32) {
         // The producer.
@@ -546,7 +609,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
         u32 n = 0;
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
-            const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
+            const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
             // A wgmma item reads only its rows rounded up to 16 (consume_wgmma), and its rows are
             // often fewer than bm (routed counts scatter below the item height; a masked
@@ -564,8 +627,10 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                 for (int k = 0; k < SHORT_BOXES; ++k)
                     if ((16 << k) >= rows && (16 << k) * 128 < box_bytes) am = &a_short->h[k], box_bytes = (16 << k) * 128;
             }
-            // Scale tiles past N are not copied (their rows' codes are the TMA's zeros).
-            const int sf0 = it.n0 / 128, sfn = min(SF_TILES, sf_tiles - sf0);
+            // Scale tiles past N are not copied (their rows' codes are the TMA's zeros). With
+            // EPI_ACT, the tiles of the item's rows in either half.
+            const int sf0 = it.n0 / 128, sfn = EPI == EPI_ACT ? 2 : min(SF_TILES, sf_tiles - sf0);
+            const int sf_step = EPI == EPI_ACT ? p.N / 256 : 1;  // tiles from one copied to the next
             const u8* sf = p.w_sf + ((long long)it.e * sf_tiles + sf0) * k_tiles * 512;
             for (int st = 0; st < stages; ++st, ++n) {
                 const int slot = n % rg.stages;
@@ -573,14 +638,20 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                 u8* base = rg.base + slot * rg.stage;
                 const int kt = min(4, k_tiles - 4 * st);
                 mbar_expect_tx(rg.full + slot, W_BYTES + rg.a_boxes * box_bytes + sfn * kt * 512);
-                tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, rg.full + slot);
+                if constexpr (EPI == EPI_ACT) {
+                    // The item's rows of each half, by a map of 128-row boxes.
+                    tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, rg.full + slot);
+                    tma_3d(base + W_BYTES / 2, w_map, st * (KS / 2), p.N / 2 + it.n0, it.e, rg.full + slot);
+                } else {
+                    tma_3d(base, w_map, st * (KS / 2), it.n0, it.e, rg.full + slot);
+                }
                 // A shorter box lands as the first rows of a box of bm rows would (whole 1024-byte
                 // swizzle periods from the same start).
                 for (int c = 0; c < rg.a_boxes; ++c)
                     tma_2d(base + W_BYTES + c * rg.a_box, am, st * KS + c * (KS / rg.a_boxes), rows0, rg.full + slot);
                 for (int i = 0; i < sfn; ++i)
-                    bulk_copy(base + W_BYTES + rg.a_boxes * rg.a_box + i * S_BYTES, sf + (long long)i * k_tiles * 512 + st * 2048,
-                              kt * 512, rg.full + slot);
+                    bulk_copy(base + W_BYTES + rg.a_boxes * rg.a_box + i * S_BYTES,
+                              sf + (long long)(i * sf_step) * k_tiles * 512 + st * 2048, kt * 512, rg.full + slot);
             }
         }
         return;
@@ -588,21 +659,21 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(consumer_regs<CG>()));
     u32 n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const GemmItem it = gemm_item(p, item, n_tiles, ITEM_N, bm);
+        const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma<F8, STAGED, CG>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, warp, lane);
+            consume_wgmma<F8, EPI, CG>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, warp, lane);
         } else {
-            consume_item<NT, STAGES, false, false, false, CG>(p, it, rg, n, warp, lane);
+            consume_item<NT, STAGES, false, false, EPI_LANES, CG>(p, it, rg, n, warp, lane);
         }
     }
 }
 
-#define FP4_GEMM(NAME, NT, STAGES, WG, F8, STAGED, CG)                                                  \
+#define FP4_GEMM(NAME, NT, STAGES, WG, F8, EPI, CG)                                                     \
     extern "C" __global__ void __launch_bounds__(gemm_threads<F8, CG>(), 1) NAME(                       \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map,                     \
         const __grid_constant__ ShortBoxes a_short, GemmArgs p) {                                       \
-        fp4_gemm<NT, STAGES, WG, F8, STAGED, CG>(p, &w_map, &a_map, &a_short);                          \
+        fp4_gemm<NT, STAGES, WG, F8, EPI, CG>(p, &w_map, &a_map, &a_short);                             \
     }
 // Up to 16 rows an item (exact products), mma.sync per warp. One block an SM with the deepest
 // ring that fits measured faster than two blocks of four stages (H100: 2120 against 2158 us at
@@ -613,13 +684,21 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
 // (H100, 64 rows: GEMM 1 6% and GEMM 2 5% to 13% faster; at 8 and 16 rows mma.sync stays 3% to
 // 6% faster); with E4M3 products they take items up to 96 rows, since their registers hold no
 // wider second set of sums, and two take taller ones (runner.rs, gemm_for in kernels.rs).
-FP4_GEMM(fp4_gemm_n1, 1, 6, false, false, false, 2)
-FP4_GEMM(fp4_gemm_n2, 2, 6, false, false, false, 2)
-FP4_GEMM(fp4_wgmma3, 0, 0, true, false, false, 3)
-FP4_GEMM(fp4_wgmma_f8, 0, 0, true, true, false, 2)
-FP4_GEMM(fp4_wgmma3_f8, 0, 0, true, true, false, 3)
+FP4_GEMM(fp4_gemm_n1, 1, 6, false, false, EPI_LANES, 2)
+FP4_GEMM(fp4_gemm_n2, 2, 6, false, false, EPI_LANES, 2)
+FP4_GEMM(fp4_wgmma3, 0, 0, true, false, EPI_LANES, 3)
+FP4_GEMM(fp4_wgmma_f8, 0, 0, true, true, EPI_LANES, 2)
+FP4_GEMM(fp4_wgmma3_f8, 0, 0, true, true, EPI_LANES, 3)
 // The same, writing C through shared memory: for a short K, where the stores of C are a large
 // share of an item (runner.rs, STAGED_MAX_K).
-FP4_GEMM(fp4_wgmma3_staged, 0, 0, true, false, true, 3)
-FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, true, 2)
-FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, true, 3)
+FP4_GEMM(fp4_wgmma3_staged, 0, 0, true, false, EPI_STAGED, 3)
+FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, EPI_STAGED, 2)
+FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, EPI_STAGED, 3)
+// GEMM 1 of a gated activation with the activation and its requantization in the epilogue, for
+// items up to 64 rows (decode): C is never written and the activation kernel not launched
+// (kernels.rs, Fp4Kernels::gemm1_act_for). Only where the activation's gate and up are W's
+// halves.
+#if ACT < 5 && GATE_UP != 2
+FP4_GEMM(fp4_wgmma4_act, 0, 0, true, false, EPI_ACT, 4)
+FP4_GEMM(fp4_wgmma4_f8_act, 0, 0, true, true, EPI_ACT, 4)
+#endif

@@ -164,6 +164,27 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_expand_rows(
     }
 }
 
+// One 16-value block (b of kb) of an activation output row from sixteen of GEMM 1's columns of
+// each half of its weight rows, `first` and `second` (gate and up, or up and gate by GATE_UP):
+// the activation, then NVFP4 with the GEMM-2 global scale into `row` (`layout`). The activation
+// kernel and GEMM 1's activation epilogue (gemm.cu, store_act_staged) both take it, from the
+// same bf16 values, so their results agree bit for bit.
+__device__ __forceinline__ void act_quant_block(const u16* first, const u16* second, float limit, float alpha_act,
+                                                float gs, u8* row, int b, int kb, int layout) {
+    float x[16], y[16], v[16];
+    load16(first, x);
+    load16(second, y);
+#pragma unroll
+    for (int j = 0; j < 16; ++j)
+#if GATE_UP == 1
+        v[j] = activation(y[j], x[j], limit, alpha_act);
+#else
+        v[j] = activation(x[j], y[j], limit, alpha_act);
+#endif
+    nvfp4_block(v, gs, row, b, layout);
+    if (b == kb - 1) store_pad(row, kb, layout);
+}
+
 // GEMM 1's output rows through the activation, quantized to NVFP4 values (in `layout`) with the
 // expert's GEMM-2 global scale: thread per 16-value output block. Grid: (blocks striding over rows * I/16, E).
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
@@ -183,31 +204,24 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_act_quant(
          item += (long long)gridDim.x * FP4_THREADS) {
         const int i = (int)(item / kb), b = (int)(item % kb);
         const u16* x = c1 + (base + i) * width;
+#if ACT < 5 && GATE_UP != 2
+        act_quant_block(x + b * 16, x + inter + b * 16, limit, alpha_act, gs, a + (base + i) * pitch, b, kb, layout);
+#else
         float v[16];
 #if ACT >= 5
         float gate[16];
         load16(x + b * 16, gate);
 #pragma unroll
         for (int j = 0; j < 16; ++j) v[j] = activation(gate[j], 0.0f, limit, alpha_act);
-#elif GATE_UP == 2
+#else
         float gu[32];
         load16(x + b * 32, gu);
         load16(x + b * 32 + 16, gu + 16);
 #pragma unroll
         for (int j = 0; j < 16; ++j) v[j] = activation(gu[2 * j], gu[2 * j + 1], limit, alpha_act);
-#else
-        float first[16], second[16];
-        load16(x + b * 16, first);
-        load16(x + inter + b * 16, second);
-#pragma unroll
-        for (int j = 0; j < 16; ++j)
-#if GATE_UP == 0
-            v[j] = activation(first[j], second[j], limit, alpha_act);
-#else
-            v[j] = activation(second[j], first[j], limit, alpha_act);
-#endif
 #endif
         nvfp4_block(v, gs, a + (base + i) * pitch, b, layout);
         if (b == kb - 1) store_pad(a + (base + i) * pitch, kb, layout);
+#endif
     }
 }
