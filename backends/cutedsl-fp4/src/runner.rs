@@ -6,7 +6,9 @@
 //! to NVFP4 fused; GEMM 2 (`w2`) to bf16. The masked layout
 //! writes GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
 //! registered one); the standard layout first groups its tokens per expert (a pre-permute that
-//! the quantization reads through, so no gathered copy is made) and sums the top-k after (or,
+//! the quantization reads through, so no gathered copy of the bf16 rows is made; with one input
+//! global scale for every expert, each token is quantized once and its quantized row copied to
+//! each of its picks) and sums the top-k after (or,
 //! with `no_combine`, leaves `[M, k, H]`; in place over the input with `inplace`; the router
 //! weight on the input with `apply_router_weight_on_input`).
 
@@ -35,15 +37,22 @@ const STAGED_MAX_K: usize = 2048;
 
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
 struct Workspace {
-    /// Rows of the row space and picks (M * k) it was sized for.
+    /// Rows of the row space, picks (M * k) and tokens (M) it was sized for.
     rows: usize,
     picks: usize,
+    tokens: usize,
     /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16, or E4M3
     /// bytes (in the first half) for E4M3 products in the wgmma kernel; rows of whole
     /// 256-value segments in the GEMM's block order.
     a1: Tensor,
     c1: Tensor,
     a2: Tensor,
+    /// The standard layout's tokens quantized once each, in GEMM 1's input layout, when every
+    /// expert has the same input global scale: `a1`'s rows are copies of them.
+    a_tok: Tensor,
+    /// `[1] i32` i32::MAX: the count of `fp4_quant_rows` run over the tokens as one expert of
+    /// `cap` = M rows.
+    all_rows: Tensor,
     /// GEMM 2's rows before the top-k sum (standard layout only).
     y: Tensor,
     counts: Tensor,
@@ -65,6 +74,10 @@ struct Globals {
     alpha2: Tensor,
     gs1: Tensor,
     gs2: Tensor,
+    /// Every expert has the same input global scale (`a13_global`), as checkpoints whose
+    /// activations are quantized before the dispatch have: the standard layout then quantizes
+    /// each token once, not once per pick.
+    shared_gs1: bool,
     /// Swizzled `w13` / `w2` scales, when the weights' own are linear.
     swizzled: Option<(Tensor, Tensor)>,
 }
@@ -126,6 +139,12 @@ fn bf16_input(hidden: &Tensor, scale: Option<&Tensor>, shape: &[usize]) -> Resul
 /// Values per row of a GEMM input of width `k`: whole segments.
 fn padded(k: usize) -> usize {
     k.div_ceil(SEGMENT) * SEGMENT
+}
+
+/// Bytes of a GEMM input row of `k` values in `layout` (rows.cu, `row_bytes`): whole segments,
+/// one byte a value for E4M3 products (bit 1), else two.
+fn row_pitch(k: usize, layout: i32) -> usize {
+    padded(k) * if layout & 2 != 0 { 1 } else { 2 }
 }
 
 impl Fp4Runner {
@@ -241,22 +260,28 @@ impl Fp4Runner {
             alpha2: up(alpha(&w.a2_global, &w.w2_global))?,
             gs1: up(w.a13_global.clone())?,
             gs2: up(w.a2_global.clone())?,
+            shared_gs1: w.a13_global.windows(2).all(|p| p[0] == p[1]),
             swizzled,
         });
         Ok(g)
     }
 
-    fn workspace(&self, rows: usize, picks: usize) -> Result<MutexGuard<'_, Option<Workspace>>> {
+    fn workspace(
+        &self,
+        rows: usize,
+        picks: usize,
+        tokens: usize,
+    ) -> Result<MutexGuard<'_, Option<Workspace>>> {
         let mut ws = self.ws.lock().map_err(|_| poisoned())?;
         if ws
             .as_ref()
-            .is_some_and(|w| w.rows >= rows && w.picks >= picks)
+            .is_some_and(|w| w.rows >= rows && w.picks >= picks && w.tokens >= tokens)
         {
             return Ok(ws);
         }
-        let (rows, picks) = match ws.as_ref() {
-            Some(w) => (rows.max(w.rows), picks.max(w.picks)),
-            None => (rows, picks),
+        let (rows, picks, tokens) = match ws.as_ref() {
+            Some(w) => (rows.max(w.rows), picks.max(w.picks), tokens.max(w.tokens)),
+            None => (rows, picks, tokens),
         };
         let cfg = &self.cfg;
         let (h, i, n1, e) = (
@@ -269,11 +294,15 @@ impl Fp4Runner {
         *ws = Some(Workspace {
             rows,
             picks,
+            tokens,
             // The row kernels write every byte the GEMMs read, the padding of a partial
             // segment included (zeros), whatever layout wrote the buffer before.
             a1: z(rows * padded(h), DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
             a2: z(rows * padded(i), DType::F16)?,
+            a_tok: z(tokens * padded(h), DType::F16)?,
+            all_rows: Tensor::from_slice(&[i32::MAX], &[1], DType::I32)?
+                .to_device(&Device::Cuda(self.dev.clone()))?,
             y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
             counts: z(e, DType::I32)?,
             row0: z(e, DType::I32)?,
@@ -282,7 +311,7 @@ impl Fp4Runner {
             slot_of: z(picks, DType::I32)?,
             status: z(1, DType::I32)?,
         });
-        tracing::debug!(rows, picks, "cutedsl_fp4 workspace sized");
+        tracing::debug!(rows, picks, tokens, "cutedsl_fp4 workspace sized");
         Ok(ws)
     }
 
@@ -331,6 +360,42 @@ impl Fp4Runner {
                     &codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1, &layout,
                 ],
             )?,
+            // The standard layout with one input global scale for every expert (and no router
+            // weight on the input): each token quantized once, as one expert of M rows, then
+            // each pick's row copied, instead of quantizing a token once per pick.
+            None if r.src != 0 && r.in_weight == 0 && g.shared_gs1 => {
+                let (a_tok, null) = (ws.a_tok.cuda_ptr()?, 0u64);
+                // One expert: the whole grid on its rows, about eight blocks of 16 a thread.
+                let blocks = (r.cap * h / 16).div_ceil(128 * 8).clamp(1, 4096);
+                launch_2d(
+                    dev,
+                    &k.quant_rows,
+                    (blocks, 1),
+                    128,
+                    0,
+                    &[
+                        &x,
+                        &null,
+                        &null,
+                        &ws.all_rows.cuda_ptr()?,
+                        &null,
+                        &cap,
+                        &h_i,
+                        &g.gs1.cuda_ptr()?,
+                        &a_tok,
+                        &layout,
+                    ],
+                )?;
+                let pitch16 = (row_pitch(h, layout) / 16) as i32;
+                launch_2d(
+                    dev,
+                    &k.gather_rows,
+                    (r.cap.div_ceil(4).clamp(1, 64), e),
+                    128,
+                    0,
+                    &[&a_tok, &r.src, &r.counts, &r.row0, &cap, &pitch16, &a1],
+                )?;
+            }
             None => launch_2d(
                 dev,
                 &k.quant_rows,
@@ -504,7 +569,7 @@ impl Fp4Runner {
         } else {
             &d.masked_m
         };
-        let ws = self.workspace(el * rt, 0)?;
+        let ws = self.workspace(el * rt, 0, 0)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let rows = Rows {
             counts: masked_m.cuda_ptr()?,
@@ -583,7 +648,7 @@ impl Fp4Runner {
             &d.topk
         };
         let picks = m * k;
-        let ws = self.workspace(picks, picks)?;
+        let ws = self.workspace(picks, picks, m)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let (counts, row0, src, slot_of) = (
             ws.counts.cuda_ptr()?,
