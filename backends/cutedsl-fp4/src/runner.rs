@@ -141,6 +141,18 @@ fn padded(k: usize) -> usize {
     k.div_ceil(SEGMENT) * SEGMENT
 }
 
+/// Whether the standard layout quantizes each token once and copies its row to each pick
+/// (`fp4_gather_rows`) rather than quantizing every pick: every expert has the same input global
+/// scale (`shared_gs1`), no router weight goes on the input (it differs per pick), and a token
+/// has at least two local picks on average (top-k times the local share of the experts). With
+/// about one (wide expert parallelism) the copies would add work, not save it, and tokens with
+/// no local pick would be quantized for nothing.
+fn quantize_tokens_once(cfg: &MoeRunnerConfig, shared_gs1: bool) -> bool {
+    shared_gs1
+        && !cfg.apply_router_weight_on_input
+        && cfg.top_k * cfg.num_local_experts >= 2 * cfg.num_experts
+}
+
 /// Bytes of a GEMM input row of `k` values in `layout` (rows.cu, `row_bytes`): whole segments,
 /// one byte a value for E4M3 products (bit 1), else two.
 fn row_pitch(k: usize, layout: i32) -> usize {
@@ -360,10 +372,10 @@ impl Fp4Runner {
                     &codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1, &layout,
                 ],
             )?,
-            // The standard layout with one input global scale for every expert (and no router
-            // weight on the input): each token quantized once, as one expert of M rows, then
-            // each pick's row copied, instead of quantizing a token once per pick.
-            None if r.src != 0 && r.in_weight == 0 && g.shared_gs1 => {
+            // The standard layout, where it pays (quantize_tokens_once): each token quantized
+            // once, as one expert of M rows, then each pick's row copied, instead of quantizing
+            // a token once per pick.
+            None if r.src != 0 && quantize_tokens_once(cfg, g.shared_gs1) => {
                 let (a_tok, null) = (ws.a_tok.cuda_ptr()?, 0u64);
                 // One expert: the whole grid on its rows, about eight blocks of 16 a thread.
                 let blocks = (r.cap * h / 16).div_ceil(128 * 8).clamp(1, 4096);
@@ -811,5 +823,32 @@ inventory::submit! {
         device: DeviceKind::Cuda,
         priority: 10,
         make: |cfg, device| Ok(Box::new(Fp4Runner::new(cfg, device)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_quantized_once_where_they_have_several_local_picks() {
+        // DeepSeek-V3 on one rank, and the GPU tests' layers (every standard-layout test but
+        // per_expert_input_scales_quantize_each_pick takes the path).
+        for (e, k) in [(256, 8), (8, 2), (8, 4)] {
+            let cfg = MoeRunnerConfig::new(e, 512, 256, k);
+            assert!(quantize_tokens_once(&cfg, true), "E {e} top-{k}");
+            // Scales that differ between experts, or a router weight on the input, keep
+            // quantizing each pick.
+            assert!(!quantize_tokens_once(&cfg, false));
+            let mut on_input = cfg.clone();
+            on_input.apply_router_weight_on_input = true;
+            assert!(!quantize_tokens_once(&on_input, true));
+        }
+        // Expert parallelism over eight ranks: one local pick a token on average.
+        let mut ep8 = MoeRunnerConfig::new(256, 512, 256, 8);
+        ep8.num_local_experts = 32;
+        assert!(!quantize_tokens_once(&ep8, true));
+        ep8.num_local_experts = 64;
+        assert!(quantize_tokens_once(&ep8, true));
     }
 }
