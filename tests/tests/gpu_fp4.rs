@@ -551,15 +551,41 @@ fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
     masked_matches_the_reference(&cfg, &batch, &weights(&cfg, 43).0, "masked");
 }
 
+/// Input global scales that differ between experts: the standard layout quantizes each pick's
+/// row with its expert's scale. (With one scale for every expert, as the other tests have, it
+/// quantizes each token once and copies its rows.)
+#[test]
+#[ignore = "needs a CUDA device"]
+fn per_expert_input_scales_quantize_each_pick() {
+    let cfg = MoeRunnerConfig::new(8, 512, 256, 4);
+    let (mut w, _) = weights(&cfg, 61);
+    for (e, a) in w.a13_global.iter_mut().enumerate() {
+        *a *= 1.0 + e as f32 / 4.0;
+    }
+    for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
+        standard_layout_with(&cfg, &w, &[10, 300], products);
+    }
+}
+
 /// The standard layout of `cfg` at each number of tokens in `ms`, with skewed routing and the
 /// weights' products taken as `products`, against the reference that quantizes the same way.
 /// With E4M3 products, also at most a quarter as far from it as that reference is from the
 /// exact one; and then the exact weights on the same runner, whose GEMM inputs share the
 /// workspace in another layout (at H = 352, with the padding of a partial segment).
 fn standard_layout_at(cfg: MoeRunnerConfig, ms: &[usize], products: Nvfp4Products) {
-    let (exact, _) = weights(&cfg, 61);
-    let exact_q = quant_to_device(&exact, &Device::cpu()).unwrap();
-    let q = exact.with_products(products);
+    standard_layout_with(&cfg, &weights(&cfg, 61).0, ms, products);
+}
+
+/// `standard_layout_at` with the weights `exact` (exact products) of `cfg`.
+fn standard_layout_with(
+    cfg: &MoeRunnerConfig,
+    exact: &Nvfp4Weights,
+    ms: &[usize],
+    products: Nvfp4Products,
+) {
+    let cfg = cfg.clone();
+    let exact_q = quant_to_device(exact, &Device::cpu()).unwrap();
+    let q = exact.clone().with_products(products);
     let runner = fp4(&cfg, DispatchFormat::Standard);
     let want_runner = reference(&cfg, DispatchFormat::Standard, QuantScheme::Nvfp4);
     for &m in ms {

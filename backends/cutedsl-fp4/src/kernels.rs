@@ -137,6 +137,7 @@ pub struct Fp4Kernels {
     pub gemm1_act: Option<[Gemm; 2]>,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
+    pub gather_rows: CudaFunction,
     pub combine: CudaFunction,
 }
 
@@ -315,6 +316,7 @@ impl Fp4Kernels {
             },
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
+            gather_rows: load("fp4_gather_rows")?,
             combine: load("fp4_combine")?,
         })
     }

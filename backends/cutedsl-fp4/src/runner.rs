@@ -7,7 +7,9 @@
 //! 1's epilogue: `Fp4Kernels::gemm1_act_for`); GEMM 2 (`w2`) to bf16. The masked layout writes
 //! GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
 //! registered one); the standard layout first groups its tokens per expert (a pre-permute that
-//! the quantization reads through, so no gathered copy is made) and sums the top-k after (or,
+//! the quantization reads through, so no gathered copy of the bf16 rows is made; with one input
+//! global scale for every expert, each token is quantized once and its quantized row copied to
+//! each of its picks) and sums the top-k after (or,
 //! with `no_combine`, leaves `[M, k, H]`; in place over the input with `inplace`; the router
 //! weight on the input with `apply_router_weight_on_input`).
 
@@ -36,15 +38,22 @@ const STAGED_MAX_K: usize = 2048;
 
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
 struct Workspace {
-    /// Rows of the row space and picks (M * k) it was sized for.
+    /// Rows of the row space, picks (M * k) and tokens (M) it was sized for.
     rows: usize,
     picks: usize,
+    tokens: usize,
     /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16, or E4M3
     /// bytes (in the first half) for E4M3 products in the wgmma kernel; rows of whole
     /// 256-value segments in the GEMM's block order.
     a1: Tensor,
     c1: Tensor,
     a2: Tensor,
+    /// The standard layout's tokens quantized once each, in GEMM 1's input layout, when every
+    /// expert has the same input global scale: `a1`'s rows are copies of them.
+    a_tok: Tensor,
+    /// `[1] i32` i32::MAX: the count of `fp4_quant_rows` run over the tokens as one expert of
+    /// `cap` = M rows.
+    all_rows: Tensor,
     /// GEMM 2's rows before the top-k sum (standard layout only).
     y: Tensor,
     counts: Tensor,
@@ -66,6 +75,10 @@ struct Globals {
     alpha2: Tensor,
     gs1: Tensor,
     gs2: Tensor,
+    /// Every expert has the same input global scale (`a13_global`), as checkpoints whose
+    /// activations are quantized before the dispatch have: the standard layout then quantizes
+    /// each token once, not once per pick.
+    shared_gs1: bool,
     /// Swizzled `w13` / `w2` scales, when the weights' own are linear.
     swizzled: Option<(Tensor, Tensor)>,
 }
@@ -127,6 +140,24 @@ fn bf16_input(hidden: &Tensor, scale: Option<&Tensor>, shape: &[usize]) -> Resul
 /// Values per row of a GEMM input of width `k`: whole segments.
 fn padded(k: usize) -> usize {
     k.div_ceil(SEGMENT) * SEGMENT
+}
+
+/// Whether the standard layout quantizes each token once and copies its row to each pick
+/// (`fp4_gather_rows`) rather than quantizing every pick: every expert has the same input global
+/// scale (`shared_gs1`), no router weight goes on the input (it differs per pick), and a token
+/// has at least two local picks on average (top-k times the local share of the experts). With
+/// about one (wide expert parallelism) the copies would add work, not save it, and tokens with
+/// no local pick would be quantized for nothing.
+fn quantize_tokens_once(cfg: &MoeRunnerConfig, shared_gs1: bool) -> bool {
+    shared_gs1
+        && !cfg.apply_router_weight_on_input
+        && cfg.top_k * cfg.num_local_experts >= 2 * cfg.num_experts
+}
+
+/// Bytes of a GEMM input row of `k` values in `layout` (rows.cu, `row_bytes`): whole segments,
+/// one byte a value for E4M3 products (bit 1), else two.
+fn row_pitch(k: usize, layout: i32) -> usize {
+    padded(k) * if layout & 2 != 0 { 1 } else { 2 }
 }
 
 impl Fp4Runner {
@@ -242,22 +273,28 @@ impl Fp4Runner {
             alpha2: up(alpha(&w.a2_global, &w.w2_global))?,
             gs1: up(w.a13_global.clone())?,
             gs2: up(w.a2_global.clone())?,
+            shared_gs1: w.a13_global.windows(2).all(|p| p[0] == p[1]),
             swizzled,
         });
         Ok(g)
     }
 
-    fn workspace(&self, rows: usize, picks: usize) -> Result<MutexGuard<'_, Option<Workspace>>> {
+    fn workspace(
+        &self,
+        rows: usize,
+        picks: usize,
+        tokens: usize,
+    ) -> Result<MutexGuard<'_, Option<Workspace>>> {
         let mut ws = self.ws.lock().map_err(|_| poisoned())?;
         if ws
             .as_ref()
-            .is_some_and(|w| w.rows >= rows && w.picks >= picks)
+            .is_some_and(|w| w.rows >= rows && w.picks >= picks && w.tokens >= tokens)
         {
             return Ok(ws);
         }
-        let (rows, picks) = match ws.as_ref() {
-            Some(w) => (rows.max(w.rows), picks.max(w.picks)),
-            None => (rows, picks),
+        let (rows, picks, tokens) = match ws.as_ref() {
+            Some(w) => (rows.max(w.rows), picks.max(w.picks), tokens.max(w.tokens)),
+            None => (rows, picks, tokens),
         };
         let cfg = &self.cfg;
         let (h, i, n1, e) = (
@@ -270,11 +307,15 @@ impl Fp4Runner {
         *ws = Some(Workspace {
             rows,
             picks,
+            tokens,
             // The row kernels write every byte the GEMMs read, the padding of a partial
             // segment included (zeros), whatever layout wrote the buffer before.
             a1: z(rows * padded(h), DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
             a2: z(rows * padded(i), DType::F16)?,
+            a_tok: z(tokens * padded(h), DType::F16)?,
+            all_rows: Tensor::from_slice(&[i32::MAX], &[1], DType::I32)?
+                .to_device(&Device::Cuda(self.dev.clone()))?,
             y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
             counts: z(e, DType::I32)?,
             row0: z(e, DType::I32)?,
@@ -283,7 +324,7 @@ impl Fp4Runner {
             slot_of: z(picks, DType::I32)?,
             status: z(1, DType::I32)?,
         });
-        tracing::debug!(rows, picks, "cutedsl_fp4 workspace sized");
+        tracing::debug!(rows, picks, tokens, "cutedsl_fp4 workspace sized");
         Ok(ws)
     }
 
@@ -334,6 +375,42 @@ impl Fp4Runner {
                     &codes, &scales, &r.counts, &r.row0, &cap, &h_i, &a1, &layout,
                 ],
             )?,
+            // The standard layout, where it pays (quantize_tokens_once): each token quantized
+            // once, as one expert of M rows, then each pick's row copied, instead of quantizing
+            // a token once per pick.
+            None if r.src != 0 && quantize_tokens_once(cfg, g.shared_gs1) => {
+                let (a_tok, null) = (ws.a_tok.cuda_ptr()?, 0u64);
+                // One expert: the whole grid on its rows, about eight blocks of 16 a thread.
+                let blocks = (r.cap * h / 16).div_ceil(128 * 8).clamp(1, 4096);
+                launch_2d(
+                    dev,
+                    &k.quant_rows,
+                    (blocks, 1),
+                    128,
+                    0,
+                    &[
+                        &x,
+                        &null,
+                        &null,
+                        &ws.all_rows.cuda_ptr()?,
+                        &null,
+                        &cap,
+                        &h_i,
+                        &g.gs1.cuda_ptr()?,
+                        &a_tok,
+                        &layout,
+                    ],
+                )?;
+                let pitch16 = (row_pitch(h, layout) / 16) as i32;
+                launch_2d(
+                    dev,
+                    &k.gather_rows,
+                    (r.cap.div_ceil(4).clamp(1, 64), e),
+                    128,
+                    0,
+                    &[&a_tok, &r.src, &r.counts, &r.row0, &cap, &pitch16, &a1],
+                )?;
+            }
             None => launch_2d(
                 dev,
                 &k.quant_rows,
@@ -515,7 +592,7 @@ impl Fp4Runner {
         } else {
             &d.masked_m
         };
-        let ws = self.workspace(el * rt, 0)?;
+        let ws = self.workspace(el * rt, 0, 0)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let rows = Rows {
             counts: masked_m.cuda_ptr()?,
@@ -594,7 +671,7 @@ impl Fp4Runner {
             &d.topk
         };
         let picks = m * k;
-        let ws = self.workspace(picks, picks)?;
+        let ws = self.workspace(picks, picks, m)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let (counts, row0, src, slot_of) = (
             ws.counts.cuda_ptr()?,
@@ -757,5 +834,32 @@ inventory::submit! {
         device: DeviceKind::Cuda,
         priority: 10,
         make: |cfg, device| Ok(Box::new(Fp4Runner::new(cfg, device)?)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_quantized_once_where_they_have_several_local_picks() {
+        // DeepSeek-V3 on one rank, and the GPU tests' layers (every standard-layout test but
+        // per_expert_input_scales_quantize_each_pick takes the path).
+        for (e, k) in [(256, 8), (8, 2), (8, 4)] {
+            let cfg = MoeRunnerConfig::new(e, 512, 256, k);
+            assert!(quantize_tokens_once(&cfg, true), "E {e} top-{k}");
+            // Scales that differ between experts, or a router weight on the input, keep
+            // quantizing each pick.
+            assert!(!quantize_tokens_once(&cfg, false));
+            let mut on_input = cfg.clone();
+            on_input.apply_router_weight_on_input = true;
+            assert!(!quantize_tokens_once(&on_input, true));
+        }
+        // Expert parallelism over eight ranks: one local pick a token on average.
+        let mut ep8 = MoeRunnerConfig::new(256, 512, 256, 8);
+        ep8.num_local_experts = 32;
+        assert!(!quantize_tokens_once(&ep8, true));
+        ep8.num_local_experts = 64;
+        assert!(quantize_tokens_once(&ep8, true));
     }
 }
