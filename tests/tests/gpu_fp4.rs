@@ -225,7 +225,13 @@ fn reference_rows(
 }
 
 /// The runner's valid rows of the masked layout for `batch` against the reference that
-/// quantizes the same way, with exact and with E4M3 products of `exact`'s values.
+/// quantizes the same way, with exact and with E4M3 products of `exact`'s values. With E4M3
+/// products, the test of `standard_layout_with`: at most a quarter as far from that reference
+/// as it is from the exact one. (The FP8 tensor cores sum in less than f32, so a bf16 value of
+/// GEMM 1 now and then rounds the other way and its requantized block with it: on the masked
+/// batch of `gemm1_with_the_activation_in_its_epilogue_matches_the_reference`, 1.1% from the
+/// E4M3 reference with or without the activation in the epilogue, bit for bit the same, where
+/// the two references are 11% apart.)
 fn masked_matches_the_reference(
     cfg: &MoeRunnerConfig,
     batch: &DeepEpLlDispatchOutput,
@@ -236,6 +242,7 @@ fn masked_matches_the_reference(
     let g = runner.device().clone();
     let on_gpu = to_gpu(batch, None, &g);
     let counts = batch.masked_m.as_slice::<i32>().unwrap();
+    let exact_want = reference_rows(cfg, batch, exact, QuantScheme::Nvfp4);
     for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
         let q = exact.clone().with_products(products);
         let want = reference_rows(cfg, batch, &q, QuantScheme::Nvfp4);
@@ -243,7 +250,16 @@ fn masked_matches_the_reference(
         let got = valid_rows(&masked_output(&runner, &on_gpu, qg.as_ref()), counts);
         let c = suite::compare(&got, &want).unwrap();
         eprintln!("{what}, {products:?}: {c:?}");
-        assert!(c.within(1e-2), "{what}, {products:?}: {c:?}");
+        if products == Nvfp4Products::Exact {
+            assert!(c.within(1e-2), "{what}, {products:?}: {c:?}");
+        } else {
+            let gap = suite::compare(&want, &exact_want).unwrap();
+            eprintln!("  the {products:?} reference vs the exact one: {gap:?}");
+            assert!(
+                c.rel_l2 * 4.0 < gap.rel_l2,
+                "{what}: {c:?} is not much closer to the {products:?} reference than {gap:?}"
+            );
+        }
     }
 }
 
@@ -505,10 +521,10 @@ fn items_taller_than_the_rows_match_the_reference() {
 /// the kernels' unit test `gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles`
 /// checks that these shapes take it): the standard layout at about 2, 10, 20 and 40 rows per
 /// expert with skewed routing (experts past an item take several), for each gated activation
-/// option with separate halves (the gpt-oss one too, with its alpha), with exact products (the
-/// wgmma kernel from 17 rows) and E4M3 ones; I = 384 once (three scale tiles between the halves,
-/// and the padding of a partial segment of GEMM 2's input); and the masked layout. The
-/// interleaved layout and ungated activations keep the activation kernel.
+/// option with separate halves (the gpt-oss one too, with its alpha), with E4M3 products (exact
+/// ones keep the activation kernel, as the interleaved layout and ungated activations do); I =
+/// 384 once (three scale tiles between the halves, and the padding of a partial segment of GEMM
+/// 2's input); and the masked layout.
 #[test]
 #[ignore = "needs a CUDA device"]
 fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
@@ -535,12 +551,9 @@ fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
     cfgs.push(("I = 384", MoeRunnerConfig::new(8, 512, 384, 2)));
     for (name, cfg) in cfgs {
         eprintln!("{name}");
-        for products in [Nvfp4Products::Exact, Nvfp4Products::E4m3] {
-            standard_layout_at(cfg.clone(), &[8, 40, 80, 160], products);
-        }
+        standard_layout_at(cfg.clone(), &[8, 40, 80, 160], Nvfp4Products::E4m3);
     }
-    // The masked layout: about 20 rows per expert (items of 48 rows, so exact products take
-    // the wgmma kernel too), skewed.
+    // The masked layout: about 20 rows per expert (items of 48 rows), skewed.
     let cfg = MoeRunnerConfig::new(8, 512, 256, 2);
     let batch = masked_batch(&cfg, 80, 13);
     eprintln!(
@@ -552,8 +565,8 @@ fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
 }
 
 /// Input global scales that differ between experts: the standard layout quantizes each pick's
-/// row with its expert's scale. (With one scale for every expert, as the other tests have, it
-/// quantizes each token once and copies its rows.)
+/// row with its expert's scale. (With one scale for every expert, as the other tests have, and
+/// E4M3 products, it quantizes each token once and copies its rows.)
 #[test]
 #[ignore = "needs a CUDA device"]
 fn per_expert_input_scales_quantize_each_pick() {

@@ -132,9 +132,9 @@ pub struct Fp4Kernels {
     /// The wgmma kernel with E4M3 products, for every batch size: three consumer warpgroups up
     /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
     pub wgmma_e4m3: [Gemm; 2],
-    /// GEMM 1 with the activation in its epilogue, exact and E4M3 products: for gated
-    /// activations whose gate and up are the halves of `w13` (not interleaved).
-    pub gemm1_act: Option<[Gemm; 2]>,
+    /// GEMM 1 with the activation in its epilogue, E4M3 products: for gated activations whose
+    /// gate and up are the halves of `w13` (not interleaved).
+    pub gemm1_act: Option<Gemm>,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub gather_rows: CudaFunction,
@@ -304,13 +304,10 @@ impl Fp4Kernels {
                 gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true, false)?,
                 gemm(WG_MAX_ROWS / 8, 2, 4, true, true, false)?,
             ],
-            // gemm.cu instantiates them for the activations of ACT < 5 (gated) unless
+            // gemm.cu instantiates it for the activations of ACT < 5 (gated) unless
             // interleaved.
             gemm1_act: if act < 5 && gate_up != 2 {
-                Some([
-                    gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, true)?,
-                    gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?,
-                ])
+                Some(gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?)
             } else {
                 None
             },
@@ -353,20 +350,22 @@ impl Fp4Kernels {
     /// GEMM 1 with the activation and its requantization in its epilogue, where it applies
     /// (`act_epilogue`) beside `plan`, the plan `gemm_for` gave: same products, same items.
     pub fn gemm1_act_for(&self, plan: &GemmPlan<'_>, inter: usize) -> Option<GemmPlan<'_>> {
-        let [exact, e4m3] = self.gemm1_act.as_ref()?;
-        act_epilogue(plan.gemm.wg, plan.bm, inter)
-            .then(|| wgmma_plan(if plan.gemm.f8 { e4m3 } else { exact }, plan.bm))
+        let g = self.gemm1_act.as_ref()?;
+        act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
     }
 }
 
 /// Whether GEMM 1 of a gated activation whose gate and up are the halves of `w13` takes the
-/// activation in its epilogue: with the wgmma kernel (`wg`), items up to `ACT_MAX_ROWS` rows
+/// activation in its epilogue: with E4M3 products (`f8`), items up to `ACT_MAX_ROWS` rows
 /// (`bm`), and an intermediate size `inter` that is a multiple of 128, so that the rows an item
 /// takes of each half of `w13` lie in one scale tile. Then the activation kernel is not
 /// launched and C of GEMM 1 is never written: at decode that kernel and C's round trip are a
-/// few percent of a pass that otherwise streams the weights at the copy rate.
-fn act_epilogue(wg: bool, bm: usize, inter: usize) -> bool {
-    wg && bm <= ACT_MAX_ROWS && inter.is_multiple_of(128)
+/// few percent of a pass that otherwise streams the weights at the copy rate (H100, DeepSeek-V3
+/// shapes: 16 rows 1489 to 1446 us, 32 rows 1556 to 1519 us for GEMM 1 and the activation).
+/// Exact products keep the activation kernel: their four-warpgroup GEMM 1 measured slower than
+/// the three-warpgroup one and the activation kernel together (32 rows: 1595 against 1577 us).
+fn act_epilogue(f8: bool, bm: usize, inter: usize) -> bool {
+    f8 && bm <= ACT_MAX_ROWS && inter.is_multiple_of(128)
 }
 
 /// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
@@ -448,8 +447,9 @@ mod tests {
 
     #[test]
     fn gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles() {
-        // DeepSeek-V3 (I = 2048) and the GPU test's layer (I = 256): items of the expected rows
-        // and three deviations take it up to about 40 rows per expert.
+        // With E4M3 products, DeepSeek-V3 (I = 2048) and the GPU test's layer (I = 256):
+        // items of the expected rows and three deviations take it up to about 40 rows per
+        // expert.
         for inter in [2048, 256] {
             for expected in 1..=40 {
                 let bm = wgmma_item_rows(expected, 100_000);
@@ -457,7 +457,7 @@ mod tests {
                     act_epilogue(true, bm, inter),
                     "I {inter} expected {expected}"
                 );
-                // mma.sync items (exact products up to 16 rows) keep the activation kernel.
+                // Exact products keep the activation kernel.
                 assert!(!act_epilogue(false, bm, inter));
             }
             for expected in [50, 64, 128] {

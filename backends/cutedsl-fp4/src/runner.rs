@@ -18,7 +18,7 @@ use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
 use moe_runner_core::{
     as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
     DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError,
-    MoeRunnerConfig, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
+    MoeRunnerConfig, Nvfp4Products, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
     StandardCombineInput, StandardDispatchOutput, Tensor,
 };
 use std::sync::{Mutex, MutexGuard};
@@ -75,10 +75,6 @@ struct Globals {
     alpha2: Tensor,
     gs1: Tensor,
     gs2: Tensor,
-    /// Every expert has the same input global scale (`a13_global`), as checkpoints whose
-    /// activations are quantized before the dispatch have: the standard layout then quantizes
-    /// each token once, not once per pick.
-    shared_gs1: bool,
     /// Swizzled `w13` / `w2` scales, when the weights' own are linear.
     swizzled: Option<(Tensor, Tensor)>,
 }
@@ -115,6 +111,9 @@ struct Rows {
     /// NVFP4 rows from the dispatcher (codes, E4M3 scales), already quantized with the weights'
     /// input global scale: expanded instead of quantized. `None`: bf16 rows at `x`.
     nvfp4_in: Option<(u64, u64)>,
+    /// The standard layout quantizes each token once into the workspace's `a_tok` and copies
+    /// its row to each pick (`quantize_tokens_once`); `src` then names the token.
+    tokens_once: bool,
 }
 
 fn poisoned() -> MoeError {
@@ -143,13 +142,22 @@ fn padded(k: usize) -> usize {
 }
 
 /// Whether the standard layout quantizes each token once and copies its row to each pick
-/// (`fp4_gather_rows`) rather than quantizing every pick: every expert has the same input global
-/// scale (`shared_gs1`), no router weight goes on the input (it differs per pick), and a token
-/// has at least two local picks on average (top-k times the local share of the experts). With
-/// about one (wide expert parallelism) the copies would add work, not save it, and tokens with
-/// no local pick would be quantized for nothing.
-fn quantize_tokens_once(cfg: &MoeRunnerConfig, shared_gs1: bool) -> bool {
-    shared_gs1
+/// (`fp4_gather_rows`) rather than quantizing every pick: with E4M3 products, every expert
+/// having the same input global scale (`a13_global`, as checkpoints whose activations are
+/// quantized before the dispatch have), no router weight on the input (it differs per pick),
+/// and at least two local picks a token on average (top-k times the local share of the
+/// experts). With about one (wide expert parallelism) the copies would add work, not save it,
+/// and tokens with no local pick would be quantized for nothing. Exact products keep
+/// quantizing each pick: their rows are f16, two bytes a value, and copying them costs as much
+/// as quantizing (H100, 4096 tokens of DeepSeek-V3: 44 us quantizing the tokens and 288 us
+/// copying against 302 us quantizing each pick; with E4M3 products 42 and 131 against 278).
+fn quantize_tokens_once(
+    cfg: &MoeRunnerConfig,
+    products: Nvfp4Products,
+    a13_global: &[f32],
+) -> bool {
+    products == Nvfp4Products::E4m3
+        && a13_global.windows(2).all(|p| p[0] == p[1])
         && !cfg.apply_router_weight_on_input
         && cfg.top_k * cfg.num_local_experts >= 2 * cfg.num_experts
 }
@@ -273,7 +281,6 @@ impl Fp4Runner {
             alpha2: up(alpha(&w.a2_global, &w.w2_global))?,
             gs1: up(w.a13_global.clone())?,
             gs2: up(w.a2_global.clone())?,
-            shared_gs1: w.a13_global.windows(2).all(|p| p[0] == p[1]),
             swizzled,
         });
         Ok(g)
@@ -313,7 +320,8 @@ impl Fp4Runner {
             a1: z(rows * padded(h), DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
             a2: z(rows * padded(i), DType::F16)?,
-            a_tok: z(tokens * padded(h), DType::F16)?,
+            // E4M3 rows (quantize_tokens_once): a byte a value.
+            a_tok: z(tokens * padded(h), DType::U8)?,
             all_rows: Tensor::from_slice(&[i32::MAX], &[1], DType::I32)?
                 .to_device(&Device::Cuda(self.dev.clone()))?,
             y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
@@ -378,7 +386,7 @@ impl Fp4Runner {
             // The standard layout, where it pays (quantize_tokens_once): each token quantized
             // once, as one expert of M rows, then each pick's row copied, instead of quantizing
             // a token once per pick.
-            None if r.src != 0 && quantize_tokens_once(cfg, g.shared_gs1) => {
+            None if r.tokens_once => {
                 let (a_tok, null) = (ws.a_tok.cuda_ptr()?, 0u64);
                 // One expert: the whole grid on its rows, about eight blocks of 16 a thread.
                 let blocks = (r.cap * h / 16).div_ceil(128 * 8).clamp(1, 4096);
@@ -603,6 +611,7 @@ impl Fp4Runner {
             src: 0,
             in_weight: 0,
             nvfp4_in,
+            tokens_once: false,
         };
         self.experts(w, ws, rows, d.hidden.cuda_ptr()?, out.cuda_ptr()?)
     }
@@ -671,7 +680,8 @@ impl Fp4Runner {
             &d.topk
         };
         let picks = m * k;
-        let ws = self.workspace(picks, picks, m)?;
+        let tokens_once = quantize_tokens_once(cfg, w.products, &w.a13_global);
+        let ws = self.workspace(picks, picks, if tokens_once { m } else { 0 })?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let (counts, row0, src, slot_of) = (
             ws.counts.cuda_ptr()?,
@@ -711,6 +721,7 @@ impl Fp4Runner {
                 0
             },
             nvfp4_in: None,
+            tokens_once,
         };
         let y = ws.y.cuda_ptr()?;
         self.experts(w, ws, rows, d.hidden.cuda_ptr()?, y)?;
@@ -843,23 +854,26 @@ mod tests {
 
     #[test]
     fn tokens_are_quantized_once_where_they_have_several_local_picks() {
-        // DeepSeek-V3 on one rank, and the GPU tests' layers (every standard-layout test but
-        // per_expert_input_scales_quantize_each_pick takes the path).
+        use Nvfp4Products::{E4m3, Exact};
+        let (shared, per_expert) = ([0.5f32; 4], [0.5f32, 0.5, 0.25, 0.5]);
+        // DeepSeek-V3 on one rank, and the GPU tests' layers (their standard-layout tests with
+        // E4M3 products but per_expert_input_scales_quantize_each_pick take the path).
         for (e, k) in [(256, 8), (8, 2), (8, 4)] {
             let cfg = MoeRunnerConfig::new(e, 512, 256, k);
-            assert!(quantize_tokens_once(&cfg, true), "E {e} top-{k}");
-            // Scales that differ between experts, or a router weight on the input, keep
-            // quantizing each pick.
-            assert!(!quantize_tokens_once(&cfg, false));
+            assert!(quantize_tokens_once(&cfg, E4m3, &shared), "E {e} top-{k}");
+            // Exact products, scales that differ between experts, or a router weight on the
+            // input keep quantizing each pick.
+            assert!(!quantize_tokens_once(&cfg, Exact, &shared));
+            assert!(!quantize_tokens_once(&cfg, E4m3, &per_expert));
             let mut on_input = cfg.clone();
             on_input.apply_router_weight_on_input = true;
-            assert!(!quantize_tokens_once(&on_input, true));
+            assert!(!quantize_tokens_once(&on_input, E4m3, &shared));
         }
         // Expert parallelism over eight ranks: one local pick a token on average.
         let mut ep8 = MoeRunnerConfig::new(256, 512, 256, 8);
         ep8.num_local_experts = 32;
-        assert!(!quantize_tokens_once(&ep8, true));
+        assert!(!quantize_tokens_once(&ep8, E4m3, &shared));
         ep8.num_local_experts = 64;
-        assert!(quantize_tokens_once(&ep8, true));
+        assert!(quantize_tokens_once(&ep8, E4m3, &shared));
     }
 }
