@@ -3,15 +3,15 @@
 //! (each expert's input global scale; kept as code times block scale in f16, which is exact,
 //! or rounded to E4M3 when the weights ask for E4M3 products); GEMM 1 (`w13`,
 //! alpha = 1 / (gs_a * gs_w)) to bf16; the activation with its requantization to NVFP4 fused
-//! (at decode sizes, for gated activations whose gate and up are the halves of `w13`, in GEMM
-//! 1's epilogue: `Fp4Kernels::gemm1_act_for`); GEMM 2 (`w2`) to bf16. The masked layout writes
-//! GEMM 2 straight into its output (the low-latency combine buffer when the dispatcher
-//! registered one); the standard layout first groups its tokens per expert (a pre-permute that
-//! the quantization reads through, so no gathered copy of the bf16 rows is made; with one input
-//! global scale for every expert, each token is quantized once and its quantized row copied to
-//! each of its picks) and sums the top-k after (or,
-//! with `no_combine`, leaves `[M, k, H]`; in place over the input with `inplace`; the router
-//! weight on the input with `apply_router_weight_on_input`).
+//! (with E4M3 products at decode sizes, for gated activations whose gate and up are the halves
+//! of `w13`, in GEMM 1's epilogue: `Fp4Kernels::gemm1_act_for`); GEMM 2 (`w2`) to bf16. The
+//! masked layout writes GEMM 2 straight into its output (the low-latency combine buffer when the
+//! dispatcher registered one); the standard layout first groups its tokens per expert (a
+//! pre-permute that the quantization reads through, so no gathered copy of the bf16 rows is
+//! made; with E4M3 products and one input global scale for every expert, each token is quantized
+//! once and its quantized row copied to each of its picks: `quantize_tokens_once`) and sums the
+//! top-k after (or, with `no_combine`, leaves `[M, k, H]`; in place over the input with
+//! `inplace`; the router weight on the input with `apply_router_weight_on_input`).
 
 use moe_backend_triton::stages::{act_params, launch, launch_2d};
 use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
