@@ -17,6 +17,11 @@
 #       whole passes vary by more than most changes, kernel times much less;
 #   bash scripts/cutedsl-fp4-ab.sh pass ROWS[,ROWS...] [ROUNDS]
 #       the example's table of whole passes, variants alternating within a round;
+#   bash scripts/cutedsl-fp4-ab.sh sections ROWS [KERNEL_REGEX] [SKIP] [COUNT]
+#       where a kernel's time goes: Nsight Compute's speed-of-light, memory, warp-state and
+#       scheduler sections of COUNT (2) launches matching KERNEL_REGEX (^fp4_wgmma) after SKIP
+#       (0) at ROWS rows per expert, each variant; a metric a line (the example's launches run
+#       exact products first, then E4M3 ones, 24 passes each a layout);
 #   bash scripts/cutedsl-fp4-ab.sh sanitize VARIANT [TEST_FILTER...]
 #       compute-sanitizer's memcheck over the variant's gpu_fp4 tests (those matching a filter, or
 #       all), then racecheck and synccheck over the filtered ones (or five that reach every item
@@ -103,6 +108,24 @@ pass)
         done
     done
     ;;
+sections)
+    rows=${1:?ROWS}
+    regex=${2:-^fp4_wgmma}
+    skip=${3:-0}
+    count=${4:-2}
+    for v in $(variants); do
+        echo "== rows $rows, $(basename "$v"), launches $skip.. $((skip + count - 1)) of $regex"
+        ncu --clock-control none --kernel-name "regex:$regex" --launch-skip "$skip" --launch-count "$count" \
+            --section SpeedOfLight --section MemoryWorkloadAnalysis --section WarpStateStats \
+            --section SchedulerStats --csv --print-units base "$v/cutedsl-fp4" --time-only "$rows" 2>/dev/null \
+            | python3 -c '
+import csv, sys
+for row in csv.reader(l for l in sys.stdin if l.startswith(chr(34))):
+    if len(row) > 5 and row[0] != "ID":
+        print(f"  {row[0]:>3} {row[4].split(chr(40))[0]:22} {row[-3]:58} {row[-2]:10} {row[-1]}")
+'
+    done
+    ;;
 sanitize)
     v="$ab/${1:?VARIANT}"
     shift
@@ -120,7 +143,7 @@ sanitize)
     done
     ;;
 *)
-    sed -n '2,27p' "$0"
+    sed -n '2,28p' "$0"
     exit 2
     ;;
 esac
