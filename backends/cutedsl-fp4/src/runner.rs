@@ -48,8 +48,9 @@ struct Workspace {
     a1: Tensor,
     c1: Tensor,
     a2: Tensor,
-    /// The standard layout's tokens quantized once each, in GEMM 1's input layout, when every
-    /// expert has the same input global scale: `a1`'s rows are copies of them.
+    /// The standard layout's tokens quantized once each, in GEMM 1's input layout, with E4M3
+    /// products and one input global scale for every expert (`quantize_tokens_once`): `a1`'s
+    /// rows are copies of them.
     a_tok: Tensor,
     /// `[1] i32` i32::MAX: the count of `fp4_quant_rows` run over the tokens as one expert of
     /// `cap` = M rows.

@@ -73,10 +73,10 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
     }
 }
 
-// The standard path's rows of GEMM 1's input copied from its tokens' (quantized once each, when
-// every expert has the same input global scale): row r of expert e, for r < counts[e] from
-// row0[e], is token src[r]'s row, `pitch16` 16-byte chunks. Grid: (blocks striding over an
-// expert's rows, E), the threads of a block over a row's chunks.
+// The standard path's rows of GEMM 1's input copied from its tokens' (quantized once each, with
+// E4M3 products and one input global scale for every expert): row r of expert e, for r <
+// counts[e] from row0[e], is token src[r]'s row, `pitch16` 16-byte chunks. Grid: (blocks
+// striding over an expert's rows, E), the threads of a block over a row's chunks.
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gather_rows(
     const uint4* __restrict__ tok, const int* __restrict__ src, const int* __restrict__ counts,
     const int* __restrict__ row0, int cap, int pitch16, uint4* __restrict__ a) {
