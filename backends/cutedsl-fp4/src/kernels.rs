@@ -400,9 +400,9 @@ pub struct GemmArgs {
     pub bm: i32,
     /// Ring slots.
     pub stages: i32,
-    /// GEMM 1 with the activation in its epilogue only (else zeros): GEMM 2's input, the
-    /// experts' GEMM-2 input global scales, the activation's limit and alpha, and the input's
-    /// layout.
+    /// Read by GEMM 1 with the activation in its epilogue only (every other launch passes null
+    /// pointers): GEMM 2's input, the experts' GEMM-2 input global scales, the activation's
+    /// limit and alpha, and the input's layout.
     pub act: u64,
     pub act_gs: u64,
     pub act_limit: f32,
