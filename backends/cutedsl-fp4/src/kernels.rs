@@ -69,6 +69,7 @@ pub struct Gemm {
 
 /// One launch's choice: the variant, rows of an expert per item, ring slots and the dynamic
 /// shared memory they take.
+#[derive(Clone, Copy)]
 pub struct GemmPlan<'a> {
     pub gemm: &'a Gemm,
     pub bm: usize,
@@ -135,6 +136,9 @@ pub struct Fp4Kernels {
     /// GEMM 1 with the activation in its epilogue, E4M3 products: for gated activations whose
     /// gate and up are the halves of `w13` (not interleaved).
     pub gemm1_act: Option<Gemm>,
+    /// GEMM 2 at decode with E4M3 products: four consumer warpgroups, items of 256 weight rows
+    /// up to `ACT_MAX_ROWS` rows (`gemm2_for`).
+    pub gemm2_wg4: Gemm,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub gather_rows: CudaFunction,
@@ -311,6 +315,7 @@ impl Fp4Kernels {
             } else {
                 None
             },
+            gemm2_wg4: gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, false)?,
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             gather_rows: load("fp4_gather_rows")?,
@@ -352,6 +357,18 @@ impl Fp4Kernels {
     pub fn gemm1_act_for(&self, plan: &GemmPlan<'_>, inter: usize) -> Option<GemmPlan<'_>> {
         let g = self.gemm1_act.as_ref()?;
         act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
+    }
+    /// GEMM 2's plan beside `plan`, the plan `gemm_for` gave (same products, same items): with
+    /// E4M3 products and items up to `ACT_MAX_ROWS` rows, the four-warpgroup kernel, whose items
+    /// of 256 weight rows divide H of DeepSeek-V3 and Qwen3 (7168, 4096) where 192 leaves a
+    /// third of the last item empty, and whose fifth warp a sub-partition hides more of the
+    /// widening's latency (GEMM 1 with the activation in its epilogue runs the same way).
+    pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>) -> GemmPlan<'a> {
+        if plan.gemm.f8 && plan.bm <= ACT_MAX_ROWS {
+            wgmma_plan(&self.gemm2_wg4, plan.bm)
+        } else {
+            *plan
+        }
     }
 }
 

@@ -355,6 +355,7 @@ impl Fp4Runner {
         let plan = k.gemm_for(r.expected, r.cap, w.products);
         // GEMM 1 with the activation in its epilogue where it applies (same items, same bm).
         let plan1 = k.gemm1_act_for(&plan, i);
+        let plan2 = k.gemm2_for(&plan);
         let bm = plan.bm;
         // The GEMM inputs' layout (rows.cu): bit 0 the wgmma order, bit 1 E4M3 products.
         let layout = i32::from(plan.gemm.wg) | (i32::from(plan.gemm.f8) << 1);
@@ -545,7 +546,7 @@ impl Fp4Runner {
                 )?;
             }
         }
-        gemm(&plan, a2, &w.w2, s2, &g.alpha2, out, h, i)
+        gemm(&plan2, a2, &w.w2, s2, &g.alpha2, out, h, i)
     }
 
     fn run_masked(

@@ -74,9 +74,10 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // a whole producer warpgroup gives up registers (setmaxnreg) so that the consumers get 232.
 // With three consumer warpgroups it does so for both products: 24 for the producers, 160 for
 // the consumers (65536 registers, 512 threads).
-// With four (GEMM 1 with the activation in its epilogue, EPI_ACT), 24 for the producers and 112
-// for the consumers (61440 registers, 640 threads: five warps an SM sub-partition). (A producer
-// warp alone would leave each consumer 96: 17 warps put five on one sub-partition.)
+// With four (E4M3 products only: GEMM 1 with the activation in its epilogue, EPI_ACT, and GEMM 2
+// at decode), 24 for the producers and 112 for the consumers (61440 registers, 640 threads: five
+// warps an SM sub-partition). (A producer warp alone would leave each consumer 96: 17 warps put
+// five on one sub-partition.)
 template <bool F8, int CG>
 __device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
 template <bool F8, int CG>
@@ -545,7 +546,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // The wgmma kernel's items: a wgmma of 16 * C columns for an item of up to 16 * C rows, C from 1
 // to wg_max_chunks (bm up to 160; 96 with three consumer warpgroups and E4M3 products, whose
 // second set of sums does not fit 160 registers wider).
-// With four (EPI_ACT), items up to 64 rows: past that ptxas serializes the wgmma in the 112
+// With four, items up to 64 rows: past that ptxas serializes the wgmma in the 112
 // registers a consumer thread gets.
 template <int CG, bool F8>
 __device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 6 : 10; }
@@ -570,7 +571,8 @@ template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map,
                                          const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
-    static_assert((EPI == EPI_ACT) == (CG == 4), "the activation epilogue runs on four consumer warpgroups");
+    static_assert(EPI != EPI_ACT || CG == 4, "the activation epilogue runs on four consumer warpgroups");
+    static_assert(CG != 4 || F8, "four consumer warpgroups take E4M3 products");
     static_assert(EPI != EPI_ACT || F8, "the activation epilogue takes E4M3 products");
     constexpr int CONS = 128 * CG;                     // consumer threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
@@ -695,6 +697,10 @@ FP4_GEMM(fp4_wgmma3_f8, 0, 0, true, true, EPI_LANES, 3)
 FP4_GEMM(fp4_wgmma3_staged, 0, 0, true, false, EPI_STAGED, 3)
 FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, EPI_STAGED, 2)
 FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, EPI_STAGED, 3)
+// Four consumer warpgroups with E4M3 products (items of 256 weight rows, up to 64 rows): GEMM 2
+// at decode (kernels.rs, Fp4Kernels::gemm2_for).
+FP4_GEMM(fp4_wgmma4_f8, 0, 0, true, true, EPI_LANES, 4)
+FP4_GEMM(fp4_wgmma4_f8_staged, 0, 0, true, true, EPI_STAGED, 4)
 // GEMM 1 of a gated activation with the activation and its requantization in the epilogue, for
 // items up to 64 rows (decode): C is never written and the activation kernel not launched
 // (kernels.rs, Fp4Kernels::gemm1_act_for). Only where the activation's gate and up are W's
