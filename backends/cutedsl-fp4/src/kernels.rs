@@ -425,10 +425,16 @@ pub struct GemmArgs {
     pub act_limit: f32,
     pub act_alpha: f32,
     pub act_layout: i32,
+    /// GEMM 1 with the activation: `[row tiles] i32` counts of its finished items (0: none).
+    pub done: u64,
+    /// GEMM 2 launched as GEMM 1's dependent: the counts to wait on (0: none) and the count a
+    /// row tile reaches (GEMM 1's items over it).
+    pub wait: u64,
+    pub wait_for: i32,
 }
 
 // SAFETY: a plain C struct of the kernel's layout (six pointers, six ints, two pointers, two
-// floats, an int; 104 bytes with the tail padding both add).
+// floats, an int, two pointers, an int; 128 bytes with the padding both add).
 unsafe impl DeviceRepr for GemmArgs {}
 
 impl Arg for GemmArgs {

@@ -14,6 +14,7 @@
 //! `inplace`; the router weight on the input with `apply_router_weight_on_input`).
 
 use moe_backend_triton::stages::{act_params, launch, launch_2d};
+use moe_runner_core::cuda::cudarc::driver::{sys, CudaFunction};
 use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
 use moe_runner_core::{
     as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
@@ -60,6 +61,9 @@ struct Workspace {
     counts: Tensor,
     row0: Tensor,
     tile_start: Tensor,
+    /// `[row tiles] i32`: GEMM 1's finished items over each row tile, for a GEMM 2 launched
+    /// before GEMM 1 has finished (`Order`).
+    done: Tensor,
     src: Tensor,
     slot_of: Tensor,
     /// Bit 0: an expert count outside 0..=rows per expert.
@@ -115,6 +119,77 @@ struct Rows {
     /// The standard layout quantizes each token once into the workspace's `a_tok` and copies
     /// its row to each pick (`quantize_tokens_once`); `src` then names the token.
     tokens_once: bool,
+}
+
+/// How a GEMM launch is ordered after the launches before it on the stream.
+#[derive(Clone, Copy)]
+enum Order {
+    /// After all of them.
+    Stream,
+    /// GEMM 1 with the activation in its epilogue: after all of them, counting each row tile's
+    /// finished items in these `[row tiles] i32`.
+    Signal(u64),
+    /// GEMM 2 after such a GEMM 1, as its programmatic dependent: its blocks start on the
+    /// multiprocessors GEMM 1 has left (GEMM 1's last wave is a few items on a few of them), and
+    /// each work item waits until its row tile's count reaches the second field.
+    Wait(u64, i32),
+}
+
+/// Launches `f` as the programmatic dependent of the kernel before it on the stream
+/// (`cuLaunchKernelEx` with programmatic stream serialization): it may start once every block
+/// of that kernel has run `griddepcontrol.launch_dependents`, and orders its reads of that
+/// kernel's output itself. `params` point at the kernel's arguments, in order.
+fn launch_dependent(
+    dev: &CudaDevice,
+    f: &CudaFunction,
+    grid: usize,
+    threads: usize,
+    smem: usize,
+    params: &mut [*mut std::ffi::c_void],
+) -> Result<()> {
+    if grid == 0 {
+        return Ok(());
+    }
+    let stream = dev.stream();
+    stream
+        .context()
+        .bind_to_thread()
+        .map_err(|e| MoeError::Device(e.to_string()))?;
+    let mut attr = sys::CUlaunchAttribute {
+        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+        pad: [0; 4],
+        value: sys::CUlaunchAttributeValue {
+            programmaticStreamSerializationAllowed: 1,
+        },
+    };
+    let cfg = sys::CUlaunchConfig {
+        gridDimX: grid as u32,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads as u32,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: smem as u32,
+        hStream: stream.cu_stream(),
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: `params` point at live values of the kernel's parameter types, in order; the
+    // kernel reads device buffers the runner sized for this pass.
+    let r = unsafe {
+        sys::cuLaunchKernelEx(
+            &cfg,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    };
+    match r {
+        sys::CUresult::CUDA_SUCCESS => Ok(()),
+        e => Err(MoeError::Device(format!(
+            "cuLaunchKernelEx (programmatic dependent launch): {e:?}"
+        ))),
+    }
 }
 
 fn poisoned() -> MoeError {
@@ -329,6 +404,8 @@ impl Fp4Runner {
             counts: z(e, DType::I32)?,
             row0: z(e, DType::I32)?,
             tile_start: z(e + 1, DType::I32)?,
+            // The row tiles' upper bound at the smallest item height (16).
+            done: z(rows.div_ceil(16) + e, DType::I32)?,
             src: z(if picks > 0 { rows } else { 0 }, DType::I32)?,
             slot_of: z(picks, DType::I32)?,
             status: z(1, DType::I32)?,
@@ -362,13 +439,26 @@ impl Fp4Runner {
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
         let bm_i = bm as i32;
+        // With the activation in GEMM 1's epilogue, GEMM 2 starts on the multiprocessors GEMM 1
+        // leaves and waits per row tile (`Order`): the tiles kernel zeroes the counts.
+        let done = ws.done.cuda_ptr()?;
+        let done_len = if plan1.is_some() { tiles as i32 } else { 0 };
         launch(
             dev,
             &k.tiles,
             1,
             1024,
             0,
-            &[&r.counts, &e_i, &cap, &bm_i, &ts, &ws.status.cuda_ptr()?],
+            &[
+                &r.counts,
+                &e_i,
+                &cap,
+                &bm_i,
+                &ts,
+                &ws.status.cuda_ptr()?,
+                &done,
+                &done_len,
+            ],
         )?;
         // Row kernels: a thread per 16-value block, blocks striding over an expert's rows.
         let row_grid = |width: usize| (r.cap * width / 16).div_ceil(128 * 8).clamp(1, 64);
@@ -452,7 +542,8 @@ impl Fp4Runner {
                     alpha: &Tensor,
                     c: u64,
                     n: usize,
-                    kk: usize|
+                    kk: usize,
+                    order: Order|
          -> Result<()> {
             let gk = plan.gemm;
             // With the activation in the epilogue, an item's rows of each half of W by a box
@@ -503,6 +594,18 @@ impl Fp4Runner {
                 act_limit: limit,
                 act_alpha: alpha_act,
                 act_layout: layout,
+                done: match order {
+                    Order::Signal(done) => done,
+                    _ => 0,
+                },
+                wait: match order {
+                    Order::Wait(wait, _) => wait,
+                    _ => 0,
+                },
+                wait_for: match order {
+                    Order::Wait(_, need) => need,
+                    _ => 0,
+                },
             };
             // C through shared memory (STAGED_MAX_K), where C's rows start and end on 16 bytes
             // (the runner's own buffers do; an output the caller gives may not).
@@ -516,24 +619,54 @@ impl Fp4Runner {
             // without rows cost nothing.
             let items = tiles * n.div_ceil(gk.item_n);
             let grid = items.min(gk.per_sm * self.sms);
-            launch(
-                dev,
-                f,
-                grid,
-                gk.threads,
-                plan.smem,
-                &[&w_map, &a_map, &a_short, &args],
-            )
+            match order {
+                Order::Wait(..) => launch_dependent(
+                    dev,
+                    f,
+                    grid,
+                    gk.threads,
+                    plan.smem,
+                    &mut [
+                        std::ptr::from_ref(&w_map).cast_mut().cast(),
+                        std::ptr::from_ref(&a_map).cast_mut().cast(),
+                        std::ptr::from_ref(&a_short).cast_mut().cast(),
+                        std::ptr::from_ref(&args).cast_mut().cast(),
+                    ],
+                ),
+                _ => launch(
+                    dev,
+                    f,
+                    grid,
+                    gk.threads,
+                    plan.smem,
+                    &[&w_map, &a_map, &a_short, &args],
+                ),
+            }
         };
         let (s13, s2) = match &g.swizzled {
             Some((a, b)) => (a, b),
             None => (&w.w13_scale, &w.w2_scale),
         };
-        match &plan1 {
-            // GEMM 1 writes GEMM 2's input itself.
-            Some(p1) => gemm(p1, a1, &w.w13, s13, &g.alpha1, 0, n1, h)?,
+        let order2 = match &plan1 {
+            // GEMM 1 writes GEMM 2's input itself, and GEMM 2 starts as GEMM 1's blocks finish:
+            // each row tile's input is complete once GEMM 1's items over it, one every 128
+            // columns of the intermediate (gemm.cu, EPI_ACT), have counted themselves.
+            Some(p1) => {
+                gemm(
+                    p1,
+                    a1,
+                    &w.w13,
+                    s13,
+                    &g.alpha1,
+                    0,
+                    n1,
+                    h,
+                    Order::Signal(done),
+                )?;
+                Order::Wait(done, i.div_ceil(p1.gemm.item_n / 2) as i32)
+            }
             None => {
-                gemm(&plan, a1, &w.w13, s13, &g.alpha1, c1, n1, h)?;
+                gemm(&plan, a1, &w.w13, s13, &g.alpha1, c1, n1, h, Order::Stream)?;
                 launch_2d(
                     dev,
                     &k.act_quant,
@@ -544,9 +677,10 @@ impl Fp4Runner {
                         &c1, &r.counts, &r.row0, &cap, &i_i, &limit, &alpha_act, &gs2, &a2, &layout,
                     ],
                 )?;
+                Order::Stream
             }
-        }
-        gemm(&plan2, a2, &w.w2, s2, &g.alpha2, out, h, i)
+        };
+        gemm(&plan2, a2, &w.w2, s2, &g.alpha2, out, h, i, order2)
     }
 
     fn run_masked(

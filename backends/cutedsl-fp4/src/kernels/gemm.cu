@@ -144,10 +144,14 @@ __device__ __forceinline__ void tma_3d(void* dst, const TmaMap* map, int x, int 
 // bound of the total, so no host ever waits for the counts. A count outside 0..=cap sets bit 0
 // of `status` (and is clamped). Each thread sums a run of experts, then one block-wide scan.
 #define TILES_THREADS 1024
+// It also zeroes the `done` counters of GEMM 1's row tiles (GemmArgs::done) when a GEMM 2 will
+// wait on them: `done_len` of them, 0 when none.
 extern "C" __global__ void __launch_bounds__(TILES_THREADS) fp4_tiles(
-    const int* __restrict__ counts, int E, int cap, int bm, int* __restrict__ tile_start, int* __restrict__ status) {
+    const int* __restrict__ counts, int E, int cap, int bm, int* __restrict__ tile_start, int* __restrict__ status,
+    int* __restrict__ done, int done_len) {
     __shared__ int warp_sum[TILES_THREADS / 32];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (int i = tid; i < done_len; i += TILES_THREADS) done[i] = 0;
     const int per = (E + TILES_THREADS - 1) / TILES_THREADS, e0 = min(tid * per, E), e1 = min(e0 + per, E);
     int own = 0;
     for (int e = e0; e < e1; ++e) {
@@ -197,11 +201,18 @@ struct GemmArgs {
     const float* act_gs;
     float act_limit, act_alpha;
     int act_layout;
+    // GEMM 2 started before GEMM 1 has finished (programmatic dependent launch, runner.rs): GEMM
+    // 1 with the activation in its epilogue counts each row tile's items whose GEMM-2 input is
+    // written in `done` (null: it counts nothing), and GEMM 2 loads a row tile's input only
+    // once `wait[tile]` has reached `wait_for` (null: GEMM 1 has finished, nothing to wait on).
+    int* done;
+    const int* wait;
+    int wait_for;
 };
 
 // The item's expert, first row and weight tile.
 struct GemmItem {
-    int e, m0, n0;
+    int e, m0, n0, tile;
 };
 __device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n_tiles, int item_n, int bm) {
     const int tile = item / n_tiles;
@@ -214,6 +225,7 @@ __device__ __forceinline__ GemmItem gemm_item(const GemmArgs& p, int item, int n
     it.e = lo;
     it.m0 = (tile - p.tile_start[lo]) * bm;
     it.n0 = (item % n_tiles) * item_n;
+    it.tile = tile;
     return it;
 }
 
@@ -363,6 +375,14 @@ __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmIt
         const u16* first = (const u16*)(tile + m * C_PITCH) + 16 * b;
         act_quant_block(first, first + 128, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
                         kb, p.act_layout);
+    }
+    if (p.done) {
+        // Every consumer's rows written and ordered before the count (release at the GPU's
+        // scope), and for the TMA of GEMM 2 that reads them after its acquire (async proxy).
+        asm volatile("fence.proxy.async.global;" ::: "memory");
+        __threadfence();
+        consumers_sync<CONS>();
+        if (warp == 0 && lane == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + it.tile) : "memory");
     }
     // Generic-proxy writes to a slot the producer's TMA writes next.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -602,6 +622,9 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+    // GEMM 1 with the activation lets a GEMM 2 launched as its dependent start on the
+    // multiprocessors it leaves (runner.rs); that GEMM 2 waits for each row tile (p.wait).
+    if constexpr (EPI == EPI_ACT) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int span = EPI == EPI_ACT ? p.N / 2 : p.N, n_tiles = (span + STEP - 1) / STEP;
     const int items = p.tile_start[p.E] * n_tiles;
     if (warp >= CONS / 32) {
@@ -622,6 +645,18 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             // rows, several an item) measured slower. (H100, ncu, against boxes of bm rows:
             // GEMM 1 at 32 rows per expert 1536 to 1538 us against 1569 to 1576 with exact
             // products, 1491 to 1520 against 1554 to 1598 with E4M3; at 64 rows 1% to 1.5% less.)
+            if (p.wait) {
+                // GEMM 2 launched before GEMM 1 finished: this row tile's input is complete once
+                // each of GEMM 1's items over it has counted itself (store_act_staged).
+                const int* f = p.wait + it.tile;
+                for (;;) {
+                    int v;
+                    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
+                    if (v >= p.wait_for) break;
+                    __nanosleep(256);
+                }
+                asm volatile("fence.proxy.async.global;" ::: "memory");
+            }
             const TmaMap* am = a_map;
             int box_bytes = rg.a_box;
             if constexpr (WG) {
