@@ -61,8 +61,8 @@ struct Workspace {
     counts: Tensor,
     row0: Tensor,
     tile_start: Tensor,
-    /// `[row tiles] i32`: GEMM 1's finished items over each row tile, for a GEMM 2 launched
-    /// before GEMM 1 has finished (`Order`).
+    /// `[1 + row tiles] i32`: GEMM 1's finished items, all and over each row tile, for a GEMM 2
+    /// launched before GEMM 1 has finished (`Order`).
     done: Tensor,
     src: Tensor,
     slot_of: Tensor,
@@ -126,8 +126,8 @@ struct Rows {
 enum Order {
     /// After all of them.
     Stream,
-    /// GEMM 1 with the activation in its epilogue: after all of them, counting each row tile's
-    /// finished items in these `[row tiles] i32`.
+    /// GEMM 1 with the activation in its epilogue: after all of them, counting its finished
+    /// items, all and each row tile's, in these `[1 + row tiles] i32`.
     Signal(u64),
     /// GEMM 2 after such a GEMM 1, as its programmatic dependent: its blocks start on the
     /// multiprocessors GEMM 1 has left (GEMM 1's last wave is a few items on a few of them), and
@@ -405,7 +405,7 @@ impl Fp4Runner {
             row0: z(e, DType::I32)?,
             tile_start: z(e + 1, DType::I32)?,
             // The row tiles' upper bound at the smallest item height (16).
-            done: z(rows.div_ceil(16) + e, DType::I32)?,
+            done: z(1 + rows.div_ceil(16) + e, DType::I32)?,
             src: z(if picks > 0 { rows } else { 0 }, DType::I32)?,
             slot_of: z(picks, DType::I32)?,
             status: z(1, DType::I32)?,
@@ -442,7 +442,7 @@ impl Fp4Runner {
         // With the activation in GEMM 1's epilogue, GEMM 2 starts on the multiprocessors GEMM 1
         // leaves and waits per row tile (`Order`): the tiles kernel zeroes the counts.
         let done = ws.done.cuda_ptr()?;
-        let done_len = if plan1.is_some() { tiles as i32 } else { 0 };
+        let done_len = if plan1.is_some() { 1 + tiles as i32 } else { 0 };
         launch(
             dev,
             &k.tiles,

@@ -144,8 +144,8 @@ __device__ __forceinline__ void tma_3d(void* dst, const TmaMap* map, int x, int 
 // bound of the total, so no host ever waits for the counts. A count outside 0..=cap sets bit 0
 // of `status` (and is clamped). Each thread sums a run of experts, then one block-wide scan.
 #define TILES_THREADS 1024
-// It also zeroes the `done` counters of GEMM 1's row tiles (GemmArgs::done) when a GEMM 2 will
-// wait on them: `done_len` of them, 0 when none.
+// It also zeroes GEMM 1's counts of finished items (GemmArgs::done) when a GEMM 2 will wait on
+// them: `done_len` of them, 0 when none.
 extern "C" __global__ void __launch_bounds__(TILES_THREADS) fp4_tiles(
     const int* __restrict__ counts, int E, int cap, int bm, int* __restrict__ tile_start, int* __restrict__ status,
     int* __restrict__ done, int done_len) {
@@ -202,9 +202,9 @@ struct GemmArgs {
     float act_limit, act_alpha;
     int act_layout;
     // GEMM 2 started before GEMM 1 has finished (programmatic dependent launch, runner.rs): GEMM
-    // 1 with the activation in its epilogue counts each row tile's items whose GEMM-2 input is
-    // written in `done` (null: it counts nothing), and GEMM 2 loads a row tile's input only
-    // once `wait[tile]` has reached `wait_for` (null: GEMM 1 has finished, nothing to wait on).
+    // 1 with the activation in its epilogue counts its finished items in `done[0]` and each row
+    // tile's in `done[1 + tile]` (null: it counts nothing), and GEMM 2 loads a row tile's input
+    // only once `wait[1 + tile]` has reached `wait_for` (null: GEMM 1 has finished).
     int* done;
     const int* wait;
     int wait_for;
@@ -382,7 +382,10 @@ __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmIt
         // a thread: those measured 100 us a pass slower at decode). GEMM 2 orders its TMA reads
         // after its acquire itself.
         consumers_sync<CONS>();
-        if (warp == 0 && lane == 0) asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + it.tile) : "memory");
+        if (warp == 0 && lane == 0) {
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + 1 + it.tile) : "memory");
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done) : "memory");
+        }
     }
     // Generic-proxy writes to a slot the producer's TMA writes next.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -634,6 +637,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
         u32 n = 0;
+        bool gemm1_done = false;  // p.wait: all of GEMM 1's items are done
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
             const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
@@ -645,16 +649,21 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             // rows, several an item) measured slower. (H100, ncu, against boxes of bm rows:
             // GEMM 1 at 32 rows per expert 1536 to 1538 us against 1569 to 1576 with exact
             // products, 1491 to 1520 against 1554 to 1598 with E4M3; at 64 rows 1% to 1.5% less.)
-            if (p.wait) {
+            if (p.wait && !gemm1_done) {
                 // GEMM 2 launched before GEMM 1 finished: this row tile's input is complete once
-                // each of GEMM 1's items over it has counted itself (store_act_staged).
-                const int* f = p.wait + it.tile;
-                for (;;) {
-                    int v;
-                    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(f) : "memory");
+                // each of GEMM 1's items over it has counted itself (store_act_staged), and all
+                // of it once all of GEMM 1's items have; from then on nothing is waited for (an
+                // acquire and a proxy fence before every item measured 100 us a pass slower).
+                const int all = p.tile_start[p.E] * p.wait_for;
+                int v;
+                asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p.wait) : "memory");
+                gemm1_done = v >= all;
+                while (!gemm1_done) {
+                    asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p.wait + 1 + it.tile) : "memory");
                     if (v >= p.wait_for) break;
                     __nanosleep(256);
                 }
+                // The TMA reads (async proxy) after the acquire.
                 asm volatile("fence.proxy.async.global;" ::: "memory");
             }
             const TmaMap* am = a_map;
