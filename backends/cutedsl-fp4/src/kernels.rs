@@ -37,6 +37,13 @@ pub const WG3_MAX_ROWS_E4M3: usize = 96;
 /// The most rows an item of GEMM 1 with the activation in its epilogue takes (four consumer
 /// warpgroups at 112 registers: past this, ptxas serializes their wgmma).
 pub const ACT_MAX_ROWS: usize = 64;
+/// The item heights at which GEMM 2 with E4M3 products takes four consumer warpgroups (items of
+/// 256 weight rows, which divide H of DeepSeek-V3 and Qwen3, 7168 and 4096, where 192 leaves a
+/// third of the last item empty, and an expert's input rows are read 28 times, not 38, at H =
+/// 7168). H100, DeepSeek-V3 shapes, whole passes: at 32 rows per expert (items of 64) 2409 to
+/// 2442 us against 2449 to 2506 with three warpgroups; at 16 (items of 32) 2274 to 2279 against
+/// 2263 to 2272, and alone under Nsight Compute at 1 row 1% slower, so not below 48.
+const GEMM2_WG4_ROWS: std::ops::RangeInclusive<usize> = 48..=ACT_MAX_ROWS;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
 
@@ -359,12 +366,9 @@ impl Fp4Kernels {
         act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
     }
     /// GEMM 2's plan beside `plan`, the plan `gemm_for` gave (same products, same items): with
-    /// E4M3 products and items up to `ACT_MAX_ROWS` rows, the four-warpgroup kernel, whose items
-    /// of 256 weight rows divide H of DeepSeek-V3 and Qwen3 (7168, 4096) where 192 leaves a
-    /// third of the last item empty, and whose fifth warp a sub-partition hides more of the
-    /// widening's latency (GEMM 1 with the activation in its epilogue runs the same way).
+    /// E4M3 products and items of 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel.
     pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>) -> GemmPlan<'a> {
-        if plan.gemm.f8 && plan.bm <= ACT_MAX_ROWS {
+        if plan.gemm.f8 && GEMM2_WG4_ROWS.contains(&plan.bm) {
             wgmma_plan(&self.gemm2_wg4, plan.bm)
         } else {
             *plan

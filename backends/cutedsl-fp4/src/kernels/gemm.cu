@@ -376,17 +376,6 @@ __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmIt
         act_quant_block(first, first + 128, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
                         kb, p.act_layout);
     }
-    if (p.done) {
-        // Every consumer's rows written before one thread counts the item: the barrier orders
-        // them before its release at the GPU's scope, which is cumulative (one fence, not one
-        // a thread: those measured 100 us a pass slower at decode). GEMM 2 orders its TMA reads
-        // after its acquire itself.
-        consumers_sync<CONS>();
-        if (warp == 0 && lane == 0) {
-            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + 1 + it.tile) : "memory");
-            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done) : "memory");
-        }
-    }
     // Generic-proxy writes to a slot the producer's TMA writes next.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
@@ -636,6 +625,18 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         if (warp != CONS / 32 || lane != 0) return;
         const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
+        // GEMM 1 with the activation, before a GEMM 2 that waits on it (p.done): once the
+        // consumers have released the slot of ring use m, which they do after an item's last
+        // stage only once its rows of GEMM 2's input are written (store_act_staged), the item
+        // is counted, by this thread, which is waiting on the ring anyway. Its release at the
+        // GPU's scope covers the consumers' writes, which the slot's barrier ordered before it.
+        // (Counted by a consumer after a barrier of theirs, GEMM 1 took 16 us longer at decode.)
+        auto count_done = [&](u32 m) {
+            if (!p.done || m % stages != (u32)stages - 1) return;
+            const int tile = (blockIdx.x + (int)(m / stages) * gridDim.x) / n_tiles;
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + 1 + tile) : "memory");
+            asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done) : "memory");
+        };
         u32 n = 0;
         bool gemm1_done = false;  // p.wait: all of GEMM 1's items are done
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
@@ -681,7 +682,10 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             const u8* sf = p.w_sf + ((long long)it.e * sf_tiles + sf0) * k_tiles * 512;
             for (int st = 0; st < stages; ++st, ++n) {
                 const int slot = n % rg.stages;
-                if (n >= (u32)rg.stages) mbar_wait(rg.empty + slot, (n / rg.stages - 1) & 1);
+                if (n >= (u32)rg.stages) {
+                    mbar_wait(rg.empty + slot, (n / rg.stages - 1) & 1);
+                    if constexpr (EPI == EPI_ACT) count_done(n - rg.stages);
+                }
                 u8* base = rg.base + slot * rg.stage;
                 const int kt = min(4, k_tiles - 4 * st);
                 mbar_expect_tx(rg.full + slot, W_BYTES + rg.a_boxes * box_bytes + sfn * kt * 512);
@@ -700,6 +704,14 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                     bulk_copy(base + W_BYTES + rg.a_boxes * rg.a_box + i * S_BYTES,
                               sf + (long long)(i * sf_step) * k_tiles * 512 + st * 2048, kt * 512, rg.full + slot);
             }
+        }
+        if constexpr (EPI == EPI_ACT) {
+            // The ring's last uses, whose slots no later stage waited for.
+            if (p.done)
+                for (u32 m = n > (u32)rg.stages ? n - rg.stages : 0; m < n; ++m) {
+                    mbar_wait(rg.empty + m % rg.stages, (m / rg.stages) & 1);
+                    count_done(m);
+                }
         }
         return;
     }
