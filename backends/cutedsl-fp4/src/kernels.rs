@@ -84,6 +84,20 @@ pub struct GemmPlan<'a> {
     pub smem: usize,
 }
 
+/// GEMM 2's launch (`Fp4Kernels::gemm2_for`).
+pub struct Gemm2Plan<'a> {
+    pub plan: GemmPlan<'a>,
+    /// GEMM 2 starts on the multiprocessors GEMM 1 leaves, as its programmatic dependent, and
+    /// waits per row tile for GEMM 1's items over it (runner.rs, `Order`). Where GEMM 1's items
+    /// are bound by each multiprocessor's work rather than by the memory they share, its last
+    /// wave of a few items leaves most multiprocessors idle: H100, DeepSeek-V3 shapes, 32 rows
+    /// per expert, whole passes 2393 to 2441 us against 2429 to 2461 (the same GEMM 2 waiting
+    /// for GEMM 1 to finish: 2409 to 2442). At 1 and 16 rows the early start measured 8 to 10
+    /// us slower (GEMM 1 counting its items, and GEMM 2's blocks taking memory bandwidth from
+    /// GEMM 1's last items, which gain nothing when the memory bounds them).
+    pub early: bool,
+}
+
 /// Bytes of one row of a GEMM input per stage of `SEGMENT` values: f16, or E4M3 bytes for the
 /// wgmma kernel with E4M3 products.
 fn a_row_bytes(wg: bool, f8: bool) -> usize {
@@ -365,13 +379,21 @@ impl Fp4Kernels {
         let g = self.gemm1_act.as_ref()?;
         act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
     }
-    /// GEMM 2's plan beside `plan`, the plan `gemm_for` gave (same products, same items): with
-    /// E4M3 products and items of 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel.
-    pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>) -> GemmPlan<'a> {
+    /// GEMM 2's launch beside `plan`, the plan `gemm_for` gave (same products, same items), and
+    /// `act`, whether GEMM 1 takes the activation in its epilogue (`gemm1_act_for`): with E4M3
+    /// products and items of 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel, and
+    /// after such a GEMM 1 an early start.
+    pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>, act: bool) -> Gemm2Plan<'a> {
         if plan.gemm.f8 && GEMM2_WG4_ROWS.contains(&plan.bm) {
-            wgmma_plan(&self.gemm2_wg4, plan.bm)
+            Gemm2Plan {
+                plan: wgmma_plan(&self.gemm2_wg4, plan.bm),
+                early: act,
+            }
         } else {
-            *plan
+            Gemm2Plan {
+                plan: *plan,
+                early: false,
+            }
         }
     }
 }

@@ -432,17 +432,17 @@ impl Fp4Runner {
         let plan = k.gemm_for(r.expected, r.cap, w.products);
         // GEMM 1 with the activation in its epilogue where it applies (same items, same bm).
         let plan1 = k.gemm1_act_for(&plan, i);
-        let plan2 = k.gemm2_for(&plan);
+        let plan2 = k.gemm2_for(&plan, plan1.is_some());
         let bm = plan.bm;
         // The GEMM inputs' layout (rows.cu): bit 0 the wgmma order, bit 1 E4M3 products.
         let layout = i32::from(plan.gemm.wg) | (i32::from(plan.gemm.f8) << 1);
         // Upper bound of the row tiles: each expert's count rounds up once.
         let tiles = (r.total.div_ceil(bm) + e).min(e * r.cap.div_ceil(bm));
         let bm_i = bm as i32;
-        // With the activation in GEMM 1's epilogue, GEMM 2 starts on the multiprocessors GEMM 1
-        // leaves and waits per row tile (`Order`): the tiles kernel zeroes the counts.
+        // A GEMM 2 that starts early waits on GEMM 1's counts (`Order`): the tiles kernel zeroes
+        // them.
         let done = ws.done.cuda_ptr()?;
-        let done_len = if plan1.is_some() { 1 + tiles as i32 } else { 0 };
+        let done_len = if plan2.early { 1 + tiles as i32 } else { 0 };
         launch(
             dev,
             &k.tiles,
@@ -648,10 +648,10 @@ impl Fp4Runner {
             None => (&w.w13_scale, &w.w2_scale),
         };
         let order2 = match &plan1 {
-            // GEMM 1 writes GEMM 2's input itself, and GEMM 2 starts as GEMM 1's blocks finish:
-            // each row tile's input is complete once GEMM 1's items over it, one every 128
+            // GEMM 1 writes GEMM 2's input itself. A GEMM 2 that starts early (as GEMM 1's blocks
+            // finish) waits for each row tile until GEMM 1's items over it, one every 128
             // columns of the intermediate (gemm.cu, EPI_ACT), have counted themselves.
-            Some(p1) => {
+            Some(p1) if plan2.early => {
                 gemm(
                     p1,
                     a1,
@@ -664,6 +664,10 @@ impl Fp4Runner {
                     Order::Signal(done),
                 )?;
                 Order::Wait(done, i.div_ceil(p1.gemm.item_n / 2) as i32)
+            }
+            Some(p1) => {
+                gemm(p1, a1, &w.w13, s13, &g.alpha1, 0, n1, h, Order::Stream)?;
+                Order::Stream
             }
             None => {
                 gemm(&plan, a1, &w.w13, s13, &g.alpha1, c1, n1, h, Order::Stream)?;
@@ -680,7 +684,7 @@ impl Fp4Runner {
                 Order::Stream
             }
         };
-        gemm(&plan2, a2, &w.w2, s2, &g.alpha2, out, h, i, order2)
+        gemm(&plan2.plan, a2, &w.w2, s2, &g.alpha2, out, h, i, order2)
     }
 
     fn run_masked(
