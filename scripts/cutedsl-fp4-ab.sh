@@ -120,9 +120,16 @@ sections)
             --section SchedulerStats --csv --print-units base "$v/cutedsl-fp4" --time-only "$rows" 2>/dev/null \
             | python3 -c '
 import csv, sys
+# Columns by the header row: Nsight Compute 2025 adds rule columns after the metric value.
+col = None
 for row in csv.reader(l for l in sys.stdin if l.startswith(chr(34))):
-    if len(row) > 5 and row[0] != "ID":
-        print(f"  {row[0]:>3} {row[4].split(chr(40))[0]:22} {row[-3]:58} {row[-2]:10} {row[-1]}")
+    if row[0] == "ID":
+        col = {name: i for i, name in enumerate(row)}
+        continue
+    if col and row[col["Metric Name"]]:
+        kernel = row[col["Kernel Name"]].split(chr(40))[0]
+        name, unit, value = (row[col[k]] for k in ("Metric Name", "Metric Unit", "Metric Value"))
+        print("  %3s %-22s %-58s %-10s %s" % (row[0], kernel, name, unit, value))
 '
     done
     ;;

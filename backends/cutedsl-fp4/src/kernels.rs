@@ -91,9 +91,9 @@ pub struct Gemm2Plan<'a> {
     /// waits per row tile for GEMM 1's items over it (runner.rs, `Order`). Where GEMM 1's items
     /// are bound by each multiprocessor's work rather than by the memory they share, its last
     /// wave of a few items leaves most multiprocessors idle: H100, DeepSeek-V3 shapes, 32 rows
-    /// per expert, whole passes 2393 to 2441 us against 2429 to 2461 (the same GEMM 2 waiting
-    /// for GEMM 1 to finish: 2409 to 2442). At 1 and 16 rows the early start measured 8 to 10
-    /// us slower (GEMM 1 counting its items, and GEMM 2's blocks taking memory bandwidth from
+    /// per expert, whole passes 2387 to 2441 us against 2425 to 2461 with neither change (the
+    /// same GEMM 2 waiting for GEMM 1 to finish: 2409 to 2442). At 1 and 16 rows the early
+    /// start measured 8 to 10 us slower (GEMM 1 counting its items, and GEMM 2's blocks taking memory bandwidth from
     /// GEMM 1's last items, which gain nothing when the memory bounds them).
     pub early: bool,
 }
