@@ -16,6 +16,8 @@
 #[cfg(feature = "cuda")]
 mod kernels;
 #[cfg(feature = "cuda")]
+mod order;
+#[cfg(feature = "cuda")]
 mod runner;
 #[cfg(feature = "cuda")]
 mod tma;

@@ -4,7 +4,8 @@
 //! or rounded to E4M3 when the weights ask for E4M3 products); GEMM 1 (`w13`,
 //! alpha = 1 / (gs_a * gs_w)) to bf16; the activation with its requantization to NVFP4 fused
 //! (with E4M3 products at decode sizes, for gated activations whose gate and up are the halves
-//! of `w13`, in GEMM 1's epilogue: `Fp4Kernels::gemm1_act_for`); GEMM 2 (`w2`) to bf16. The
+//! of `w13`, in GEMM 1's epilogue: `Fp4Kernels::gemm1_act_for`); GEMM 2 (`w2`) to bf16 (after
+//! such a GEMM 1, at items of 48 and 64 rows, started before GEMM 1 has finished: `Order`). The
 //! masked layout writes GEMM 2 straight into its output (the low-latency combine buffer when the
 //! dispatcher registered one); the standard layout first groups its tokens per expert (a
 //! pre-permute that the quantization reads through, so no gathered copy of the bf16 rows is
@@ -14,7 +15,6 @@
 //! `inplace`; the router weight on the input with `apply_router_weight_on_input`).
 
 use moe_backend_triton::stages::{act_params, launch, launch_2d};
-use moe_runner_core::cuda::cudarc::driver::{sys, CudaFunction};
 use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
 use moe_runner_core::{
     as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
@@ -25,6 +25,7 @@ use moe_runner_core::{
 use std::sync::{Mutex, MutexGuard};
 
 use crate::kernels::{Fp4Kernels, GemmArgs, GemmPlan, SEGMENT};
+use crate::order::{launch_dependent, Order};
 use crate::tma::{Elem, ShortBoxes, TensorMap};
 use crate::RUNNER;
 
@@ -119,77 +120,6 @@ struct Rows {
     /// The standard layout quantizes each token once into the workspace's `a_tok` and copies
     /// its row to each pick (`quantize_tokens_once`); `src` then names the token.
     tokens_once: bool,
-}
-
-/// How a GEMM launch is ordered after the launches before it on the stream.
-#[derive(Clone, Copy)]
-enum Order {
-    /// After all of them.
-    Stream,
-    /// GEMM 1 with the activation in its epilogue: after all of them, counting its finished
-    /// items, all and each row tile's, in these `[1 + row tiles] i32`.
-    Signal(u64),
-    /// GEMM 2 after such a GEMM 1, as its programmatic dependent: its blocks start on the
-    /// multiprocessors GEMM 1 has left (GEMM 1's last wave is a few items on a few of them), and
-    /// each work item waits until its row tile's count reaches the second field.
-    Wait(u64, i32),
-}
-
-/// Launches `f` as the programmatic dependent of the kernel before it on the stream
-/// (`cuLaunchKernelEx` with programmatic stream serialization): it may start once every block
-/// of that kernel has run `griddepcontrol.launch_dependents`, and orders its reads of that
-/// kernel's output itself. `params` point at the kernel's arguments, in order.
-fn launch_dependent(
-    dev: &CudaDevice,
-    f: &CudaFunction,
-    grid: usize,
-    threads: usize,
-    smem: usize,
-    params: &mut [*mut std::ffi::c_void],
-) -> Result<()> {
-    if grid == 0 {
-        return Ok(());
-    }
-    let stream = dev.stream();
-    stream
-        .context()
-        .bind_to_thread()
-        .map_err(|e| MoeError::Device(e.to_string()))?;
-    let mut attr = sys::CUlaunchAttribute {
-        id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
-        pad: [0; 4],
-        value: sys::CUlaunchAttributeValue {
-            programmaticStreamSerializationAllowed: 1,
-        },
-    };
-    let cfg = sys::CUlaunchConfig {
-        gridDimX: grid as u32,
-        gridDimY: 1,
-        gridDimZ: 1,
-        blockDimX: threads as u32,
-        blockDimY: 1,
-        blockDimZ: 1,
-        sharedMemBytes: smem as u32,
-        hStream: stream.cu_stream(),
-        attrs: &mut attr,
-        numAttrs: 1,
-    };
-    // SAFETY: `params` point at live values of the kernel's parameter types, in order; the
-    // kernel reads device buffers the runner sized for this pass.
-    let r = unsafe {
-        sys::cuLaunchKernelEx(
-            &cfg,
-            f.cu_function(),
-            params.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-    };
-    match r {
-        sys::CUresult::CUDA_SUCCESS => Ok(()),
-        e => Err(MoeError::Device(format!(
-            "cuLaunchKernelEx (programmatic dependent launch): {e:?}"
-        ))),
-    }
 }
 
 fn poisoned() -> MoeError {
