@@ -384,7 +384,7 @@ impl Fp4Kernels {
     /// products and items of 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel, and
     /// after such a GEMM 1 an early start.
     pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>, act: bool) -> Gemm2Plan<'a> {
-        if plan.gemm.f8 && GEMM2_WG4_ROWS.contains(&plan.bm) {
+        if gemm2_wg4(plan.gemm.f8, plan.bm) {
             Gemm2Plan {
                 plan: wgmma_plan(&self.gemm2_wg4, plan.bm),
                 early: act,
@@ -396,6 +396,12 @@ impl Fp4Kernels {
             }
         }
     }
+}
+
+/// Whether GEMM 2 takes the four-warpgroup kernel (`Fp4Kernels::gemm2_for`): E4M3 products
+/// (`f8`) and items of `bm` rows in `GEMM2_WG4_ROWS`.
+fn gemm2_wg4(f8: bool, bm: usize) -> bool {
+    f8 && GEMM2_WG4_ROWS.contains(&bm)
 }
 
 /// Whether GEMM 1 of a gated activation whose gate and up are the halves of `w13` takes the
@@ -451,10 +457,11 @@ pub struct GemmArgs {
     pub act_limit: f32,
     pub act_alpha: f32,
     pub act_layout: i32,
-    /// GEMM 1 with the activation: `[row tiles] i32` counts of its finished items (0: none).
+    /// GEMM 1 with the activation: `[1 + row tiles] i32` counts of its finished items, all of
+    /// them first, then each row tile's (0: none).
     pub done: u64,
-    /// GEMM 2 launched as GEMM 1's dependent: the counts to wait on (0: none) and the count a
-    /// row tile reaches (GEMM 1's items over it).
+    /// GEMM 2 launched as GEMM 1's dependent: those counts (0: none) and the count a row tile
+    /// reaches (GEMM 1's items over it).
     pub wait: u64,
     pub wait_for: i32,
 }
@@ -527,6 +534,30 @@ mod tests {
         }
         // A half of w13 whose rows straddle scale tiles keeps it too.
         assert!(!act_epilogue(true, 16, 160));
+    }
+
+    #[test]
+    fn gemm_2_takes_four_warpgroups_and_starts_early_from_about_18_to_43_rows() {
+        // DeepSeek-V3 (I = 2048) with E4M3 products: 32 rows per expert take both (items of
+        // 64 rows), 16 neither (items of 32), 64 neither (items of 96).
+        for (expected, both) in [(16, false), (18, true), (32, true), (43, true), (44, false)] {
+            let bm = wgmma_item_rows(expected, 100_000);
+            let early = gemm2_wg4(true, bm) && act_epilogue(true, bm, 2048);
+            assert_eq!(early, both, "expected {expected}: bm {bm}");
+            assert!(
+                !gemm2_wg4(false, bm),
+                "exact products keep three warpgroups"
+            );
+        }
+        assert!(!gemm2_wg4(true, wgmma_item_rows(64, 100_000)));
+        // The GPU test that runs the early start over more items than blocks
+        // (long_k_and_many_items_reuse_every_ring_slot: 32 experts, top-2, I = 512, 640 tokens,
+        // the standard layout's cap of M rows) takes it.
+        let bm = wgmma_item_rows(640 * 2 / 32, 640);
+        assert!(
+            gemm2_wg4(true, bm) && act_epilogue(true, bm, 512),
+            "bm {bm}"
+        );
     }
 
     #[test]
