@@ -376,6 +376,9 @@ __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmIt
         act_quant_block(first, first + 128, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
                         kb, p.act_layout);
     }
+    // A GEMM 2 that starts early reads these rows by TMA (the async proxy) once the producer has
+    // counted the item (count_done): each writer orders its generic-proxy stores before that.
+    if (p.done) asm volatile("fence.proxy.async.global;" ::: "memory");
     // Generic-proxy writes to a slot the producer's TMA writes next.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
@@ -634,6 +637,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         auto count_done = [&](u32 m) {
             if (!p.done || m % stages != (u32)stages - 1) return;
             const int tile = (blockIdx.x + (int)(m / stages) * gridDim.x) / n_tiles;
+            asm volatile("fence.proxy.async.global;" ::: "memory");
             asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + 1 + tile) : "memory");
             asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done) : "memory");
         };
