@@ -632,7 +632,10 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         // consumers have released the slot of ring use m, which they do after an item's last
         // stage only once its rows of GEMM 2's input are written (store_act_staged), the item
         // is counted, by this thread, which is waiting on the ring anyway. Its release at the
-        // GPU's scope covers the consumers' writes, which the slot's barrier ordered before it.
+        // GPU's scope covers the consumers' writes, which the slot's barrier ordered before it;
+        // the proxy fences (the writers' in store_act_staged, this one, GEMM 2's after its
+        // acquire) order those generic-proxy writes before GEMM 2's TMA reads (they measured
+        // no cost: 32 rows 2380 to 2396 us a pass against 2372 to 2412 without the writers').
         // (Counted by a consumer after a barrier of theirs, GEMM 1 took 16 us longer at decode.)
         auto count_done = [&](u32 m) {
             if (!p.done || m % stages != (u32)stages - 1) return;
