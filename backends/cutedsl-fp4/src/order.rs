@@ -15,14 +15,20 @@ pub enum Order {
     Signal(u64),
     /// GEMM 2 after such a GEMM 1, as its programmatic dependent: its blocks start on the
     /// multiprocessors GEMM 1 has left (GEMM 1's last wave is a few items on a few of them), and
-    /// each work item waits until its row tile's count reaches the second field.
+    /// each work item waits until its row tile's count reaches the second field. GEMM 2 never
+    /// runs `griddepcontrol.wait`: the launches after it are ordinary ones, which wait for all
+    /// the stream's work, GEMM 1 included (one launched as GEMM 2's programmatic dependent
+    /// would not). The wait is unbounded: GEMM 1's blocks are all resident before GEMM 2 can
+    /// start, and GEMM 1 waits on nothing of GEMM 2's, so the counts always arrive.
     Wait(u64, i32),
 }
 
 /// Launches `f` as the programmatic dependent of the kernel before it on the stream
 /// (`cuLaunchKernelEx` with programmatic stream serialization): it may start once every block
 /// of that kernel has run `griddepcontrol.launch_dependents`, and orders its reads of that
-/// kernel's output itself. `params` point at the kernel's arguments, in order.
+/// kernel's output itself. `params` point at the kernel's arguments, in order. Stream capture
+/// records it as a programmatic edge of the graph (drivers of CUDA 12.3 and later; this
+/// project builds against CUDA 13).
 pub fn launch_dependent(
     dev: &CudaDevice,
     f: &CudaFunction,
