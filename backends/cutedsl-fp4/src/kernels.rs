@@ -93,8 +93,9 @@ pub struct Gemm2Plan<'a> {
     /// wave of a few items leaves most multiprocessors idle: H100, DeepSeek-V3 shapes, 32 rows
     /// per expert, whole passes 2387 to 2441 us against 2425 to 2461 with neither change (the
     /// same GEMM 2 waiting for GEMM 1 to finish: 2409 to 2442). At 1 and 16 rows the early
-    /// start measured 8 to 10 us slower (GEMM 1 counting its items, and GEMM 2's blocks taking memory bandwidth from
-    /// GEMM 1's last items, which gain nothing when the memory bounds them).
+    /// start measured 8 to 10 us slower (GEMM 1 counting its items, and GEMM 2's blocks taking
+    /// memory bandwidth from GEMM 1's last items, which gain nothing when the memory bounds
+    /// them).
     pub early: bool,
 }
 
@@ -157,8 +158,8 @@ pub struct Fp4Kernels {
     /// GEMM 1 with the activation in its epilogue, E4M3 products: for gated activations whose
     /// gate and up are the halves of `w13` (not interleaved).
     pub gemm1_act: Option<Gemm>,
-    /// GEMM 2 at decode with E4M3 products: four consumer warpgroups, items of 256 weight rows
-    /// up to `ACT_MAX_ROWS` rows (`gemm2_for`).
+    /// GEMM 2 with E4M3 products at items of 48 and 64 rows: four consumer warpgroups, items of
+    /// 256 weight rows (`gemm2_for`).
     pub gemm2_wg4: Gemm,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,

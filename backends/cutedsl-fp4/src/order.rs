@@ -23,6 +23,17 @@ pub enum Order {
     Wait(u64, i32),
 }
 
+impl Order {
+    /// The GEMM's `done`, `wait` and `wait_for` arguments (`GemmArgs`).
+    pub fn args(self) -> (u64, u64, i32) {
+        match self {
+            Order::Stream => (0, 0, 0),
+            Order::Signal(done) => (done, 0, 0),
+            Order::Wait(wait, wait_for) => (0, wait, wait_for),
+        }
+    }
+}
+
 /// Launches `f` as the programmatic dependent of the kernel before it on the stream
 /// (`cuLaunchKernelEx` with programmatic stream serialization): it may start once every block
 /// of that kernel has run `griddepcontrol.launch_dependents`, and orders its reads of that

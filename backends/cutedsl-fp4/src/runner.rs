@@ -506,6 +506,7 @@ impl Fp4Runner {
             };
             let a_map = a_box(bm)?;
             let a_short = ShortBoxes([a_box(16)?, a_box(32)?, a_box(64)?, a_box(128)?]);
+            let (done, wait, wait_for) = order.args();
             let args = GemmArgs {
                 w_sf: w_sf.cuda_ptr()?,
                 counts: r.counts,
@@ -524,18 +525,9 @@ impl Fp4Runner {
                 act_limit: limit,
                 act_alpha: alpha_act,
                 act_layout: layout,
-                done: match order {
-                    Order::Signal(done) => done,
-                    _ => 0,
-                },
-                wait: match order {
-                    Order::Wait(wait, _) => wait,
-                    _ => 0,
-                },
-                wait_for: match order {
-                    Order::Wait(_, need) => need,
-                    _ => 0,
-                },
+                done,
+                wait,
+                wait_for,
             };
             // C through shared memory (STAGED_MAX_K), where C's rows start and end on 16 bytes
             // (the runner's own buffers do; an output the caller gives may not).
@@ -580,7 +572,7 @@ impl Fp4Runner {
         let order2 = match &plan1 {
             // GEMM 1 writes GEMM 2's input itself. A GEMM 2 that starts early (as GEMM 1's blocks
             // finish) waits for each row tile until GEMM 1's items over it, one every 128
-            // columns of the intermediate (gemm.cu, EPI_ACT), have counted themselves.
+            // columns of the intermediate (gemm.cu, EPI_ACT), have been counted.
             Some(p1) if plan2.early => {
                 gemm(
                     p1,
