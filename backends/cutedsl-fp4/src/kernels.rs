@@ -161,6 +161,8 @@ pub struct Fp4Kernels {
     /// GEMM 2 with E4M3 products at items of 48 and 64 rows: four consumer warpgroups, items of
     /// 256 weight rows (`gemm2_for`).
     pub gemm2_wg4: Gemm,
+    /// The same with exact products.
+    pub gemm2_wg4_exact: Gemm,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
     pub gather_rows: CudaFunction,
@@ -338,6 +340,7 @@ impl Fp4Kernels {
                 None
             },
             gemm2_wg4: gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, false)?,
+            gemm2_wg4_exact: gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, false)?,
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             gather_rows: load("fp4_gather_rows")?,
@@ -385,9 +388,14 @@ impl Fp4Kernels {
     /// products and items of 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel, and
     /// after such a GEMM 1 an early start.
     pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>, act: bool) -> Gemm2Plan<'a> {
-        if gemm2_wg4(plan.gemm.f8, plan.bm) {
+        if gemm2_wg4(plan.gemm.wg, plan.bm) {
+            let g = if plan.gemm.f8 {
+                &self.gemm2_wg4
+            } else {
+                &self.gemm2_wg4_exact
+            };
             Gemm2Plan {
-                plan: wgmma_plan(&self.gemm2_wg4, plan.bm),
+                plan: wgmma_plan(g, plan.bm),
                 early: act,
             }
         } else {
@@ -399,10 +407,10 @@ impl Fp4Kernels {
     }
 }
 
-/// Whether GEMM 2 takes the four-warpgroup kernel (`Fp4Kernels::gemm2_for`): E4M3 products
-/// (`f8`) and items of `bm` rows in `GEMM2_WG4_ROWS`.
-fn gemm2_wg4(f8: bool, bm: usize) -> bool {
-    f8 && GEMM2_WG4_ROWS.contains(&bm)
+/// Whether GEMM 2 takes the four-warpgroup kernel (`Fp4Kernels::gemm2_for`): a `wg` (wgmma)
+/// plan of items of `bm` rows in `GEMM2_WG4_ROWS`.
+fn gemm2_wg4(wg: bool, bm: usize) -> bool {
+    wg && GEMM2_WG4_ROWS.contains(&bm)
 }
 
 /// Whether GEMM 1 of a gated activation whose gate and up are the halves of `w13` takes the
@@ -545,10 +553,7 @@ mod tests {
             let bm = wgmma_item_rows(expected, 100_000);
             let early = gemm2_wg4(true, bm) && act_epilogue(true, bm, 2048);
             assert_eq!(early, both, "expected {expected}: bm {bm}");
-            assert!(
-                !gemm2_wg4(false, bm),
-                "exact products keep three warpgroups"
-            );
+            assert!(!gemm2_wg4(false, bm), "mma.sync plans keep their kernel");
         }
         assert!(!gemm2_wg4(true, wgmma_item_rows(64, 100_000)));
         // The GPU test that runs the early start over more items than blocks

@@ -587,7 +587,6 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                                          const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
     static_assert(EPI != EPI_ACT || CG == 4, "the activation epilogue runs on four consumer warpgroups");
-    static_assert(CG != 4 || F8, "four consumer warpgroups take E4M3 products");
     static_assert(EPI != EPI_ACT || F8, "the activation epilogue takes E4M3 products");
     constexpr int CONS = 128 * CG;                     // consumer threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
@@ -765,6 +764,8 @@ FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, EPI_STAGED, 3)
 // at items of 48 and 64 rows (kernels.rs, Fp4Kernels::gemm2_for).
 FP4_GEMM(fp4_wgmma4_f8, 0, 0, true, true, EPI_LANES, 4)
 FP4_GEMM(fp4_wgmma4_f8_staged, 0, 0, true, true, EPI_STAGED, 4)
+FP4_GEMM(fp4_wgmma4, 0, 0, true, false, EPI_LANES, 4)
+FP4_GEMM(fp4_wgmma4_staged, 0, 0, true, false, EPI_STAGED, 4)
 // GEMM 1 of a gated activation with the activation and its requantization in the epilogue, for
 // items up to 64 rows (decode): C is never written and the activation kernel not launched
 // (kernels.rs, Fp4Kernels::gemm1_act_for). Only where the activation's gate and up are W's
