@@ -37,12 +37,14 @@ pub const WG3_MAX_ROWS_E4M3: usize = 96;
 /// The most rows an item of GEMM 1 with the activation in its epilogue takes (four consumer
 /// warpgroups at 112 registers: past this, ptxas serializes their wgmma).
 pub const ACT_MAX_ROWS: usize = 64;
-/// The item heights at which GEMM 2 with E4M3 products takes four consumer warpgroups (items of
-/// 256 weight rows, which divide H of DeepSeek-V3 and Qwen3, 7168 and 4096, where 192 leaves a
-/// third of the last item empty, and an expert's input rows are read 28 times, not 38, at H =
-/// 7168). H100, DeepSeek-V3 shapes, whole passes: at 32 rows per expert (items of 64) 2409 to
-/// 2442 us against 2449 to 2506 with three warpgroups; at 16 (items of 32) 2274 to 2279 against
-/// 2263 to 2272, and alone under Nsight Compute at 1 row 1% slower, so not below 48.
+/// The item heights at which GEMM 2 takes four consumer warpgroups (items of 256 weight rows,
+/// which divide H of DeepSeek-V3 and Qwen3, 7168 and 4096, where 192 leaves a third of the last
+/// item empty, and an expert's input rows are read 28 times, not 38, at H = 7168). H100,
+/// DeepSeek-V3 shapes, whole passes at 32 rows per expert (items of 64): E4M3 products 2409 to
+/// 2442 us against 2449 to 2506 with three warpgroups, exact products 2464 to 2478 against 2484
+/// to 2516. With E4M3 products at 16 rows (items of 32) 2274 to 2279 against 2263 to 2272, and
+/// alone under Nsight Compute at 1 row 1% slower, so not below 48 (exact products take
+/// `mma.sync` there).
 const GEMM2_WG4_ROWS: std::ops::RangeInclusive<usize> = 48..=ACT_MAX_ROWS;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
@@ -384,9 +386,9 @@ impl Fp4Kernels {
         act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
     }
     /// GEMM 2's launch beside `plan`, the plan `gemm_for` gave (same products, same items), and
-    /// `act`, whether GEMM 1 takes the activation in its epilogue (`gemm1_act_for`): with E4M3
-    /// products and items of 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel, and
-    /// after such a GEMM 1 an early start.
+    /// `act`, whether GEMM 1 takes the activation in its epilogue (`gemm1_act_for`): at items of
+    /// 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel of the plan's products, and
+    /// after such a GEMM 1 (E4M3 products only) an early start.
     pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>, act: bool) -> Gemm2Plan<'a> {
         if gemm2_wg4(plan.gemm.wg, plan.bm) {
             let g = if plan.gemm.f8 {
@@ -548,12 +550,17 @@ mod tests {
     #[test]
     fn gemm_2_takes_four_warpgroups_and_starts_early_from_about_18_to_43_rows() {
         // DeepSeek-V3 (I = 2048) with E4M3 products: 32 rows per expert take both (items of
-        // 64 rows), 16 neither (items of 32), 64 neither (items of 96).
+        // 64 rows), 16 neither (items of 32), 64 neither (items of 96). Exact products take
+        // the four warpgroups at the same heights, with no early start (no epilogue).
         for (expected, both) in [(16, false), (18, true), (32, true), (43, true), (44, false)] {
             let bm = wgmma_item_rows(expected, 100_000);
             let early = gemm2_wg4(true, bm) && act_epilogue(true, bm, 2048);
             assert_eq!(early, both, "expected {expected}: bm {bm}");
             assert!(!gemm2_wg4(false, bm), "mma.sync plans keep their kernel");
+            assert!(
+                !act_epilogue(false, bm, 2048),
+                "exact products: no early start"
+            );
         }
         assert!(!gemm2_wg4(true, wgmma_item_rows(64, 100_000)));
         // The GPU test that runs the early start over more items than blocks

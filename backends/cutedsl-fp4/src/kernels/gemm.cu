@@ -74,7 +74,7 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // a whole producer warpgroup gives up registers (setmaxnreg) so that the consumers get 232.
 // With three consumer warpgroups it does so for both products: 24 for the producers, 160 for
 // the consumers (65536 registers, 512 threads).
-// With four (E4M3 products only: GEMM 1 with the activation in its epilogue, EPI_ACT, and GEMM 2
+// With four (GEMM 1 with the activation in its epilogue, EPI_ACT, E4M3 products only, and GEMM 2
 // at items of 48 and 64 rows), 24 for the producers and 112 for the consumers (61440 registers, 640 threads: five
 // warps an SM sub-partition). (A producer warp alone would leave each consumer 96: 17 warps put
 // five on one sub-partition.)
@@ -760,8 +760,8 @@ FP4_GEMM(fp4_wgmma3_f8, 0, 0, true, true, EPI_LANES, 3)
 FP4_GEMM(fp4_wgmma3_staged, 0, 0, true, false, EPI_STAGED, 3)
 FP4_GEMM(fp4_wgmma_f8_staged, 0, 0, true, true, EPI_STAGED, 2)
 FP4_GEMM(fp4_wgmma3_f8_staged, 0, 0, true, true, EPI_STAGED, 3)
-// Four consumer warpgroups with E4M3 products (items of 256 weight rows, up to 64 rows): GEMM 2
-// at items of 48 and 64 rows (kernels.rs, Fp4Kernels::gemm2_for).
+// Four consumer warpgroups (items of 256 weight rows, up to 64 rows), with E4M3 and with exact
+// products: GEMM 2 at items of 48 and 64 rows (kernels.rs, Fp4Kernels::gemm2_for).
 FP4_GEMM(fp4_wgmma4_f8, 0, 0, true, true, EPI_LANES, 4)
 FP4_GEMM(fp4_wgmma4_f8_staged, 0, 0, true, true, EPI_STAGED, 4)
 FP4_GEMM(fp4_wgmma4, 0, 0, true, false, EPI_LANES, 4)
