@@ -75,9 +75,9 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // With three consumer warpgroups it does so for both products: 24 for the producers, 160 for
 // the consumers (65536 registers, 512 threads).
 // With four (GEMM 1 with the activation in its epilogue, EPI_ACT, E4M3 products only, and GEMM 2
-// at items of 48 and 64 rows), 24 for the producers and 112 for the consumers (61440 registers, 640 threads: five
-// warps an SM sub-partition). (A producer warp alone would leave each consumer 96: 17 warps put
-// five on one sub-partition.)
+// at items of 48 and 64 rows), 24 for the producers and 112 for the consumers (61440 registers,
+// 640 threads: five warps an SM sub-partition). (A producer warp alone would leave each consumer
+// 96: 17 warps put five on one sub-partition.)
 template <bool F8, int CG>
 __device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
 template <bool F8, int CG>
