@@ -59,7 +59,7 @@ pub struct Gemm {
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
     pub rows: usize,
     /// Weight rows (output columns) of an item: 128 for mma.sync, 64 a consumer warpgroup for
-    /// wgmma (with `act`, half of them from each half of `w13`).
+    /// wgmma (with `act`, 128 of each half of `w13`).
     pub item_n: usize,
     /// GEMM 1 with the activation and its requantization in its epilogue (gemm.cu,
     /// `store_act_staged`): it writes GEMM 2's input instead of C.
@@ -112,22 +112,17 @@ fn a_row_bytes(wg: bool, f8: bool) -> usize {
 }
 
 /// Dynamic shared memory of a ring: per slot the weight box (`item_n` rows of 128 bytes), a
-/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and `sf` tiles of block scales
-/// (2048 bytes a 128-row tile, `scale_tiles`), then a barrier pair per slot, and 1024 bytes to
-/// align the ring for the swizzle.
-fn ring_bytes(bm: usize, item_n: usize, sf: usize, stages: usize, a_row: usize) -> usize {
-    stages * (item_n * 128 + bm * a_row + 2048 * sf) + stages * 16 + 1024
+/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and the block scales (2048 bytes
+/// a 128-row tile), then a barrier pair per slot, and 1024 bytes to align the ring for the
+/// swizzle.
+fn ring_bytes(bm: usize, item_n: usize, stages: usize, a_row: usize) -> usize {
+    stages * (item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n)) + stages * 16 + 1024
 }
 
-/// The 128-row scale tiles a stage of an item of `item_n` weight rows copies: those its rows
-/// touch, or with the activation in the epilogue (`act`) the one of each half of `w13` (gemm.cu,
-/// `SF_TILES`).
-fn scale_tiles(item_n: usize, act: bool) -> usize {
-    if act {
-        2
-    } else {
-        item_n / 128 + usize::from(!item_n.is_multiple_of(128))
-    }
+/// The 128-row scale tiles an item of `item_n` weight rows touches (gemm.cu,
+/// `item_scale_tiles`).
+fn scale_tiles(item_n: usize) -> usize {
+    item_n / 128 + usize::from(!item_n.is_multiple_of(128))
 }
 
 /// Rows of an expert per item of the wgmma kernel for about `expected` rows per expert, at most
@@ -144,10 +139,10 @@ fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
 /// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) by `item_n`
 /// weight rows that fits in shared memory, up to `most` slots (two at the tallest f16 items,
 /// three with E4M3 products).
-fn wgmma_stages(bm: usize, item_n: usize, sf: usize, most: usize, a_row: usize) -> usize {
+fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize) -> usize {
     (1..=most)
         .rev()
-        .find(|&s| ring_bytes(bm, item_n, sf, s, a_row) <= SMEM_MAX)
+        .find(|&s| ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX)
         .unwrap_or(1)
 }
 
@@ -163,9 +158,8 @@ pub struct Fp4Kernels {
     /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
     pub wgmma_e4m3: [Gemm; 2],
     /// GEMM 1 with the activation in its epilogue, E4M3 products: for gated activations whose
-    /// gate and up are the halves of `w13` (not interleaved). Four consumer warpgroups for
-    /// items up to `ACT_MAX_ROWS` rows, two for taller ones.
-    pub gemm1_act: Option<[Gemm; 2]>,
+    /// gate and up are the halves of `w13` (not interleaved).
+    pub gemm1_act: Option<Gemm>,
     /// GEMM 2 with E4M3 products at items of 48 and 64 rows: four consumer warpgroups, items of
     /// 256 weight rows (`gemm2_for`).
     pub gemm2_wg4: Gemm,
@@ -265,13 +259,7 @@ impl Fp4Kernels {
                 let smem = if wg {
                     SMEM_MAX
                 } else {
-                    ring_bytes(
-                        8 * nt,
-                        item_n,
-                        scale_tiles(item_n, act),
-                        stages,
-                        a_row_bytes(wg, f8),
-                    )
+                    ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
                 };
                 // Consumer warps (two, three or four warpgroups), then the producer: a warp, or a
                 // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
@@ -349,10 +337,7 @@ impl Fp4Kernels {
             // gemm.cu instantiates it for the activations of ACT < 5 (gated) unless
             // interleaved.
             gemm1_act: if act < 5 && gate_up != 2 {
-                Some([
-                    gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?,
-                    gemm(WG_MAX_ROWS / 8, 2, 4, true, true, true)?,
-                ])
+                Some(gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?)
             } else {
                 None
             },
@@ -385,13 +370,7 @@ impl Fp4Kernels {
                         gemm: g,
                         bm: g.rows,
                         stages: g.stages,
-                        smem: ring_bytes(
-                            g.rows,
-                            g.item_n,
-                            scale_tiles(g.item_n, false),
-                            g.stages,
-                            a_row_bytes(false, false),
-                        ),
+                        smem: ring_bytes(g.rows, g.item_n, g.stages, a_row_bytes(false, false)),
                     };
                 }
                 &self.wgmma
@@ -403,7 +382,7 @@ impl Fp4Kernels {
     /// GEMM 1 with the activation and its requantization in its epilogue, where it applies
     /// (`act_epilogue`) beside `plan`, the plan `gemm_for` gave: same products, same items.
     pub fn gemm1_act_for(&self, plan: &GemmPlan<'_>, inter: usize) -> Option<GemmPlan<'_>> {
-        let g = &self.gemm1_act.as_ref()?[usize::from(plan.bm > ACT_MAX_ROWS)];
+        let g = self.gemm1_act.as_ref()?;
         act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
     }
     /// GEMM 2's launch beside `plan`, the plan `gemm_for` gave (same products, same items), and
@@ -446,18 +425,18 @@ fn gemm2_wg4(wg: bool, bm: usize) -> bool {
 /// Exact products keep the activation kernel: their four-warpgroup GEMM 1 measured slower than
 /// the three-warpgroup one and the activation kernel together (32 rows: 1595 against 1577 us).
 fn act_epilogue(f8: bool, bm: usize, inter: usize) -> bool {
-    f8 && (bm <= ACT_MAX_ROWS || bm > WG3_MAX_ROWS_E4M3) && inter.is_multiple_of(128)
+    f8 && bm <= ACT_MAX_ROWS && inter.is_multiple_of(128)
 }
 
 /// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
 fn wgmma_plan(g: &Gemm, bm: usize) -> GemmPlan<'_> {
-    let (a_row, sf) = (a_row_bytes(true, g.f8), scale_tiles(g.item_n, g.act));
-    let stages = wgmma_stages(bm, g.item_n, sf, g.stages, a_row);
+    let a_row = a_row_bytes(true, g.f8);
+    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row);
     GemmPlan {
         gemm: g,
         bm,
         stages,
-        smem: ring_bytes(bm, g.item_n, sf, stages, a_row),
+        smem: ring_bytes(bm, g.item_n, stages, a_row),
     }
 }
 
@@ -534,7 +513,7 @@ mod tests {
     }
 
     #[test]
-    fn gemm_1_takes_the_activation_except_on_three_warpgroups() {
+    fn gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles() {
         // With E4M3 products, DeepSeek-V3 (I = 2048) and the GPU test's layer (I = 256):
         // items of the expected rows and three deviations take it up to about 40 rows per
         // expert.
@@ -548,18 +527,18 @@ mod tests {
                 // Exact products keep the activation kernel.
                 assert!(!act_epilogue(false, bm, inter));
             }
-            // Items of 65 to 96 rows keep the three-warpgroup GEMM 1 and the activation kernel;
-            // taller ones take it again, on two warpgroups.
-            for (expected, act) in [(50, false), (64, false), (70, true), (128, true)] {
-                let bm = wgmma_item_rows(expected, 100_000);
-                assert_eq!(act_epilogue(true, bm, inter), act, "expected {expected}");
+            for expected in [50, 64, 128] {
+                assert!(!act_epilogue(
+                    true,
+                    wgmma_item_rows(expected, 100_000),
+                    inter
+                ));
             }
         }
         // The GPU test's runs (gemm1_with_the_activation_in_its_epilogue_matches_the_reference):
-        // 8 experts, top-2, the standard layout's cap of M rows, I = 256 and 384; the last two
-        // on two warpgroups.
+        // 8 experts, top-2, the standard layout's cap of M rows, I = 256 and 384.
         for inter in [256, 384] {
-            for m in [8usize, 40, 80, 160, 320, 640] {
+            for m in [8usize, 40, 80, 160] {
                 let bm = wgmma_item_rows((2 * m).div_ceil(8), m);
                 assert!(act_epilogue(true, bm, inter), "I {inter} M {m}: bm {bm}");
             }
@@ -598,28 +577,19 @@ mod tests {
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            // Items of 128, 192 and 256 weight rows, and GEMM 1 with the activation (E4M3
-            // products) on items of 256 and 128.
-            let mut kinds = vec![
-                (128, false, WG_MAX_ROWS),
-                (192, false, WG_MAX_ROWS),
-                (256, false, ACT_MAX_ROWS),
-            ];
-            if f8 {
-                kinds.extend([(256, true, ACT_MAX_ROWS), (128, true, WG_MAX_ROWS)]);
-            }
-            for (item_n, act, most_rows) in kinds {
-                let sf = scale_tiles(item_n, act);
+            // Items of 128, 192 and 256 weight rows (the last GEMM 1 with the activation).
+            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG_MAX_ROWS), (256, ACT_MAX_ROWS)]
+            {
                 for bm in (16..=most_rows).step_by(16) {
-                    let s = wgmma_stages(bm, item_n, sf, 4, a_row);
+                    let s = wgmma_stages(bm, item_n, 4, a_row);
                     // E4M3 rows take half the bytes: at least three slots at the tallest items.
                     let least = if f8 { 3 } else { 2 };
                     assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
-                    assert!(ring_bytes(bm, item_n, sf, s, a_row) <= SMEM_MAX);
-                    assert!(s == 4 || ring_bytes(bm, item_n, sf, s + 1, a_row) > SMEM_MAX);
+                    assert!(ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX);
+                    assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) > SMEM_MAX);
                     // A slot holds the staged C tile: bm rows of the item's columns as 16-bit
                     // values, padded by 16 bytes (gemm.cu, c_pitch).
-                    let slot = item_n * 128 + bm * a_row + 2048 * sf;
+                    let slot = item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n);
                     assert!(bm * (2 * item_n + 16) <= slot, "bm {bm} item_n {item_n}");
                 }
             }

@@ -87,7 +87,7 @@ __device__ constexpr int producer_regs() { return CG == 2 ? 40 : 24; }
 template <int CG>
 __device__ constexpr int consumer_regs() { return CG == 2 ? 232 : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
-// wgmma (with EPI_ACT, half of them from each half of W).
+// wgmma (with EPI_ACT, 128 of each half of W).
 template <bool WG, int CG>
 __device__ constexpr int item_rows() { return WG ? 64 * CG : 128; }
 // The 128-row scale tiles an item's weight rows touch: items of 192 rows start on multiples of
@@ -98,12 +98,11 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // (EPI_STAGED, store_c_staged); or, for GEMM 1 of a gated activation whose gate and up are the
 // halves of W, through shared memory into the activation and its requantization, written as
 // GEMM 2's input instead of C (EPI_ACT, store_act_staged). An EPI_ACT item is 128 rows of each
-// half with four consumer warpgroups (items up to 64 rows), 64 with two (taller items, whose
-// sums do not fit four warpgroups' registers): n0.. of the first half, N / 2 + n0.. of the
-// second, so that it holds whole columns of the activation's output, and each half's rows lie
-// in one 128-row scale tile when N / 2 is a multiple of 128 (the runner takes it only then).
-// (Ranges of 96 rows, the earlier form with three warpgroups, straddled tiles: up to four a
-// stage, and GEMM 1 read 5% to 16% more from DRAM.)
+// half (four consumer warpgroups): n0.. n0 + 127 of the first, N / 2 + n0.. of the second, so
+// that it holds 128 whole columns of the activation's output, and each half's rows lie in one
+// 128-row scale tile when N / 2 is a multiple of 128 (the runner takes it only then). (Ranges
+// of 96 rows, the earlier form with three warpgroups, straddled tiles: up to four a stage, and
+// GEMM 1 read 5% to 16% more from DRAM.)
 #define EPI_LANES 0
 #define EPI_STAGED 1
 #define EPI_ACT 2
@@ -356,26 +355,25 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
-// GEMM 1's epilogue with the activation (EPI_ACT): the staged tile's first HALF columns are the
-// item's rows of the first half of W, the next HALF the same rows of the second. A task is one of
+// GEMM 1's epilogue with the activation (EPI_ACT): the staged tile's columns 0.. 127 are the
+// item's rows of the first half of W, 128.. 255 the same rows of the second. A task is one of
 // the item's rows by one 16-value block of the activation's output: the activation and its
 // requantization into GEMM 2's input, as the activation kernel does them from the same bf16
 // values (act_quant_block), so the two agree bit for bit. C itself is never written.
-template <int NT, int CG>
+template <int NT>
 __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4],
                                                  u8* tile, int warp, int lane) {
-    // HALF: the item's rows of each half of W; BLOCKS: output blocks of an item row.
-    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), HALF = 32 * CG, BLOCKS = HALF / 16;
+    constexpr int CONS = 512, C_PITCH = c_pitch<4>(), BLOCKS = 8;  // output blocks of an item row
     const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
     const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
     const int kb = p.N / 32;  // blocks of an output row (N / 2 values)
     const long long pitch = row_bytes(p.N / 2, p.act_layout);
     const float gs = p.act_gs[it.e];
-    stage_c<NT, CG>(p, it, acc, tile, warp, lane);
+    stage_c<NT, 4>(p, it, acc, tile, warp, lane);
     for (int i = warp * 32 + lane; i < rows * BLOCKS; i += CONS) {
         const int m = i / BLOCKS, b = i % BLOCKS;
         const u16* first = (const u16*)(tile + m * C_PITCH) + 16 * b;
-        act_quant_block(first, first + HALF, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
+        act_quant_block(first, first + 128, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
                         kb, p.act_layout);
     }
     // A GEMM 2 that starts early reads these rows by TMA (the async proxy) once the producer has
@@ -423,18 +421,10 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
             w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
             // The row's 128-row scale tile, counted from the item's first (items of 192
-            // weight rows start halfway into one every other time; with EPI_ACT, each half's
-            // rows lie in one tile, copied one after the other, and items of 64 rows a half
-            // start halfway into it every other time).
+            // weight rows start halfway into one every other time).
             constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
-            constexpr int HALF = item_rows<WG, CG>() / 2;
-            int rr, tile;
-            if constexpr (EPI == EPI_ACT) {
-                rr = (it.n0 & 127) + row % HALF, tile = row / HALF;
-            } else {
-                const int at = ALIGNED ? row : it.n0 + row;
-                rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
-            }
+            const int at = ALIGNED ? row : it.n0 + row;
+            const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
             const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
             const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
             e4m3x4_to_f16x2x2(s4, sl[q][0], sl[q][1]);
@@ -543,7 +533,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
         if constexpr (EPI == EPI_ACT)
-            store_act_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
+            store_act_staged<NT>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
         else
             store_c_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
         mbar_arrive(rg.empty + slot);
@@ -596,14 +586,13 @@ template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map,
                                          const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
-    static_assert(EPI != EPI_ACT || CG == 2 || CG == 4, "the activation epilogue runs on two or four consumer warpgroups");
+    static_assert(EPI != EPI_ACT || CG == 4, "the activation epilogue runs on four consumer warpgroups");
     static_assert(EPI != EPI_ACT || F8, "the activation epilogue takes E4M3 products");
     constexpr int CONS = 128 * CG;                     // consumer threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
     constexpr int W_BYTES = ITEM_N * 128;              // the weight box: ITEM_N rows x 128 bytes
-    // With EPI_ACT, one 128-row scale tile of each half of W.
-    constexpr int SF_TILES = EPI == EPI_ACT ? 2 : item_scale_tiles<ITEM_N>();
-    // Items step over N by their weight rows, or with EPI_ACT over each half of W by half of them.
+    constexpr int SF_TILES = item_scale_tiles<ITEM_N>();
+    // Items step over N by their weight rows, or with EPI_ACT over each half of W by 128.
     constexpr int STEP = EPI == EPI_ACT ? ITEM_N / 2 : ITEM_N;
     const int bm = WG ? p.bm : 8 * NT;
     extern __shared__ u8 smem_raw[];
@@ -777,13 +766,11 @@ FP4_GEMM(fp4_wgmma4_f8, 0, 0, true, true, EPI_LANES, 4)
 FP4_GEMM(fp4_wgmma4_f8_staged, 0, 0, true, true, EPI_STAGED, 4)
 FP4_GEMM(fp4_wgmma4, 0, 0, true, false, EPI_LANES, 4)
 FP4_GEMM(fp4_wgmma4_staged, 0, 0, true, false, EPI_STAGED, 4)
-// GEMM 1 of a gated activation with the activation and its requantization in the epilogue: C is
-// never written and the activation kernel not launched (kernels.rs, Fp4Kernels::gemm1_act_for).
-// Four consumer warpgroups for items up to 64 rows (decode), two for taller ones. Only where the
-// activation's gate and up are W's halves, and with E4M3 products: with exact ones, the
-// four-warpgroup kernel measured slower than the three-warpgroup GEMM 1 and the activation
-// kernel together.
+// GEMM 1 of a gated activation with the activation and its requantization in the epilogue, for
+// items up to 64 rows (decode): C is never written and the activation kernel not launched
+// (kernels.rs, Fp4Kernels::gemm1_act_for). Only where the activation's gate and up are W's
+// halves, and with E4M3 products: with exact ones, this kernel measured slower than the
+// three-warpgroup GEMM 1 and the activation kernel together.
 #if ACT < 5 && GATE_UP != 2
 FP4_GEMM(fp4_wgmma4_f8_act, 0, 0, true, true, EPI_ACT, 4)
-FP4_GEMM(fp4_wgmma_f8_act, 0, 0, true, true, EPI_ACT, 2)
 #endif
