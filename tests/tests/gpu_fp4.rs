@@ -493,9 +493,9 @@ fn e4m3_products_match_the_reference_that_rounds_the_same_way() {
 /// `wgmma` kernel), with exact and with E4M3 products. At 40 rows with E4M3 products (items of
 /// 64 rows) GEMM 1 takes the activation in its epilogue and GEMM 2, on four warpgroups, starts
 /// before GEMM 1 has finished, waiting per row tile: with more items of each than blocks, and
-/// skewed routing, its first items can reach tiles whose GEMM 1 items still run. At 150 rows
-/// (items of 160) with E4M3 products, the widener warpgroup hands every chunk ring slot over
-/// many times within an item and across items.
+/// skewed routing, its first items can reach tiles whose GEMM 1 items still run. At 150 rows,
+/// items of 160 rows (two consumer warpgroups with E4M3 products, each sum promoted 16 times
+/// over GEMM 1's K).
 #[test]
 #[ignore = "needs a CUDA device"]
 fn long_k_and_many_items_reuse_every_ring_slot() {

@@ -48,9 +48,6 @@ pub const ACT_MAX_ROWS: usize = 64;
 const GEMM2_WG4_ROWS: std::ops::RangeInclusive<usize> = 48..=ACT_MAX_ROWS;
 /// Dynamic shared memory a block may opt into on Hopper (227 KiB).
 const SMEM_MAX: usize = 232_448;
-/// The widened chunks of a kernel with a widener warpgroup (gemm.cu, `WD_CHUNKS` of
-/// `WD_CHUNK_BYTES`).
-const WIDENED_BYTES: usize = 4 * 8192;
 
 /// One variant of the GEMM.
 pub struct Gemm {
@@ -71,9 +68,6 @@ pub struct Gemm {
     pub wg: bool,
     /// E4M3 products (`Nvfp4Products::E4m3`).
     pub f8: bool,
-    /// A widener warpgroup widens the codes for the two consumer warpgroups (gemm.cu,
-    /// `widen_items`), through `WIDENED_BYTES` of shared memory beside the ring.
-    pub widen: bool,
     /// Ring slots: the mma.sync variants' (tuned), or the most the wgmma kernel uses.
     pub stages: usize,
     /// Threads a block.
@@ -143,12 +137,12 @@ fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
 }
 
 /// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) by `item_n`
-/// weight rows that fits in shared memory beside `extra` bytes, up to `most` slots (two at the
-/// tallest f16 items, three with E4M3 products).
-fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize, extra: usize) -> usize {
+/// weight rows that fits in shared memory, up to `most` slots (two at the tallest f16 items,
+/// three with E4M3 products).
+fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize) -> usize {
     (1..=most)
         .rev()
-        .find(|&s| ring_bytes(bm, item_n, s, a_row) + extra <= SMEM_MAX)
+        .find(|&s| ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX)
         .unwrap_or(1)
 }
 
@@ -161,7 +155,7 @@ pub struct Fp4Kernels {
     /// The wgmma kernel with exact products (three consumer warpgroups), past 16 rows.
     pub wgmma: Gemm,
     /// The wgmma kernel with E4M3 products, for every batch size: three consumer warpgroups up
-    /// to `WG3_MAX_ROWS_E4M3` rows an item, then two with a widener warpgroup.
+    /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
     pub wgmma_e4m3: [Gemm; 2],
     /// GEMM 1 with the activation in its epilogue, E4M3 products: for gated activations whose
     /// gate and up are the halves of `w13` (not interleaved).
@@ -251,120 +245,104 @@ impl Fp4Kernels {
             })
         };
         // (rows per item / 8, consumer warpgroups, ring stages, wgmma, E4M3 products, the
-        // activation in the epilogue, a widener warpgroup), as gemm.cu instantiates them; the
-        // wgmma kernel's `nt` is its widest item.
-        let gemm = |nt: usize,
-                    cg: usize,
-                    stages: usize,
-                    wg: bool,
-                    f8: bool,
-                    act: bool,
-                    widen: bool|
-         -> Result<Gemm> {
-            let name = match (wg, cg) {
-                (true, 2) => "fp4_wgmma".to_string(),
-                (true, _) => format!("fp4_wgmma{cg}"),
-                (false, _) => format!("fp4_gemm_n{nt}"),
-            } + if f8 { "_f8" } else { "" }
-                + if widen { "w" } else { "" }
-                + if act { "_act" } else { "" };
-            let item_n = if wg { 64 * cg } else { 128 };
-            let smem = if wg {
-                SMEM_MAX
-            } else {
-                ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
-            };
-            // Consumer warps (two, three or four warpgroups), the widener warpgroup if any,
-            // then the producer: a warp, or a warpgroup whose registers go to the consumers
-            // (gemm.cu, `reg_handoff`).
-            let handoff = wg && (f8 || cg >= 3);
-            let threads = 128 * cg
-                + if widen {
-                    256
-                } else if handoff {
-                    128
+        // activation in the epilogue), as gemm.cu instantiates them; the wgmma kernel's `nt` is
+        // its widest item.
+        let gemm =
+            |nt: usize, cg: usize, stages: usize, wg: bool, f8: bool, act: bool| -> Result<Gemm> {
+                let name = match (wg, cg) {
+                    (true, 2) => "fp4_wgmma".to_string(),
+                    (true, _) => format!("fp4_wgmma{cg}"),
+                    (false, _) => format!("fp4_gemm_n{nt}"),
+                } + if f8 { "_f8" } else { "" }
+                    + if act { "_act" } else { "" };
+                let item_n = if wg { 64 * cg } else { 128 };
+                let smem = if wg {
+                    SMEM_MAX
                 } else {
-                    32
+                    ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
                 };
-            // Loads one instantiation and opens its shared memory.
-            let prepare = |name: &str| -> Result<CudaFunction> {
-                let f = load(name)?;
-                let kerr = |e: DriverError| MoeError::Kernel {
-                    name: name.into(),
-                    log: e.to_string(),
-                };
-                f.set_attribute(
-                    CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(kerr)?;
-                if handoff {
-                    // setmaxnreg hands the producer warpgroup's registers to the consumers:
-                    // their counts balance only at the block's registers over its threads,
-                    // which the kernel is compiled to; with fewer, the consumers' request
-                    // would wait forever.
-                    let want = (BLOCK_REGS / threads) as i32 & !7;
-                    let regs = f.num_regs().map_err(kerr)?;
-                    if regs != want {
-                        return Err(MoeError::Kernel {
-                            name: name.into(),
-                            log: format!(
+                // Consumer warps (two, three or four warpgroups), then the producer: a warp, or a
+                // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
+                let handoff = wg && (f8 || cg >= 3);
+                let threads = 128 * cg + if handoff { 128 } else { 32 };
+                // Loads one instantiation and opens its shared memory.
+                let prepare = |name: &str| -> Result<CudaFunction> {
+                    let f = load(name)?;
+                    let kerr = |e: DriverError| MoeError::Kernel {
+                        name: name.into(),
+                        log: e.to_string(),
+                    };
+                    f.set_attribute(
+                        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(kerr)?;
+                    if handoff {
+                        // setmaxnreg hands the producer warpgroup's registers to the consumers:
+                        // their counts balance only at the block's registers over its threads,
+                        // which the kernel is compiled to; with fewer, the consumers' request
+                        // would wait forever.
+                        let want = (BLOCK_REGS / threads) as i32 & !7;
+                        let regs = f.num_regs().map_err(kerr)?;
+                        if regs != want {
+                            return Err(MoeError::Kernel {
+                                name: name.into(),
+                                log: format!(
                                 "compiled to {regs} registers a thread; setmaxnreg assumes {want}"
                             ),
-                        });
+                            });
+                        }
                     }
-                }
-                Ok(f)
+                    Ok(f)
+                };
+                let f = prepare(&name)?;
+                let staged = if wg && !act {
+                    Some(prepare(&format!("{name}_staged"))?)
+                } else {
+                    None
+                };
+                let per_sm = f
+                    .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
+                    .map_err(|e| MoeError::Kernel {
+                        name: name.clone(),
+                        log: e.to_string(),
+                    })?
+                    .max(1) as usize;
+                Ok(Gemm {
+                    f,
+                    staged,
+                    rows: 8 * nt,
+                    item_n,
+                    act,
+                    wg,
+                    f8,
+                    stages,
+                    threads,
+                    per_sm,
+                })
             };
-            let f = prepare(&name)?;
-            let staged = if wg && !act {
-                Some(prepare(&format!("{name}_staged"))?)
-            } else {
-                None
-            };
-            let per_sm = f
-                .occupancy_max_active_blocks_per_multiprocessor(threads as u32, smem, None)
-                .map_err(|e| MoeError::Kernel {
-                    name: name.clone(),
-                    log: e.to_string(),
-                })?
-                .max(1) as usize;
-            Ok(Gemm {
-                f,
-                staged,
-                rows: 8 * nt,
-                item_n,
-                act,
-                wg,
-                f8,
-                widen,
-                stages,
-                threads,
-                per_sm,
-            })
-        };
         Ok(Self {
             quant_rows: load("fp4_quant_rows")?,
             expand_rows: load("fp4_expand_rows")?,
             tiles: load("fp4_tiles")?,
             mma_sync: [
-                gemm(1, 2, 6, false, false, false, false)?,
-                gemm(2, 2, 6, false, false, false, false)?,
+                gemm(1, 2, 6, false, false, false)?,
+                gemm(2, 2, 6, false, false, false)?,
             ],
-            wgmma: gemm(WG_MAX_ROWS / 8, 3, 4, true, false, false, false)?,
+            wgmma: gemm(WG_MAX_ROWS / 8, 3, 4, true, false, false)?,
             wgmma_e4m3: [
-                gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true, false, false)?,
-                gemm(WG_MAX_ROWS / 8, 2, 4, true, true, false, true)?,
+                gemm(WG3_MAX_ROWS_E4M3 / 8, 3, 4, true, true, false)?,
+                gemm(WG_MAX_ROWS / 8, 2, 4, true, true, false)?,
             ],
             // gemm.cu instantiates it for the activations of ACT < 5 (gated) unless
             // interleaved.
             gemm1_act: if act < 5 && gate_up != 2 {
-                Some(gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true, false)?)
+                Some(gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?)
             } else {
                 None
             },
-            gemm2_wg4: gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, false, false)?,
-            gemm2_wg4_exact: gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, false, false)?,
+            gemm2_wg4: gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, false)?,
+            gemm2_wg4_exact: gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, false)?,
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
             gather_rows: load("fp4_gather_rows")?,
@@ -453,13 +431,12 @@ fn act_epilogue(f8: bool, bm: usize, inter: usize) -> bool {
 /// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
 fn wgmma_plan(g: &Gemm, bm: usize) -> GemmPlan<'_> {
     let a_row = a_row_bytes(true, g.f8);
-    let extra = if g.widen { WIDENED_BYTES } else { 0 };
-    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row, extra);
+    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row);
     GemmPlan {
         gemm: g,
         bm,
         stages,
-        smem: ring_bytes(bm, g.item_n, stages, a_row) + extra,
+        smem: ring_bytes(bm, g.item_n, stages, a_row),
     }
 }
 
@@ -600,24 +577,16 @@ mod tests {
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            // Items of 128, 192 and 256 weight rows (the last GEMM 1 with the activation), and
-            // with E4M3 products items of 128 beside the widened chunks.
-            let mut kinds = vec![
-                (128, WG_MAX_ROWS, 0),
-                (192, WG_MAX_ROWS, 0),
-                (256, ACT_MAX_ROWS, 0),
-            ];
-            if f8 {
-                kinds.push((128, WG_MAX_ROWS, WIDENED_BYTES));
-            }
-            for (item_n, most_rows, extra) in kinds {
+            // Items of 128, 192 and 256 weight rows (the last GEMM 1 with the activation).
+            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG_MAX_ROWS), (256, ACT_MAX_ROWS)]
+            {
                 for bm in (16..=most_rows).step_by(16) {
-                    let s = wgmma_stages(bm, item_n, 4, a_row, extra);
+                    let s = wgmma_stages(bm, item_n, 4, a_row);
                     // E4M3 rows take half the bytes: at least three slots at the tallest items.
                     let least = if f8 { 3 } else { 2 };
                     assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
-                    assert!(ring_bytes(bm, item_n, s, a_row) + extra <= SMEM_MAX);
-                    assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) + extra > SMEM_MAX);
+                    assert!(ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX);
+                    assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) > SMEM_MAX);
                     // A slot holds the staged C tile: bm rows of the item's columns as 16-bit
                     // values, padded by 16 bytes (gemm.cu, c_pitch).
                     let slot = item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n);

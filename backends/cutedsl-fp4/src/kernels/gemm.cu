@@ -78,17 +78,14 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // at items of 48 and 64 rows), 24 for the producers and 112 for the consumers (61440 registers,
 // 640 threads: five warps an SM sub-partition). (A producer warp alone would leave each consumer
 // 96: 17 warps put five on one sub-partition.)
-// With a widener warpgroup (WD, widen_items), 24 for the producers, 88 for the wideners and 200
-// for the two consumer warpgroups (65536 registers, 512 threads).
 template <bool F8, int CG>
 __device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
-template <bool F8, int CG, bool WD>
-__device__ constexpr int gemm_threads() { return 128 * CG + (WD ? 256 : reg_handoff<F8, CG>() ? 128 : 32); }
-template <int CG, bool WD>
-__device__ constexpr int producer_regs() { return CG == 2 && !WD ? 40 : 24; }
-template <int CG, bool WD>
-__device__ constexpr int consumer_regs() { return WD ? 200 : CG == 2 ? 232 : CG == 3 ? 160 : 112; }
-#define WIDENER_REGS 88
+template <bool F8, int CG>
+__device__ constexpr int gemm_threads() { return 128 * CG + (reg_handoff<F8, CG>() ? 128 : 32); }
+template <int CG>
+__device__ constexpr int producer_regs() { return CG == 2 ? 40 : 24; }
+template <int CG>
+__device__ constexpr int consumer_regs() { return CG == 2 ? 232 : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
 // wgmma (with EPI_ACT, 128 of each half of W).
 template <bool WG, int CG>
@@ -257,12 +254,30 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return d;
 }
 
+// Products of f16x2 a with one half of b in both lanes (hi: the high half), the broadcast left
+// to the multiply's operand selector.
+template <bool HI>
+__device__ __forceinline__ u32 mul_f16x2_by_half(u32 a, u32 b) {
+    u32 d;
+    if constexpr (HI)
+        asm("{ .reg .b16 l, h; .reg .b32 s; mov.b32 {l, h}, %2; mov.b32 s, {h, h}; mul.rn.f16x2 %0, %1, s; }"
+            : "=r"(d)
+            : "r"(a), "r"(b));
+    else
+        asm("{ .reg .b16 l, h; .reg .b32 s; mov.b32 {l, h}, %2; mov.b32 s, {l, l}; mul.rn.f16x2 %0, %1, s; }"
+            : "=r"(d)
+            : "r"(a), "r"(b));
+    return d;
+}
+
 // A block's table: the E4M3 bytes of its eight E2M1 magnitudes (0, 0.5, 1, 1.5 | 2, 3, 4, 6)
-// times its scale over 8, rounded once, from the scale times 8 in both halves of an f16x2 (the
-// magnitudes are taken times 2^-6, as the widened codes are).
+// times its scale over 8, rounded once, from the f16x2 pair of scales `sc` (its low half, or
+// with HI its high one): the magnitudes times 2^-6, as the widened codes are, and times 8, all
+// exact, so each product is rounded once, in the conversion.
+template <bool HI>
 __device__ __forceinline__ void e4m3_table(u32 sc, u32 (&tab)[2]) {
-    tab[0] = f16x2x2_to_e4m3x4(mul_f16x2(0x20000000u, sc), mul_f16x2(0x26002400u, sc));
-    tab[1] = f16x2x2_to_e4m3x4(mul_f16x2(0x2A002800u, sc), mul_f16x2(0x2E002C00u, sc));
+    tab[0] = f16x2x2_to_e4m3x4(mul_f16x2_by_half<HI>(0x2C000000u, sc), mul_f16x2_by_half<HI>(0x32003000u, sc));
+    tab[1] = f16x2x2_to_e4m3x4(mul_f16x2_by_half<HI>(0x36003400u, sc), mul_f16x2_by_half<HI>(0x3A003800u, sc));
 }
 
 // Eight E2M1 codes (the nibbles of x) as E4M3 bytes from their block's table: codes 0..3 to the
@@ -297,7 +312,6 @@ struct Ring {
     u64* full;
     u64* empty;
     int stage, a_box, a_boxes, stages;
-    u8* widened;  // WD only: the widened chunks (WD_CHUNKS of WD_CHUNK_BYTES)
 };
 
 // The consumer warps' own barrier (the producer never joins it): CONS threads.
@@ -389,144 +403,15 @@ __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmIt
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
-// The f16x2 block scales {s0, s1} and {s2, s3} of weight row `row`'s blocks 4t.. 4t + 3 in the
-// stage at `base` (swizzled k-tile t of the row's 128-row scale tile), zero past K (`live`) and
-// past N, where no scale was copied; with F8, times 8 (exact), so that the widened codes times
-// the scale are v / 8.
-template <bool WG, bool F8, int CG>
-__device__ __forceinline__ void row_scales(const GemmArgs& p, const GemmItem& it, const Ring& rg, const u8* base, int row,
-                                           int t, bool live, u32 (&sl)[2]) {
-    constexpr int W_BYTES = item_rows<WG, CG>() * 128;
-    // The row's 128-row scale tile, counted from the item's first (items of 192 weight rows
-    // start halfway into one every other time).
-    constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
-    const int at = ALIGNED ? row : it.n0 + row;
-    const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
-    const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
-    const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
-    e4m3x4_to_f16x2x2(s4, sl[0], sl[1]);
-    if constexpr (F8) {
-        sl[0] = mul_f16x2(sl[0], 0x48004800u);
-        sl[1] = mul_f16x2(sl[1], 0x48004800u);
-    }
-}
-
-// A block's table of row scales sl (row_scales) for its block 4t + c.
-__device__ __forceinline__ void block_table(const u32 (&sl)[2], int c, u32 (&tab)[2]) {
-    e4m3_table(__byte_perm(sl[c >> 1], 0, (c & 1) ? 0x3232 : 0x1010), tab);
-}
-
-// The widener warpgroup (WD, E4M3 products, two consumer warpgroups): where items are wide, the
-// tensor cores bound the GEMM, and the consumer warps, which widen the codes, issue the MMAs,
-// wait for them and promote their sums, leave the tensor cores idle between their own phases.
-// With WD a warpgroup of its own widens every code of the stage, k32 step pair by step pair (a
-// chunk: 128 weight rows by 64 values of k, 8 KB of E4M3 fragments), into a ring of WD_CHUNKS
-// chunks in shared memory, in the order the consumer threads read them (each its two 16-byte
-// fragments, at 16 j and 4096 + 16 j for consumer thread j: conflict free); the consumers load
-// them and only issue, wait and promote. Named barriers hand the chunks over: WD_FULL + i (the
-// wideners arrive, the consumers wait) and WD_EMPTY + i (the reverse), WD_THREADS threads each.
-#define WD_CHUNKS 4
-#define WD_CHUNK_BYTES 8192
-#define WD_FULL 2
-#define WD_EMPTY (WD_FULL + WD_CHUNKS)
-#define WD_THREADS 384
-
-__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, %1;" ::"r"(id), "n"(WD_THREADS) : "memory"); }
-__device__ __forceinline__ void named_arrive(int id) {
-    asm volatile("bar.arrive %0, %1;" ::"r"(id), "n"(WD_THREADS) : "memory");
-}
-
-// A consumer thread j's fragments of the next chunk (ch counts the chunks taken).
-__device__ __forceinline__ void take_widened(const Ring& rg, u32& ch, int j, u32 (&f)[2][4]) {
-    const int i = ch % WD_CHUNKS;
-    named_sync(WD_FULL + i);
-    const u8* src = rg.widened + i * WD_CHUNK_BYTES + j * 16;
-    const uint4 a = *(const uint4*)src, b = *(const uint4*)(src + WD_CHUNK_BYTES / 2);
-    f[0][0] = a.x, f[0][1] = a.y, f[0][2] = a.z, f[0][3] = a.w;
-    f[1][0] = b.x, f[1][1] = b.y, f[1][2] = b.z, f[1][3] = b.w;
-    // The loads are done before the wideners write the chunk again (the arrive releases them).
-    named_arrive(WD_EMPTY + i);
-    ++ch;
-}
-
-// The widener warpgroup's loop (thread u of 128): every item of the block, stage by stage, as the
-// consumers take them; thread u widens for consumer threads u and 128 + u (rows w * 16 + g and
-// + 8 of warps w = u / 32 and w + 4), as they would have. Once it has read a stage's codes and
-// scales it releases the slot on its side (the slot's empty barrier counts both).
-template <int STEP>
-__device__ __forceinline__ void widen_items(const GemmArgs& p, const Ring& rg, int n_tiles, int bm, int items, int u) {
-    const int lane = u & 31, g = lane >> 2, t = lane & 3;
-    const int stages = (p.K + KS - 1) / KS;
-    int row[2][2];  // [consumer warpgroup][q]
-#pragma unroll
-    for (int cw = 0; cw < 2; ++cw)
-#pragma unroll
-        for (int q = 0; q < 2; ++q) row[cw][q] = ((u >> 5) + 4 * cw) * 16 + g + 8 * q;
-    u32 n = 0, ch = 0;
-    for (int item = blockIdx.x; item < items; item += gridDim.x) {
-        const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
-        for (int st = 0; st < stages; ++st, ++n) {
-            const int slot = n % rg.stages;
-            mbar_wait(rg.full + slot, (n / rg.stages) & 1);
-            const u8* base = rg.base + slot * rg.stage;
-            const bool live = st * KS + 64 * t < p.K;
-            u32 sl[2][2][2];
-#pragma unroll
-            for (int cw = 0; cw < 2; ++cw)
-#pragma unroll
-                for (int q = 0; q < 2; ++q) row_scales<true, true, 2>(p, it, rg, base, row[cw][q], t, live, sl[cw][q]);
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                // Words 4 half.. 4 half + 3 of each row (consume_item's w): blocks 4t + 2 half and
-                // 4t + 2 half + 1.
-                u32 w[2][2][4];
-#pragma unroll
-                for (int cw = 0; cw < 2; ++cw)
-#pragma unroll
-                    for (int q = 0; q < 2; ++q) {
-                        const uint4 v = *(const uint4*)(base + row[cw][q] * 128 + ((2 * t + half) ^ g) * 16);
-                        w[cw][q][0] = v.x, w[cw][q][1] = v.y, w[cw][q][2] = v.z, w[cw][q][3] = v.w;
-                    }
-                if (half == 1) mbar_arrive(rg.empty + slot);
-#pragma unroll
-                for (int c2 = 0; c2 < 2; ++c2) {
-                    const int c = 2 * half + c2, i = ch % WD_CHUNKS;
-                    if (ch >= WD_CHUNKS) named_sync(WD_EMPTY + i);
-                    u8* dst = rg.widened + i * WD_CHUNK_BYTES;
-#pragma unroll
-                    for (int cw = 0; cw < 2; ++cw) {
-                        u32 tab[2][2], f[2][4];
-#pragma unroll
-                        for (int q = 0; q < 2; ++q) block_table(sl[cw][q], c, tab[q]);
-#pragma unroll
-                        for (int h = 0; h < 2; ++h)
-#pragma unroll
-                            for (int q = 0; q < 2; ++q) lookup8(w[cw][q][2 * c2 + h], tab[q], f[h][q], f[h][2 + q]);
-                        u8* at = dst + (cw * 128 + u) * 16;
-                        *(uint4*)at = make_uint4(f[0][0], f[0][1], f[0][2], f[0][3]);
-                        *(uint4*)(at + WD_CHUNK_BYTES / 2) = make_uint4(f[1][0], f[1][1], f[1][2], f[1][3]);
-                    }
-                    named_arrive(WD_FULL + i);
-                    ++ch;
-                }
-            }
-        }
-    }
-    // The consumers release the last chunks too: each arrive is matched, so no barrier is left
-    // part-way.
-    for (u32 m = ch > WD_CHUNKS ? ch - WD_CHUNKS : 0; m < ch; ++m) named_sync(WD_EMPTY + m % WD_CHUNKS);
-}
-
 // One work item on the consumer warps: its K stages from the ring (n counts the slots used), then
 // its rows of C. NT n8 tiles of the item's rows: the mma.sync variants' fixed width, or the width
 // of this item's wgmma. F8 (wgmma only): E4M3 products. EPI (wgmma only): the epilogue, each a
 // separate instantiation, since GEMM 1, which keeps the lane stores, measured slower at decode
 // in a kernel that also held the staged path. CG (wgmma only): consumer warpgroups, each taking
 // 64 of the item's weight rows.
-// WD: the codes come widened from the widener warpgroup (ch counts the chunks taken).
-template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG, bool WD>
-__device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, u32& ch,
-                                             int warp, int lane) {
+template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
+__device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n, int warp,
+                                             int lane) {
     constexpr int W_BYTES = item_rows<WG, CG>() * 128;
     const int g = lane >> 2, t = lane & 3;
     const int stages = (p.K + KS - 1) / KS, slots = STAGES ? STAGES : rg.stages;
@@ -544,19 +429,25 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
         const bool live = st * KS + 64 * t < p.K;
         // Per row: word 2c + h holds codes 8h.. 8h + 7 of block 4t + c (blocks 4t, 4t + 1 in
         // logical chunk 2t, 4t + 2, 4t + 3 in chunk 2t + 1, each chunk stored at index
-        // chunk ^ g), and the scales of those blocks (row_scales). With WD the widener warps
-        // read them instead.
+        // chunk ^ g); the f16x2 block scales {s0, s1} and {s2, s3} of those blocks
+        // (swizzled k-tile t of the row's 128-row scale tile), zero past K and past N,
+        // where no scale was copied.
         u32 w[2][8], sl[2][2];
-        if constexpr (!WD) {
 #pragma unroll
-            for (int q = 0; q < 2; ++q) {
-                const int row = r[q];
-                const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
-                const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
-                w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
-                w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
-                row_scales<WG, F8, CG>(p, it, rg, base, row, t, live, sl[q]);
-            }
+        for (int q = 0; q < 2; ++q) {
+            const int row = r[q];
+            const uint4 a = *(const uint4*)(base + row * 128 + ((2 * t) ^ g) * 16);
+            const uint4 b = *(const uint4*)(base + row * 128 + ((2 * t + 1) ^ g) * 16);
+            w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
+            w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
+            // The row's 128-row scale tile, counted from the item's first (items of 192
+            // weight rows start halfway into one every other time).
+            constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
+            const int at = ALIGNED ? row : it.n0 + row;
+            const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
+            const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
+            const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
+            e4m3x4_to_f16x2x2(s4, sl[q][0], sl[q][1]);
         }
         if constexpr (F8) {
             // A chunk of two k32 steps at a time (lane block 4t + c). The FP8 tensor cores add
@@ -574,17 +465,18 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             float part[OVERLAP ? 2 : 1][NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
-                u32 f[2][4];  // [h][fragment] of k32 step 2c + h
-                if constexpr (WD) {
-                    take_widened(rg, ch, warp * 32 + lane, f);
-                } else {
-                    // Block 4t + c's tables, one a row.
-                    u32 tab[2][2];
+                // Block 4t + c's tables, one a row.
+                u32 tab[2][2];
 #pragma unroll
-                    for (int q = 0; q < 2; ++q) block_table(sl[q], c, tab[q]);
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) widen_tile_f8(w, tab, c, h, f[h]);
+                for (int q = 0; q < 2; ++q) {
+                    if (c & 1)
+                        e4m3_table<true>(sl[q][c >> 1], tab[q]);
+                    else
+                        e4m3_table<false>(sl[q][c >> 1], tab[q]);
                 }
+                u32 f[2][4];  // [h][fragment] of k32 step 2c + h
+#pragma unroll
+                for (int h = 0; h < 2; ++h) widen_tile_f8(w, tab, c, h, f[h]);
                 const bool fresh = c % F8_PROMOTE == 0;
                 if (!OVERLAP && fresh && c > 0) {
                     wgmma_wait<0>();
@@ -693,33 +585,30 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // registers a consumer thread gets.
 template <int CG, bool F8>
 __device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 6 : 10; }
-template <bool F8, int EPI, int CG, bool WD, int C = 1>
+template <bool F8, int EPI, int CG, int C = 1>
 __device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
-                                              u32& ch, int warp, int lane) {
+                                              int warp, int lane) {
     if constexpr (C < wg_max_chunks<CG, F8>()) {
         if (chunks > C) {
-            consume_wgmma<F8, EPI, CG, WD, C + 1>(chunks, p, it, rg, n, ch, warp, lane);
+            consume_wgmma<F8, EPI, CG, C + 1>(chunks, p, it, rg, n, warp, lane);
             return;
         }
     }
-    consume_item<2 * C, 0, true, F8, EPI, CG, WD>(p, it, rg, n, ch, warp, lane);
+    consume_item<2 * C, 0, true, F8, EPI, CG>(p, it, rg, n, warp, lane);
 }
 
 // STAGES: the ring's slots, or 0 for the launch's `stages` (the wgmma kernel's ring depth
 // follows its item height). F8: E4M3 products, whose wgmma reads A as two boxes of 128 bytes.
 // EPI: the epilogue (EPI_LANES, EPI_STAGED, EPI_ACT). CG: the wgmma kernel's consumer warpgroups
 // (an item is 64 CG weight rows); with three, a producer warpgroup hands its registers over
-// (reg_handoff), as it does for E4M3 products. WD: a widener warpgroup widens the codes for the
-// consumers (widen_items; E4M3 products, two consumer warpgroups).
-template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG, bool WD>
+// (reg_handoff), as it does for E4M3 products.
+template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map,
                                          const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
-    static_assert(!WD || (WG && F8 && CG == 2 && EPI != EPI_ACT), "the widener warpgroup serves two consumer warpgroups");
     static_assert(EPI != EPI_ACT || CG == 4, "the activation epilogue runs on four consumer warpgroups");
     static_assert(EPI != EPI_ACT || F8, "the activation epilogue takes E4M3 products");
     constexpr int CONS = 128 * CG;                     // consumer threads
-    constexpr int WID = WD ? 128 : 0;                  // widener threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
     constexpr int W_BYTES = ITEM_N * 128;              // the weight box: ITEM_N rows x 128 bytes
     constexpr int SF_TILES = item_scale_tiles<ITEM_N>();
@@ -736,14 +625,13 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     rg.a_boxes = F8 ? 2 : 4;
     rg.stage = W_BYTES + rg.a_boxes * rg.a_box + SF_TILES * S_BYTES;
     rg.stages = STAGES ? STAGES : p.stages;
-    rg.widened = rg.base + rg.stages * rg.stage;
-    rg.full = (u64*)(rg.widened + (WD ? WD_CHUNKS * WD_CHUNK_BYTES : 0));
+    rg.full = (u64*)(rg.base + rg.stages * rg.stage);
     rg.empty = rg.full + rg.stages;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (tid == 0) {
         for (int s = 0; s < rg.stages; ++s) {
             mbar_init(rg.full + s, 1);
-            mbar_init(rg.empty + s, CONS + WID);
+            mbar_init(rg.empty + s, CONS);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -753,11 +641,10 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     if constexpr (EPI == EPI_ACT) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
     const int span = EPI == EPI_ACT ? p.N / 2 : p.N, n_tiles = (span + STEP - 1) / STEP;
     const int items = p.tile_start[p.E] * n_tiles;
-    if (warp >= (CONS + WID) / 32) {
+    if (warp >= CONS / 32) {
         // The producer.
-        if constexpr (reg_handoff<F8, CG>())
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(producer_regs<CG, WD>()));
-        if (warp != (CONS + WID) / 32 || lane != 0) return;
+        if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(producer_regs<CG>()));
+        if (warp != CONS / 32 || lane != 0) return;
         const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
         // GEMM 1 with the activation, before a GEMM 2 that waits on it (p.done): once the
@@ -855,35 +742,25 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         }
         return;
     }
-    if constexpr (WD) {
-        if (warp >= CONS / 32) {
-            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(WIDENER_REGS));
-            widen_items<STEP>(p, rg, n_tiles, bm, items, tid - CONS);
-            return;
-        }
-    }
-    if constexpr (reg_handoff<F8, CG>())
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(consumer_regs<CG, WD>()));
-    u32 n = 0, ch = 0;
+    if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(consumer_regs<CG>()));
+    u32 n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma<F8, EPI, CG, WD>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, ch, warp,
-                                           lane);
+            consume_wgmma<F8, EPI, CG>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, warp, lane);
         } else {
-            consume_item<NT, STAGES, false, false, EPI_LANES, CG, false>(p, it, rg, n, ch, warp, lane);
+            consume_item<NT, STAGES, false, false, EPI_LANES, CG>(p, it, rg, n, warp, lane);
         }
     }
 }
 
-#define FP4_GEMM_WD(NAME, NT, STAGES, WG, F8, EPI, CG, WD)                                              \
-    extern "C" __global__ void __launch_bounds__(gemm_threads<F8, CG, WD>(), 1) NAME(                   \
+#define FP4_GEMM(NAME, NT, STAGES, WG, F8, EPI, CG)                                                     \
+    extern "C" __global__ void __launch_bounds__(gemm_threads<F8, CG>(), 1) NAME(                       \
         const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap a_map,                     \
         const __grid_constant__ ShortBoxes a_short, GemmArgs p) {                                       \
-        fp4_gemm<NT, STAGES, WG, F8, EPI, CG, WD>(p, &w_map, &a_map, &a_short);                         \
+        fp4_gemm<NT, STAGES, WG, F8, EPI, CG>(p, &w_map, &a_map, &a_short);                             \
     }
-#define FP4_GEMM(NAME, NT, STAGES, WG, F8, EPI, CG) FP4_GEMM_WD(NAME, NT, STAGES, WG, F8, EPI, CG, false)
 // Up to 16 rows an item (exact products), mma.sync per warp. One block an SM with the deepest
 // ring that fits measured faster than two blocks of four stages (H100: 2120 against 2158 us at
 // 1 row per expert, 2334 against 2377 at 16; eight stages at 1 row were no better than six).
@@ -917,7 +794,3 @@ FP4_GEMM(fp4_wgmma4_staged, 0, 0, true, false, EPI_STAGED, 4)
 #if ACT < 5 && GATE_UP != 2
 FP4_GEMM(fp4_wgmma4_f8_act, 0, 0, true, true, EPI_ACT, 4)
 #endif
-// E4M3 products with a widener warpgroup (WD, widen_items), for items past 96 rows, where the
-// tensor cores bound the GEMM (kernels.rs, Fp4Kernels::gemm_for).
-FP4_GEMM_WD(fp4_wgmma_f8w, 0, 0, true, true, EPI_LANES, 2, true)
-FP4_GEMM_WD(fp4_wgmma_f8w_staged, 0, 0, true, true, EPI_STAGED, 2, true)
