@@ -83,9 +83,9 @@ __device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
 template <bool F8, int CG>
 __device__ constexpr int gemm_threads() { return 128 * CG + (reg_handoff<F8, CG>() ? 128 : 32); }
 template <int CG>
-__device__ constexpr int producer_regs() { return CG == 2 ? 40 : 24; }
+__device__ constexpr int producer_regs() { return 24; }
 template <int CG>
-__device__ constexpr int consumer_regs() { return CG == 2 ? 232 : CG == 3 ? 160 : 112; }
+__device__ constexpr int consumer_regs() { return CG == 2 ? 240 : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
 // wgmma (with EPI_ACT, 128 of each half of W).
 template <bool WG, int CG>
@@ -110,7 +110,7 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):
 // 96 columns, 144 registers of sums. (Up to 128 columns ptxas spills a few, and decode measured
 // no better.) With three consumer warpgroups (160 registers a thread), 48 columns.
-#define F8_OVERLAP_NT 12
+#define F8_OVERLAP_NT 16
 #define F8_OVERLAP_NT3 6
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
