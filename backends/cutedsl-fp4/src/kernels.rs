@@ -167,7 +167,6 @@ pub struct Fp4Kernels {
     pub gemm2_wg4_exact: Gemm,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
-    pub gather_rows: CudaFunction,
     pub combine: CudaFunction,
 }
 
@@ -345,7 +344,6 @@ impl Fp4Kernels {
             gemm2_wg4_exact: gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, false)?,
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
-            gather_rows: load("fp4_gather_rows")?,
             combine: load("fp4_combine")?,
         })
     }

@@ -9,8 +9,8 @@
 //! masked layout writes GEMM 2 straight into its output (the low-latency combine buffer when the
 //! dispatcher registered one); the standard layout first groups its tokens per expert (a
 //! pre-permute that the quantization reads through, so no gathered copy of the bf16 rows is
-//! made; with E4M3 products and one input global scale for every expert, each token is quantized
-//! once and its quantized row copied to each of its picks: `quantize_tokens_once`) and sums the
+//! made; with one input global scale for every expert, each token is quantized once and its
+//! quantized row written to each of its picks: `quantize_tokens_once`) and sums the
 //! top-k after (or, with `no_combine`, leaves `[M, k, H]`; in place over the input with
 //! `inplace`; the router weight on the input with `apply_router_weight_on_input`).
 
@@ -19,7 +19,7 @@ use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
 use moe_runner_core::{
     as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
     DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError,
-    MoeRunnerConfig, Nvfp4Products, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
+    MoeRunnerConfig, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
     StandardCombineInput, StandardDispatchOutput, Tensor,
 };
 use std::sync::{Mutex, MutexGuard};
@@ -40,20 +40,15 @@ const STAGED_MAX_K: usize = 2048;
 
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
 struct Workspace {
-    /// Rows of the row space, picks (M * k) and tokens (M) it was sized for.
+    /// Rows of the row space and picks (M * k) it was sized for.
     rows: usize,
     picks: usize,
-    tokens: usize,
     /// GEMM 1's and GEMM 2's inputs: NVFP4 values (code times block scale) in f16, or E4M3
     /// bytes (in the first half) for E4M3 products in the wgmma kernel; rows of whole
     /// 256-value segments in the GEMM's block order.
     a1: Tensor,
     c1: Tensor,
     a2: Tensor,
-    /// The standard layout's tokens quantized once each, in GEMM 1's input layout, with E4M3
-    /// products and one input global scale for every expert (`quantize_tokens_once`): `a1`'s
-    /// rows are copies of them.
-    a_tok: Tensor,
     /// `[1] i32` i32::MAX: the count of `fp4_quant_rows` run over the tokens as one expert of
     /// `cap` = M rows.
     all_rows: Tensor,
@@ -117,9 +112,9 @@ struct Rows {
     /// NVFP4 rows from the dispatcher (codes, E4M3 scales), already quantized with the weights'
     /// input global scale: expanded instead of quantized. `None`: bf16 rows at `x`.
     nvfp4_in: Option<(u64, u64)>,
-    /// The standard layout quantizes each token once into the workspace's `a_tok` and copies
-    /// its row to each pick (`quantize_tokens_once`); `src` then names the token.
-    tokens_once: bool,
+    /// The standard layout quantizes each token once and writes its row to each of its picks
+    /// (`quantize_tokens_once`): `[M * k] i32` the row of each (token, pick), or -1, and k.
+    tokens_once: Option<(u64, usize)>,
 }
 
 fn poisoned() -> MoeError {
@@ -147,31 +142,19 @@ fn padded(k: usize) -> usize {
     k.div_ceil(SEGMENT) * SEGMENT
 }
 
-/// Whether the standard layout quantizes each token once and copies its row to each pick
-/// (`fp4_gather_rows`) rather than quantizing every pick: with E4M3 products, every expert
-/// having the same input global scale (`a13_global`, as checkpoints whose activations are
-/// quantized before the dispatch have), no router weight on the input (it differs per pick),
-/// and at least two local picks a token on average (top-k times the local share of the
-/// experts). With about one (wide expert parallelism) the copies would add work, not save it,
-/// and tokens with no local pick would be quantized for nothing. Exact products keep
-/// quantizing each pick: their rows are f16, two bytes a value, and copying them costs as much
-/// as quantizing (H100, 4096 tokens of DeepSeek-V3: 44 us quantizing the tokens and 288 us
-/// copying against 302 us quantizing each pick; with E4M3 products 42 and 131 against 278).
-fn quantize_tokens_once(
-    cfg: &MoeRunnerConfig,
-    products: Nvfp4Products,
-    a13_global: &[f32],
-) -> bool {
-    products == Nvfp4Products::E4m3
-        && a13_global.windows(2).all(|p| p[0] == p[1])
+/// Whether the standard layout quantizes each token once, writing its row to each of its picks'
+/// rows, rather than quantizing every pick: where every expert has the same input global scale
+/// (`a13_global`, as checkpoints whose activations are quantized before the dispatch have), no
+/// router weight goes on the input (it differs per pick), and a token has at least two local
+/// picks on average (top-k times the local share of the experts). With about one (wide expert
+/// parallelism) there is little to save, and tokens with no local pick would be quantized for
+/// nothing. (Copying the tokens' quantized rows to the picks in a kernel of their own cost more
+/// than it saved with exact products, whose rows are f16: H100, 4096 tokens of DeepSeek-V3, 44
+/// us quantizing the tokens and 288 us copying against 302 us quantizing each pick.)
+fn quantize_tokens_once(cfg: &MoeRunnerConfig, a13_global: &[f32]) -> bool {
+    a13_global.windows(2).all(|p| p[0] == p[1])
         && !cfg.apply_router_weight_on_input
         && cfg.top_k * cfg.num_local_experts >= 2 * cfg.num_experts
-}
-
-/// Bytes of a GEMM input row of `k` values in `layout` (rows.cu, `row_bytes`): whole segments,
-/// one byte a value for E4M3 products (bit 1), else two.
-fn row_pitch(k: usize, layout: i32) -> usize {
-    padded(k) * if layout & 2 != 0 { 1 } else { 2 }
 }
 
 impl Fp4Runner {
@@ -292,22 +275,17 @@ impl Fp4Runner {
         Ok(g)
     }
 
-    fn workspace(
-        &self,
-        rows: usize,
-        picks: usize,
-        tokens: usize,
-    ) -> Result<MutexGuard<'_, Option<Workspace>>> {
+    fn workspace(&self, rows: usize, picks: usize) -> Result<MutexGuard<'_, Option<Workspace>>> {
         let mut ws = self.ws.lock().map_err(|_| poisoned())?;
         if ws
             .as_ref()
-            .is_some_and(|w| w.rows >= rows && w.picks >= picks && w.tokens >= tokens)
+            .is_some_and(|w| w.rows >= rows && w.picks >= picks)
         {
             return Ok(ws);
         }
-        let (rows, picks, tokens) = match ws.as_ref() {
-            Some(w) => (rows.max(w.rows), picks.max(w.picks), tokens.max(w.tokens)),
-            None => (rows, picks, tokens),
+        let (rows, picks) = match ws.as_ref() {
+            Some(w) => (rows.max(w.rows), picks.max(w.picks)),
+            None => (rows, picks),
         };
         let cfg = &self.cfg;
         let (h, i, n1, e) = (
@@ -320,14 +298,11 @@ impl Fp4Runner {
         *ws = Some(Workspace {
             rows,
             picks,
-            tokens,
             // The row kernels write every byte the GEMMs read, the padding of a partial
             // segment included (zeros), whatever layout wrote the buffer before.
             a1: z(rows * padded(h), DType::F16)?,
             c1: z(rows * n1, DType::Bf16)?,
             a2: z(rows * padded(i), DType::F16)?,
-            // E4M3 rows (quantize_tokens_once): a byte a value.
-            a_tok: z(tokens * padded(h), DType::U8)?,
             all_rows: Tensor::from_slice(&[i32::MAX], &[1], DType::I32)?
                 .to_device(&Device::Cuda(self.dev.clone()))?,
             y: z(if picks > 0 { rows * h } else { 0 }, DType::Bf16)?,
@@ -340,7 +315,7 @@ impl Fp4Runner {
             slot_of: z(picks, DType::I32)?,
             status: z(1, DType::I32)?,
         });
-        tracing::debug!(rows, picks, tokens, "cutedsl_fp4 workspace sized");
+        tracing::debug!(rows, picks, "cutedsl_fp4 workspace sized");
         Ok(ws)
     }
 
@@ -394,8 +369,8 @@ impl Fp4Runner {
         let row_grid = |width: usize| (r.cap * width / 16).div_ceil(128 * 8).clamp(1, 64);
         let (a1, a2, c1) = (ws.a1.cuda_ptr()?, ws.a2.cuda_ptr()?, ws.c1.cuda_ptr()?);
         let (h_i, i_i) = (h as i32, i as i32);
-        match r.nvfp4_in {
-            Some((codes, scales)) => launch_2d(
+        match (r.nvfp4_in, r.tokens_once) {
+            (Some((codes, scales)), _) => launch_2d(
                 dev,
                 &k.expand_rows,
                 (row_grid(h), e),
@@ -406,10 +381,10 @@ impl Fp4Runner {
                 ],
             )?,
             // The standard layout, where it pays (quantize_tokens_once): each token quantized
-            // once, as one expert of M rows, then each pick's row copied, instead of quantizing
-            // a token once per pick.
-            None if r.tokens_once => {
-                let (a_tok, null) = (ws.a_tok.cuda_ptr()?, 0u64);
+            // once, as one expert of M rows, and written to the row of each of its picks,
+            // instead of quantizing a token once per pick.
+            (None, Some((slot_of, top_k))) => {
+                let (null, top_k) = (0u64, top_k as i32);
                 // One expert: the whole grid on its rows, about eight blocks of 16 a thread.
                 let blocks = (r.cap * h / 16).div_ceil(128 * 8).clamp(1, 4096);
                 launch_2d(
@@ -427,21 +402,14 @@ impl Fp4Runner {
                         &cap,
                         &h_i,
                         &g.gs1.cuda_ptr()?,
-                        &a_tok,
+                        &a1,
                         &layout,
+                        &slot_of,
+                        &top_k,
                     ],
                 )?;
-                let pitch16 = (row_pitch(h, layout) / 16) as i32;
-                launch_2d(
-                    dev,
-                    &k.gather_rows,
-                    (r.cap.div_ceil(4).clamp(1, 64), e),
-                    128,
-                    0,
-                    &[&a_tok, &r.src, &r.counts, &r.row0, &cap, &pitch16, &a1],
-                )?;
             }
-            None => launch_2d(
+            (None, None) => launch_2d(
                 dev,
                 &k.quant_rows,
                 (row_grid(h), e),
@@ -458,6 +426,8 @@ impl Fp4Runner {
                     &g.gs1.cuda_ptr()?,
                     &a1,
                     &layout,
+                    &0u64,
+                    &0i32,
                 ],
             )?,
         }
@@ -662,7 +632,7 @@ impl Fp4Runner {
         } else {
             &d.masked_m
         };
-        let ws = self.workspace(el * rt, 0, 0)?;
+        let ws = self.workspace(el * rt, 0)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let rows = Rows {
             counts: masked_m.cuda_ptr()?,
@@ -673,7 +643,7 @@ impl Fp4Runner {
             src: 0,
             in_weight: 0,
             nvfp4_in,
-            tokens_once: false,
+            tokens_once: None,
         };
         self.experts(w, ws, rows, d.hidden.cuda_ptr()?, out.cuda_ptr()?)
     }
@@ -742,8 +712,8 @@ impl Fp4Runner {
             &d.topk
         };
         let picks = m * k;
-        let tokens_once = quantize_tokens_once(cfg, w.products, &w.a13_global);
-        let ws = self.workspace(picks, picks, if tokens_once { m } else { 0 })?;
+        let tokens_once = quantize_tokens_once(cfg, &w.a13_global);
+        let ws = self.workspace(picks, picks)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let (counts, row0, src, slot_of) = (
             ws.counts.cuda_ptr()?,
@@ -783,7 +753,7 @@ impl Fp4Runner {
                 0
             },
             nvfp4_in: None,
-            tokens_once,
+            tokens_once: tokens_once.then_some((slot_of, k)),
         };
         let y = ws.y.cuda_ptr()?;
         self.experts(w, ws, rows, d.hidden.cuda_ptr()?, y)?;
@@ -916,26 +886,24 @@ mod tests {
 
     #[test]
     fn tokens_are_quantized_once_where_they_have_several_local_picks() {
-        use Nvfp4Products::{E4m3, Exact};
         let (shared, per_expert) = ([0.5f32; 4], [0.5f32, 0.5, 0.25, 0.5]);
-        // DeepSeek-V3 on one rank, and the GPU tests' layers (their standard-layout tests with
-        // E4M3 products but per_expert_input_scales_quantize_each_pick take the path).
+        // DeepSeek-V3 on one rank, and the GPU tests' layers (their standard-layout tests but
+        // per_expert_input_scales_quantize_each_pick take the path).
         for (e, k) in [(256, 8), (8, 2), (8, 4)] {
             let cfg = MoeRunnerConfig::new(e, 512, 256, k);
-            assert!(quantize_tokens_once(&cfg, E4m3, &shared), "E {e} top-{k}");
-            // Exact products, scales that differ between experts, or a router weight on the
-            // input keep quantizing each pick.
-            assert!(!quantize_tokens_once(&cfg, Exact, &shared));
-            assert!(!quantize_tokens_once(&cfg, E4m3, &per_expert));
+            assert!(quantize_tokens_once(&cfg, &shared), "E {e} top-{k}");
+            // Scales that differ between experts, or a router weight on the input, keep
+            // quantizing each pick.
+            assert!(!quantize_tokens_once(&cfg, &per_expert));
             let mut on_input = cfg.clone();
             on_input.apply_router_weight_on_input = true;
-            assert!(!quantize_tokens_once(&on_input, E4m3, &shared));
+            assert!(!quantize_tokens_once(&on_input, &shared));
         }
         // Expert parallelism over eight ranks: one local pick a token on average.
         let mut ep8 = MoeRunnerConfig::new(256, 512, 256, 8);
         ep8.num_local_experts = 32;
-        assert!(!quantize_tokens_once(&ep8, E4m3, &shared));
+        assert!(!quantize_tokens_once(&ep8, &shared));
         ep8.num_local_experts = 64;
-        assert!(quantize_tokens_once(&ep8, E4m3, &shared));
+        assert!(quantize_tokens_once(&ep8, &shared));
     }
 }

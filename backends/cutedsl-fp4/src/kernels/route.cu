@@ -1,6 +1,5 @@
-// The standard layout's pre-permute (each expert's rows, before rows.cu and gemm.cu; their
-// GEMM 1 input rows copied from the tokens' when these are quantized once) and post-permute
-// (the top-k sum after GEMM 2).
+// The standard layout's pre-permute (each expert's rows, before rows.cu and gemm.cu) and
+// post-permute (the top-k sum after GEMM 2).
 //
 // The standard path's pre-permute, in one block: counts per local expert (ids outside 0..E are
 // not computed here), their starts, and for each (token, pick) its row: src[row] = token,
@@ -70,22 +69,6 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
             }
             slot_of[p] = row;
         }
-    }
-}
-
-// The standard path's rows of GEMM 1's input copied from its tokens' (quantized once each, with
-// E4M3 products and one input global scale for every expert): row r of expert e, for r <
-// counts[e] from row0[e], is token src[r]'s row, `pitch16` 16-byte chunks. Grid: (blocks
-// striding over an expert's rows, E), the threads of a block over a row's chunks.
-extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_gather_rows(
-    const uint4* __restrict__ tok, const int* __restrict__ src, const int* __restrict__ counts,
-    const int* __restrict__ row0, int cap, int pitch16, uint4* __restrict__ a) {
-    const int e = blockIdx.y, n = min(max(counts[e], 0), cap);
-    for (int i = blockIdx.x; i < n; i += gridDim.x) {
-        const long long r = (long long)row0[e] + i;
-        const uint4* from = tok + (long long)src[r] * pitch16;
-        uint4* to = a + r * pitch16;
-        for (int c = threadIdx.x; c < pitch16; c += FP4_THREADS) to[c] = from[c];
     }
 }
 

@@ -81,12 +81,11 @@ __device__ __forceinline__ void store_block(const float* v, u8* row, int b, int 
     *(uint4*)(out + 8) = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// One NVFP4 block of 16 values, written as their quantized values e2m1(q) * s (exact in f32)
-// in `layout`; the codes from comparisons with the grid's boundaries times s (e2m1_scaled).
-__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u8* row, int b, int layout) {
+// One NVFP4 block of 16 values v, as their quantized values q = e2m1(q) * s (exact in f32); the
+// codes from comparisons with the grid's boundaries times s (e2m1_scaled).
+__device__ __forceinline__ void nvfp4_values(const float* v, float gs, float* q) {
     float s;
     nvfp4_scale(v, gs, &s);
-    float q[16];
     if (s != 0.0f) {
         const E2m1Scaled g = e2m1_scaled(s);
 #pragma unroll
@@ -95,6 +94,12 @@ __device__ __forceinline__ void nvfp4_block(const float* v, float gs, u8* row, i
 #pragma unroll
         for (int i = 0; i < 16; ++i) q[i] = 0.0f;
     }
+}
+
+// nvfp4_values of a block, written in `layout`.
+__device__ __forceinline__ void nvfp4_block(const float* v, float gs, u8* row, int b, int layout) {
+    float q[16];
+    nvfp4_values(v, gs, q);
     store_block(q, row, b, layout);
 }
 
@@ -115,11 +120,14 @@ __device__ __forceinline__ long long row_bytes(int k, int layout) {
 // Row i of
 // expert e reads x row src[base(e) + i] when `src` is given (the standard path's gather), else
 // x row base(e) + i; times in_weight[that row] first when given (router weight on the input).
+// With `picks` (the standard layout's tokens quantized once, as one expert of M rows), row i is
+// token i, written to the row picks[i * top_k + k] of each of its picks (none where that is -1:
+// no local expert took it) instead of row i: one pass over the tokens, each quantized once.
 // Grid: (blocks striding over rows * K/16, E).
 extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
     const u16* __restrict__ x, const int* __restrict__ src, const float* __restrict__ in_weight,
     const int* __restrict__ counts, const int* __restrict__ row0, int cap, int K,
-    const float* __restrict__ gs_e, u8* __restrict__ a, int layout) {
+    const float* __restrict__ gs_e, u8* __restrict__ a, int layout, const int* __restrict__ picks, int top_k) {
     const int e = blockIdx.y, kb = K / 16;
     const long long pitch = row_bytes(K, layout);
     const int n = min(max(counts[e], 0), cap);
@@ -135,6 +143,17 @@ extern "C" __global__ void __launch_bounds__(FP4_THREADS) fp4_quant_rows(
             const float w = in_weight[from];
 #pragma unroll
             for (int j = 0; j < 16; ++j) v[j] *= w;
+        }
+        if (picks) {
+            float q[16];
+            nvfp4_values(v, gs, q);
+            for (int k = 0; k < top_k; ++k) {
+                const int r = picks[(long long)i * top_k + k];
+                if (r < 0) continue;
+                store_block(q, a + r * pitch, b, layout);
+                if (b == kb - 1) store_pad(a + r * pitch, kb, layout);
+            }
+            continue;
         }
         nvfp4_block(v, gs, a + (base + i) * pitch, b, layout);
         if (b == kb - 1) store_pad(a + (base + i) * pitch, kb, layout);
