@@ -570,8 +570,8 @@ fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
 }
 
 /// Input global scales that differ between experts: the standard layout quantizes each pick's
-/// row with its expert's scale. (With one scale for every expert, as the other tests have, it
-/// quantizes each token once and writes its row to each of its picks.)
+/// row with its expert's scale. (With one scale for every expert, as the other tests have, and
+/// E4M3 products, it quantizes each token once and writes its row to each of its picks.)
 #[test]
 #[ignore = "needs a CUDA device"]
 fn per_expert_input_scales_quantize_each_pick() {

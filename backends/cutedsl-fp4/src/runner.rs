@@ -9,8 +9,8 @@
 //! masked layout writes GEMM 2 straight into its output (the low-latency combine buffer when the
 //! dispatcher registered one); the standard layout first groups its tokens per expert (a
 //! pre-permute that the quantization reads through, so no gathered copy of the bf16 rows is
-//! made; with one input global scale for every expert, each token is quantized once and its
-//! quantized row written to each of its picks: `quantize_tokens_once`) and sums the
+//! made; with E4M3 products and one input global scale for every expert, each token is
+//! quantized once and its row written to each of its picks: `quantize_tokens_once`) and sums the
 //! top-k after (or, with `no_combine`, leaves `[M, k, H]`; in place over the input with
 //! `inplace`; the router weight on the input with `apply_router_weight_on_input`).
 
@@ -19,7 +19,7 @@ use moe_runner_core::registry::{DeviceKind, FusedFunc, FusedRunner};
 use moe_runner_core::{
     as_expert_weights, downcast_dispatch, downcast_quant, CombineInput, CudaDevice, DType,
     DeepEpLlCombineInput, DeepEpLlDispatchOutput, Device, DispatchFormat, DispatchOutput, MoeError,
-    MoeRunnerConfig, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
+    MoeRunnerConfig, Nvfp4Products, Nvfp4Weights, QuantInfo, QuantScheme, Result, ScaleLayout,
     StandardCombineInput, StandardDispatchOutput, Tensor,
 };
 use std::sync::{Mutex, MutexGuard};
@@ -143,16 +143,23 @@ fn padded(k: usize) -> usize {
 }
 
 /// Whether the standard layout quantizes each token once, writing its row to each of its picks'
-/// rows, rather than quantizing every pick: where every expert has the same input global scale
-/// (`a13_global`, as checkpoints whose activations are quantized before the dispatch have), no
-/// router weight goes on the input (it differs per pick), and a token has at least two local
-/// picks on average (top-k times the local share of the experts). With about one (wide expert
-/// parallelism) there is little to save, and tokens with no local pick would be quantized for
-/// nothing. (Copying the tokens' quantized rows to the picks in a kernel of their own cost more
-/// than it saved with exact products, whose rows are f16: H100, 4096 tokens of DeepSeek-V3, 44
-/// us quantizing the tokens and 288 us copying against 302 us quantizing each pick.)
-fn quantize_tokens_once(cfg: &MoeRunnerConfig, a13_global: &[f32]) -> bool {
-    a13_global.windows(2).all(|p| p[0] == p[1])
+/// rows, rather than quantizing every pick: with E4M3 products, where every expert has the same
+/// input global scale (`a13_global`, as checkpoints whose activations are quantized before the
+/// dispatch have), no router weight goes on the input (it differs per pick), and a token has at
+/// least two local picks on average (top-k times the local share of the experts). With about
+/// one (wide expert parallelism) there is little to save, and tokens with no local pick would be
+/// quantized for nothing. H100, 4096 tokens of DeepSeek-V3, Nsight Compute without flushing the
+/// caches between kernels, as in a pass: with E4M3 products 112 us, against 302 quantizing each
+/// pick, and 42 quantizing the tokens then 131 copying their rows to the picks (the kernel this
+/// replaced). Exact products keep quantizing each pick: their rows are f16, twice the bytes,
+/// and written to each pick this way they took 381 us against 302.
+fn quantize_tokens_once(
+    cfg: &MoeRunnerConfig,
+    products: Nvfp4Products,
+    a13_global: &[f32],
+) -> bool {
+    products == Nvfp4Products::E4m3
+        && a13_global.windows(2).all(|p| p[0] == p[1])
         && !cfg.apply_router_weight_on_input
         && cfg.top_k * cfg.num_local_experts >= 2 * cfg.num_experts
 }
@@ -712,7 +719,7 @@ impl Fp4Runner {
             &d.topk
         };
         let picks = m * k;
-        let tokens_once = quantize_tokens_once(cfg, &w.a13_global);
+        let tokens_once = quantize_tokens_once(cfg, w.products, &w.a13_global);
         let ws = self.workspace(picks, picks)?;
         let ws = ws.as_ref().expect("workspace was just sized");
         let (counts, row0, src, slot_of) = (
@@ -886,24 +893,26 @@ mod tests {
 
     #[test]
     fn tokens_are_quantized_once_where_they_have_several_local_picks() {
+        use Nvfp4Products::{E4m3, Exact};
         let (shared, per_expert) = ([0.5f32; 4], [0.5f32, 0.5, 0.25, 0.5]);
-        // DeepSeek-V3 on one rank, and the GPU tests' layers (their standard-layout tests but
-        // per_expert_input_scales_quantize_each_pick take the path).
+        // DeepSeek-V3 on one rank, and the GPU tests' layers (their standard-layout tests with
+        // E4M3 products but per_expert_input_scales_quantize_each_pick take the path).
         for (e, k) in [(256, 8), (8, 2), (8, 4)] {
             let cfg = MoeRunnerConfig::new(e, 512, 256, k);
-            assert!(quantize_tokens_once(&cfg, &shared), "E {e} top-{k}");
-            // Scales that differ between experts, or a router weight on the input, keep
-            // quantizing each pick.
-            assert!(!quantize_tokens_once(&cfg, &per_expert));
+            assert!(quantize_tokens_once(&cfg, E4m3, &shared), "E {e} top-{k}");
+            // Exact products, scales that differ between experts, or a router weight on the
+            // input keep quantizing each pick.
+            assert!(!quantize_tokens_once(&cfg, Exact, &shared));
+            assert!(!quantize_tokens_once(&cfg, E4m3, &per_expert));
             let mut on_input = cfg.clone();
             on_input.apply_router_weight_on_input = true;
-            assert!(!quantize_tokens_once(&on_input, &shared));
+            assert!(!quantize_tokens_once(&on_input, E4m3, &shared));
         }
         // Expert parallelism over eight ranks: one local pick a token on average.
         let mut ep8 = MoeRunnerConfig::new(256, 512, 256, 8);
         ep8.num_local_experts = 32;
-        assert!(!quantize_tokens_once(&ep8, &shared));
+        assert!(!quantize_tokens_once(&ep8, E4m3, &shared));
         ep8.num_local_experts = 64;
-        assert!(quantize_tokens_once(&ep8, &shared));
+        assert!(quantize_tokens_once(&ep8, E4m3, &shared));
     }
 }
