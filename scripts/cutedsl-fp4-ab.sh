@@ -14,7 +14,9 @@
 #       Nsight Compute kernel times (us, --clock-control none) of each variant's timed passes at
 #       each batch size, variants alternating within a round: per kernel, the median of its
 #       even and of its odd launches (GEMM 1 and GEMM 2 where both take one instantiation);
-#       whole passes vary by more than most changes, kernel times much less;
+#       whole passes vary by more than most changes, kernel times much less. With CACHE=none
+#       in the environment, the caches are not flushed between kernels (--cache-control none),
+#       as in a pass: a kernel that reads what the one before it wrote then gets its L2 hits;
 #   bash scripts/cutedsl-fp4-ab.sh pass ROWS[,ROWS...] [ROUNDS]
 #       the example's table of whole passes, variants alternating within a round;
 #   bash scripts/cutedsl-fp4-ab.sh sections ROWS [KERNEL_REGEX] [SKIP] [COUNT]
@@ -92,7 +94,8 @@ for k, v in sorted(t.items()):
         for round in $(seq "$rounds"); do
             for v in $(variants); do
                 echo "== rows $r, round $round, $(basename "$v")"
-                ncu --clock-control none --kernel-name "regex:$regex" --metrics gpu__time_duration.sum \
+                ncu --clock-control none --cache-control "${CACHE:-all}" --kernel-name "regex:$regex" \
+                    --metrics gpu__time_duration.sum \
                     --csv --print-units base "$v/cutedsl-fp4" --time-only "$r" 2>/dev/null | python3 -c "$summary"
             done
         done
