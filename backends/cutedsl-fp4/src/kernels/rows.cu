@@ -81,7 +81,7 @@ __device__ __forceinline__ void store_block(const float* v, u8* row, int b, int 
     *(uint4*)(out + 8) = make_uint4(w[4], w[5], w[6], w[7]);
 }
 
-// One NVFP4 block of 16 values v, as their quantized values q = e2m1(q) * s (exact in f32); the
+// One NVFP4 block of 16 values v, quantized into q: e2m1(v * gs / s) * s (exact in f32), the
 // codes from comparisons with the grid's boundaries times s (e2m1_scaled).
 __device__ __forceinline__ void nvfp4_values(const float* v, float gs, float* q) {
     float s;
