@@ -521,11 +521,13 @@ fn items_taller_than_the_rows_match_the_reference() {
     );
 }
 
-/// GEMM 1 with the activation and its requantization in its epilogue, which decode batches take
-/// when I is a multiple of 128 and gate and up are the halves of `w13` (items up to 64 rows;
-/// the kernels' unit test `gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles`
-/// checks that these shapes take it): the standard layout at about 2, 10, 20 and 40 rows per
-/// expert with skewed routing (experts past an item take several), for each gated activation
+/// GEMM 1 with the activation and its requantization in its epilogue, which batches take when I
+/// is a multiple of 128 and gate and up are the halves of `w13` (items up to 64 rows on four
+/// consumer warpgroups, past 96 on two; the kernels' unit test
+/// `gemm_1_takes_the_activation_on_items_it_fits_with_whole_scale_tiles` checks that these
+/// shapes take it): the standard layout at about 2, 10, 20, 40, 100 and 160 rows per expert
+/// (items of 16 to 64 rows, then 144 and 160) with skewed routing (experts past an item take
+/// several), for each gated activation
 /// option with separate halves (the gpt-oss one too, with its alpha), with E4M3 products (exact
 /// ones keep the activation kernel, as the interleaved layout and ungated activations do); I =
 /// 384 once (three scale tiles between the halves, and the padding of a partial segment of GEMM
@@ -556,7 +558,11 @@ fn gemm1_with_the_activation_in_its_epilogue_matches_the_reference() {
     cfgs.push(("I = 384", MoeRunnerConfig::new(8, 512, 384, 2)));
     for (name, cfg) in cfgs {
         eprintln!("{name}");
-        standard_layout_at(cfg.clone(), &[8, 40, 80, 160], Nvfp4Products::E4m3);
+        standard_layout_at(
+            cfg.clone(),
+            &[8, 40, 80, 160, 400, 640],
+            Nvfp4Products::E4m3,
+        );
     }
     // The masked layout: about 20 rows per expert (items of 48 rows), skewed.
     let cfg = MoeRunnerConfig::new(8, 512, 256, 2);

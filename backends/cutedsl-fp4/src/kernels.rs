@@ -34,8 +34,9 @@ pub const WG_MAX_ROWS: usize = 160;
 /// warpgroup keeps the tensor cores busier while the others widen codes and wait (its registers
 /// hold no wider sums). With exact products it takes every height.
 pub const WG3_MAX_ROWS_E4M3: usize = 96;
-/// The most rows an item of GEMM 1 with the activation in its epilogue takes (four consumer
-/// warpgroups at 112 registers: past this, ptxas serializes their wgmma).
+/// The most rows an item of GEMM 1 with the activation in its epilogue on four consumer
+/// warpgroups takes (at 112 registers: past this, ptxas serializes their wgmma); items taller
+/// than `WG3_MAX_ROWS_E4M3` take it on two (`act_epilogue`).
 pub const ACT_MAX_ROWS: usize = 64;
 /// The item heights at which GEMM 2 takes four consumer warpgroups (items of 256 weight rows,
 /// which divide H of DeepSeek-V3 and Qwen3, 7168 and 4096, where 192 leaves a third of the last
@@ -59,7 +60,7 @@ pub struct Gemm {
     /// wgmma kernel, the most it takes (each launch picks its own, a multiple of 16).
     pub rows: usize,
     /// Weight rows (output columns) of an item: 128 for mma.sync, 64 a consumer warpgroup for
-    /// wgmma (with `act`, 128 of each half of `w13`).
+    /// wgmma (with `act`, half of them from each half of `w13`).
     pub item_n: usize,
     /// GEMM 1 with the activation and its requantization in its epilogue (gemm.cu,
     /// `store_act_staged`): it writes GEMM 2's input instead of C.
@@ -74,6 +75,18 @@ pub struct Gemm {
     pub threads: usize,
     /// Blocks an SM holds.
     pub per_sm: usize,
+}
+
+impl Gemm {
+    /// The 128-row scale tiles a ring slot holds: those the item's rows touch, or with `act`
+    /// one for each half of `w13` (gemm.cu, `SF_TILES`).
+    fn sf_tiles(&self) -> usize {
+        if self.act {
+            2
+        } else {
+            scale_tiles(self.item_n)
+        }
+    }
 }
 
 /// One launch's choice: the variant, rows of an expert per item, ring slots and the dynamic
@@ -112,11 +125,11 @@ fn a_row_bytes(wg: bool, f8: bool) -> usize {
 }
 
 /// Dynamic shared memory of a ring: per slot the weight box (`item_n` rows of 128 bytes), a
-/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and the block scales (2048 bytes
-/// a 128-row tile), then a barrier pair per slot, and 1024 bytes to align the ring for the
-/// swizzle.
-fn ring_bytes(bm: usize, item_n: usize, stages: usize, a_row: usize) -> usize {
-    stages * (item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n)) + stages * 16 + 1024
+/// stage of `bm` rows of the GEMM input (`a_row` bytes each) and `sf_tiles` tiles of block
+/// scales (2048 bytes each), then a barrier pair per slot, and 1024 bytes to align the ring
+/// for the swizzle.
+fn ring_bytes(bm: usize, item_n: usize, stages: usize, a_row: usize, sf_tiles: usize) -> usize {
+    stages * (item_n * 128 + bm * a_row + 2048 * sf_tiles) + stages * 16 + 1024
 }
 
 /// The 128-row scale tiles an item of `item_n` weight rows touches (gemm.cu,
@@ -137,12 +150,12 @@ fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
 }
 
 /// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) by `item_n`
-/// weight rows that fits in shared memory, up to `most` slots (two at the tallest f16 items,
-/// three with E4M3 products).
-fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize) -> usize {
+/// weight rows (`sf_tiles` scale tiles) that fits in shared memory, up to `most` slots (two at
+/// the tallest f16 items, three with E4M3 products).
+fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize, sf_tiles: usize) -> usize {
     (1..=most)
         .rev()
-        .find(|&s| ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX)
+        .find(|&s| ring_bytes(bm, item_n, s, a_row, sf_tiles) <= SMEM_MAX)
         .unwrap_or(1)
 }
 
@@ -158,8 +171,9 @@ pub struct Fp4Kernels {
     /// to `WG3_MAX_ROWS_E4M3` rows an item, then two.
     pub wgmma_e4m3: [Gemm; 2],
     /// GEMM 1 with the activation in its epilogue, E4M3 products: for gated activations whose
-    /// gate and up are the halves of `w13` (not interleaved).
-    pub gemm1_act: Option<Gemm>,
+    /// gate and up are the halves of `w13` (not interleaved). Four consumer warpgroups (items
+    /// up to `ACT_MAX_ROWS`), then two (items past `WG3_MAX_ROWS_E4M3`).
+    pub gemm1_act: Option<[Gemm; 2]>,
     /// GEMM 2 with E4M3 products at items of 48 and 64 rows: four consumer warpgroups, items of
     /// 256 weight rows (`gemm2_for`).
     pub gemm2_wg4: Gemm,
@@ -258,7 +272,7 @@ impl Fp4Kernels {
                 let smem = if wg {
                     SMEM_MAX
                 } else {
-                    ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8))
+                    ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8), scale_tiles(item_n))
                 };
                 // Consumer warps (two, three or four warpgroups), then the producer: a warp, or a
                 // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
@@ -336,7 +350,10 @@ impl Fp4Kernels {
             // gemm.cu instantiates it for the activations of ACT < 5 (gated) unless
             // interleaved.
             gemm1_act: if act < 5 && gate_up != 2 {
-                Some(gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?)
+                Some([
+                    gemm(ACT_MAX_ROWS / 8, 4, 4, true, true, true)?,
+                    gemm(WG_MAX_ROWS / 8, 2, 4, true, true, true)?,
+                ])
             } else {
                 None
             },
@@ -368,7 +385,13 @@ impl Fp4Kernels {
                         gemm: g,
                         bm: g.rows,
                         stages: g.stages,
-                        smem: ring_bytes(g.rows, g.item_n, g.stages, a_row_bytes(false, false)),
+                        smem: ring_bytes(
+                            g.rows,
+                            g.item_n,
+                            g.stages,
+                            a_row_bytes(false, false),
+                            g.sf_tiles(),
+                        ),
                     };
                 }
                 &self.wgmma
@@ -380,7 +403,8 @@ impl Fp4Kernels {
     /// GEMM 1 with the activation and its requantization in its epilogue, where it applies
     /// (`act_epilogue`) beside `plan`, the plan `gemm_for` gave: same products, same items.
     pub fn gemm1_act_for(&self, plan: &GemmPlan<'_>, inter: usize) -> Option<GemmPlan<'_>> {
-        let g = self.gemm1_act.as_ref()?;
+        let [four, two] = self.gemm1_act.as_ref()?;
+        let g = if plan.bm <= ACT_MAX_ROWS { four } else { two };
         act_epilogue(plan.gemm.f8, plan.bm, inter).then(|| wgmma_plan(g, plan.bm))
     }
     /// GEMM 2's launch beside `plan`, the plan `gemm_for` gave (same products, same items), and
@@ -415,26 +439,27 @@ fn gemm2_wg4(wg: bool, bm: usize) -> bool {
 
 /// Whether GEMM 1 of a gated activation whose gate and up are the halves of `w13` takes the
 /// activation in its epilogue: with E4M3 products (`f8`), items up to `ACT_MAX_ROWS` rows
-/// (`bm`), and an intermediate size `inter` that is a multiple of 128, so that the rows an item
-/// takes of each half of `w13` lie in one scale tile. Then the activation kernel is not
+/// (`bm`, four consumer warpgroups) or taller than `WG3_MAX_ROWS_E4M3` (two), and an
+/// intermediate size `inter` that is a multiple of 128, so that the rows an item takes of each
+/// half of `w13` lie in one scale tile. Then the activation kernel is not
 /// launched and C of GEMM 1 is never written: at decode that kernel and C's round trip are a
 /// few percent of a pass that otherwise streams the weights at the copy rate (H100, DeepSeek-V3
 /// shapes: 16 rows 1489 to 1446 us, 32 rows 1556 to 1519 us for GEMM 1 and the activation).
 /// Exact products keep the activation kernel: their four-warpgroup GEMM 1 measured slower than
 /// the three-warpgroup one and the activation kernel together (32 rows: 1595 against 1577 us).
 fn act_epilogue(f8: bool, bm: usize, inter: usize) -> bool {
-    f8 && bm <= ACT_MAX_ROWS && inter.is_multiple_of(128)
+    f8 && (bm <= ACT_MAX_ROWS || bm > WG3_MAX_ROWS_E4M3) && inter.is_multiple_of(128)
 }
 
 /// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
 fn wgmma_plan(g: &Gemm, bm: usize) -> GemmPlan<'_> {
     let a_row = a_row_bytes(true, g.f8);
-    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row);
+    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row, g.sf_tiles());
     GemmPlan {
         gemm: g,
         bm,
         stages,
-        smem: ring_bytes(bm, g.item_n, stages, a_row),
+        smem: ring_bytes(bm, g.item_n, stages, a_row, g.sf_tiles()),
     }
 }
 
@@ -511,10 +536,10 @@ mod tests {
     }
 
     #[test]
-    fn gemm_1_takes_the_activation_at_decode_sizes_with_whole_scale_tiles() {
+    fn gemm_1_takes_the_activation_on_items_it_fits_with_whole_scale_tiles() {
         // With E4M3 products, DeepSeek-V3 (I = 2048) and the GPU test's layer (I = 256):
         // items of the expected rows and three deviations take it up to about 40 rows per
-        // expert.
+        // expert (four consumer warpgroups) and from about 70 (two).
         for inter in [2048, 256] {
             for expected in 1..=40 {
                 let bm = wgmma_item_rows(expected, 100_000);
@@ -525,18 +550,24 @@ mod tests {
                 // Exact products keep the activation kernel.
                 assert!(!act_epilogue(false, bm, inter));
             }
-            for expected in [50, 64, 128] {
+            // Items of 65 to 96 rows (three consumer warpgroups) keep the activation kernel;
+            // taller ones take it on two.
+            for expected in [50, 64] {
                 assert!(!act_epilogue(
                     true,
                     wgmma_item_rows(expected, 100_000),
                     inter
                 ));
             }
+            for expected in [80, 128] {
+                let bm = wgmma_item_rows(expected, 100_000);
+                assert!(bm > WG3_MAX_ROWS_E4M3 && act_epilogue(true, bm, inter));
+            }
         }
         // The GPU test's runs (gemm1_with_the_activation_in_its_epilogue_matches_the_reference):
         // 8 experts, top-2, the standard layout's cap of M rows, I = 256 and 384.
         for inter in [256, 384] {
-            for m in [8usize, 40, 80, 160] {
+            for m in [8usize, 40, 80, 160, 400, 640] {
                 let bm = wgmma_item_rows((2 * m).div_ceil(8), m);
                 assert!(act_epilogue(true, bm, inter), "I {inter} M {m}: bm {bm}");
             }
@@ -575,19 +606,24 @@ mod tests {
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            // Items of 128, 192 and 256 weight rows (the last GEMM 1 with the activation).
-            for (item_n, most_rows) in [(128, WG_MAX_ROWS), (192, WG_MAX_ROWS), (256, ACT_MAX_ROWS)]
-            {
+            // Items of 128, 192 and 256 weight rows, and GEMM 1 with the activation (a scale
+            // tile for each half of `w13`) at 128 and 256.
+            for (item_n, most_rows, sf) in [
+                (128, WG_MAX_ROWS, 1),
+                (192, WG_MAX_ROWS, 2),
+                (128, WG_MAX_ROWS, 2),
+                (256, ACT_MAX_ROWS, 2),
+            ] {
                 for bm in (16..=most_rows).step_by(16) {
-                    let s = wgmma_stages(bm, item_n, 4, a_row);
+                    let s = wgmma_stages(bm, item_n, 4, a_row, sf);
                     // E4M3 rows take half the bytes: at least three slots at the tallest items.
                     let least = if f8 { 3 } else { 2 };
                     assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
-                    assert!(ring_bytes(bm, item_n, s, a_row) <= SMEM_MAX);
-                    assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row) > SMEM_MAX);
+                    assert!(ring_bytes(bm, item_n, s, a_row, sf) <= SMEM_MAX);
+                    assert!(s == 4 || ring_bytes(bm, item_n, s + 1, a_row, sf) > SMEM_MAX);
                     // A slot holds the staged C tile: bm rows of the item's columns as 16-bit
                     // values, padded by 16 bytes (gemm.cu, c_pitch).
-                    let slot = item_n * 128 + bm * a_row + 2048 * scale_tiles(item_n);
+                    let slot = item_n * 128 + bm * a_row + 2048 * sf;
                     assert!(bm * (2 * item_n + 16) <= slot, "bm {bm} item_n {item_n}");
                 }
             }

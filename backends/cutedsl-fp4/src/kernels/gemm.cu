@@ -97,10 +97,11 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // A wgmma kernel's epilogue: C stored lane by lane (EPI_LANES); through shared memory
 // (EPI_STAGED, store_c_staged); or, for GEMM 1 of a gated activation whose gate and up are the
 // halves of W, through shared memory into the activation and its requantization, written as
-// GEMM 2's input instead of C (EPI_ACT, store_act_staged). An EPI_ACT item is 128 rows of each
-// half (four consumer warpgroups): n0.. n0 + 127 of the first, N / 2 + n0.. of the second, so
-// that it holds 128 whole columns of the activation's output, and each half's rows lie in one
-// 128-row scale tile when N / 2 is a multiple of 128 (the runner takes it only then). (Ranges
+// GEMM 2's input instead of C (EPI_ACT, store_act_staged). An EPI_ACT item is 32 CG rows of each
+// half (128 with four consumer warpgroups, 64 with two): n0.. n0 + 32 CG - 1 of the first,
+// N / 2 + n0.. of the second, so that it holds 32 CG whole columns of the activation's output,
+// and each half's rows lie in one 128-row scale tile when N / 2 is a multiple of 128 (the
+// runner takes it only then). (Ranges
 // of 96 rows, the earlier form with three warpgroups, straddled tiles: up to four a stage, and
 // GEMM 1 read 5% to 16% more from DRAM.)
 #define EPI_LANES 0
@@ -377,25 +378,26 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
-// GEMM 1's epilogue with the activation (EPI_ACT): the staged tile's columns 0.. 127 are the
-// item's rows of the first half of W, 128.. 255 the same rows of the second. A task is one of
-// the item's rows by one 16-value block of the activation's output: the activation and its
+// GEMM 1's epilogue with the activation (EPI_ACT): the staged tile's first 32 CG columns are the
+// item's rows of the first half of W, the next 32 CG the same rows of the second. A task is one
+// of the item's rows by one 16-value block of the activation's output: the activation and its
 // requantization into GEMM 2's input, as the activation kernel does them from the same bf16
 // values (act_quant_block), so the two agree bit for bit. C itself is never written.
-template <int NT>
+template <int NT, int CG>
 __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4],
                                                  u8* tile, int warp, int lane) {
-    constexpr int CONS = 512, C_PITCH = c_pitch<4>(), BLOCKS = 8;  // output blocks of an item row
+    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), HALF = 32 * CG;
+    constexpr int BLOCKS = HALF / 16;  // output blocks of an item row
     const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
     const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
     const int kb = p.N / 32;  // blocks of an output row (N / 2 values)
     const long long pitch = row_bytes(p.N / 2, p.act_layout);
     const float gs = p.act_gs[it.e];
-    stage_c<NT, 4>(p, it, acc, tile, warp, lane);
+    stage_c<NT, CG>(p, it, acc, tile, warp, lane);
     for (int i = warp * 32 + lane; i < rows * BLOCKS; i += CONS) {
         const int m = i / BLOCKS, b = i % BLOCKS;
         const u16* first = (const u16*)(tile + m * C_PITCH) + 16 * b;
-        act_quant_block(first, first + 128, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
+        act_quant_block(first, first + HALF, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
                         kb, p.act_layout);
     }
     // A GEMM 2 that starts early reads these rows by TMA (the async proxy) once the producer has
@@ -443,10 +445,14 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             w[q][0] = a.x, w[q][1] = a.y, w[q][2] = a.z, w[q][3] = a.w;
             w[q][4] = b.x, w[q][5] = b.y, w[q][6] = b.z, w[q][7] = b.w;
             // The row's 128-row scale tile, counted from the item's first (items of 192
-            // weight rows start halfway into one every other time).
+            // weight rows start halfway into one every other time). With EPI_ACT, each half's
+            // rows lie in a tile of their own, copied one after the other: the first half's
+            // from row n0 % 128 of it (64-row halves start on multiples of 64).
+            constexpr int HALF_LOG = CG == 4 ? 7 : 6;  // EPI_ACT: log2 of a half's rows
             constexpr bool ALIGNED = item_rows<WG, CG>() % 128 == 0;
             const int at = ALIGNED ? row : it.n0 + row;
-            const int rr = at & 127, tile = (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
+            const int rr = EPI == EPI_ACT ? (HALF_LOG == 7 ? 0 : it.n0 & 127) + (row & ((1 << HALF_LOG) - 1)) : at & 127;
+            const int tile = EPI == EPI_ACT ? row >> HALF_LOG : (at >> 7) - (ALIGNED ? 0 : it.n0 >> 7);
             const u8* sc = base + W_BYTES + rg.a_boxes * rg.a_box + tile * S_BYTES + t * 512;
             const u32 s4 = live && it.n0 + row < p.N ? *(const u32*)(sc + (rr & 31) * 16 + (rr >> 5) * 4) : 0u;
             e4m3x4_to_f16x2x2(s4, sl[q][0], sl[q][1]);
@@ -555,7 +561,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
         if constexpr (EPI == EPI_ACT)
-            store_act_staged<NT>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
+            store_act_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
         else
             store_c_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
         mbar_arrive(rg.empty + slot);
@@ -608,13 +614,14 @@ template <int NT, int STAGES, bool WG, bool F8, int EPI, int CG>
 __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map, const TmaMap* a_map,
                                          const ShortBoxes* a_short) {
     static_assert(WG || (!F8 && CG == 2), "E4M3 products and three warpgroups run in the wgmma kernel");
-    static_assert(EPI != EPI_ACT || CG == 4, "the activation epilogue runs on four consumer warpgroups");
+    static_assert(EPI != EPI_ACT || CG == 2 || CG == 4, "the activation epilogue runs on two or four warpgroups");
     static_assert(EPI != EPI_ACT || F8, "the activation epilogue takes E4M3 products");
     constexpr int CONS = 128 * CG;                     // consumer threads
     constexpr int ITEM_N = item_rows<WG, CG>();        // weight rows (output columns) of an item
     constexpr int W_BYTES = ITEM_N * 128;              // the weight box: ITEM_N rows x 128 bytes
-    constexpr int SF_TILES = item_scale_tiles<ITEM_N>();
-    // Items step over N by their weight rows, or with EPI_ACT over each half of W by 128.
+    // With EPI_ACT, a scale tile for each half's rows.
+    constexpr int SF_TILES = EPI == EPI_ACT ? 2 : item_scale_tiles<ITEM_N>();
+    // Items step over N by their weight rows, or with EPI_ACT over each half of W by 32 CG.
     constexpr int STEP = EPI == EPI_ACT ? ITEM_N / 2 : ITEM_N;
     const int bm = WG ? p.bm : 8 * NT;
     extern __shared__ u8 smem_raw[];
@@ -795,4 +802,6 @@ FP4_GEMM(fp4_wgmma4_staged, 0, 0, true, false, EPI_STAGED, 4)
 // three-warpgroup GEMM 1 and the activation kernel together.
 #if ACT < 5 && GATE_UP != 2
 FP4_GEMM(fp4_wgmma4_f8_act, 0, 0, true, true, EPI_ACT, 4)
+// The same on two consumer warpgroups, for items taller than 96 rows (kernels.rs, act_epilogue).
+FP4_GEMM(fp4_wgmma_f8_act, 0, 0, true, true, EPI_ACT, 2)
 #endif
