@@ -272,7 +272,13 @@ impl Fp4Kernels {
                 let smem = if wg {
                     SMEM_MAX
                 } else {
-                    ring_bytes(8 * nt, item_n, stages, a_row_bytes(wg, f8), scale_tiles(item_n))
+                    ring_bytes(
+                        8 * nt,
+                        item_n,
+                        stages,
+                        a_row_bytes(wg, f8),
+                        scale_tiles(item_n),
+                    )
                 };
                 // Consumer warps (two, three or four warpgroups), then the producer: a warp, or a
                 // warpgroup whose registers go to the consumers (gemm.cu, `reg_handoff`).
