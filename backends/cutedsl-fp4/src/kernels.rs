@@ -181,6 +181,8 @@ pub struct Fp4Kernels {
     pub gemm2_wg4_exact: Gemm,
     pub act_quant: CudaFunction,
     pub route: CudaFunction,
+    pub route_count: CudaFunction,
+    pub route_rows: CudaFunction,
     pub combine: CudaFunction,
 }
 
@@ -367,6 +369,8 @@ impl Fp4Kernels {
             gemm2_wg4_exact: gemm(ACT_MAX_ROWS / 8, 4, 4, true, false, false)?,
             act_quant: load("fp4_act_quant")?,
             route: load("fp4_route")?,
+            route_count: load("fp4_route_count")?,
+            route_rows: load("fp4_route_rows")?,
             combine: load("fp4_combine")?,
         })
     }

@@ -37,6 +37,13 @@ use crate::RUNNER;
 /// its ring one slot shorter while C is written. A kernel that also held the staged path
 /// measured 1% to 3% slower at decode, so it is a separate instantiation.
 const STAGED_MAX_K: usize = 2048;
+/// The standard layout's routing over several blocks (route.cu, `fp4_route_count` and
+/// `fp4_route_rows`): at most this many, each taking at least `ROUTE_MIN_PICKS` picks; fewer
+/// picks take the one-block `fp4_route`, which saves a launch.
+const ROUTE_BLOCKS: usize = 64;
+const ROUTE_MIN_PICKS: usize = 512;
+/// Threads of a routing block (route.cu, `ROUTE_THREADS`).
+const ROUTE_THREADS: usize = 256;
 
 /// Device buffers of one forward pass, sized for the largest batch seen, then reused.
 struct Workspace {
@@ -62,6 +69,9 @@ struct Workspace {
     done: Tensor,
     src: Tensor,
     slot_of: Tensor,
+    /// `[ROUTE_BLOCKS, E] i32`: each routing block's picks per expert (route.cu,
+    /// `fp4_route_count`).
+    route_hist: Tensor,
     /// Bit 0: an expert count outside 0..=rows per expert.
     status: Tensor,
 }
@@ -320,6 +330,7 @@ impl Fp4Runner {
             done: z(1 + rows.div_ceil(16) + e, DType::I32)?,
             src: z(if picks > 0 { rows } else { 0 }, DType::I32)?,
             slot_of: z(picks, DType::I32)?,
+            route_hist: z(if picks > 0 { ROUTE_BLOCKS * e } else { 0 }, DType::I32)?,
             status: z(1, DType::I32)?,
         });
         tracing::debug!(rows, picks, "cutedsl_fp4 workspace sized");
@@ -729,23 +740,38 @@ impl Fp4Runner {
             ws.slot_of.cuda_ptr()?,
         );
         let (picks_i, k_i, e_i) = (picks as i32, k as i32, e as i32);
-        launch(
-            &self.dev,
-            &self.kernels.route,
-            1,
-            1024,
-            2 * e * 4,
-            &[
-                &topk.ids.cuda_ptr()?,
-                &picks_i,
-                &k_i,
-                &e_i,
-                &counts,
-                &row0,
-                &src,
-                &slot_of,
-            ],
-        )?;
+        let ids = topk.ids.cuda_ptr()?;
+        let blocks = picks.div_ceil(ROUTE_MIN_PICKS).min(ROUTE_BLOCKS);
+        if blocks == 1 {
+            launch(
+                &self.dev,
+                &self.kernels.route,
+                1,
+                1024,
+                2 * e * 4,
+                &[&ids, &picks_i, &k_i, &e_i, &counts, &row0, &src, &slot_of],
+            )?;
+        } else {
+            let hist = ws.route_hist.cuda_ptr()?;
+            launch(
+                &self.dev,
+                &self.kernels.route_count,
+                blocks,
+                ROUTE_THREADS,
+                e * 4,
+                &[&ids, &picks_i, &e_i, &hist],
+            )?;
+            launch(
+                &self.dev,
+                &self.kernels.route_rows,
+                blocks,
+                ROUTE_THREADS,
+                (2 * e + 32) * 4,
+                &[
+                    &ids, &picks_i, &k_i, &e_i, &hist, &counts, &row0, &src, &slot_of,
+                ],
+            )?;
+        }
         let rows = Rows {
             counts,
             row0,

@@ -1,7 +1,8 @@
 // The standard layout's pre-permute (each expert's rows, before rows.cu and gemm.cu) and
 // post-permute (the top-k sum after GEMM 2).
 //
-// The standard path's pre-permute, in one block: counts per local expert (ids outside 0..E are
+// The standard path's pre-permute, in one block (few picks; fp4_route_count and fp4_route_rows
+// below spread many over several): counts per local expert (ids outside 0..E are
 // not computed here), their starts, and for each (token, pick) its row: src[row] = token,
 // slot_of[t * K + k] = row (or -1). Rows within an expert follow no particular order; each is
 // computed independently, so the results do not depend on it. Each thread loads ROUTE_BATCH ids
@@ -69,6 +70,99 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
             }
             slot_of[p] = row;
         }
+    }
+}
+
+// The same over several blocks, for many picks (runner.rs, ROUTE_MIN_PICKS): one block is bound
+// by the latency of its loads and atomics (H100, 32768 picks: 42 us). Block b of either kernel
+// takes the b-th of gridDim.x equal runs of the picks (the same runs in both). fp4_route_count
+// counts its run's picks per expert into hist[b * E + e]; fp4_route_rows sums those counts
+// into each expert's count and start (block 0 writes them), starts its own rows of expert e
+// past those of the blocks before it, and gives its picks their rows as fp4_route does.
+#define ROUTE_THREADS 256
+__device__ __forceinline__ void route_run(int picks, int& p0, int& p1) {
+    const int run = (picks + gridDim.x - 1) / gridDim.x;
+    p0 = min(blockIdx.x * run, picks);
+    p1 = min(p0 + run, picks);
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) fp4_route_count(
+    const int* __restrict__ ids, int picks, int E, int* __restrict__ hist) {
+    extern __shared__ int cnt[];  // [E]
+    for (int e = threadIdx.x; e < E; e += blockDim.x) cnt[e] = 0;
+    __syncthreads();
+    int p0, p1;
+    route_run(picks, p0, p1);
+    for (int p = p0 + threadIdx.x; p < p1; p += blockDim.x) {
+        const int id = ids[p];
+        if (id >= 0 && id < E) atomicAdd(&cnt[id], 1);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < E; e += blockDim.x) hist[blockIdx.x * E + e] = cnt[e];
+}
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) fp4_route_rows(
+    const int* __restrict__ ids, int picks, int K, int E, const int* __restrict__ hist, int* __restrict__ counts,
+    int* __restrict__ row0, int* __restrict__ src, int* __restrict__ slot_of) {
+    extern __shared__ int cur[];  // [E] this block's next row of each expert, [E] counts, [32] warp sums
+    int* total = cur + E;
+    int* warp_sum = total + E;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nb = gridDim.x;
+    // Each thread a run of experts: their counts, and the rows the blocks before this one take.
+    const int per = (E + ROUTE_THREADS - 1) / ROUTE_THREADS, e0 = min(tid * per, E), e1 = min(e0 + per, E);
+    int own = 0;
+    for (int e = e0; e < e1; ++e) {
+        int tot = 0, before = 0;
+#pragma unroll 8
+        for (int b = 0; b < nb; ++b) {
+            const int c = hist[b * E + e];
+            tot += c;
+            before += b < (int)blockIdx.x ? c : 0;
+        }
+        total[e] = tot;
+        cur[e] = before;
+        own += tot;
+    }
+    // The experts' starts: an exclusive scan of the runs' sums, within each warp, then of the
+    // warps' sums by the first warp.
+    int x = own;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sum[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < ROUTE_THREADS / 32 ? warp_sum[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        if (lane < ROUTE_THREADS / 32) warp_sum[lane] = w;
+    }
+    __syncthreads();
+    int start = x - own + (warp > 0 ? warp_sum[warp - 1] : 0);
+    for (int e = e0; e < e1; ++e) {
+        if (blockIdx.x == 0) {
+            counts[e] = total[e];
+            row0[e] = start;
+        }
+        cur[e] += start;
+        start += total[e];
+    }
+    __syncthreads();
+    int p0, p1;
+    route_run(picks, p0, p1);
+    for (int p = p0 + tid; p < p1; p += blockDim.x) {
+        const int id = ids[p];
+        int row = -1;
+        if (id >= 0 && id < E) {
+            row = atomicAdd(&cur[id], 1);
+            src[row] = p / K;
+        }
+        slot_of[p] = row;
     }
 }
 
