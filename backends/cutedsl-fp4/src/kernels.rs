@@ -87,6 +87,17 @@ impl Gemm {
             scale_tiles(self.item_n)
         }
     }
+
+    /// Shared memory past the ring at items of `bm` rows: with the activation on two consumer
+    /// warpgroups, its C buffer (gemm.cu, `act_defer`), `bm` rows of 272 bytes after two
+    /// barriers.
+    fn c_buffer(&self, bm: usize) -> usize {
+        if self.act && self.item_n == 128 {
+            16 + bm * (2 * self.item_n + 16)
+        } else {
+            0
+        }
+    }
 }
 
 /// One launch's choice: the variant, rows of an expert per item, ring slots and the dynamic
@@ -150,12 +161,19 @@ fn wgmma_item_rows(expected: usize, cap: usize) -> usize {
 }
 
 /// The deepest ring of items of `bm` rows (`a_row` bytes of input each a stage) by `item_n`
-/// weight rows (`sf_tiles` scale tiles) that fits in shared memory, up to `most` slots (two at
-/// the tallest f16 items, three with E4M3 products).
-fn wgmma_stages(bm: usize, item_n: usize, most: usize, a_row: usize, sf_tiles: usize) -> usize {
+/// weight rows (`sf_tiles` scale tiles) that fits in shared memory beside `extra` bytes, up to
+/// `most` slots (two at the tallest f16 items, three with E4M3 products).
+fn wgmma_stages(
+    bm: usize,
+    item_n: usize,
+    most: usize,
+    a_row: usize,
+    sf_tiles: usize,
+    extra: usize,
+) -> usize {
     (1..=most)
         .rev()
-        .find(|&s| ring_bytes(bm, item_n, s, a_row, sf_tiles) <= SMEM_MAX)
+        .find(|&s| ring_bytes(bm, item_n, s, a_row, sf_tiles) + extra <= SMEM_MAX)
         .unwrap_or(1)
 }
 
@@ -464,12 +482,13 @@ fn act_epilogue(f8: bool, bm: usize, inter: usize) -> bool {
 /// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
 fn wgmma_plan(g: &Gemm, bm: usize) -> GemmPlan<'_> {
     let a_row = a_row_bytes(true, g.f8);
-    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row, g.sf_tiles());
+    let extra = g.c_buffer(bm);
+    let stages = wgmma_stages(bm, g.item_n, g.stages, a_row, g.sf_tiles(), extra);
     GemmPlan {
         gemm: g,
         bm,
         stages,
-        smem: ring_bytes(bm, g.item_n, stages, a_row, g.sf_tiles()),
+        smem: ring_bytes(bm, g.item_n, stages, a_row, g.sf_tiles()) + extra,
     }
 }
 
@@ -625,7 +644,7 @@ mod tests {
                 (256, ACT_MAX_ROWS, 2),
             ] {
                 for bm in (16..=most_rows).step_by(16) {
-                    let s = wgmma_stages(bm, item_n, 4, a_row, sf);
+                    let s = wgmma_stages(bm, item_n, 4, a_row, sf, 0);
                     // E4M3 rows take half the bytes: at least three slots at the tallest items.
                     let least = if f8 { 3 } else { 2 };
                     assert!((least..=4).contains(&s), "bm {bm} f8 {f8}: {s} stages");
@@ -637,6 +656,15 @@ mod tests {
                     assert!(bm * (2 * item_n + 16) <= slot, "bm {bm} item_n {item_n}");
                 }
             }
+        }
+        // GEMM 1 with the activation on two consumer warpgroups (E4M3 products, items past 96
+        // rows): three slots beside its C buffer of bm rows of 272 bytes.
+        let a_row = a_row_bytes(true, true);
+        for bm in (WG3_MAX_ROWS_E4M3 + 16..=WG_MAX_ROWS).step_by(16) {
+            let extra = 16 + bm * 272;
+            let s = wgmma_stages(bm, 128, 4, a_row, 2, extra);
+            assert!((3..=4).contains(&s), "bm {bm}: {s} stages");
+            assert!(ring_bytes(bm, 128, s, a_row, 2) + extra <= SMEM_MAX);
         }
     }
 }

@@ -79,13 +79,20 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // at items of 48 and 64 rows), 24 for the producers and 112 for the consumers (61440 registers,
 // 640 threads: five warps an SM sub-partition). (A producer warp alone would leave each consumer
 // 96: 17 warps put five on one sub-partition.)
+// GEMM 1 with the activation on two consumer warpgroups (EPI_ACT at items taller than 96 rows)
+// hands its epilogue to three warps of the producer warpgroup (act_defer), which take 56
+// registers, and its consumers 224 (64512 registers).
 template <bool F8, int CG>
 __device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
 template <bool F8, int CG>
 __device__ constexpr int gemm_threads() { return 128 * CG + (reg_handoff<F8, CG>() ? 128 : 32); }
-__device__ constexpr int producer_regs() { return 24; }
-template <int CG>
-__device__ constexpr int consumer_regs() { return CG == 2 ? 240 : CG == 3 ? 160 : 112; }
+#define EPI_ACT 2
+template <int EPI, int CG>
+__device__ constexpr bool act_defer() { return EPI == EPI_ACT && CG == 2; }
+template <int EPI, int CG>
+__device__ constexpr int producer_regs() { return act_defer<EPI, CG>() ? 56 : 24; }
+template <int EPI, int CG>
+__device__ constexpr int consumer_regs() { return CG == 2 ? (act_defer<EPI, CG>() ? 224 : 240) : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
 // wgmma (with EPI_ACT, 128 of each half of W).
 template <bool WG, int CG>
@@ -104,9 +111,17 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // runner takes it only then). (Ranges
 // of 96 rows, the earlier form with three warpgroups, straddled tiles: up to four a stage, and
 // GEMM 1 read 5% to 16% more from DRAM.)
+// EPI_ACT on two consumer warpgroups (items taller than 96 rows, act_defer): the activation and
+// its requantization take a few microseconds an item, during which the consumers' tensor cores
+// would idle (H100, DeepSeek-V3 shapes, 128 rows per expert: GEMM 1 2370 us with them in the
+// consumers' epilogue, against 2185 us without the activation and 139 us for the activation
+// kernel). So the consumers only stage their C tile into a buffer of its own and go on with the
+// next item, while ACT_WARPS warps of the producer warpgroup, which otherwise only issue
+// copies, apply the activation to it (act_warps). Two barriers hand the buffer over: full once
+// every consumer has written its part, empty once those warps have read it.
 #define EPI_LANES 0
 #define EPI_STAGED 1
-#define EPI_ACT 2
+#define ACT_WARPS 3
 #define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
 // Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):
 // 128 columns, 192 registers of sums, in the 240 a consumer thread of two warpgroups gets
@@ -114,6 +129,7 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // 2180 us against 2208 to 2212 with 96 columns at 232 registers, GEMM 2 1216 to 1218 against
 // 1228 to 1229). With three consumer warpgroups (160 registers a thread), 48 columns.
 #define F8_OVERLAP_NT 16
+#define F8_OVERLAP_NT_DEFER 14
 #define F8_OVERLAP_NT3 6
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
@@ -315,6 +331,10 @@ struct Ring {
     u64* full;
     u64* empty;
     int stage, a_box, a_boxes, stages;
+    // With act_defer: the C buffer's full and empty barriers, and the buffer (bm rows of
+    // c_pitch bytes) after them.
+    u64* c_bar;
+    u8* c_buf;
 };
 
 // The consumer warps' own barrier (the producer never joins it): CONS threads.
@@ -340,17 +360,13 @@ __device__ __forceinline__ u32 act_pair(float lo, float hi) {
 template <int CG>
 __device__ constexpr int c_pitch() { return 128 * CG + 16; }
 
-// The wgmma kernels' C through shared memory: each warp's accumulators (its 16 weight rows by the
-// item's 8 NT rows), times alpha and rounded to the activation dtype, go by transposed stmatrix
-// into `tile`, the ring slot of the item's last stage, which the consumers hold until then: row
-// m of the tile is the item's row m, its columns the item's weight rows.
+// A warp's accumulators (its 16 weight rows by the item's 8 NT rows), times `al` (the expert's
+// alpha times 64: the widened codes are values times 2^-6) and rounded to the activation dtype,
+// by transposed stmatrix into `tile`: row m of the tile is the item's row m, its columns the
+// item's weight rows.
 template <int NT, int CG>
-__device__ __forceinline__ void stage_c(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
-                                        int warp, int lane) {
-    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>();
-    const float al = p.alpha[it.e] * 64.0f;  // the widened codes are values times 2^-6
-    // Every warp's products have read the slot (each warpgroup waited for its own).
-    consumers_sync<CONS>();
+__device__ __forceinline__ void stmatrix_c(float al, const float (&acc)[NT][4], u8* tile, int warp, int lane) {
+    constexpr int C_PITCH = c_pitch<CG>();
     const int mi = lane >> 3, tau = lane & 7;
     const u32 addr = smem_addr(tile) + (u32)((8 * (mi >> 1) + tau) * C_PITCH + (warp * 16 + 8 * (mi & 1)) * 2);
 #pragma unroll
@@ -358,6 +374,18 @@ __device__ __forceinline__ void stage_c(const GemmArgs& p, const GemmItem& it, c
         stmatrix_x4_trans(addr + 8 * j * C_PITCH, act_pair(acc[j][0] * al, acc[j][1] * al),
                           act_pair(acc[j][2] * al, acc[j][3] * al), act_pair(acc[j + 1][0] * al, acc[j + 1][1] * al),
                           act_pair(acc[j + 1][2] * al, acc[j + 1][3] * al));
+}
+
+// The wgmma kernels' C through shared memory (stmatrix_c) into `tile`, the ring slot of the
+// item's last stage, which the consumers hold until then.
+template <int NT, int CG>
+__device__ __forceinline__ void stage_c(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
+                                        int warp, int lane) {
+    constexpr int CONS = 128 * CG;
+    const float al = p.alpha[it.e] * 64.0f;
+    // Every warp's products have read the slot (each warpgroup waited for its own).
+    consumers_sync<CONS>();
+    stmatrix_c<NT, CG>(al, acc, tile, warp, lane);
     consumers_sync<CONS>();
 }
 
@@ -382,24 +410,35 @@ __device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem
 // item's rows of the first half of W, the next 32 CG the same rows of the second. A task is one
 // of the item's rows by one 16-value block of the activation's output: the activation and its
 // requantization into GEMM 2's input, as the activation kernel does them from the same bf16
-// values (act_quant_block), so the two agree bit for bit. C itself is never written.
+// values (act_quant_block), so the two agree bit for bit. C itself is never written. The tasks
+// of `rows` rows of `tile`, thread `first` of `step` taking every step-th; `base`, `pitch` and
+// `gs`: the item's first row of GEMM 2's input, its rows' bytes and its expert's global scale.
+template <int CG>
+__device__ __forceinline__ void act_rows(const GemmArgs& p, const GemmItem& it, const u8* tile, int rows,
+                                         long long base, long long pitch, float gs, int first, int step) {
+    constexpr int C_PITCH = c_pitch<CG>(), HALF = 32 * CG;
+    constexpr int BLOCKS = HALF / 16;  // output blocks of an item row
+    const int kb = p.N / 32;           // blocks of an output row (N / 2 values)
+    for (int i = first; i < rows * BLOCKS; i += step) {
+        const int m = i / BLOCKS, b = i % BLOCKS;
+        const u16* x = (const u16*)(tile + m * C_PITCH) + 16 * b;
+        act_quant_block(x, x + HALF, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b, kb,
+                        p.act_layout);
+    }
+}
+
+// EPI_ACT in the consumers (four warpgroups): C staged into the slot of the item's last stage,
+// then act_rows by every consumer thread.
 template <int NT, int CG>
 __device__ __forceinline__ void store_act_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4],
                                                  u8* tile, int warp, int lane) {
-    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), HALF = 32 * CG;
-    constexpr int BLOCKS = HALF / 16;  // output blocks of an item row
+    constexpr int CONS = 128 * CG;
     const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
     const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
-    const int kb = p.N / 32;  // blocks of an output row (N / 2 values)
     const long long pitch = row_bytes(p.N / 2, p.act_layout);
     const float gs = p.act_gs[it.e];
     stage_c<NT, CG>(p, it, acc, tile, warp, lane);
-    for (int i = warp * 32 + lane; i < rows * BLOCKS; i += CONS) {
-        const int m = i / BLOCKS, b = i % BLOCKS;
-        const u16* first = (const u16*)(tile + m * C_PITCH) + 16 * b;
-        act_quant_block(first, first + HALF, p.act_limit, p.act_alpha, gs, p.act + (base + m) * pitch, it.n0 / 16 + b,
-                        kb, p.act_layout);
-    }
+    act_rows<CG>(p, it, tile, rows, base, pitch, gs, warp * 32 + lane, CONS);
     // A GEMM 2 that starts early reads these rows by TMA (the async proxy) once the producer has
     // counted the item (count_done): each writer orders its generic-proxy stores before that.
     if (p.done) asm volatile("fence.proxy.async.global;" ::: "memory");
@@ -426,6 +465,9 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     // A staged epilogue keeps the last stage's slot for C (stage_c).
     constexpr bool STAGED = EPI != EPI_LANES;
     static_assert(WG || !STAGED, "C goes through shared memory in the wgmma kernels only");
+    // With act_defer, C goes to a buffer of its own, and the last stage's slot is released as
+    // every other.
+    constexpr bool DEFER = act_defer<EPI, CG>(), HOLD = STAGED && !DEFER;
     for (int st = 0; st < stages; ++st, ++n) {
         const int slot = n % slots;
         mbar_wait(rg.full + slot, (n / slots) & 1);
@@ -469,7 +511,8 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // empties the tensor cores' queue. (Leaving the second group running into the next
             // stage too makes ptxas serialize every wgmma: it cannot tell which products still
             // run when their sums are read across the loop.)
-            constexpr bool OVERLAP = NT <= (CG == 2 ? F8_OVERLAP_NT : CG == 3 ? F8_OVERLAP_NT3 : 0);
+            constexpr bool OVERLAP =
+                NT <= (CG == 2 ? (DEFER ? F8_OVERLAP_NT_DEFER : F8_OVERLAP_NT) : CG == 3 ? F8_OVERLAP_NT3 : 0);
             float part[OVERLAP ? 2 : 1][NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -507,7 +550,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
                 for (int i = 0; i < NT * 4; ++i) (&acc[0][0])[i] += part[0][i];
             }
             wgmma_wait<0>();
-            if (!(STAGED && st == stages - 1)) mbar_arrive(rg.empty + slot);
+            if (!(HOLD && st == stages - 1)) mbar_arrive(rg.empty + slot);
 #pragma unroll
             for (int i = 0; i < NT * 4; ++i) (&acc[0][0])[i] += part[OVERLAP ? 1 : 0][i];
         } else if constexpr (WG) {
@@ -537,7 +580,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // (Products left running into the next stage make ptxas serialize every wgmma: it
             // does not follow pending products across the loop.)
             wgmma_wait<0>();
-            if (!(STAGED && st == stages - 1)) mbar_arrive(rg.empty + slot);
+            if (!(HOLD && st == stages - 1)) mbar_arrive(rg.empty + slot);
         } else {
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -558,7 +601,16 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             mbar_arrive(rg.empty + slot);
         }
     }
-    if constexpr (STAGED) {
+    if constexpr (DEFER) {
+        // This block's item j = n / stages - 1 (each takes `stages` slots) into the C buffer,
+        // once the activation warps have read item j - 1 from it.
+        const float al = p.alpha[it.e] * 64.0f;
+        const u32 j = n / stages - 1;
+        if (j > 0) mbar_wait(rg.c_bar + 1, (j - 1) & 1);
+        stmatrix_c<NT, CG>(al, acc, rg.c_buf, warp, lane);
+        mbar_arrive(rg.c_bar);
+        return;
+    } else if constexpr (STAGED) {
         const int slot = (n - 1) % slots;
         if constexpr (EPI == EPI_ACT)
             store_act_staged<NT, CG>(p, it, acc, rg.base + slot * rg.stage, warp, lane);
@@ -636,11 +688,18 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     rg.stages = STAGES ? STAGES : p.stages;
     rg.full = (u64*)(rg.base + rg.stages * rg.stage);
     rg.empty = rg.full + rg.stages;
+    constexpr bool DEFER = act_defer<EPI, CG>();
+    rg.c_bar = rg.empty + rg.stages;
+    rg.c_buf = (u8*)(rg.c_bar + 2);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     if (tid == 0) {
         for (int s = 0; s < rg.stages; ++s) {
             mbar_init(rg.full + s, 1);
             mbar_init(rg.empty + s, CONS);
+        }
+        if constexpr (DEFER) {
+            mbar_init(rg.c_bar, CONS);
+            mbar_init(rg.c_bar + 1, ACT_WARPS * 32);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -652,7 +711,25 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     const int items = p.tile_start[p.E] * n_tiles;
     if (warp >= CONS / 32) {
         // The producer.
-        if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(producer_regs()));
+        if constexpr (reg_handoff<F8, CG>())
+            asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(producer_regs<EPI, CG>()));
+        if constexpr (DEFER) {
+            if (warp > CONS / 32) {
+                // The activation warps: each of this block's items from the C buffer (act_defer).
+                u32 j = 0;
+                for (int item = blockIdx.x; item < items; item += gridDim.x, ++j) {
+                    const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
+                    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
+                    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
+                    const long long pitch = row_bytes(p.N / 2, p.act_layout);
+                    const float gs = p.act_gs[it.e];
+                    mbar_wait(rg.c_bar, j & 1);
+                    act_rows<CG>(p, it, rg.c_buf, rows, base, pitch, gs, tid - CONS - 32, ACT_WARPS * 32);
+                    mbar_arrive(rg.c_bar + 1);
+                }
+                return;
+            }
+        }
         if (warp != CONS / 32 || lane != 0) return;
         const int stages = (p.K + KS - 1) / KS, k_tiles = (p.K + 63) / 64;
         const int sf_tiles = (p.N + 127) / 128;  // 128-row tiles of the swizzled scales
@@ -665,6 +742,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         // acquire) order those generic-proxy writes before GEMM 2's TMA reads (they measured
         // no cost: 32 rows 2380 to 2396 us a pass against 2372 to 2412 without the writers').
         // (Counted by a consumer after a barrier of theirs, GEMM 1 took 16 us longer at decode.)
+        // With act_defer the slot is released before the activation warps write, so nothing
+        // is counted: the runner starts GEMM 2 early after the four-warpgroup kernel only.
         auto count_done = [&](u32 m) {
             if (!p.done || m % stages != (u32)stages - 1) return;
             const int tile = (blockIdx.x + (int)(m / stages) * gridDim.x) / n_tiles;
@@ -720,7 +799,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                 const int slot = n % rg.stages;
                 if (n >= (u32)rg.stages) {
                     mbar_wait(rg.empty + slot, (n / rg.stages - 1) & 1);
-                    if constexpr (EPI == EPI_ACT) count_done(n - rg.stages);
+                    if constexpr (EPI == EPI_ACT && !DEFER) count_done(n - rg.stages);
                 }
                 u8* base = rg.base + slot * rg.stage;
                 const int kt = min(4, k_tiles - 4 * st);
@@ -741,7 +820,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                               sf + (long long)(i * sf_step) * k_tiles * 512 + st * 2048, kt * 512, rg.full + slot);
             }
         }
-        if constexpr (EPI == EPI_ACT) {
+        if constexpr (EPI == EPI_ACT && !DEFER) {
             // The ring's last uses, whose slots no later stage waited for.
             if (p.done)
                 for (u32 m = n > (u32)rg.stages ? n - rg.stages : 0; m < n; ++m) {
@@ -751,7 +830,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         }
         return;
     }
-    if constexpr (reg_handoff<F8, CG>()) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(consumer_regs<CG>()));
+    if constexpr (reg_handoff<F8, CG>())
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(consumer_regs<EPI, CG>()));
     u32 n = 0;
     for (int item = blockIdx.x; item < items; item += gridDim.x) {
         const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
