@@ -88,11 +88,12 @@ impl Gemm {
         }
     }
 
-    /// Shared memory past the ring at items of `bm` rows: with the activation on two consumer
-    /// warpgroups, its C buffer (gemm.cu, `act_defer`), `bm` rows of 272 bytes after two
+    /// Shared memory past the ring at items of `bm` rows, for the instantiation that writes C
+    /// through shared memory (`staged`, or the activation's): on two consumer warpgroups with
+    /// E4M3 products, its C buffer (gemm.cu, `c_defer`), `bm` rows of 272 bytes after two
     /// barriers.
-    fn c_buffer(&self, bm: usize) -> usize {
-        if self.act && self.item_n == 128 {
+    fn c_buffer(&self, bm: usize, staged: bool) -> usize {
+        if (staged || self.act) && self.wg && self.f8 && self.item_n == 128 {
             16 + bm * (2 * self.item_n + 16)
         } else {
             0
@@ -479,10 +480,27 @@ fn act_epilogue(f8: bool, bm: usize, inter: usize) -> bool {
     f8 && (bm <= ACT_MAX_ROWS || bm > WG3_MAX_ROWS_E4M3) && inter.is_multiple_of(128)
 }
 
+impl GemmPlan<'_> {
+    /// The plan for the gemm's instantiation that writes C through shared memory (`staged`):
+    /// the same, or where that one keeps a C buffer beside its ring (`Gemm::c_buffer`), the
+    /// deepest ring that fits beside it.
+    pub fn staged(&self) -> Self {
+        if self.gemm.wg && self.gemm.c_buffer(self.bm, true) > self.gemm.c_buffer(self.bm, false) {
+            wgmma_plan_beside(self.gemm, self.bm, self.gemm.c_buffer(self.bm, true))
+        } else {
+            *self
+        }
+    }
+}
+
 /// A wgmma kernel's plan for items of `bm` rows: the deepest ring that fits.
 fn wgmma_plan(g: &Gemm, bm: usize) -> GemmPlan<'_> {
+    wgmma_plan_beside(g, bm, g.c_buffer(bm, false))
+}
+
+/// `wgmma_plan` beside `extra` bytes of shared memory past the ring.
+fn wgmma_plan_beside(g: &Gemm, bm: usize, extra: usize) -> GemmPlan<'_> {
     let a_row = a_row_bytes(true, g.f8);
-    let extra = g.c_buffer(bm);
     let stages = wgmma_stages(bm, g.item_n, g.stages, a_row, g.sf_tiles(), extra);
     GemmPlan {
         gemm: g,

@@ -494,6 +494,15 @@ impl Fp4Runner {
             };
             let a_map = a_box(bm)?;
             let a_short = ShortBoxes([a_box(16)?, a_box(32)?, a_box(64)?, a_box(128)?]);
+            // C through shared memory (STAGED_MAX_K), where C's rows start and end on 16 bytes
+            // (the runner's own buffers do; an output the caller gives may not).
+            let staged_fits = kk <= STAGED_MAX_K;
+            let aligned = c.is_multiple_of(16) && n.is_multiple_of(8);
+            // That instantiation may keep a C buffer beside a shallower ring (`GemmPlan::staged`).
+            let (f, plan) = match &gk.staged {
+                Some(staged) if staged_fits && aligned => (staged, plan.staged()),
+                _ => (&gk.f, *plan),
+            };
             let (done, wait, wait_for) = order.args();
             let args = GemmArgs {
                 w_sf: w_sf.cuda_ptr()?,
@@ -516,14 +525,6 @@ impl Fp4Runner {
                 done,
                 wait,
                 wait_for,
-            };
-            // C through shared memory (STAGED_MAX_K), where C's rows start and end on 16 bytes
-            // (the runner's own buffers do; an output the caller gives may not).
-            let staged_fits = kk <= STAGED_MAX_K;
-            let aligned = c.is_multiple_of(16) && n.is_multiple_of(8);
-            let f = match &gk.staged {
-                Some(staged) if staged_fits && aligned => staged,
-                _ => &gk.f,
             };
             // Persistent blocks, as many as fit; each loops over work items, so experts
             // without rows cost nothing.

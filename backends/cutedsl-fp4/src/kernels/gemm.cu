@@ -79,20 +79,22 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // at items of 48 and 64 rows), 24 for the producers and 112 for the consumers (61440 registers,
 // 640 threads: five warps an SM sub-partition). (A producer warp alone would leave each consumer
 // 96: 17 warps put five on one sub-partition.)
-// GEMM 1 with the activation on two consumer warpgroups (EPI_ACT at items taller than 96 rows)
-// hands its epilogue to three warps of the producer warpgroup (act_defer), which take 56
-// registers, and its consumers 224 (64512 registers).
+// Where three warps of the producer warpgroup take the epilogue (c_defer, below): with the
+// activation, they take 56 registers and the consumers 224 (64512 registers); storing C, 24
+// are enough for them.
+#define EPI_LANES 0
+#define EPI_STAGED 1
+#define EPI_ACT 2
 template <bool F8, int CG>
 __device__ constexpr bool reg_handoff() { return F8 || CG >= 3; }
 template <bool F8, int CG>
 __device__ constexpr int gemm_threads() { return 128 * CG + (reg_handoff<F8, CG>() ? 128 : 32); }
-#define EPI_ACT 2
+template <int EPI, int CG, bool F8>
+__device__ constexpr bool c_defer() { return CG == 2 && (EPI == EPI_ACT || (EPI == EPI_STAGED && F8)); }
 template <int EPI, int CG>
-__device__ constexpr bool act_defer() { return EPI == EPI_ACT && CG == 2; }
+__device__ constexpr int producer_regs() { return EPI == EPI_ACT && CG == 2 ? 56 : 24; }
 template <int EPI, int CG>
-__device__ constexpr int producer_regs() { return act_defer<EPI, CG>() ? 56 : 24; }
-template <int EPI, int CG>
-__device__ constexpr int consumer_regs() { return CG == 2 ? (act_defer<EPI, CG>() ? 224 : 240) : CG == 3 ? 160 : 112; }
+__device__ constexpr int consumer_regs() { return CG == 2 ? (EPI == EPI_ACT ? 224 : 240) : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
 // wgmma (with EPI_ACT, 128 of each half of W).
 template <bool WG, int CG>
@@ -111,17 +113,17 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // runner takes it only then). (Ranges
 // of 96 rows, the earlier form with three warpgroups, straddled tiles: up to four a stage, and
 // GEMM 1 read 5% to 16% more from DRAM.)
-// EPI_ACT on two consumer warpgroups (items taller than 96 rows, act_defer): the activation and
+// EPI_ACT on two consumer warpgroups (items taller than 96 rows, c_defer): the activation and
 // its requantization take a few microseconds an item, during which the consumers' tensor cores
 // would idle (H100, DeepSeek-V3 shapes, 128 rows per expert: GEMM 1 2370 us with them in the
 // consumers' epilogue, against 2185 us without the activation and 139 us for the activation
 // kernel). So the consumers only stage their C tile into a buffer of its own and go on with the
-// next item, while ACT_WARPS warps of the producer warpgroup, which otherwise only issue
-// copies, apply the activation to it (act_warps). Two barriers hand the buffer over: full once
-// every consumer has written its part, empty once those warps have read it.
-#define EPI_LANES 0
-#define EPI_STAGED 1
-#define ACT_WARPS 3
+// next item, while DEFER_WARPS warps of the producer warpgroup, which otherwise only issue
+// copies, apply the activation to it. Two barriers hand the buffer over: full once every
+// consumer has written its part, empty once those warps have read it. EPI_STAGED with E4M3
+// products on two consumer warpgroups (GEMM 2 at items taller than 96 rows) hands its stores
+// of C over the same way.
+#define DEFER_WARPS 3
 #define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
 // Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):
 // 128 columns, 192 registers of sums, in the 240 a consumer thread of two warpgroups gets
@@ -129,7 +131,7 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // 2180 us against 2208 to 2212 with 96 columns at 232 registers, GEMM 2 1216 to 1218 against
 // 1228 to 1229). With three consumer warpgroups (160 registers a thread), 48 columns.
 #define F8_OVERLAP_NT 16
-#define F8_OVERLAP_NT_DEFER 14
+#define F8_OVERLAP_NT_ACT 14  // in the 224 registers of c_defer with the activation
 #define F8_OVERLAP_NT3 6
 #define S_BYTES 2048  // a stage's scales of 128 weight rows: four swizzled k-tiles of 512 bytes
 
@@ -331,7 +333,7 @@ struct Ring {
     u64* full;
     u64* empty;
     int stage, a_box, a_boxes, stages;
-    // With act_defer: the C buffer's full and empty barriers, and the buffer (bm rows of
+    // With c_defer: the C buffer's full and empty barriers, and the buffer (bm rows of
     // c_pitch bytes) after them.
     u64* c_bar;
     u8* c_buf;
@@ -391,17 +393,28 @@ __device__ __forceinline__ void stage_c(const GemmArgs& p, const GemmItem& it, c
 
 // The staged C's valid rows out (EPI_STAGED), 16 bytes a lane, whole 256-byte row segments a
 // half-warp. Written lane by lane, C took 2-byte stores, each warp store four partial sectors.
-template <int NT, int CG>
-__device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
-                                               int warp, int lane) {
-    constexpr int CONS = 128 * CG, C_PITCH = c_pitch<CG>(), SEG = 8 * CG;  // 16-byte segments a row
-    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
-    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
-    stage_c<NT, CG>(p, it, acc, tile, warp, lane);
-    for (u32 i = warp * 32 + lane; i < (u32)(rows * SEG); i += CONS) {
+// `rows` rows of `tile` to C's rows from `base`, thread `first` of `step` taking every step-th
+// 16 bytes.
+template <int CG>
+__device__ __forceinline__ void store_rows(const GemmArgs& p, const GemmItem& it, const u8* tile, int rows,
+                                           long long base, int first, int step) {
+    constexpr int C_PITCH = c_pitch<CG>(), SEG = 8 * CG;  // 16-byte segments a row
+    for (u32 i = first; i < (u32)(rows * SEG); i += step) {
         const int m = (int)(i / SEG), sg = (int)(i % SEG), col = it.n0 + sg * 8;
         if (col < p.N) *(uint4*)(p.c + (base + m) * p.N + col) = *(const uint4*)(tile + m * C_PITCH + sg * 16);
     }
+}
+
+// EPI_STAGED in the consumers: C staged into the slot of the item's last stage, then store_rows
+// by every consumer thread.
+template <int NT, int CG>
+__device__ __forceinline__ void store_c_staged(const GemmArgs& p, const GemmItem& it, const float (&acc)[NT][4], u8* tile,
+                                               int warp, int lane) {
+    constexpr int CONS = 128 * CG;
+    const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, 8 * NT);
+    const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
+    stage_c<NT, CG>(p, it, acc, tile, warp, lane);
+    store_rows<CG>(p, it, tile, rows, base, warp * 32 + lane, CONS);
     // Generic-proxy writes to a slot the producer's TMA writes next.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
@@ -465,9 +478,9 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     // A staged epilogue keeps the last stage's slot for C (stage_c).
     constexpr bool STAGED = EPI != EPI_LANES;
     static_assert(WG || !STAGED, "C goes through shared memory in the wgmma kernels only");
-    // With act_defer, C goes to a buffer of its own, and the last stage's slot is released as
+    // With c_defer, C goes to a buffer of its own, and the last stage's slot is released as
     // every other.
-    constexpr bool DEFER = act_defer<EPI, CG>(), HOLD = STAGED && !DEFER;
+    constexpr bool DEFER = c_defer<EPI, CG, F8>(), HOLD = STAGED && !DEFER;
     for (int st = 0; st < stages; ++st, ++n) {
         const int slot = n % slots;
         mbar_wait(rg.full + slot, (n / slots) & 1);
@@ -512,7 +525,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
             // stage too makes ptxas serialize every wgmma: it cannot tell which products still
             // run when their sums are read across the loop.)
             constexpr bool OVERLAP =
-                NT <= (CG == 2 ? (DEFER ? F8_OVERLAP_NT_DEFER : F8_OVERLAP_NT) : CG == 3 ? F8_OVERLAP_NT3 : 0);
+                NT <= (CG == 2 ? (EPI == EPI_ACT ? F8_OVERLAP_NT_ACT : F8_OVERLAP_NT) : CG == 3 ? F8_OVERLAP_NT3 : 0);
             float part[OVERLAP ? 2 : 1][NT * 4];
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
@@ -688,7 +701,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     rg.stages = STAGES ? STAGES : p.stages;
     rg.full = (u64*)(rg.base + rg.stages * rg.stage);
     rg.empty = rg.full + rg.stages;
-    constexpr bool DEFER = act_defer<EPI, CG>();
+    constexpr bool DEFER = c_defer<EPI, CG, F8>();
     rg.c_bar = rg.empty + rg.stages;
     rg.c_buf = (u8*)(rg.c_bar + 2);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -699,7 +712,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         }
         if constexpr (DEFER) {
             mbar_init(rg.c_bar, CONS);
-            mbar_init(rg.c_bar + 1, ACT_WARPS * 32);
+            mbar_init(rg.c_bar + 1, DEFER_WARPS * 32);
         }
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -715,16 +728,22 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
             asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(producer_regs<EPI, CG>()));
         if constexpr (DEFER) {
             if (warp > CONS / 32) {
-                // The activation warps: each of this block's items from the C buffer (act_defer).
+                // The epilogue warps: each of this block's items from the C buffer (c_defer).
                 u32 j = 0;
                 for (int item = blockIdx.x; item < items; item += gridDim.x, ++j) {
                     const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
                     const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
                     const long long base = row_base(p.row0, p.cap, it.e) + it.m0;
-                    const long long pitch = row_bytes(p.N / 2, p.act_layout);
-                    const float gs = p.act_gs[it.e];
-                    mbar_wait(rg.c_bar, j & 1);
-                    act_rows<CG>(p, it, rg.c_buf, rows, base, pitch, gs, tid - CONS - 32, ACT_WARPS * 32);
+                    const int first = tid - CONS - 32, step = DEFER_WARPS * 32;
+                    if constexpr (EPI == EPI_ACT) {
+                        const long long pitch = row_bytes(p.N / 2, p.act_layout);
+                        const float gs = p.act_gs[it.e];
+                        mbar_wait(rg.c_bar, j & 1);
+                        act_rows<CG>(p, it, rg.c_buf, rows, base, pitch, gs, first, step);
+                    } else {
+                        mbar_wait(rg.c_bar, j & 1);
+                        store_rows<CG>(p, it, rg.c_buf, rows, base, first, step);
+                    }
                     mbar_arrive(rg.c_bar + 1);
                 }
                 return;
@@ -742,7 +761,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         // acquire) order those generic-proxy writes before GEMM 2's TMA reads (they measured
         // no cost: 32 rows 2380 to 2396 us a pass against 2372 to 2412 without the writers').
         // (Counted by a consumer after a barrier of theirs, GEMM 1 took 16 us longer at decode.)
-        // With act_defer the slot is released before the activation warps write, so nothing
+        // With c_defer the slot is released before the epilogue warps write, so nothing
         // is counted: the runner starts GEMM 2 early after the four-warpgroup kernel only.
         auto count_done = [&](u32 m) {
             if (!p.done || m % stages != (u32)stages - 1) return;
