@@ -439,7 +439,9 @@ impl Fp4Kernels {
     /// GEMM 2's launch beside `plan`, the plan `gemm_for` gave (same products, same items), and
     /// `act`, whether GEMM 1 takes the activation in its epilogue (`gemm1_act_for`): at items of
     /// 48 or 64 rows (`GEMM2_WG4_ROWS`), the four-warpgroup kernel of the plan's products, and
-    /// after such a GEMM 1 (E4M3 products only) an early start.
+    /// after such a GEMM 1 (E4M3 products only) an early start; after such a GEMM 1 at items
+    /// taller than `WG3_MAX_ROWS_E4M3` (two consumer warpgroups), the plan's kernel with an
+    /// early start.
     pub fn gemm2_for<'a>(&'a self, plan: &GemmPlan<'a>, act: bool) -> Gemm2Plan<'a> {
         if gemm2_wg4(plan.gemm.wg, plan.bm) {
             let g = if plan.gemm.f8 {
@@ -449,12 +451,12 @@ impl Fp4Kernels {
             };
             Gemm2Plan {
                 plan: wgmma_plan(g, plan.bm),
-                early: act,
+                early: early_start(act, plan.bm),
             }
         } else {
             Gemm2Plan {
                 plan: *plan,
-                early: false,
+                early: early_start(act, plan.bm),
             }
         }
     }
@@ -464,6 +466,15 @@ impl Fp4Kernels {
 /// plan of items of `bm` rows in `GEMM2_WG4_ROWS`.
 fn gemm2_wg4(wg: bool, bm: usize) -> bool {
     wg && GEMM2_WG4_ROWS.contains(&bm)
+}
+
+/// Whether GEMM 2 starts early, as GEMM 1's dependent (`Gemm2Plan::early`), after a GEMM 1 that
+/// takes the activation in its epilogue (`act`, items of `bm` rows): at items of 48 and 64 rows
+/// (four consumer warpgroups both), and past `WG3_MAX_ROWS_E4M3` (two; H100, DeepSeek-V3
+/// shapes, 128 rows per expert: see BENCHMARKS.md). Not at smaller items, where it measured 8
+/// to 10 us slower a pass (GEMM 1 bound by memory there).
+fn early_start(act: bool, bm: usize) -> bool {
+    act && (GEMM2_WG4_ROWS.contains(&bm) || bm > WG3_MAX_ROWS_E4M3)
 }
 
 /// Whether GEMM 1 of a gated activation whose gate and up are the halves of `w13` takes the
@@ -624,13 +635,14 @@ mod tests {
     }
 
     #[test]
-    fn gemm_2_takes_four_warpgroups_and_starts_early_from_about_18_to_43_rows() {
+    fn gemm_2_takes_four_warpgroups_and_starts_early_from_about_18_to_43_rows_and_from_70() {
         // DeepSeek-V3 (I = 2048) with E4M3 products: 32 rows per expert take both (items of
         // 64 rows), 16 neither (items of 32), 64 neither (items of 96). Exact products take
         // the four warpgroups at the same heights, with no early start (no epilogue).
         for (expected, both) in [(16, false), (18, true), (32, true), (43, true), (44, false)] {
             let bm = wgmma_item_rows(expected, 100_000);
-            let early = gemm2_wg4(true, bm) && act_epilogue(true, bm, 2048);
+            let early = early_start(act_epilogue(true, bm, 2048), bm);
+            assert_eq!(gemm2_wg4(true, bm), both);
             assert_eq!(early, both, "expected {expected}: bm {bm}");
             assert!(!gemm2_wg4(false, bm), "mma.sync plans keep their kernel");
             assert!(
@@ -639,6 +651,13 @@ mod tests {
             );
         }
         assert!(!gemm2_wg4(true, wgmma_item_rows(64, 100_000)));
+        // From about 70 rows (items past 96: GEMM 1 with the activation on two consumer
+        // warpgroups), GEMM 2 keeps its kernel and starts early; not at 69.
+        for (expected, early) in [(69, false), (70, true), (128, true)] {
+            let bm = wgmma_item_rows(expected, 100_000);
+            assert!(!gemm2_wg4(true, bm));
+            assert_eq!(early_start(act_epilogue(true, bm, 2048), bm), early);
+        }
         // The GPU test that runs the early start over more items than blocks
         // (long_k_and_many_items_reuse_every_ring_slot: 32 experts, top-2, I = 512, 640 tokens,
         // the standard layout's cap of M rows) takes it.

@@ -740,6 +740,17 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
                         const float gs = p.act_gs[it.e];
                         mbar_wait(rg.c_bar, j & 1);
                         act_rows<CG>(p, it, rg.c_buf, rows, base, pitch, gs, first, step);
+                        if (p.done) {
+                            // Counted for a GEMM 2 that starts early, as count_done does, once
+                            // all three warps have written (their own barrier).
+                            asm volatile("fence.proxy.async.global;" ::: "memory");
+                            asm volatile("bar.sync 2, %0;" ::"n"(DEFER_WARPS * 32) : "memory");
+                            if (first == 0) {
+                                asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done + 1 + it.tile)
+                                             : "memory");
+                                asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p.done) : "memory");
+                            }
+                        }
                     } else {
                         mbar_wait(rg.c_bar, j & 1);
                         store_rows<CG>(p, it, rg.c_buf, rows, base, first, step);
@@ -761,8 +772,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         // acquire) order those generic-proxy writes before GEMM 2's TMA reads (they measured
         // no cost: 32 rows 2380 to 2396 us a pass against 2372 to 2412 without the writers').
         // (Counted by a consumer after a barrier of theirs, GEMM 1 took 16 us longer at decode.)
-        // With c_defer the slot is released before the epilogue warps write, so nothing
-        // is counted: the runner starts GEMM 2 early after the four-warpgroup kernel only.
+        // With c_defer the slot is released before the epilogue warps write: they count.
         auto count_done = [&](u32 m) {
             if (!p.done || m % stages != (u32)stages - 1) return;
             const int tile = (blockIdx.x + (int)(m / stages) * gridDim.x) / n_tiles;
