@@ -119,10 +119,10 @@ __device__ constexpr int item_scale_tiles() { return ITEM_N / 128 + (ITEM_N % 12
 // consumers' epilogue, against 2185 us without the activation and 139 us for the activation
 // kernel). So the consumers only stage their C tile into a buffer of its own and go on with the
 // next item, while DEFER_WARPS warps of the producer warpgroup, which otherwise only issue
-// copies, apply the activation to it. Two barriers hand the buffer over: full once every
-// consumer has written its part, empty once those warps have read it. EPI_STAGED with E4M3
-// products on two consumer warpgroups (GEMM 2 at items taller than 96 rows) hands its stores
-// of C over the same way.
+// copies, apply the activation to it (GEMM 1 2220 us against 2166 + 139). Two barriers hand the
+// buffer over: full once every consumer has written its part, empty once those warps have read
+// it. EPI_STAGED with E4M3 products on two consumer warpgroups (GEMM 2 at items taller than 96
+// rows) hands its stores of C over the same way (1182 us against 1207).
 #define DEFER_WARPS 3
 #define F8_PROMOTE 2  // chunks of two k32 steps between promotions: 128 values of k
 // Items up to this many n8 tiles wide sum a stage's two promotion groups apart (consume_item):

@@ -74,7 +74,8 @@ extern "C" __global__ void __launch_bounds__(1024) fp4_route(
 }
 
 // The same over several blocks, for many picks (runner.rs, ROUTE_MIN_PICKS): one block is bound
-// by the latency of its loads and atomics (H100, 32768 picks: 42 us). Block b of either kernel
+// by the latency of its loads and atomics (H100, 32768 picks: 41 us, against 3.5 + 7.3 us over
+// 64 blocks). Block b of either kernel
 // takes the b-th of gridDim.x equal runs of the picks (the same runs in both). fp4_route_count
 // counts its run's picks per expert into hist[b * E + e]; fp4_route_rows sums those counts
 // into each expert's count and start (block 0 writes them), starts its own rows of expert e
