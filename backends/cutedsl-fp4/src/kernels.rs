@@ -63,7 +63,8 @@ pub struct Gemm {
     /// wgmma (with `act`, half of them from each half of `w13`).
     pub item_n: usize,
     /// GEMM 1 with the activation and its requantization in its epilogue (gemm.cu,
-    /// `store_act_staged`): it writes GEMM 2's input instead of C.
+    /// `act_rows`: by the consumers, or on two consumer warpgroups by the producer
+    /// warpgroup's epilogue warps): it writes GEMM 2's input instead of C.
     pub act: bool,
     /// Warpgroup MMAs (wgmma), which read the GEMM input in their own layout.
     pub wg: bool,
@@ -93,6 +94,7 @@ impl Gemm {
     /// E4M3 products, its C buffer (gemm.cu, `c_defer`), `bm` rows of 272 bytes after two
     /// barriers.
     fn c_buffer(&self, bm: usize, staged: bool) -> usize {
+        // Items of 128 weight rows: two consumer warpgroups.
         if (staged || self.act) && self.wg && self.f8 && self.item_n == 128 {
             16 + bm * (2 * self.item_n + 16)
         } else {
@@ -673,12 +675,12 @@ mod tests {
     fn wgmma_rings_fit_in_shared_memory() {
         for f8 in [false, true] {
             let a_row = a_row_bytes(true, f8);
-            // Items of 128, 192 and 256 weight rows, and GEMM 1 with the activation (a scale
-            // tile for each half of `w13`) at 128 and 256.
+            // Items of 128, 192 and 256 weight rows, and GEMM 1 with the activation on four
+            // consumer warpgroups (a scale tile for each half of `w13`), which stage C in a
+            // slot (on two they keep a buffer of their own, below).
             for (item_n, most_rows, sf) in [
                 (128, WG_MAX_ROWS, 1),
                 (192, WG_MAX_ROWS, 2),
-                (128, WG_MAX_ROWS, 2),
                 (256, ACT_MAX_ROWS, 2),
             ] {
                 for bm in (16..=most_rows).step_by(16) {
@@ -695,14 +697,17 @@ mod tests {
                 }
             }
         }
-        // GEMM 1 with the activation on two consumer warpgroups (E4M3 products, items past 96
-        // rows): three slots beside its C buffer of bm rows of 272 bytes.
+        // Two consumer warpgroups with E4M3 products, items past 96 rows: GEMM 1 with the
+        // activation (two scale tiles) and GEMM 2's staged stores (one) keep three slots beside
+        // their C buffer of bm rows of 272 bytes.
         let a_row = a_row_bytes(true, true);
-        for bm in (WG3_MAX_ROWS_E4M3 + 16..=WG_MAX_ROWS).step_by(16) {
-            let extra = 16 + bm * 272;
-            let s = wgmma_stages(bm, 128, 4, a_row, 2, extra);
-            assert!((3..=4).contains(&s), "bm {bm}: {s} stages");
-            assert!(ring_bytes(bm, 128, s, a_row, 2) + extra <= SMEM_MAX);
+        for sf in [1, 2] {
+            for bm in (WG3_MAX_ROWS_E4M3 + 16..=WG_MAX_ROWS).step_by(16) {
+                let extra = 16 + bm * 272;
+                let s = wgmma_stages(bm, 128, 4, a_row, sf, extra);
+                assert!((3..=4).contains(&s), "bm {bm} sf {sf}: {s} stages");
+                assert!(ring_bytes(bm, 128, s, a_row, sf) + extra <= SMEM_MAX);
+            }
         }
     }
 }

@@ -30,7 +30,9 @@ use crate::tma::{Elem, ShortBoxes, TensorMap};
 use crate::RUNNER;
 
 /// A wgmma GEMM launch over a K of at most this takes the instantiation that writes C through
-/// shared memory, holding the last stage's ring slot for it. There the lane-by-lane stores of C
+/// shared memory, holding the last stage's ring slot for it (or, on two consumer warpgroups
+/// with E4M3 products, a buffer of its own beside a ring that may be a slot shorter, whose
+/// stores three producer warps make: `GemmPlan::staged`). There the lane-by-lane stores of C
 /// are a large share of an item: H100, DeepSeek-V3 shapes, GEMM 2 (K = 2048) took 5% to 7% less
 /// time at 4096 tokens and 6% less at 2048 with E4M3 products, and 1.5% to 2.5% less at 32 rows
 /// per expert (no change at 1 row). GEMM 1 (K = 7168) gained nothing measurable (-3% to +3%),
@@ -742,7 +744,7 @@ impl Fp4Runner {
         );
         let (picks_i, k_i, e_i) = (picks as i32, k as i32, e as i32);
         let ids = topk.ids.cuda_ptr()?;
-        let blocks = picks.div_ceil(ROUTE_MIN_PICKS).min(ROUTE_BLOCKS);
+        let blocks = picks.div_ceil(ROUTE_MIN_PICKS).clamp(1, ROUTE_BLOCKS);
         if blocks == 1 {
             launch(
                 &self.dev,

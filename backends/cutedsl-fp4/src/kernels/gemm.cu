@@ -72,7 +72,8 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // block is the eight consumer warps and a producer warpgroup (see reg_handoff).
 // The wgmma kernel with E4M3 products holds a second set of accumulators (the promoted sums):
 // a whole producer warpgroup gives up registers (setmaxnreg), keeping 24, so that the two
-// consumer warpgroups get 240 (64512 registers, 384 threads).
+// consumer warpgroups get 240 (64512 registers, 384 threads; 224 with the activation in
+// GEMM 1's epilogue, see c_defer).
 // With three consumer warpgroups it does so for both products: 24 for the producers, 160 for
 // the consumers (65536 registers, 512 threads).
 // With four (GEMM 1 with the activation in its epilogue, EPI_ACT, E4M3 products only, and GEMM 2
@@ -96,7 +97,7 @@ __device__ constexpr int producer_regs() { return EPI == EPI_ACT && CG == 2 ? 56
 template <int EPI, int CG>
 __device__ constexpr int consumer_regs() { return CG == 2 ? (EPI == EPI_ACT ? 224 : 240) : CG == 3 ? 160 : 112; }
 // Weight rows of an item: 128 for mma.sync (eight warps of 16), 64 a consumer warpgroup for
-// wgmma (with EPI_ACT, 128 of each half of W).
+// wgmma (with EPI_ACT, half of them from each half of W).
 template <bool WG, int CG>
 __device__ constexpr int item_rows() { return WG ? 64 * CG : 128; }
 // The 128-row scale tiles an item's weight rows touch: items of 192 rows start on multiples of
@@ -616,7 +617,7 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
     }
     if constexpr (DEFER) {
         // This block's item j = n / stages - 1 (each takes `stages` slots) into the C buffer,
-        // once the activation warps have read item j - 1 from it.
+        // once the epilogue warps have read item j - 1 from it.
         const float al = p.alpha[it.e] * 64.0f;
         const u32 j = n / stages - 1;
         if (j > 0) mbar_wait(rg.c_bar + 1, (j - 1) & 1);
@@ -702,6 +703,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     rg.full = (u64*)(rg.base + rg.stages * rg.stage);
     rg.empty = rg.full + rg.stages;
     constexpr bool DEFER = c_defer<EPI, CG, F8>();
+    static_assert(!DEFER || reg_handoff<F8, CG>(), "the epilogue warps are the producer warpgroup's");
     rg.c_bar = rg.empty + rg.stages;
     rg.c_buf = (u8*)(rg.c_bar + 2);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
