@@ -161,6 +161,33 @@ __device__ __forceinline__ void tma_3d(void* dst, const TmaMap* map, int x, int 
         : "memory");
 }
 
+// The exclusive prefix sum of `own` over a block of THREADS threads (a multiple of 32, at most
+// 1024; every thread calls it): a scan within each warp, then of the warps' sums by the first
+// warp, in `warp_sum` (THREADS / 32 ints of shared memory). Also route.cu's.
+template <int THREADS>
+__device__ __forceinline__ int block_exclusive_scan(int own, int* warp_sum) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = own;  // inclusive scan within the warp
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sum[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        int w = lane < THREADS / 32 ? warp_sum[lane] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, w, o);
+            if (lane >= o) w += y;
+        }
+        if (lane < THREADS / 32) warp_sum[lane] = w;
+    }
+    __syncthreads();
+    return x - own + (warp > 0 ? warp_sum[warp - 1] : 0);
+}
+
 // The row tiles of the GEMMs, in one block: tile_start[e] = sum over experts before e of
 // ceil(min(counts, cap) / bm), tile_start[E] the total. The GEMM grid is sized from an upper
 // bound of the total, so no host ever waits for the counts. A count outside 0..=cap sets bit 0
@@ -172,7 +199,7 @@ extern "C" __global__ void __launch_bounds__(TILES_THREADS) fp4_tiles(
     const int* __restrict__ counts, int E, int cap, int bm, int* __restrict__ tile_start, int* __restrict__ status,
     int* __restrict__ done, int done_len) {
     __shared__ int warp_sum[TILES_THREADS / 32];
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     for (int i = tid; i < done_len; i += TILES_THREADS) done[i] = 0;
     const int per = (E + TILES_THREADS - 1) / TILES_THREADS, e0 = min(tid * per, E), e1 = min(e0 + per, E);
     int own = 0;
@@ -181,25 +208,7 @@ extern "C" __global__ void __launch_bounds__(TILES_THREADS) fp4_tiles(
         if (c < 0 || c > cap) atomicOr(status, 1);
         own += (min(max(c, 0), cap) + bm - 1) / bm;
     }
-    int x = own;  // inclusive scan within the warp
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == 31) warp_sum[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        int w = warp_sum[lane];
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        warp_sum[lane] = w;
-    }
-    __syncthreads();
-    int acc = x - own + (warp > 0 ? warp_sum[warp - 1] : 0);
+    int acc = block_exclusive_scan<TILES_THREADS>(own, warp_sum);
     for (int e = e0; e < e1; ++e) {
         tile_start[e] = acc;
         acc += (min(max(counts[e], 0), cap) + bm - 1) / bm;

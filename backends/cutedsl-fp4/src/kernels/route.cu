@@ -108,7 +108,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) fp4_route_rows(
     extern __shared__ int cur[];  // [E] this block's next row of each expert, [E] counts, [32] warp sums
     int* total = cur + E;
     int* warp_sum = total + E;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nb = gridDim.x;
+    const int tid = threadIdx.x, nb = gridDim.x;
     // Each thread a run of experts: their counts, and the rows the blocks before this one take.
     const int per = (E + ROUTE_THREADS - 1) / ROUTE_THREADS, e0 = min(tid * per, E), e1 = min(e0 + per, E);
     int own = 0;
@@ -124,27 +124,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS) fp4_route_rows(
         cur[e] = before;
         own += tot;
     }
-    // The experts' starts: an exclusive scan of the runs' sums, within each warp, then of the
-    // warps' sums by the first warp.
-    int x = own;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o) x += y;
-    }
-    if (lane == 31) warp_sum[warp] = x;
-    __syncthreads();
-    if (warp == 0) {
-        int w = lane < ROUTE_THREADS / 32 ? warp_sum[lane] : 0;
-#pragma unroll
-        for (int o = 1; o < 32; o <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, w, o);
-            if (lane >= o) w += y;
-        }
-        if (lane < ROUTE_THREADS / 32) warp_sum[lane] = w;
-    }
-    __syncthreads();
-    int start = x - own + (warp > 0 ? warp_sum[warp - 1] : 0);
+    // The experts' starts: an exclusive scan of the runs' sums.
+    int start = block_exclusive_scan<ROUTE_THREADS>(own, warp_sum);
     for (int e = e0; e < e1; ++e) {
         if (blockIdx.x == 0) {
             counts[e] = total[e];
