@@ -208,8 +208,9 @@ pub struct Fp4Kernels {
 }
 
 /// `wgmma_rs<NT>`: one m64 x (8 NT) x k16 product, A (f16) from registers, B from shared memory,
-/// accumulating in f32, for every width the wgmma kernel issues (16 to 160 columns in steps of
-/// 16); `wgmma_rs_e4m3<NT>` the same as m64 x (8 NT) x k32 of E4M3 bytes. The accumulator list
+/// accumulating in f32, for every width the wgmma kernel issues (8 to 160 columns in steps of
+/// 8: gemm.cu's items take widths in steps of 16, and odd_from_chunk's also those between);
+/// `wgmma_rs_e4m3<NT>` the same as m64 x (8 NT) x k32 of E4M3 bytes. The accumulator list
 /// of a wgmma instruction is one operand per register, so they are generated.
 fn wgmma_rs_source() -> String {
     let mut src = String::new();
@@ -231,7 +232,7 @@ fn wgmma_family(name: &str, shape: &str, imm: &str, scale_d: bool) -> String {
     let mut src = format!(
         "template <int NT> __device__ __forceinline__ void {name}(float* d, const u32* a, u64 b{param});\n",
     );
-    for nt in (2..=20).step_by(2) {
+    for nt in 1..=20 {
         let regs = 4 * nt;
         let list: Vec<String> = (0..regs).map(|i| format!("%{i}")).collect();
         let outs: Vec<String> = (0..regs).map(|i| format!("\"+f\"(d[{i}])")).collect();

@@ -53,7 +53,7 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // 64 a consumer warpgroup in the wgmma kernel) of one expert by one chunk of bm of its rows,
 // over the whole of K. The mma.sync variants have bm = 8 * NT; the wgmma kernel takes bm (a
 // multiple of 16, up to 160) per launch and gives each item a wgmma exactly as wide as its rows,
-// rounded up to 16: with random routing an expert's rows scatter around the mean, and an item
+// rounded up to 16 (to 8 past 96 rows with E4M3 products, odd_from_chunk): with random routing an expert's rows scatter around the mean, and an item
 // of fixed width either computes empty columns or sends the rows past it to a second item that
 // streams and widens the expert's weights again. A producer warp streams each item's K in
 // stages of 256 through a ring of shared-memory slots: the weight box
@@ -362,6 +362,12 @@ __device__ __forceinline__ void stmatrix_x4_trans(u32 addr, u32 r0, u32 r1, u32 
                  : "memory");
 }
 
+// The same for two matrices (lanes 0..15 give the addresses).
+__device__ __forceinline__ void stmatrix_x2_trans(u32 addr, u32 r0, u32 r1) {
+    asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};" ::"r"(addr), "r"(r0), "r"(r1)
+                 : "memory");
+}
+
 __device__ __forceinline__ u32 act_pair(float lo, float hi) {
     return (u32)f32_to_act(lo) | ((u32)f32_to_act(hi) << 16);
 }
@@ -382,10 +388,15 @@ __device__ __forceinline__ void stmatrix_c(float al, const float (&acc)[NT][4], 
     const int mi = lane >> 3, tau = lane & 7;
     const u32 addr = smem_addr(tile) + (u32)((8 * (mi >> 1) + tau) * C_PITCH + (warp * 16 + 8 * (mi & 1)) * 2);
 #pragma unroll
-    for (int j = 0; j < NT; j += 2)
+    for (int j = 0; j + 1 < NT; j += 2)
         stmatrix_x4_trans(addr + 8 * j * C_PITCH, act_pair(acc[j][0] * al, acc[j][1] * al),
                           act_pair(acc[j][2] * al, acc[j][3] * al), act_pair(acc[j + 1][0] * al, acc[j + 1][1] * al),
                           act_pair(acc[j + 1][2] * al, acc[j + 1][3] * al));
+    // An odd last n8 tile (odd_widths): its two matrices, by lanes 0..15's addresses, which
+    // are the x4 form's first two.
+    if constexpr (NT % 2)
+        stmatrix_x2_trans(addr + 8 * (NT - 1) * C_PITCH, act_pair(acc[NT - 1][0] * al, acc[NT - 1][1] * al),
+                          act_pair(acc[NT - 1][2] * al, acc[NT - 1][3] * al));
 }
 
 // The wgmma kernels' C through shared memory (stmatrix_c) into `tile`, the ring slot of the
@@ -668,12 +679,27 @@ __device__ __forceinline__ void consume_item(const GemmArgs& p, const GemmItem& 
 // registers a consumer thread gets.
 template <int CG, bool F8>
 __device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 6 : 10; }
+// The chunks from which items take a wgmma of an odd number of n8 tiles where their rows fit
+// one: 8 columns less, for rows of an expert that do not fill the chunk's second half. On two
+// consumer warpgroups with E4M3 products (items taller than 96 rows, where the tensor cores
+// bound the GEMMs) only: routed counts scatter about their mean, so columns rounded up to 16
+// leave 7.5 of them empty on average, and to 8 3.5 (at 128 rows per expert, 3% fewer products).
+template <int CG, bool F8>
+__device__ constexpr int odd_from_chunk() { return CG == 2 && F8 ? 7 : 1 << 30; }
+// consume_item at `chunks` chunks of 16 columns, or from odd_from_chunk one n8 tile less where
+// the item's rows leave the last 8 columns empty (`narrow`).
 template <bool F8, int EPI, int CG, int C = 1>
-__device__ __forceinline__ void consume_wgmma(int chunks, const GemmArgs& p, const GemmItem& it, const Ring& rg, u32& n,
-                                              int warp, int lane) {
+__device__ __forceinline__ void consume_wgmma(int chunks, bool narrow, const GemmArgs& p, const GemmItem& it,
+                                              const Ring& rg, u32& n, int warp, int lane) {
     if constexpr (C < wg_max_chunks<CG, F8>()) {
         if (chunks > C) {
-            consume_wgmma<F8, EPI, CG, C + 1>(chunks, p, it, rg, n, warp, lane);
+            consume_wgmma<F8, EPI, CG, C + 1>(chunks, narrow, p, it, rg, n, warp, lane);
+            return;
+        }
+    }
+    if constexpr (C >= odd_from_chunk<CG, F8>()) {
+        if (narrow) {
+            consume_item<2 * C - 1, 0, true, F8, EPI, CG>(p, it, rg, n, warp, lane);
             return;
         }
     }
@@ -796,7 +822,7 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
             const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
-            // A wgmma item reads only its rows rounded up to 16 (consume_wgmma), and its rows are
+            // A wgmma item reads only its rows rounded up to 16 or 8 (consume_wgmma), and its rows are
             // often fewer than bm (routed counts scatter below the item height; a masked
             // buffer's rows past masked_m): it loads the shortest box of 16, 32, 64 or 128 rows
             // that holds them, if shorter than bm, so that fewer rows cross L2 (or come from
@@ -877,7 +903,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
         if constexpr (WG) {
             const int rows = min(min(max(p.counts[it.e], 0), p.cap) - it.m0, bm);
-            consume_wgmma<F8, EPI, CG>(min((rows + 15) >> 4, wg_max_chunks<CG, F8>()), p, it, rg, n, warp, lane);
+            const int chunks = min((rows + 15) >> 4, wg_max_chunks<CG, F8>());
+            consume_wgmma<F8, EPI, CG>(chunks, 16 * chunks - rows >= 8, p, it, rg, n, warp, lane);
         } else {
             consume_item<NT, STAGES, false, false, EPI_LANES, CG>(p, it, rg, n, warp, lane);
         }
