@@ -683,9 +683,12 @@ __device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 
 // one: 8 columns less, for rows of an expert that do not fill the chunk's second half. On two
 // consumer warpgroups with E4M3 products (items taller than 96 rows, where the tensor cores
 // bound the GEMMs) only: routed counts scatter about their mean, so columns rounded up to 16
-// leave 7.5 of them empty on average, and to 8 3.5 (at 128 rows per expert, 3% fewer products).
-template <int CG, bool F8>
-__device__ constexpr int odd_from_chunk() { return CG == 2 && F8 ? 7 : 1 << 30; }
+// leave 7.5 of them empty on average, and to 8 3.5 (at 128 rows per expert, 3% fewer products;
+// H100, DeepSeek-V3 shapes: GEMM 1 with the activation 2160 us against 2214). Not in the
+// staged instantiation (GEMM 2 at a short K), which measured slower with them (1193 against
+// 1177 us; at its 240 registers, its 120-column items spill).
+template <int EPI, int CG, bool F8>
+__device__ constexpr int odd_from_chunk() { return CG == 2 && F8 && EPI != EPI_STAGED ? 7 : 1 << 30; }
 // consume_item at `chunks` chunks of 16 columns, or from odd_from_chunk one n8 tile less where
 // the item's rows leave the last 8 columns empty (`narrow`).
 template <bool F8, int EPI, int CG, int C = 1>
@@ -697,7 +700,7 @@ __device__ __forceinline__ void consume_wgmma(int chunks, bool narrow, const Gem
             return;
         }
     }
-    if constexpr (C >= odd_from_chunk<CG, F8>()) {
+    if constexpr (C >= odd_from_chunk<EPI, CG, F8>()) {
         if (narrow) {
             consume_item<2 * C - 1, 0, true, F8, EPI, CG>(p, it, rg, n, warp, lane);
             return;
