@@ -469,7 +469,8 @@ fn every_item_size_and_partial_tiles_match_the_reference() {
 }
 
 /// E4M3 products (values rounded to E4M3 for the FP8 tensor cores; the wgmma kernel at every
-/// batch size) at every item size: against
+/// batch size) at every item size (past 96 rows, widths in steps of 8 columns, odd numbers of
+/// n8 tiles among them): against
 /// the reference that rounds the same way, and much closer to it than to the exact reference,
 /// so the rounding is the one the reference makes.
 #[test]
