@@ -742,6 +742,14 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     rg.empty = rg.full + rg.stages;
     constexpr bool DEFER = c_defer<EPI, CG, F8>();
     static_assert(!DEFER || reg_handoff<F8, CG>(), "the epilogue warps are the producer warpgroup's");
+    // setmaxnreg moves registers within the block's allocation: the count the kernel compiles to
+    // (65536 over its threads, to a multiple of 8, which kernels.rs checks) times its threads.
+    // The consumers' increase waits for its registers, forever if the two counts ask for more
+    // (232 and 48 with the activation hung the kernel).
+    constexpr int THREADS = gemm_threads<F8, CG>();
+    static_assert(!reg_handoff<F8, CG>() ||
+                      consumer_regs<EPI, CG>() * CONS + producer_regs<EPI, CG>() * 128 <= (65536 / THREADS & ~7) * THREADS,
+                  "the consumers' and the producer's registers exceed the block's");
     rg.c_bar = rg.empty + rg.stages;
     rg.c_buf = (u8*)(rg.c_bar + 2);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
