@@ -53,9 +53,10 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // 64 a consumer warpgroup in the wgmma kernel) of one expert by one chunk of bm of its rows,
 // over the whole of K. The mma.sync variants have bm = 8 * NT; the wgmma kernel takes bm (a
 // multiple of 16, up to 160) per launch and gives each item a wgmma exactly as wide as its rows,
-// rounded up to 16 (to 8 past 96 rows with E4M3 products, odd_from_chunk): with random routing an expert's rows scatter around the mean, and an item
-// of fixed width either computes empty columns or sends the rows past it to a second item that
-// streams and widens the expert's weights again. A producer warp streams each item's K in
+// rounded up to 16 (to 8 past 96 rows with E4M3 products, odd_from_chunk): with random routing
+// an expert's rows scatter around the mean, and an item of fixed width either computes empty
+// columns or sends the rows past it to a second item that streams and widens the expert's
+// weights again. A producer warp streams each item's K in
 // stages of 256 through a ring of shared-memory slots: the weight box
 // (the item's weight rows x 128 bytes) and A's four boxes of 64 values by TMA with the 128-byte
 // swizzle, the block scales (four swizzled k-tiles per 128 weight rows, contiguous) by bulk
@@ -392,7 +393,7 @@ __device__ __forceinline__ void stmatrix_c(float al, const float (&acc)[NT][4], 
         stmatrix_x4_trans(addr + 8 * j * C_PITCH, act_pair(acc[j][0] * al, acc[j][1] * al),
                           act_pair(acc[j][2] * al, acc[j][3] * al), act_pair(acc[j + 1][0] * al, acc[j + 1][1] * al),
                           act_pair(acc[j + 1][2] * al, acc[j + 1][3] * al));
-    // An odd last n8 tile (odd_widths): its two matrices, by lanes 0..15's addresses, which
+    // An odd last n8 tile (odd_from_chunk): its two matrices, by lanes 0..15's addresses, which
     // are the x4 form's first two.
     if constexpr (NT % 2)
         stmatrix_x2_trans(addr + 8 * (NT - 1) * C_PITCH, act_pair(acc[NT - 1][0] * al, acc[NT - 1][1] * al),
@@ -686,7 +687,7 @@ __device__ constexpr int wg_max_chunks() { return CG == 4 ? 4 : CG == 3 && F8 ? 
 // leave 7.5 of them empty on average, and to 8 3.5 (at 128 rows per expert, 3% fewer products;
 // H100, DeepSeek-V3 shapes: GEMM 1 with the activation 2160 us against 2214). Not in the
 // staged instantiation (GEMM 2 at a short K), which measured slower with them (1193 against
-// 1177 us; at its 240 registers, its 120-column items spill).
+// 1177 us): at its 240 registers, any added width makes ptxas spill in a stage loop.
 template <int EPI, int CG, bool F8>
 __device__ constexpr int odd_from_chunk() { return CG == 2 && F8 && EPI != EPI_STAGED ? 7 : 1 << 30; }
 // consume_item at `chunks` chunks of 16 columns, or from odd_from_chunk one n8 tile less where
@@ -747,8 +748,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
     // The consumers' increase waits for its registers, forever if the two counts ask for more
     // (232 and 48 with the activation hung the kernel).
     constexpr int THREADS = gemm_threads<F8, CG>();
-    static_assert(!reg_handoff<F8, CG>() ||
-                      consumer_regs<EPI, CG>() * CONS + producer_regs<EPI, CG>() * 128 <= (65536 / THREADS & ~7) * THREADS,
+    constexpr int HANDOFF_REGS = consumer_regs<EPI, CG>() * CONS + producer_regs<EPI, CG>() * 128;
+    static_assert(!reg_handoff<F8, CG>() || HANDOFF_REGS <= (65536 / THREADS & ~7) * THREADS,
                   "the consumers' and the producer's registers exceed the block's");
     rg.c_bar = rg.empty + rg.stages;
     rg.c_buf = (u8*)(rg.c_bar + 2);
@@ -833,8 +834,8 @@ __device__ __forceinline__ void fp4_gemm(const GemmArgs& p, const TmaMap* w_map,
         for (int item = blockIdx.x; item < items; item += gridDim.x) {
             const GemmItem it = gemm_item(p, item, n_tiles, STEP, bm);
             const int rows0 = (int)row_base(p.row0, p.cap, it.e) + it.m0;
-            // A wgmma item reads only its rows rounded up to 16 or 8 (consume_wgmma), and its rows are
-            // often fewer than bm (routed counts scatter below the item height; a masked
+            // A wgmma item reads only its rows rounded up to 16 or 8 (consume_wgmma), and its rows
+            // are often fewer than bm (routed counts scatter below the item height; a masked
             // buffer's rows past masked_m): it loads the shortest box of 16, 32, 64 or 128 rows
             // that holds them, if shorter than bm, so that fewer rows cross L2 (or come from
             // DRAM) unread. One box a column still: more TMA requests a stage (boxes of 16
